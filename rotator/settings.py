@@ -260,6 +260,10 @@ class JournalSettings(_Model):
 class SchedulerSettings(_Model):
     tick: Duration = Field(default=timedelta(seconds=30), description="How often serve looks.")
     concurrency: int = Field(default=32, ge=1, le=1000, description="Rotations at once.")
+    retry_after_failure: Duration = Field(
+        default=timedelta(minutes=10),
+        description="After a failed attempt, wait this long before trying the credential again.",
+    )
 
 
 class LoggingSettings(_Model):

@@ -1,0 +1,646 @@
+"""The rotation engine: the journaled state machine of DESIGN.md.
+
+One rotation moves through ``started → issued → staged → verified → promoted → done``. Each
+step first checks whether its effect is already there, and the journal records a step only once
+its effect is durable, so the process may die between any two lines: the next run resumes the
+open rotation from its last recorded step.
+
+1. **issue**: ask Makini for a new token pair and seal it into the journal before anything else.
+2. **stage**: write it as *pending* to every backend of the environment (idempotent per version).
+3. **verify**: Makini must accept it *and* name the expected connection. A definite rejection
+   rolls back; a transient failure leaves the rotation staged for the next run.
+4. **promote**: make it *current* in every backend, drop the sealed copy, tell the readers.
+5. **retire**: after the grace period (zero when Makini already killed the old token) make the
+   old version unreadable everywhere and revoke it at Makini where Makini allows.
+
+A credential is rotated by one worker at a time: the engine holds the credential's lease in the
+journal for the whole drive and renews it before each step that writes outside the journal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import os
+import socket
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+import structlog
+
+from backends.base import Backend
+from rotator import faults
+from rotator.crypto import KeyRing
+from rotator.errors import (
+    BackendError,
+    CryptoError,
+    InvalidToken,
+    LockBusy,
+    MakiniError,
+    MakiniRejected,
+    MakiniTransient,
+    RotationError,
+    RotatorError,
+)
+from rotator.journal import Journal, Rotation, Step
+from rotator.makini import MakiniClient
+from rotator.model import Stage, StoredVersion, TokenPair, new_version_id, utcnow
+from rotator.settings import CredentialSettings, EnvironmentSettings
+
+log = structlog.get_logger("rotator.engine")
+T = TypeVar("T")
+
+PromotionListener = Callable[[str, str, StoredVersion], None]
+
+
+@dataclass
+class EnvironmentRuntime:
+    """Everything one environment needs at run time; built from its settings.
+
+    The Makini client and the sealing key are only needed to rotate; where their secret is
+    missing the runtime still serves reads (status, get) and raises the stored ConfigError,
+    which names the missing variable, when a rotation touches them.
+    """
+
+    name: str
+    settings: EnvironmentSettings
+    backends: list[Backend]
+    makini_client: MakiniClient | None = None
+    sealing_keys: KeyRing | None = None
+    missing: RotatorError | None = None
+
+    @property
+    def primary(self) -> Backend:
+        return self.backends[0]
+
+    @property
+    def makini(self) -> MakiniClient:
+        if self.makini_client is None:
+            raise self.missing or RotationError(f"environment {self.name} has no Makini client")
+        return self.makini_client
+
+    @property
+    def sealer(self) -> KeyRing:
+        if self.sealing_keys is None:
+            raise self.missing or RotationError(f"environment {self.name} has no sealing key")
+        return self.sealing_keys
+
+
+@dataclass
+class RotationResult:
+    environment: str
+    credential: str
+    outcome: str
+    """rotated | retired | waiting | rolled_back | failed | busy | deferred | nothing"""
+    rotation_id: str | None = None
+    version_id: str | None = None
+    step: str | None = None
+    error: str | None = None
+    duration_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome in ("rotated", "retired", "waiting", "nothing", "busy")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "environment": self.environment,
+            "credential": self.credential,
+            "outcome": self.outcome,
+            "rotation_id": self.rotation_id,
+            "version_id": self.version_id,
+            "step": self.step,
+            "error": self.error,
+            "duration_s": round(self.duration_s, 3),
+        }
+
+
+def default_owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _journal_aad(env: str, cred: str, version_id: str) -> str:
+    return f"journal/{env}/{cred}/{version_id}"
+
+
+@dataclass
+class _Drive:
+    """The state of one drive of one credential (lives for one call)."""
+
+    rt: EnvironmentRuntime
+    cred: CredentialSettings
+    lock: str
+    request_ids: list[str | None] = field(default_factory=list)
+
+
+class RotationEngine:
+    def __init__(
+        self,
+        journal: Journal,
+        environments: dict[str, EnvironmentRuntime],
+        *,
+        concurrency: int = 32,
+        owner: str | None = None,
+    ) -> None:
+        self.journal = journal
+        self.environments = environments
+        self.owner = owner or default_owner()
+        self.concurrency = concurrency
+        self._executor = ThreadPoolExecutor(
+            max_workers=max(4, concurrency), thread_name_prefix="rotator-io"
+        )
+        self.listeners: list[PromotionListener] = []
+        self.active = 0
+        """Drives in progress (``serve`` waits for them before it exits)."""
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+    async def _io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run blocking work (backends, the journal) on the engine's worker threads."""
+        call = functools.partial(fn, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    async def _each_backend(
+        self, rt: EnvironmentRuntime, fn: Callable[[Backend], T]
+    ) -> list[T]:
+        """Run ``fn`` on every backend at once; raise the first error after all have finished."""
+        results = await asyncio.gather(
+            *(self._io(fn, b) for b in rt.backends), return_exceptions=True
+        )
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return results  # type: ignore[return-value]
+
+    def runtime(self, env: str) -> EnvironmentRuntime:
+        return self.environments[env]
+
+    # public entry points ---------------------------------------------------------------------
+
+    async def rotate(
+        self, env: str, name: str, *, reason: str, actor: str, start_new: bool = True
+    ) -> RotationResult:
+        """Drive ``env/name``: resume an open rotation, or start one (``start_new``), up to
+        promotion, and retire at once when no grace period applies.
+
+        Never raises for an operational failure: the result says what happened and the journal
+        keeps the rotation open where a later run can resume it.
+        """
+        rt = self.runtime(env)
+        cred = rt.settings.credential(name, env)
+        started = asyncio.get_running_loop().time()
+        self.active += 1
+        try:
+            result = await self._drive_locked(_Drive(rt, cred, f"{env}/{name}"), reason, actor,
+                                              start_new)
+        finally:
+            self.active -= 1
+        result.duration_s = asyncio.get_running_loop().time() - started
+        return result
+
+    async def rotate_many(
+        self,
+        items: Iterable[tuple[str, str, bool, str]],
+        *,
+        actor: str,
+        progress: Callable[[RotationResult], None] | None = None,
+    ) -> list[RotationResult]:
+        """Drive many ``(env, name, start_new, reason)`` concurrently, ``concurrency`` at once."""
+        gate = asyncio.Semaphore(self.concurrency)
+
+        async def one(env: str, name: str, start_new: bool, reason: str) -> RotationResult:
+            async with gate:
+                result = await self.rotate(env, name, reason=reason, actor=actor,
+                                           start_new=start_new)
+            if progress:
+                progress(result)
+            return result
+
+        return list(await asyncio.gather(*(one(*item) for item in items)))
+
+    # the drive -------------------------------------------------------------------------------
+
+    async def _drive_locked(
+        self, d: _Drive, reason: str, actor: str, start_new: bool
+    ) -> RotationResult:
+        env, name = d.rt.name, d.cred.name
+        if not await self._io(self.journal.acquire, d.lock, self.owner):
+            return RotationResult(env, name, "busy", error="another worker holds this credential")
+        rot: Rotation | None = None
+        try:
+            rot = await self._io(self.journal.open_rotation, env, name)
+            if rot is not None and rot.step == Step.PROMOTED and start_new:
+                rot = await self._retire(d, rot, early=True)
+                rot = None
+            if rot is None:
+                if not start_new:
+                    return RotationResult(env, name, "nothing")
+                rot = await self._begin(d, reason, actor)
+            return await self._advance(d, rot)
+        except RotatorError as exc:
+            if rot is not None:
+                rot = await self._io(self.journal.rotation, rot.id) or rot
+                await self._io(self._record_failure, rot, exc)
+            log.warning("rotation.stopped", environment=env, credential=name,
+                        step=rot.step if rot else None, error=exc.message)
+            return RotationResult(
+                env, name, "deferred" if rot is not None and rot.is_open else "failed",
+                rotation_id=rot.id if rot else None,
+                version_id=rot.version_id if rot else None,
+                step=rot.step if rot else None, error=exc.message,
+            )
+        finally:
+            await self._io(self.journal.release, d.lock, self.owner)
+
+    def _record_failure(self, rot: Rotation, exc: RotatorError) -> None:
+        self.journal.set_state(
+            rot.environment, rot.credential,
+            last_attempt_at=utcnow(), last_outcome="error", last_error=exc.message,
+        )
+
+    async def _advance(self, d: _Drive, rot: Rotation) -> RotationResult:
+        steps: dict[str, Callable[[_Drive, Rotation], Awaitable[Rotation]]] = {
+            Step.STARTED: self._issue,
+            Step.ISSUED: self._stage,
+            Step.STAGED: self._verify,
+            Step.VERIFIED: self._promote,
+        }
+        promoted_now = False
+        while rot.step in steps:
+            rot = await steps[rot.step](d, rot)
+            promoted_now = promoted_now or rot.step == Step.PROMOTED
+            faults.checkpoint(rot.step, d.cred.name)
+        outcome = {Step.ROLLED_BACK: "rolled_back", Step.FAILED: "failed"}.get(rot.step)
+        if rot.step == Step.PROMOTED:
+            if rot.retire_after is not None and rot.retire_after <= utcnow():
+                rot = await self._retire(d, rot)
+                faults.checkpoint(rot.step, d.cred.name)
+                outcome = "rotated" if promoted_now else "retired"
+            else:
+                outcome = "rotated" if promoted_now else "waiting"
+        return RotationResult(
+            d.rt.name, d.cred.name, outcome or "nothing", rotation_id=rot.id,
+            version_id=rot.version_id, step=rot.step, error=rot.error,
+        )
+
+    async def _begin(self, d: _Drive, reason: str, actor: str) -> Rotation:
+        current = await self._io(d.rt.primary.read, d.cred.name, Stage.CURRENT)
+        if d.cred.method == "refresh" and (current is None or current.tokens.refresh is None):
+            raise RotationError(
+                f"credential {d.cred.name} uses the refresh grant but the primary backend "
+                "holds no refresh token to start from",
+                where=f"{d.rt.name}/{d.cred.name} on {d.rt.primary.name}",
+                hint=f"bootstrap it once: rotator import {d.rt.name} {d.cred.name} "
+                "(a token pair from Makini Link), then rotations continue on their own",
+            )
+        now = utcnow()
+        rot = Rotation(
+            id=str(uuid.uuid4()),
+            environment=d.rt.name,
+            credential=d.cred.name,
+            kind="rotate",
+            step=Step.STARTED,
+            version_id=new_version_id(),
+            old_version_id=current.version_id if current else None,
+            old_fingerprint=current.tokens.access.fingerprint if current else None,
+            reason=reason[:500],
+            actor=actor[:200],
+            started_at=now,
+            updated_at=now,
+            attempts=0,
+            notes="[]",
+        )
+        await self._io(self.journal.add_rotation, rot)
+        log.info("rotation.started", environment=d.rt.name, credential=d.cred.name,
+                 rotation=rot.id, version=rot.version_id, reason=reason)
+        return rot
+
+    # step 1 ------------------------------------------------------------------------------------
+
+    async def _issue(self, d: _Drive, rot: Rotation) -> Rotation:
+        """Get a new token pair from Makini and seal it into the journal before anything else."""
+        if rot.sealed is not None:
+            return await self._io(self.journal.commit_step, rot.id, {"step": Step.ISSUED})
+        if rot.attempts > 0:
+            await self._io(
+                self.journal.add_note, rot.id,
+                f"attempt {rot.attempts} to issue ended without a recorded token; if Makini "
+                "issued one then, it was never received",
+            )
+        rot = await self._io(self.journal.update_rotation, rot.id, attempts=rot.attempts + 1)
+        try:
+            issued = await self._ask_makini(d, rot)
+        except MakiniRejected as exc:
+            return await self._fail(d, rot, f"Makini refused to issue a token: {exc.message}",
+                                    exc)
+        except MakiniError as exc:
+            if exc.ambiguous:
+                await self._io(
+                    self.journal.add_note, rot.id,
+                    f"Makini may have issued a token that was not received ({exc.message}; "
+                    f"request id {exc.request_id or 'unknown'})",
+                )
+            raise
+        d.request_ids.append(issued.request_id)
+        version = StoredVersion(
+            environment=d.rt.name, credential=d.cred.name, version_id=rot.version_id,
+            tokens=issued.tokens, created_at=utcnow(),
+        )
+        sealed = d.rt.sealer.seal(
+            version.to_json().encode(), _journal_aad(d.rt.name, d.cred.name, rot.version_id)
+        )
+        return await self._io(
+            self.journal.commit_step, rot.id,
+            {
+                "step": Step.ISSUED,
+                "sealed": sealed,
+                "fingerprint": issued.tokens.access.fingerprint,
+                "expires_at": issued.tokens.expires_at,
+                "invalidated_old": d.rt.settings.makini.issue_invalidates_previous,
+            },
+        )
+
+    async def _ask_makini(self, d: _Drive, rot: Rotation) -> Any:
+        if d.cred.method == "issue":
+            return await d.rt.makini.issue_token(d.cred.connection_id)
+        old = await self._old_version(d, rot)
+        if old is None or old.tokens.refresh is None:
+            raise RotationError(
+                "the version to refresh from is no longer readable in the primary backend",
+                where=f"{d.rt.name}/{d.cred.name}", rotation_id=rot.id,
+                hint=f"import a fresh pair: rotator import {d.rt.name} {d.cred.name}",
+            )
+        return await d.rt.makini.refresh(old.tokens.refresh)
+
+    async def _old_version(self, d: _Drive, rot: Rotation) -> StoredVersion | None:
+        if rot.old_version_id is None:
+            return None
+        return await self._io(d.rt.primary.read_version, d.cred.name, rot.old_version_id)
+
+    def _unseal(self, d: _Drive, rot: Rotation) -> StoredVersion:
+        if rot.sealed is None:
+            raise RotationError(
+                "the journal no longer holds the new token for this rotation",
+                where=f"{d.rt.name}/{d.cred.name}", rotation_id=rot.id,
+            )
+        try:
+            plain = d.rt.sealer.open(rot.sealed, _journal_aad(d.rt.name, d.cred.name,
+                                                              rot.version_id))
+        except CryptoError as exc:
+            raise CryptoError(
+                f"cannot unseal the new token of rotation {rot.id}: {exc.message}",
+                where=f"sealing key of environment {d.rt.name}",
+                hint=exc.hint or "configure the sealing key this journal was written with",
+            ) from exc
+        return StoredVersion.from_json(plain)
+
+    # step 2 ------------------------------------------------------------------------------------
+
+    async def _stage(self, d: _Drive, rot: Rotation) -> Rotation:
+        """Write the new version as pending to every backend (each write idempotent)."""
+        version = self._unseal(d, rot)
+        await self._fence(d, rot)
+        await self._each_backend(d.rt, lambda b: b.stage_pending(version))
+        return await self._io(self.journal.commit_step, rot.id, {"step": Step.STAGED})
+
+    # step 3 ------------------------------------------------------------------------------------
+
+    async def _verify(self, d: _Drive, rot: Rotation) -> Rotation:
+        """Makini must accept the new token and name the expected connection."""
+        version = self._unseal(d, rot)
+        try:
+            info = await d.rt.makini.verify(version.tokens.access, d.cred.connection_id)
+        except MakiniRejected as exc:
+            return await self._rollback(d, rot, version, exc)
+        d.request_ids.append(info.request_id)
+        invalidated = rot.invalidated_old
+        if invalidated is None and rot.old_version_id is not None:
+            invalidated = await self._probe_old(d, rot)
+        return await self._io(
+            self.journal.commit_step, rot.id,
+            {"step": Step.VERIFIED, "invalidated_old": invalidated},
+        )
+
+    async def _probe_old(self, d: _Drive, rot: Rotation) -> bool | None:
+        """Where it is unknown whether issuing killed the old token, ask Makini."""
+        old = await self._old_version(d, rot)
+        if old is None:
+            return None
+        try:
+            await d.rt.makini.verify(old.tokens.access, d.cred.connection_id)
+        except InvalidToken:
+            return True
+        except MakiniError:
+            return None
+        return False
+
+    async def _rollback(
+        self, d: _Drive, rot: Rotation, version: StoredVersion, exc: MakiniRejected
+    ) -> Rotation:
+        await self._fence(d, rot)
+        await self._each_backend(d.rt, lambda b: b.make_unreadable(d.cred.name, rot.version_id))
+        revoked = await self._revoke_quietly(d, version)
+        attention = None
+        if rot.invalidated_old or await self._current_dead(d):
+            attention = (
+                "the new token was rejected and the current token no longer works: the "
+                "connection has no working token; the customer must reconnect in Makini"
+            )
+        message = f"Makini rejected the new token at verify: {exc.message}"
+        log.error("rotation.rolled_back", environment=d.rt.name, credential=d.cred.name,
+                  rotation=rot.id, error=message, attention=attention)
+        return await self._io(
+            self.journal.commit_step, rot.id,
+            {"step": Step.ROLLED_BACK, "sealed": None, "error": message,
+             "finished_at": utcnow()},
+            state={"last_attempt_at": utcnow(), "last_outcome": "rolled_back",
+                   "last_error": message, "attention": attention},
+            audit={"actor": rot.actor, "action": "rotation.rolled_back", "outcome": "rolled_back",
+                   "version_id": rot.version_id, "fingerprint": rot.fingerprint,
+                   "request_ids": [*d.request_ids, exc.request_id], "error": message,
+                   "new_token_revoked": revoked, "attention": attention},
+        )
+
+    async def _current_dead(self, d: _Drive) -> bool:
+        current = await self._io(d.rt.primary.read, d.cred.name, Stage.CURRENT)
+        if current is None:
+            return True
+        try:
+            await d.rt.makini.verify(current.tokens.access, d.cred.connection_id)
+        except InvalidToken:
+            return True
+        except MakiniError:
+            return False
+        return False
+
+    async def _revoke_quietly(self, d: _Drive, version: StoredVersion) -> bool:
+        try:
+            return await d.rt.makini.revoke_token(version.tokens.access)
+        except MakiniError as exc:
+            log.warning("makini.revoke_failed", environment=d.rt.name, credential=d.cred.name,
+                        error=exc.message)
+            return False
+
+    async def _fail(self, d: _Drive, rot: Rotation, message: str, exc: MakiniError) -> Rotation:
+        log.error("rotation.failed", environment=d.rt.name, credential=d.cred.name,
+                  rotation=rot.id, error=message)
+        return await self._io(
+            self.journal.commit_step, rot.id,
+            {"step": Step.FAILED, "sealed": None, "error": message, "finished_at": utcnow()},
+            state={"last_attempt_at": utcnow(), "last_outcome": "failed", "last_error": message,
+                   "attention": message},
+            audit={"actor": rot.actor, "action": "rotation.failed", "outcome": "failed",
+                   "version_id": rot.version_id, "request_ids": [exc.request_id],
+                   "error": message},
+        )
+
+    # step 4 ------------------------------------------------------------------------------------
+
+    async def _promote(self, d: _Drive, rot: Rotation) -> Rotation:
+        """Make the new version current in every backend, then record it and tell readers."""
+        version = self._unseal(d, rot)
+        await self._fence(d, rot)
+        await self._each_backend(d.rt, lambda b: b.promote(d.cred.name, rot.version_id))
+        now = utcnow()
+        grace = (
+            timedelta(0) if rot.invalidated_old or rot.old_version_id is None
+            else d.rt.settings.schedule_for(d.cred).grace_period or timedelta(0)
+        )
+        rot = await self._io(
+            self.journal.commit_step, rot.id,
+            {"step": Step.PROMOTED, "sealed": None, "retire_after": now + grace},
+            state={"current_version_id": rot.version_id, "current_fingerprint": rot.fingerprint,
+                   "expires_at": version.tokens.expires_at, "rotated_at": now,
+                   "last_attempt_at": now, "last_outcome": "rotated", "last_error": None,
+                   "attention": None},
+            audit={"actor": rot.actor, "action": "rotation.promoted", "outcome": "success",
+                   "version_id": rot.version_id, "fingerprint": rot.fingerprint,
+                   "request_ids": d.request_ids, "reason": rot.reason,
+                   "old_version_id": rot.old_version_id, "old_fingerprint": rot.old_fingerprint,
+                   "expires_at": version.tokens.expires_at,
+                   "backends": [b.name for b in d.rt.backends]},
+        )
+        log.info("rotation.promoted", environment=d.rt.name, credential=d.cred.name,
+                 rotation=rot.id, version=rot.version_id, token=version.tokens.access.short)
+        for listener in self.listeners:
+            try:
+                listener(d.rt.name, d.cred.name, version.with_stage(Stage.CURRENT))
+            except Exception:  # noqa: BLE001 - a reader cache must not break a rotation
+                log.exception("listener.failed", environment=d.rt.name, credential=d.cred.name)
+        return rot
+
+    # step 5 ------------------------------------------------------------------------------------
+
+    async def _retire(self, d: _Drive, rot: Rotation, *, early: bool = False) -> Rotation:
+        """Make the old version unreadable everywhere and revoke it at Makini where possible."""
+        notes: list[str] = []
+        revoked = False
+        if rot.old_version_id is not None:
+            old = await self._old_version(d, rot)
+            await self._fence(d, rot)
+            await self._each_backend(
+                d.rt, lambda b: b.make_unreadable(d.cred.name, rot.old_version_id or "")
+            )
+            if rot.invalidated_old:
+                notes.append("Makini invalidated the old token when it issued the new one")
+            elif old is not None:
+                revoked = await self._revoke_quietly(d, old)
+                if not revoked:
+                    expiry = old.tokens.expires_at.isoformat() if old.tokens.expires_at else "?"
+                    notes.append(
+                        "Makini offers no single-token revocation here: the old token stays "
+                        f"valid at Makini until it expires ({expiry}); it is readable nowhere"
+                    )
+        if early:
+            notes.append("grace period cut short by a newer rotation")
+        rot = await self._io(
+            self.journal.commit_step, rot.id,
+            {"step": Step.DONE, "finished_at": utcnow(),
+             "notes": json.dumps([*rot.note_list(), *notes])},
+            audit={"actor": rot.actor, "action": "rotation.retired", "outcome": "success",
+                   "version_id": rot.old_version_id, "fingerprint": rot.old_fingerprint,
+                   "revoked_at_makini": revoked, "notes": notes},
+        )
+        log.info("rotation.retired", environment=d.rt.name, credential=d.cred.name,
+                 rotation=rot.id, old_version=rot.old_version_id)
+        return rot
+
+    async def retire_due(self, env: str, name: str) -> RotationResult:
+        """Retire the promoted rotation of ``env/name`` if its grace period is over."""
+        return await self.rotate(env, name, reason="grace period over", actor="scheduler",
+                                 start_new=False)
+
+    async def _fence(self, d: _Drive, rot: Rotation) -> None:
+        if not await self._io(self.journal.renew, d.lock, self.owner):
+            raise LockBusy(
+                "this worker lost the credential's lease; another worker took over",
+                where=f"{d.rt.name}/{d.cred.name}",
+                hint="nothing to do: the other worker resumes the rotation",
+            )
+
+    # reads used by the CLI ---------------------------------------------------------------------
+
+    async def current(self, env: str, name: str) -> StoredVersion | None:
+        rt = self.runtime(env)
+        rt.settings.credential(name, env)
+        return await self._io(rt.primary.read, name, Stage.CURRENT)
+
+    async def verify_current(self, env: str, name: str) -> tuple[bool, str]:
+        rt = self.runtime(env)
+        cred = rt.settings.credential(name, env)
+        version = await self.current(env, name)
+        if version is None:
+            return False, "no current token in the primary backend"
+        try:
+            info = await rt.makini.verify(version.tokens.access, cred.connection_id)
+        except MakiniRejected as exc:
+            await self._io(self.journal.set_state, env, name, attention=exc.message)
+            return False, exc.message
+        except MakiniTransient as exc:
+            return False, f"could not check: {exc.message}"
+        return True, f"accepted for connection {info.connection_id}"
+
+    async def backend_versions(self, env: str, name: str) -> dict[str, str | None]:
+        """The current version id in each backend (None where absent), keyed by backend name."""
+        rt = self.runtime(env)
+
+        def current_id(b: Backend) -> str | None:
+            try:
+                v = b.read(name, Stage.CURRENT)
+            except BackendError as exc:
+                return f"error: {exc.message}"
+            return v.version_id if v else None
+
+        ids = await self._each_backend(rt, current_id)
+        return {b.name: vid for b, vid in zip(rt.backends, ids, strict=True)}
+
+    async def import_pair(
+        self, env: str, name: str, tokens: TokenPair, *, actor: str, reason: str
+    ) -> str:
+        """Store a token pair obtained outside the rotator (Makini Link) as current, verified."""
+        rt = self.runtime(env)
+        cred = rt.settings.credential(name, env)
+        await rt.makini.verify(tokens.access, cred.connection_id)
+        version = StoredVersion(env, name, new_version_id(), tokens, created_at=utcnow())
+        await self._each_backend(rt, lambda b: b.stage_pending(version))
+        await self._each_backend(rt, lambda b: b.promote(name, version.version_id))
+        now = utcnow()
+        await self._io(lambda: self.journal.set_state(
+            env, name, current_version_id=version.version_id,
+            current_fingerprint=tokens.access.fingerprint, expires_at=tokens.expires_at,
+            rotated_at=now, last_outcome="imported", last_error=None, attention=None))
+        await self._io(lambda: self.journal.audit(
+            actor=actor, action="credential.imported", outcome="success", environment=env,
+            credential=name, version_id=version.version_id,
+            fingerprint=tokens.access.fingerprint, reason=reason))
+        return version.version_id
+
+
+def expired_soon(expires_at: datetime | None, margin: timedelta, now: datetime) -> bool:
+    return expires_at is not None and expires_at - margin <= now

@@ -1,0 +1,99 @@
+"""Long-running and one-shot modes: ``rotator serve`` and ``rotator run-due``.
+
+Both ask :func:`rotator.schedule.plan` what is due and hand it to the engine; ``serve`` does so
+on every scheduler tick (APScheduler, one job, never two ticks at once) while it serves the HTTP
+API, and finishes the rotations in flight before it exits on SIGTERM or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC
+
+import structlog
+
+from rotator.engine import RotationResult
+from rotator.model import utcnow
+from rotator.runtime import Runtime
+from rotator.schedule import ROTATE, plan
+from rotator.settings import Config
+
+log = structlog.get_logger("rotator.service")
+
+
+async def run_due_once(
+    runtime: Runtime,
+    *,
+    environments: list[str] | None = None,
+    progress: Callable[[RotationResult], None] | None = None,
+) -> list[RotationResult]:
+    """Resume open rotations, retire what is past its grace period, rotate what is due."""
+    items = [
+        i
+        for i in plan(runtime.config, runtime.journal, utcnow(), environments=environments)
+        if i.is_due and i.environment in runtime.environments
+    ]
+    if not items:
+        return []
+    log.info("run_due.start", due=len(items))
+    results = await runtime.engine.rotate_many(
+        [(i.environment, i.credential, i.action == ROTATE, i.reason) for i in items],
+        actor="scheduler",
+        progress=progress,
+    )
+    failed = [r for r in results if not r.ok]
+    log.info("run_due.done", due=len(items), failed=len(failed))
+    return results
+
+
+async def serve(config: Config, *, host: str, port: int) -> None:
+    import uvicorn
+    from apscheduler.schedulers.asyncio import AsyncIOScheduler
+    from apscheduler.triggers.interval import IntervalTrigger
+
+    from rotator.api import build_app
+
+    runtime = Runtime.open(config)
+    scheduler = AsyncIOScheduler(timezone=UTC)
+
+    async def tick() -> None:
+        try:
+            await run_due_once(runtime)
+        except Exception:  # a tick must never kill the scheduler; the journal keeps the work
+            log.exception("tick.failed")
+
+    scheduler.add_job(
+        tick,
+        IntervalTrigger(seconds=max(1.0, config.scheduler.tick.total_seconds())),
+        id="run-due",
+        next_run_time=utcnow(),
+        max_instances=1,
+        coalesce=True,
+        misfire_grace_time=None,
+    )
+    app = build_app(runtime)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                       lifespan="on")
+    )
+    scheduler.start()
+    log.info("serve.started", host=host, port=port, environments=list(runtime.environments),
+             tick_s=config.scheduler.tick.total_seconds())
+    try:
+        await server.serve()
+    finally:
+        log.info("serve.stopping")
+        scheduler.shutdown(wait=False)
+        await _drain(runtime)
+        await runtime.aclose()
+        log.info("serve.stopped")
+
+
+async def _drain(runtime: Runtime) -> None:
+    """Wait for rotations in flight (each holds its credential's lease) to finish a step."""
+    import asyncio
+
+    for _ in range(300):
+        if runtime.engine.active == 0:
+            return
+        await asyncio.sleep(0.1)

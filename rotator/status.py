@@ -1,0 +1,116 @@
+"""The state of every credential: what the journal knows, what each backend holds, what is next."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from backends.base import Backend
+from rotator.errors import BackendError
+from rotator.model import Stage, utcnow
+from rotator.runtime import Runtime
+from rotator.schedule import plan
+
+
+@dataclass(frozen=True)
+class CredentialStatus:
+    environment: str
+    credential: str
+    connection_id: str
+    current_version: str | None
+    fingerprint: str | None
+    rotated_at: datetime | None
+    expires_at: datetime | None
+    next_action: str
+    next_at: datetime | None
+    next_reason: str
+    last_outcome: str | None
+    last_error: str | None
+    attention: str | None
+    open_step: str | None
+    backends: dict[str, str | None]
+    """current version id per backend (``"error: ..."`` where a backend could not be read)"""
+
+    @property
+    def backends_agree(self) -> bool:
+        return len(set(self.backends.values())) == 1 and self.current_version in self.backends.values()
+
+    @property
+    def healthy(self) -> bool:
+        return self.backends_agree and not self.attention and self.current_version is not None
+
+    def as_dict(self, now: datetime) -> dict[str, Any]:
+        return {
+            "environment": self.environment,
+            "credential": self.credential,
+            "connection_id": self.connection_id,
+            "current_version": self.current_version,
+            "fingerprint": self.fingerprint[:12] if self.fingerprint else None,
+            "rotated_at": self.rotated_at.isoformat() if self.rotated_at else None,
+            "token_age_s": int((now - self.rotated_at).total_seconds()) if self.rotated_at else None,
+            "expires_at": self.expires_at.isoformat() if self.expires_at else None,
+            "expires_in_s": int((self.expires_at - now).total_seconds()) if self.expires_at else None,
+            "next_action": self.next_action,
+            "next_at": self.next_at.isoformat() if self.next_at else None,
+            "next_reason": self.next_reason,
+            "last_outcome": self.last_outcome,
+            "last_error": self.last_error,
+            "attention": self.attention,
+            "open_step": self.open_step,
+            "backends": self.backends,
+            "backends_agree": self.backends_agree,
+        }
+
+
+def _current_id(backend: Backend, credential: str) -> str | None:
+    try:
+        version = backend.read(credential, Stage.CURRENT)
+    except BackendError as exc:
+        return f"error: {exc.message}"
+    return version.version_id if version else None
+
+
+async def collect(runtime: Runtime, environment: str | None = None) -> list[CredentialStatus]:
+    config = runtime.config
+    envs = [environment] if environment else list(runtime.environments)
+    for name in envs:
+        config.environment(name)
+    now = utcnow()
+    items = plan(config, runtime.journal, now, environments=envs)
+    states = runtime.journal.states()
+    open_rot = {(r.environment, r.credential): r for r in runtime.journal.open_rotations()}
+
+    async def one(env: str, cred: str) -> dict[str, str | None]:
+        rt = runtime.environments[env]
+        ids = await asyncio.gather(*(asyncio.to_thread(_current_id, b, cred) for b in rt.backends))
+        return {b.name: vid for b, vid in zip(rt.backends, ids, strict=True)}
+
+    per_backend = await asyncio.gather(*(one(i.environment, i.credential) for i in items))
+    out = []
+    for item, held in zip(items, per_backend, strict=True):
+        env = config.environments[item.environment]
+        cred = env.credential(item.credential, item.environment)
+        state = states.get((item.environment, item.credential))
+        rot = open_rot.get((item.environment, item.credential))
+        out.append(
+            CredentialStatus(
+                environment=item.environment,
+                credential=item.credential,
+                connection_id=cred.connection_id,
+                current_version=state.current_version_id if state else None,
+                fingerprint=state.current_fingerprint if state else None,
+                rotated_at=state.rotated_at if state else None,
+                expires_at=state.expires_at if state else None,
+                next_action=item.action,
+                next_at=item.due_at,
+                next_reason=item.reason,
+                last_outcome=state.last_outcome if state else None,
+                last_error=state.last_error if state else None,
+                attention=state.attention if state else None,
+                open_step=rot.step if rot else None,
+                backends=held,
+            )
+        )
+    return out

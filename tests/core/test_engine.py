@@ -1,0 +1,293 @@
+"""The rotation engine against the simulator over a real socket, with real backends."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from backends.memory import MemoryBackend
+from rotator import faults
+from rotator.errors import BackendUnavailable
+from rotator.journal import Step
+from rotator.makini import SimServer
+from rotator.model import Stage, StoredVersion
+from rotator.runtime import Runtime
+from tests.conftest import environment, make_config
+
+Factory = Callable[..., Runtime]
+
+
+@pytest.fixture
+async def make_runtime(tmp_path: Path, sim: SimServer) -> AsyncIterator[Factory]:
+    opened: list[Runtime] = []
+
+    def make(credentials: list[dict[str, Any]] | None = None, *, journal_url: str | None = None,
+             makini: dict[str, Any] | None = None, schedule: dict[str, Any] | None = None,
+             backends: list[dict[str, Any]] | None = None, env: str = "prod") -> Runtime:
+        creds = credentials or [{"name": "a", "connection_id": "conn-a"}]
+        envs = {env: environment(sim.url, f"test-{env}", creds, sealing_env=f"SEAL_{env}",
+                                 makini=makini, schedule=schedule,
+                                 backends=backends or [
+                                     {"type": "memory", "name": "one", "namespace": str(tmp_path)},
+                                     {"type": "file", "name": "two", "path": "files",
+                                      "key": {"file": "file.key", "generate": True}},
+                                 ])}
+        url = journal_url or f"sqlite:///{tmp_path / 'journal.db'}"
+        runtime = Runtime.open(make_config(tmp_path, url, envs))
+        opened.append(runtime)
+        return runtime
+
+    yield make
+    for runtime in opened:
+        await runtime.aclose()
+
+
+def current(runtime: Runtime, name: str = "a", env: str = "prod") -> list[StoredVersion | None]:
+    return [b.read(name, Stage.CURRENT) for b in runtime.environments[env].backends]
+
+
+def active(sim: SimServer, connection: str = "conn-a") -> set[str]:
+    return {t["fingerprint"] for t in sim.tokens(connection, kind="access", status="active")}
+
+
+async def test_first_rotation_stores_a_verified_token_everywhere(
+    make_runtime: Factory, sim: SimServer
+) -> None:
+    runtime = make_runtime()
+    result = await runtime.engine.rotate("prod", "a", reason="test", actor="t")
+    assert result.outcome == "rotated" and result.step == Step.DONE
+    versions = current(runtime)
+    assert all(v is not None for v in versions)
+    assert len({v.version_id for v in versions if v}) == 1
+    stored = versions[0]
+    assert stored is not None
+    assert active(sim) == {stored.tokens.access.fingerprint}
+    rot = runtime.journal.rotation(result.rotation_id or "")
+    assert rot is not None and rot.sealed is None  # no token material left in the journal
+    [entry] = runtime.journal.audit_entries(action="rotation.promoted")
+    assert entry.fingerprint == stored.tokens.access.fingerprint
+
+
+async def test_rotation_replaces_and_retires_the_old_version(
+    make_runtime: Factory, sim: SimServer
+) -> None:
+    runtime = make_runtime()
+    await runtime.engine.rotate("prod", "a", reason="t", actor="t")
+    [first, _] = current(runtime)
+    assert first is not None
+    result = await runtime.engine.rotate("prod", "a", reason="t", actor="t")
+    assert result.outcome == "rotated"
+    [second, _] = current(runtime)
+    assert second is not None and second.version_id != first.version_id
+    for backend in runtime.environments["prod"].backends:
+        assert backend.read_version("a", first.version_id) is None
+    assert active(sim) == {second.tokens.access.fingerprint}
+    token = sim.token(first.tokens.access.fingerprint)
+    assert token is not None and token["status"] == "revoked"
+
+
+async def test_grace_period_keeps_previous_readable_then_retires(
+    make_runtime: Factory, sim: SimServer
+) -> None:
+    sim.set(issue_invalidates_previous=False)
+    runtime = make_runtime(makini={"issue_invalidates_previous": False},
+                           schedule={"interval": "1h", "grace_period": "300ms"})
+    await runtime.engine.rotate("prod", "a", reason="t", actor="t")
+    [first, _] = current(runtime)
+    result = await runtime.engine.rotate("prod", "a", reason="t", actor="t")
+    assert result.outcome == "rotated" and result.step == Step.PROMOTED
+    primary = runtime.environments["prod"].primary
+    previous = primary.read("a", Stage.PREVIOUS)
+    assert first is not None and previous is not None
+    assert previous.version_id == first.version_id
+    await asyncio.sleep(0.35)
+    retired = await runtime.engine.retire_due("prod", "a")
+    assert retired.outcome == "retired" and retired.step == Step.DONE
+    assert primary.read_version("a", first.version_id) is None
+    rot = runtime.journal.rotation(retired.rotation_id or "")
+    assert rot is not None
+    assert any("stays valid at Makini until it expires" in n for n in rot.note_list())
+
+
+async def test_unknown_invalidation_is_probed(make_runtime: Factory, sim: SimServer) -> None:
+    runtime = make_runtime(schedule={"interval": "1h", "grace_period": "1h"})
+    await runtime.engine.rotate("prod", "a", reason="t", actor="t")
+    result = await runtime.engine.rotate("prod", "a", reason="t", actor="t")
+    rot = runtime.journal.rotation(result.rotation_id or "")
+    # the simulator killed the old token on issue: the probe saw it, so no grace period
+    assert rot is not None and rot.invalidated_old is True and rot.step == Step.DONE
+
+
+class Crash(BaseException):
+    """Stands in for SIGKILL inside one process: nothing after the checkpoint runs."""
+
+
+@pytest.mark.parametrize("invalidates", [True, False], ids=["issue-invalidates", "issue-keeps"])
+@pytest.mark.parametrize("step", [Step.ISSUED, Step.STAGED, Step.VERIFIED, Step.PROMOTED])
+async def test_crash_after_each_step_resumes_without_losing_a_token(
+    make_runtime: Factory, sim: SimServer, monkeypatch: pytest.MonkeyPatch,
+    step: str, invalidates: bool,
+) -> None:
+    sim.set(issue_invalidates_previous=invalidates)
+    runtime = make_runtime(makini={"issue_invalidates_previous": invalidates},
+                           schedule={"interval": "1h", "grace_period": "0s"})
+    await runtime.engine.rotate("prod", "a", reason="t", actor="t")
+    [first, _] = current(runtime)
+    assert first is not None
+
+    def crash_at(s: str, _cred: str) -> None:
+        if s == step:
+            raise Crash
+
+    monkeypatch.setattr(faults, "checkpoint", crash_at)
+    with pytest.raises(Crash):
+        await runtime.engine.rotate("prod", "a", reason="t", actor="t")
+    monkeypatch.undo()
+    # the crashed worker's lease would expire; a new worker in a new process resumes
+    runtime.journal.release("prod/a", runtime.engine.owner)
+    survivor = make_runtime(makini={"issue_invalidates_previous": invalidates},
+                            schedule={"interval": "1h", "grace_period": "0s"})
+    result = await survivor.engine.rotate("prod", "a", reason="t", actor="t", start_new=False)
+    assert result.step == Step.DONE, result
+    versions = current(survivor)
+    assert versions[0] is not None
+    assert {v.version_id for v in versions if v} == {versions[0].version_id}
+    # every token Makini issued is stored as current, dead, or reported as still valid
+    expected = {versions[0].tokens.access.fingerprint}
+    if not invalidates:
+        [retired] = survivor.journal.audit_entries(action="rotation.retired", limit=1)
+        assert retired.fingerprint == first.tokens.access.fingerprint
+        assert "stays valid at Makini" in " ".join(retired.as_dict()["detail"]["notes"])
+        expected.add(first.tokens.access.fingerprint)
+    assert active(sim) == expected
+    assert survivor.journal.open_rotation("prod", "a") is None
+
+
+async def test_rejected_new_token_rolls_back(
+    make_runtime: Factory, sim: SimServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runtime = make_runtime()
+    await runtime.engine.rotate("prod", "a", reason="t", actor="t")
+    [before, _] = current(runtime)
+
+    def revoke_after_stage(s: str, _cred: str) -> None:
+        if s == Step.STAGED:
+            rot = runtime.journal.open_rotation("prod", "a")
+            assert rot is not None and rot.fingerprint
+            sim.revoke(rot.fingerprint)
+
+    monkeypatch.setattr(faults, "checkpoint", revoke_after_stage)
+    result = await runtime.engine.rotate("prod", "a", reason="t", actor="t")
+    assert result.outcome == "rolled_back"
+    after = current(runtime)
+    assert before is not None and all(v is not None and v.version_id == before.version_id
+                                      for v in after)
+    for backend in runtime.environments["prod"].backends:
+        assert backend.read("a", Stage.PENDING) is None
+    state = runtime.journal.state("prod", "a")
+    # issuing killed the old token and the new one was rejected: said loudly
+    assert state is not None and state.attention and "reconnect" in state.attention
+    assert runtime.journal.audit_entries(action="rotation.rolled_back")
+
+
+async def test_makini_outage_at_verify_defers_then_resumes(
+    make_runtime: Factory, sim: SimServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runtime = make_runtime()
+
+    def outage_after_stage(s: str, _cred: str) -> None:
+        if s == Step.STAGED:
+            sim.set(outage_s=30)
+
+    monkeypatch.setattr(faults, "checkpoint", outage_after_stage)
+    result = await runtime.engine.rotate("prod", "a", reason="t", actor="t")
+    assert result.outcome == "deferred" and result.step == Step.STAGED
+    assert result.error
+    monkeypatch.undo()
+    sim.set(outage_until=None)
+    resumed = await runtime.engine.rotate("prod", "a", reason="t", actor="t", start_new=False)
+    assert resumed.outcome == "rotated" and resumed.step == Step.DONE
+
+
+class Flaky(MemoryBackend):
+    broken = True
+
+    def stage_pending(self, version: StoredVersion) -> None:
+        if self.broken:
+            raise BackendUnavailable("cannot reach the store", backend=self.name,
+                                     location=self.location)
+        super().stage_pending(version)
+
+
+async def test_a_backend_down_never_promotes_a_partial_version(
+    make_runtime: Factory, sim: SimServer
+) -> None:
+    runtime = make_runtime()
+    await runtime.engine.rotate("prod", "a", reason="t", actor="t")
+    [before, _] = current(runtime)
+    rt = runtime.environments["prod"]
+    flaky = Flaky(rt.backends[0].settings, "prod")
+    rt.backends[0] = flaky
+    result = await runtime.engine.rotate("prod", "a", reason="t", actor="t")
+    assert result.outcome == "deferred" and result.step == Step.ISSUED
+    assert result.error and "cannot reach the store" in result.error
+    assert all(v is not None and before is not None and v.version_id == before.version_id
+               for v in current(runtime))
+    flaky.broken = False
+    resumed = await runtime.engine.rotate("prod", "a", reason="t", actor="t", start_new=False)
+    assert resumed.step == Step.DONE
+    versions = current(runtime)
+    assert versions[0] is not None and versions[0].version_id == resumed.version_id
+    assert active(sim) == {versions[0].tokens.access.fingerprint}
+
+
+async def test_two_workers_never_rotate_one_credential(make_runtime: Factory) -> None:
+    a = make_runtime()
+    b = make_runtime()
+    results = await asyncio.gather(
+        a.engine.rotate("prod", "a", reason="t", actor="a"),
+        b.engine.rotate("prod", "a", reason="t", actor="b"),
+    )
+    outcomes = sorted(r.outcome for r in results)
+    assert outcomes in (["busy", "rotated"], ["rotated", "rotated"])
+    promoted = a.journal.audit_entries(action="rotation.promoted")
+    assert len(promoted) == len([o for o in outcomes if o == "rotated"])
+
+
+async def test_refresh_method_needs_a_bootstrap_then_refreshes(
+    make_runtime: Factory, sim: SimServer
+) -> None:
+    runtime = make_runtime([{"name": "r", "connection_id": "conn-r", "method": "refresh"}])
+    first = await runtime.engine.rotate("prod", "r", reason="t", actor="t")
+    assert first.outcome == "failed" and first.error and "rotator import" in (first.error or "") \
+        or first.outcome == "failed"
+    rt = runtime.environments["prod"]
+    code = sim.link_code("conn-r", client_id="test-prod")
+    issued = await rt.makini.exchange_code(code, "http://localhost/cb")
+    await runtime.engine.import_pair("prod", "r", issued.tokens, actor="t", reason="bootstrap")
+    result = await runtime.engine.rotate("prod", "r", reason="t", actor="t")
+    assert result.outcome == "rotated", result
+    [v, _] = current(runtime, "r")
+    assert v is not None and v.tokens.refresh is not None
+    assert v.tokens.access != issued.tokens.access
+
+
+async def test_environments_stay_apart_at_makini(make_runtime: Factory, sim: SimServer) -> None:
+    dev = make_runtime([{"name": "a", "connection_id": "conn-shared"}], env="dev")
+    await dev.engine.rotate("dev", "a", reason="t", actor="t")
+    prod = make_runtime([{"name": "a", "connection_id": "conn-shared"}])
+    result = await prod.engine.rotate("prod", "a", reason="t", actor="t")
+    assert result.outcome == "failed"
+    assert result.error and "refused" in result.error
+
+
+async def test_journal_on_postgresql(make_runtime: Factory, pg_url: str, sim: SimServer) -> None:
+    runtime = make_runtime(journal_url=pg_url)
+    results = await runtime.engine.rotate_many(
+        [("prod", "a", True, "t")], actor="t")
+    assert results[0].outcome == "rotated"
+    assert runtime.journal.state("prod", "a") is not None

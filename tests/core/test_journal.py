@@ -1,0 +1,89 @@
+"""The journal on SQLite and on a real PostgreSQL: leases, steps, audit."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+
+import pytest
+
+from rotator.errors import ConfigError, JournalError
+from rotator.journal import Journal, Rotation, Step
+from rotator.model import utcnow
+
+
+def _rotation(env: str = "prod", cred: str = "a") -> Rotation:
+    now = utcnow()
+    return Rotation(id=str(uuid.uuid4()), environment=env, credential=cred, kind="rotate",
+                    step=Step.STARTED, version_id=str(uuid.uuid4()), started_at=now,
+                    updated_at=now, attempts=0, notes="[]", reason="t", actor="t")
+
+
+def test_lease_is_exclusive_and_expires(journal_url: str) -> None:
+    journal = Journal(journal_url)
+    assert journal.acquire("prod/a", "w1", timedelta(seconds=30))
+    assert not journal.acquire("prod/a", "w2", timedelta(seconds=30))
+    assert journal.acquire("prod/a", "w1")  # re-entrant for its owner
+    assert journal.renew("prod/a", "w1") and not journal.renew("prod/a", "w2")
+    journal.release("prod/a", "w2")  # not the owner: no effect
+    assert not journal.acquire("prod/a", "w2")
+    journal.release("prod/a", "w1")
+    assert journal.acquire("prod/a", "w2", timedelta(milliseconds=1))
+    import time
+
+    time.sleep(0.01)
+    assert journal.acquire("prod/a", "w3")  # w2's lease expired: a crashed holder
+    assert not journal.renew("prod/a", "w2")  # and w2 learns it lost the lease
+    journal.close()
+
+
+def test_one_winner_among_racing_workers(journal_url: str) -> None:
+    journals = [Journal(journal_url) for _ in range(8)]
+    barrier = threading.Barrier(8)
+
+    def race(i: int) -> bool:
+        barrier.wait()
+        return journals[i].acquire("prod/race", f"w{i}")
+
+    with ThreadPoolExecutor(8) as pool:
+        wins = list(pool.map(race, range(8)))
+    assert sum(wins) == 1
+    for j in journals:
+        j.close()
+
+
+def test_steps_state_and_audit_commit_together(journal_url: str) -> None:
+    journal = Journal(journal_url)
+    rot = journal.add_rotation(_rotation())
+    assert journal.open_rotation("prod", "a") is not None
+    journal.commit_step(
+        rot.id, {"step": Step.PROMOTED, "sealed": None},
+        state={"current_version_id": rot.version_id, "rotated_at": utcnow()},
+        audit={"actor": "t", "action": "rotation.promoted", "outcome": "success",
+               "request_ids": ["r1", None]},
+    )
+    state = journal.state("prod", "a")
+    assert state is not None and state.current_version_id == rot.version_id
+    assert state.rotated_at is not None and state.rotated_at.tzinfo is not None
+    [entry] = journal.audit_entries(environment="prod")
+    assert entry.as_dict()["request_ids"] == ["r1"]
+    journal.commit_step(rot.id, {"step": Step.DONE})
+    assert journal.open_rotation("prod", "a") is None
+    with pytest.raises(JournalError):
+        journal.commit_step("missing", {"step": Step.DONE})
+    journal.close()
+
+
+def test_bad_url_is_a_config_error(tmp_path: object) -> None:
+    with pytest.raises(ConfigError) as info:
+        Journal("nosuchdb://x")
+    assert "journal URL" in info.value.describe()
+
+
+def test_unreachable_database_is_a_clear_error() -> None:
+    with pytest.raises(JournalError) as info:
+        Journal("postgresql+psycopg://nobody:pw@127.0.0.1:1/none?connect_timeout=1")
+    text = info.value.describe()
+    assert "reachable" in text and "pw" not in text
