@@ -80,6 +80,7 @@ class Backend(ABC):
     def available(cls) -> None:
         """Raise :class:`~rotator.errors.NotSupported` saying why this backend cannot run here
         (e.g. its optional dependency is not installed)."""
+        return None
 
     @abstractmethod
     def stage_pending(self, version: StoredVersion) -> None: ...
@@ -118,4 +119,3 @@ class Backend(ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} {self.location}>"
-

@@ -86,6 +86,10 @@ class KeyRing:
     def key_id(self) -> str:
         return self._active.hex()
 
+    def holds(self, key_id: str) -> bool:
+        """Whether this ring holds the key with ``key_id`` (hex, as in error messages)."""
+        return bytes.fromhex(key_id) in self._keys
+
     @classmethod
     def load(cls, source: KeySource) -> KeyRing:
         where = source.describe()

@@ -42,8 +42,10 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], what: str) -> None:
 def main() -> None:
     for port, what in ((SIM_PORT, "Makini simulator"), (API_PORT, "rotator API")):
         if not _port_free(port):
-            sys.exit(f"error: port {port} (for the {what}) is in use on 127.0.0.1\n"
-                     f"  next: stop whatever listens there (ss -ltnp 'sport = :{port}')")
+            sys.exit(
+                f"error: port {port} (for the {what}) is in use on 127.0.0.1\n"
+                f"  next: stop whatever listens there (ss -ltnp 'sport = :{port}')"
+            )
     env = dict(os.environ)
     env.setdefault("MAKINI_PROD_CLIENT_SECRET", "local-prod-secret")
     env.setdefault("MAKINI_DEV_CLIENT_SECRET", "local-dev-secret")

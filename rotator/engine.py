@@ -166,9 +166,7 @@ class RotationEngine:
         call = functools.partial(fn, *args, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
-    async def _each_backend(
-        self, rt: EnvironmentRuntime, fn: Callable[[Backend], T]
-    ) -> list[T]:
+    async def _each_backend(self, rt: EnvironmentRuntime, fn: Callable[[Backend], T]) -> list[T]:
         """Run ``fn`` on every backend at once; raise the first error after all have finished."""
         results = await asyncio.gather(
             *(self._io(fn, b) for b in rt.backends), return_exceptions=True
@@ -197,8 +195,9 @@ class RotationEngine:
         started = asyncio.get_running_loop().time()
         self.active += 1
         try:
-            result = await self._drive_locked(_Drive(rt, cred, f"{env}/{name}"), reason, actor,
-                                              start_new)
+            result = await self._drive_locked(
+                _Drive(rt, cred, f"{env}/{name}"), reason, actor, start_new
+            )
         finally:
             self.active -= 1
         result.duration_s = asyncio.get_running_loop().time() - started
@@ -216,8 +215,9 @@ class RotationEngine:
 
         async def one(env: str, name: str, start_new: bool, reason: str) -> RotationResult:
             async with gate:
-                result = await self.rotate(env, name, reason=reason, actor=actor,
-                                           start_new=start_new)
+                result = await self.rotate(
+                    env, name, reason=reason, actor=actor, start_new=start_new
+                )
             if progress:
                 progress(result)
             return result
@@ -247,21 +247,32 @@ class RotationEngine:
             if rot is not None:
                 rot = await self._io(self.journal.rotation, rot.id) or rot
                 await self._io(self._record_failure, rot, exc)
-            log.warning("rotation.stopped", environment=env, credential=name,
-                        step=rot.step if rot else None, error=exc.message)
+            log.warning(
+                "rotation.stopped",
+                environment=env,
+                credential=name,
+                step=rot.step if rot else None,
+                error=exc.message,
+            )
             return RotationResult(
-                env, name, "deferred" if rot is not None and rot.is_open else "failed",
+                env,
+                name,
+                "deferred" if rot is not None and rot.is_open else "failed",
                 rotation_id=rot.id if rot else None,
                 version_id=rot.version_id if rot else None,
-                step=rot.step if rot else None, error=exc.message,
+                step=rot.step if rot else None,
+                error=exc.message,
             )
         finally:
             await self._io(self.journal.release, d.lock, self.owner)
 
     def _record_failure(self, rot: Rotation, exc: RotatorError) -> None:
         self.journal.set_state(
-            rot.environment, rot.credential,
-            last_attempt_at=utcnow(), last_outcome="error", last_error=exc.message,
+            rot.environment,
+            rot.credential,
+            last_attempt_at=utcnow(),
+            last_outcome="error",
+            last_error=exc.message,
         )
 
     async def _advance(self, d: _Drive, rot: Rotation) -> RotationResult:
@@ -285,8 +296,13 @@ class RotationEngine:
             else:
                 outcome = "rotated" if promoted_now else "waiting"
         return RotationResult(
-            d.rt.name, d.cred.name, outcome or "nothing", rotation_id=rot.id,
-            version_id=rot.version_id, step=rot.step, error=rot.error,
+            d.rt.name,
+            d.cred.name,
+            outcome or "nothing",
+            rotation_id=rot.id,
+            version_id=rot.version_id,
+            step=rot.step,
+            error=rot.error,
         )
 
     async def _begin(self, d: _Drive, reason: str, actor: str) -> Rotation:
@@ -317,8 +333,14 @@ class RotationEngine:
             notes="[]",
         )
         await self._io(self.journal.add_rotation, rot)
-        log.info("rotation.started", environment=d.rt.name, credential=d.cred.name,
-                 rotation=rot.id, version=rot.version_id, reason=reason)
+        log.info(
+            "rotation.started",
+            environment=d.rt.name,
+            credential=d.cred.name,
+            rotation=rot.id,
+            version=rot.version_id,
+            reason=reason,
+        )
         return rot
 
     # step 1 ------------------------------------------------------------------------------------
@@ -329,7 +351,8 @@ class RotationEngine:
             return await self._io(self.journal.commit_step, rot.id, {"step": Step.ISSUED})
         if rot.attempts > 0:
             await self._io(
-                self.journal.add_note, rot.id,
+                self.journal.add_note,
+                rot.id,
                 f"attempt {rot.attempts} to issue ended without a recorded token; if Makini "
                 "issued one then, it was never received",
             )
@@ -337,26 +360,30 @@ class RotationEngine:
         try:
             issued = await self._ask_makini(d, rot)
         except MakiniRejected as exc:
-            return await self._fail(d, rot, f"Makini refused to issue a token: {exc.message}",
-                                    exc)
+            return await self._fail(d, rot, f"Makini refused to issue a token: {exc.message}", exc)
         except MakiniError as exc:
             if exc.ambiguous:
                 await self._io(
-                    self.journal.add_note, rot.id,
+                    self.journal.add_note,
+                    rot.id,
                     f"Makini may have issued a token that was not received ({exc.message}; "
                     f"request id {exc.request_id or 'unknown'})",
                 )
             raise
         d.request_ids.append(issued.request_id)
         version = StoredVersion(
-            environment=d.rt.name, credential=d.cred.name, version_id=rot.version_id,
-            tokens=issued.tokens, created_at=utcnow(),
+            environment=d.rt.name,
+            credential=d.cred.name,
+            version_id=rot.version_id,
+            tokens=issued.tokens,
+            created_at=utcnow(),
         )
         sealed = d.rt.sealer.seal(
             version.to_json().encode(), _journal_aad(d.rt.name, d.cred.name, rot.version_id)
         )
         return await self._io(
-            self.journal.commit_step, rot.id,
+            self.journal.commit_step,
+            rot.id,
             {
                 "step": Step.ISSUED,
                 "sealed": sealed,
@@ -373,7 +400,8 @@ class RotationEngine:
         if old is None or old.tokens.refresh is None:
             raise RotationError(
                 "the version to refresh from is no longer readable in the primary backend",
-                where=f"{d.rt.name}/{d.cred.name}", rotation_id=rot.id,
+                where=f"{d.rt.name}/{d.cred.name}",
+                rotation_id=rot.id,
                 hint=f"import a fresh pair: rotator import {d.rt.name} {d.cred.name}",
             )
         return await d.rt.makini.refresh(old.tokens.refresh)
@@ -387,11 +415,13 @@ class RotationEngine:
         if rot.sealed is None:
             raise RotationError(
                 "the journal no longer holds the new token for this rotation",
-                where=f"{d.rt.name}/{d.cred.name}", rotation_id=rot.id,
+                where=f"{d.rt.name}/{d.cred.name}",
+                rotation_id=rot.id,
             )
         try:
-            plain = d.rt.sealer.open(rot.sealed, _journal_aad(d.rt.name, d.cred.name,
-                                                              rot.version_id))
+            plain = d.rt.sealer.open(
+                rot.sealed, _journal_aad(d.rt.name, d.cred.name, rot.version_id)
+            )
         except CryptoError as exc:
             raise CryptoError(
                 f"cannot unseal the new token of rotation {rot.id}: {exc.message}",
@@ -423,7 +453,8 @@ class RotationEngine:
         if invalidated is None and rot.old_version_id is not None:
             invalidated = await self._probe_old(d, rot)
         return await self._io(
-            self.journal.commit_step, rot.id,
+            self.journal.commit_step,
+            rot.id,
             {"step": Step.VERIFIED, "invalidated_old": invalidated},
         )
 
@@ -453,18 +484,35 @@ class RotationEngine:
                 "connection has no working token; the customer must reconnect in Makini"
             )
         message = f"Makini rejected the new token at verify: {exc.message}"
-        log.error("rotation.rolled_back", environment=d.rt.name, credential=d.cred.name,
-                  rotation=rot.id, error=message, attention=attention)
+        log.error(
+            "rotation.rolled_back",
+            environment=d.rt.name,
+            credential=d.cred.name,
+            rotation=rot.id,
+            error=message,
+            attention=attention,
+        )
         return await self._io(
-            self.journal.commit_step, rot.id,
-            {"step": Step.ROLLED_BACK, "sealed": None, "error": message,
-             "finished_at": utcnow()},
-            state={"last_attempt_at": utcnow(), "last_outcome": "rolled_back",
-                   "last_error": message, "attention": attention},
-            audit={"actor": rot.actor, "action": "rotation.rolled_back", "outcome": "rolled_back",
-                   "version_id": rot.version_id, "fingerprint": rot.fingerprint,
-                   "request_ids": [*d.request_ids, exc.request_id], "error": message,
-                   "new_token_revoked": revoked, "attention": attention},
+            self.journal.commit_step,
+            rot.id,
+            {"step": Step.ROLLED_BACK, "sealed": None, "error": message, "finished_at": utcnow()},
+            state={
+                "last_attempt_at": utcnow(),
+                "last_outcome": "rolled_back",
+                "last_error": message,
+                "attention": attention,
+            },
+            audit={
+                "actor": rot.actor,
+                "action": "rotation.rolled_back",
+                "outcome": "rolled_back",
+                "version_id": rot.version_id,
+                "fingerprint": rot.fingerprint,
+                "request_ids": [*d.request_ids, exc.request_id],
+                "error": message,
+                "new_token_revoked": revoked,
+                "attention": attention,
+            },
         )
 
     async def _current_dead(self, d: _Drive) -> bool:
@@ -483,21 +531,40 @@ class RotationEngine:
         try:
             return await d.rt.makini.revoke_token(version.tokens.access)
         except MakiniError as exc:
-            log.warning("makini.revoke_failed", environment=d.rt.name, credential=d.cred.name,
-                        error=exc.message)
+            log.warning(
+                "makini.revoke_failed",
+                environment=d.rt.name,
+                credential=d.cred.name,
+                error=exc.message,
+            )
             return False
 
     async def _fail(self, d: _Drive, rot: Rotation, message: str, exc: MakiniError) -> Rotation:
-        log.error("rotation.failed", environment=d.rt.name, credential=d.cred.name,
-                  rotation=rot.id, error=message)
+        log.error(
+            "rotation.failed",
+            environment=d.rt.name,
+            credential=d.cred.name,
+            rotation=rot.id,
+            error=message,
+        )
         return await self._io(
-            self.journal.commit_step, rot.id,
+            self.journal.commit_step,
+            rot.id,
             {"step": Step.FAILED, "sealed": None, "error": message, "finished_at": utcnow()},
-            state={"last_attempt_at": utcnow(), "last_outcome": "failed", "last_error": message,
-                   "attention": message},
-            audit={"actor": rot.actor, "action": "rotation.failed", "outcome": "failed",
-                   "version_id": rot.version_id, "request_ids": [exc.request_id],
-                   "error": message},
+            state={
+                "last_attempt_at": utcnow(),
+                "last_outcome": "failed",
+                "last_error": message,
+                "attention": message,
+            },
+            audit={
+                "actor": rot.actor,
+                "action": "rotation.failed",
+                "outcome": "failed",
+                "version_id": rot.version_id,
+                "request_ids": [exc.request_id],
+                "error": message,
+            },
         )
 
     # step 4 ------------------------------------------------------------------------------------
@@ -509,29 +576,50 @@ class RotationEngine:
         await self._each_backend(d.rt, lambda b: b.promote(d.cred.name, rot.version_id))
         now = utcnow()
         grace = (
-            timedelta(0) if rot.invalidated_old or rot.old_version_id is None
+            timedelta(0)
+            if rot.invalidated_old or rot.old_version_id is None
             else d.rt.settings.schedule_for(d.cred).grace_period or timedelta(0)
         )
         rot = await self._io(
-            self.journal.commit_step, rot.id,
+            self.journal.commit_step,
+            rot.id,
             {"step": Step.PROMOTED, "sealed": None, "retire_after": now + grace},
-            state={"current_version_id": rot.version_id, "current_fingerprint": rot.fingerprint,
-                   "expires_at": version.tokens.expires_at, "rotated_at": now,
-                   "last_attempt_at": now, "last_outcome": "rotated", "last_error": None,
-                   "attention": None},
-            audit={"actor": rot.actor, "action": "rotation.promoted", "outcome": "success",
-                   "version_id": rot.version_id, "fingerprint": rot.fingerprint,
-                   "request_ids": d.request_ids, "reason": rot.reason,
-                   "old_version_id": rot.old_version_id, "old_fingerprint": rot.old_fingerprint,
-                   "expires_at": version.tokens.expires_at,
-                   "backends": [b.name for b in d.rt.backends]},
+            state={
+                "current_version_id": rot.version_id,
+                "current_fingerprint": rot.fingerprint,
+                "expires_at": version.tokens.expires_at,
+                "rotated_at": now,
+                "last_attempt_at": now,
+                "last_outcome": "rotated",
+                "last_error": None,
+                "attention": None,
+            },
+            audit={
+                "actor": rot.actor,
+                "action": "rotation.promoted",
+                "outcome": "success",
+                "version_id": rot.version_id,
+                "fingerprint": rot.fingerprint,
+                "request_ids": d.request_ids,
+                "reason": rot.reason,
+                "old_version_id": rot.old_version_id,
+                "old_fingerprint": rot.old_fingerprint,
+                "expires_at": version.tokens.expires_at,
+                "backends": [b.name for b in d.rt.backends],
+            },
         )
-        log.info("rotation.promoted", environment=d.rt.name, credential=d.cred.name,
-                 rotation=rot.id, version=rot.version_id, token=version.tokens.access.short)
+        log.info(
+            "rotation.promoted",
+            environment=d.rt.name,
+            credential=d.cred.name,
+            rotation=rot.id,
+            version=rot.version_id,
+            token=version.tokens.access.short,
+        )
         for listener in self.listeners:
             try:
                 listener(d.rt.name, d.cred.name, version.with_stage(Stage.CURRENT))
-            except Exception:  # noqa: BLE001 - a reader cache must not break a rotation
+            except Exception:
                 log.exception("listener.failed", environment=d.rt.name, credential=d.cred.name)
         return rot
 
@@ -559,22 +647,41 @@ class RotationEngine:
                     )
         if early:
             notes.append("grace period cut short by a newer rotation")
+        audit = None
+        if rot.old_version_id is not None:
+            audit = {
+                "actor": rot.actor,
+                "action": "rotation.retired",
+                "outcome": "success",
+                "version_id": rot.old_version_id,
+                "fingerprint": rot.old_fingerprint,
+                "revoked_at_makini": revoked,
+                "notes": notes,
+            }
         rot = await self._io(
-            self.journal.commit_step, rot.id,
-            {"step": Step.DONE, "finished_at": utcnow(),
-             "notes": json.dumps([*rot.note_list(), *notes])},
-            audit={"actor": rot.actor, "action": "rotation.retired", "outcome": "success",
-                   "version_id": rot.old_version_id, "fingerprint": rot.old_fingerprint,
-                   "revoked_at_makini": revoked, "notes": notes},
+            self.journal.commit_step,
+            rot.id,
+            {
+                "step": Step.DONE,
+                "finished_at": utcnow(),
+                "notes": json.dumps([*rot.note_list(), *notes]),
+            },
+            audit=audit,
         )
-        log.info("rotation.retired", environment=d.rt.name, credential=d.cred.name,
-                 rotation=rot.id, old_version=rot.old_version_id)
+        log.info(
+            "rotation.retired",
+            environment=d.rt.name,
+            credential=d.cred.name,
+            rotation=rot.id,
+            old_version=rot.old_version_id,
+        )
         return rot
 
     async def retire_due(self, env: str, name: str) -> RotationResult:
         """Retire the promoted rotation of ``env/name`` if its grace period is over."""
-        return await self.rotate(env, name, reason="grace period over", actor="scheduler",
-                                 start_new=False)
+        return await self.rotate(
+            env, name, reason="grace period over", actor="scheduler", start_new=False
+        )
 
     async def _fence(self, d: _Drive, rot: Rotation) -> None:
         if not await self._io(self.journal.renew, d.lock, self.owner):
@@ -631,14 +738,31 @@ class RotationEngine:
         await self._each_backend(rt, lambda b: b.stage_pending(version))
         await self._each_backend(rt, lambda b: b.promote(name, version.version_id))
         now = utcnow()
-        await self._io(lambda: self.journal.set_state(
-            env, name, current_version_id=version.version_id,
-            current_fingerprint=tokens.access.fingerprint, expires_at=tokens.expires_at,
-            rotated_at=now, last_outcome="imported", last_error=None, attention=None))
-        await self._io(lambda: self.journal.audit(
-            actor=actor, action="credential.imported", outcome="success", environment=env,
-            credential=name, version_id=version.version_id,
-            fingerprint=tokens.access.fingerprint, reason=reason))
+        await self._io(
+            lambda: self.journal.set_state(
+                env,
+                name,
+                current_version_id=version.version_id,
+                current_fingerprint=tokens.access.fingerprint,
+                expires_at=tokens.expires_at,
+                rotated_at=now,
+                last_outcome="imported",
+                last_error=None,
+                attention=None,
+            )
+        )
+        await self._io(
+            lambda: self.journal.audit(
+                actor=actor,
+                action="credential.imported",
+                outcome="success",
+                environment=env,
+                credential=name,
+                version_id=version.version_id,
+                fingerprint=tokens.access.fingerprint,
+                reason=reason,
+            )
+        )
         return version.version_id
 
 

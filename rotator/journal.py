@@ -329,7 +329,9 @@ class Journal:
         with self.session("update a rotation") as s:
             row = s.get(Rotation, rotation_id)
             if row is None:
-                raise JournalError(f"rotation {rotation_id} is not in the journal", where=self.where)
+                raise JournalError(
+                    f"rotation {rotation_id} is not in the journal", where=self.where
+                )
             for key, value in values.items():
                 setattr(row, key, value)
         return row
@@ -347,7 +349,9 @@ class Journal:
         with self.session("record a rotation step") as s:
             row = s.get(Rotation, rotation_id)
             if row is None:
-                raise JournalError(f"rotation {rotation_id} is not in the journal", where=self.where)
+                raise JournalError(
+                    f"rotation {rotation_id} is not in the journal", where=self.where
+                )
             for key, value in {**values, "updated_at": now}.items():
                 setattr(row, key, value)
             if state is not None:
@@ -358,8 +362,9 @@ class Journal:
                 for key, value in state.items():
                     setattr(st, key, value)
             if audit is not None:
-                s.add(self._audit_row(environment=row.environment, credential=row.credential,
-                                      **audit))
+                s.add(
+                    self._audit_row(environment=row.environment, credential=row.credential, **audit)
+                )
         return row
 
     def add_note(self, rotation_id: str, note: str) -> None:

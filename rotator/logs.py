@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
@@ -23,7 +24,9 @@ def mask(text: str) -> str:
     return _BEARER.sub(r"\1[masked]", _JWT.sub("[masked-token]", text))
 
 
-def _mask_values(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+def _mask_values(
+    _logger: Any, _name: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
     for key, value in event.items():
         if isinstance(value, str):
             event[key] = mask(value)

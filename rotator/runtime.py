@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 import backends
 from rotator.crypto import KeyRing
-from rotator.errors import ConfigError
 from rotator.engine import EnvironmentRuntime, RotationEngine
+from rotator.errors import ConfigError
 from rotator.journal import Journal
 from rotator.makini import MakiniClient
 from rotator.settings import Config

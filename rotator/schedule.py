@@ -93,7 +93,9 @@ def plan_credential(
 ) -> PlanItem:
     schedule = env.schedule_for(cred)
 
-    def item(action: str, reason: str, due: datetime | None = None, urgent: bool = False) -> PlanItem:
+    def item(
+        action: str, reason: str, due: datetime | None = None, urgent: bool = False
+    ) -> PlanItem:
         return PlanItem(env_name, cred.name, action, reason, due, urgent)
 
     backoff_until = None
@@ -102,10 +104,15 @@ def plan_credential(
 
     if open_rotation is not None and open_rotation.step != Step.PROMOTED:
         if backoff_until and backoff_until > now:
-            return item(WAIT, f"resume {open_rotation.step} rotation after the last error",
-                        backoff_until)
-        return item(RESUME, f"rotation {open_rotation.id[:8]} stopped at {open_rotation.step}",
-                    now, urgent=True)
+            return item(
+                WAIT, f"resume {open_rotation.step} rotation after the last error", backoff_until
+            )
+        return item(
+            RESUME,
+            f"rotation {open_rotation.id[:8]} stopped at {open_rotation.step}",
+            now,
+            urgent=True,
+        )
 
     margin = schedule.rotate_before_expiry or timedelta(0)
     expiry_due = state.expires_at - margin if state and state.expires_at else None
@@ -126,8 +133,11 @@ def plan_credential(
     if state.rotated_at is not None:
         sched = scheduled_at(schedule, env_name, cred.name, state.rotated_at)
         if sched is not None:
-            what = f"every {human(schedule.interval)}" if schedule.interval else \
-                f"cron {schedule.cron}"
+            what = (
+                f"every {human(schedule.interval)}"
+                if schedule.interval
+                else f"cron {schedule.cron}"
+            )
             candidates.append((_next_window_open(schedule, max(sched, now)), what))
     if backoff_until is not None:
         candidates = [(max(at, backoff_until), why) for at, why in candidates]
@@ -161,8 +171,11 @@ def plan(
     """Every credential of the chosen environments with what is due for it."""
     states = journal.states()
     open_by_cred = {(r.environment, r.credential): r for r in journal.open_rotations()}
-    backoff = retry_after_failure if retry_after_failure is not None else \
-        config.scheduler.retry_after_failure
+    backoff = (
+        retry_after_failure
+        if retry_after_failure is not None
+        else config.scheduler.retry_after_failure
+    )
     items = []
     for env_name, env in config.environments.items():
         if environments and env_name not in environments:
@@ -170,8 +183,9 @@ def plan(
         for cred in env.credentials:
             key = (env_name, cred.name)
             items.append(
-                plan_credential(env_name, env, cred, states.get(key), open_by_cred.get(key),
-                                now, backoff)
+                plan_credential(
+                    env_name, env, cred, states.get(key), open_by_cred.get(key), now, backoff
+                )
             )
     return items
 
@@ -189,4 +203,3 @@ def human(delta: timedelta | None) -> str:
             extra = rest // sub[1]
             return f"{sign}{whole}{unit}{f'{extra}{sub[0]}' if extra else ''}"
     return f"{sign}{seconds}s"
-

@@ -73,12 +73,18 @@ async def serve(config: Config, *, host: str, port: int) -> None:
     )
     app = build_app(runtime)
     server = uvicorn.Server(
-        uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                       lifespan="on")
+        uvicorn.Config(
+            app, host=host, port=port, log_level="warning", access_log=False, lifespan="on"
+        )
     )
     scheduler.start()
-    log.info("serve.started", host=host, port=port, environments=list(runtime.environments),
-             tick_s=config.scheduler.tick.total_seconds())
+    log.info(
+        "serve.started",
+        host=host,
+        port=port,
+        environments=list(runtime.environments),
+        tick_s=config.scheduler.tick.total_seconds(),
+    )
     try:
         await server.serve()
     finally:

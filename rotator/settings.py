@@ -51,7 +51,9 @@ def parse_duration(value: object) -> object:
         text = value.replace(" ", "").lower()
         parts = _DURATION.findall(text)
         if not parts or "".join(n + u for n, u in parts) != text:
-            raise ValueError(f"{value!r} is not a duration: write e.g. '30d', '12h', '1h30m', '90s'")
+            raise ValueError(
+                f"{value!r} is not a duration: write e.g. '30d', '12h', '1h30m', '90s'"
+            )
         return timedelta(seconds=sum(float(n) * _UNITS[u] for n, u in parts))
     return value
 
@@ -345,18 +347,16 @@ def _backend_union() -> Any:
 
 
 def _config_model() -> type[Config]:
-    env_model = create_model(
+    """Config with each backend's settings model (from the registry) in the backends lists."""
+    backend_list: Any = list[_backend_union()]  # type: ignore[misc]
+    env_model: Any = create_model(
         "EnvironmentSettings",
         __base__=EnvironmentSettings,
-        backends=(list[_backend_union()], Field(min_length=1)),  # type: ignore[valid-type]
+        backends=(backend_list, Field(min_length=1)),
     )
+    env_map: Any = dict[Annotated[str, Field(pattern=ENV_NAME_PATTERN)], env_model]
     return create_model(
-        "Config",
-        __base__=Config,
-        environments=(
-            dict[Annotated[str, Field(pattern=ENV_NAME_PATTERN)], env_model],  # type: ignore[valid-type]
-            Field(min_length=1),
-        ),
+        "Config", __base__=Config, environments=(env_map, Field(min_length=1))
     )
 
 
@@ -377,9 +377,9 @@ def _explain(exc: ValidationError, source: str) -> ConfigError:
         # drop the discriminator tag pydantic inserts after a backend's index
         cleaned: list[int | str] = []
         for i, part in enumerate(loc):
-            if i >= 2 and loc[i - 2] == "backends" and isinstance(loc[i - 1], int):
-                if isinstance(part, str) and part in registry():
-                    continue
+            tag = i >= 2 and loc[i - 2] == "backends" and isinstance(loc[i - 1], int)
+            if tag and isinstance(part, str) and part in registry():
+                continue
             cleaned.append(part)
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "missing":
@@ -399,7 +399,9 @@ def _explain(exc: ValidationError, source: str) -> ConfigError:
     )
 
 
-def load_config(path: Path | str | None = None, *, overrides: dict[str, Any] | None = None) -> Config:
+def load_config(
+    path: Path | str | None = None, *, overrides: dict[str, Any] | None = None
+) -> Config:
     """Read, validate and resolve the configuration at ``path`` (or ``$ROTATOR_CONFIG``)."""
     process = ProcessSettings()
     chosen = Path(path) if path else process.config
@@ -417,8 +419,9 @@ def load_config(path: Path | str | None = None, *, overrides: dict[str, Any] | N
             hint="check the path, or start from config/example.toml",
         ) from None
     except OSError as exc:
-        raise ConfigError(f"cannot read the configuration file: {exc.strerror}",
-                          where=str(chosen)) from exc
+        raise ConfigError(
+            f"cannot read the configuration file: {exc.strerror}", where=str(chosen)
+        ) from exc
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -35,7 +35,9 @@ class CredentialStatus:
 
     @property
     def backends_agree(self) -> bool:
-        return len(set(self.backends.values())) == 1 and self.current_version in self.backends.values()
+        return (
+            len(set(self.backends.values())) == 1 and self.current_version in self.backends.values()
+        )
 
     @property
     def healthy(self) -> bool:
@@ -49,9 +51,13 @@ class CredentialStatus:
             "current_version": self.current_version,
             "fingerprint": self.fingerprint[:12] if self.fingerprint else None,
             "rotated_at": self.rotated_at.isoformat() if self.rotated_at else None,
-            "token_age_s": int((now - self.rotated_at).total_seconds()) if self.rotated_at else None,
+            "token_age_s": int((now - self.rotated_at).total_seconds())
+            if self.rotated_at
+            else None,
             "expires_at": self.expires_at.isoformat() if self.expires_at else None,
-            "expires_in_s": int((self.expires_at - now).total_seconds()) if self.expires_at else None,
+            "expires_in_s": int((self.expires_at - now).total_seconds())
+            if self.expires_at
+            else None,
             "next_action": self.next_action,
             "next_at": self.next_at.isoformat() if self.next_at else None,
             "next_reason": self.next_reason,

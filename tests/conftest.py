@@ -40,7 +40,9 @@ def pg_database() -> Iterator[str]:
     try:
         admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5)
     except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {exc}; start it as .ci/run does")
+        pytest.fail(
+            f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {exc}; start it as .ci/run does"
+        )
     admin.execute(f'CREATE DATABASE "{name}"')
     base = PG_ADMIN_URL.rsplit("/", 1)[0]
     try:
@@ -88,8 +90,12 @@ def environment(
             "base_url": sim_url,
             "client_id": client_id,
             "client_secret_env": secret_env,
-            "retry": {"max_attempts": 3, "base_delay_s": 0.01, "max_delay_s": 0.05,
-                      "total_timeout_s": 5},
+            "retry": {
+                "max_attempts": 3,
+                "base_delay_s": 0.01,
+                "max_delay_s": 0.05,
+                "total_timeout_s": 5,
+            },
             **(makini or {}),
         },
         "backends": backends or [{"type": "memory", "namespace": uuid.uuid4().hex}],
@@ -98,16 +104,20 @@ def environment(
     }
 
 
-def make_config(tmp_path: Path, journal_url: str, environments: dict[str, Any],
-                **top: Any) -> Config:
+def make_config(
+    tmp_path: Path, journal_url: str, environments: dict[str, Any], **top: Any
+) -> Config:
     data = {"journal": {"url": journal_url}, "environments": environments, **top}
     return parse_config(data, source=tmp_path / "rotator.toml")
 
 
 # --- the Makini simulator -------------------------------------------------------------------
 
-SIM_CLIENTS = {"test-prod": "test-prod-secret", "test-dev": "test-dev-secret",
-               "sched": "sched-secret"}
+SIM_CLIENTS = {
+    "test-prod": "test-prod-secret",
+    "test-dev": "test-dev-secret",
+    "sched": "sched-secret",
+}
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import getpass
 import json
 import socket
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -36,8 +36,13 @@ app.add_typer(config_app, name="config")
 
 ConfigOpt = Annotated[
     Path | None,
-    typer.Option("--config", "-c", envvar="ROTATOR_CONFIG", help="The TOML configuration file.",
-                 show_default=False),
+    typer.Option(
+        "--config",
+        "-c",
+        envvar="ROTATOR_CONFIG",
+        help="The TOML configuration file.",
+        show_default=False,
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
@@ -70,20 +75,24 @@ def actor() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
-def _config(path: Path | None = None) -> Config:
+def _config(path: Path | None = None, *, service: bool = False) -> Config:
+    """Load the configuration and set up logs. One-shot commands a person types log warnings
+    and errors only (their tables say the rest) unless --log-level asks for more."""
     cfg = load_config(path or state.config_path)
-    logs.configure(
-        (state.log_level or cfg.logging.level), (state.log_format or cfg.logging.format)
-    )
+    level = state.log_level or cfg.logging.level
+    if not service and not state.log_level and level in ("debug", "info"):
+        level = "warning"
+    logs.configure(level, state.log_format or cfg.logging.format)
     return cfg
 
 
-def _run(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+def _run(fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
     return asyncio.run(fn(*args))
 
 
-async def _with_runtime(cfg: Config, work: Callable[[Any], Awaitable[T]],
-                        only: list[str] | None = None) -> T:
+async def _with_runtime(
+    cfg: Config, work: Callable[[Any], Awaitable[T]], only: list[str] | None = None
+) -> T:
     from rotator.runtime import Runtime
 
     runtime = Runtime.open(cfg, only=only)
@@ -103,7 +112,7 @@ def run_due(
 ) -> None:
     """Rotate, resume and retire whatever is due now, then exit (non-zero if anything failed).
     Made for a Kubernetes CronJob with concurrencyPolicy Forbid."""
-    cfg = _config()
+    cfg = _config(service=True)
     for name in env or []:
         cfg.environment(name)
 
@@ -134,9 +143,13 @@ def rotate(
 
     async def work(rt: Any) -> list[Any]:
         with render.progress(json_out or len(name) < 3) as tick:
-            return list(await rt.engine.rotate_many(
-                [(environment, n, True, reason) for n in name], actor=actor(), progress=tick,
-            ))
+            return list(
+                await rt.engine.rotate_many(
+                    [(environment, n, True, reason) for n in name],
+                    actor=actor(),
+                    progress=tick,
+                )
+            )
 
     results = _run(_with_runtime, cfg, work, [environment])
     render.results(results, json_out)
@@ -198,14 +211,17 @@ def get(
     environment: str,
     name: str,
     previous: Annotated[bool, typer.Option("--previous", help="The previous version.")] = False,
-    field: Annotated[str, typer.Option(help="access_token, refresh_token or json.")] =
-    "access_token",
+    field: Annotated[
+        str, typer.Option(help="access_token, refresh_token or json.")
+    ] = "access_token",
 ) -> None:
     """Print the current access token of a credential (for scripts). Reads the primary backend."""
     cfg = _config()
     cfg.environment(environment).credential(name, environment)
     if field not in ("access_token", "refresh_token", "json"):
-        raise ConfigError(f"unknown --field {field!r}", hint="use access_token, refresh_token or json")
+        raise ConfigError(
+            f"unknown --field {field!r}", hint="use access_token, refresh_token or json"
+        )
 
     async def work(rt: Any) -> Any:
         primary = rt.environments[environment].primary
@@ -243,8 +259,9 @@ def plan(
 
     journal = Journal(cfg.journal.url, sqlite_synchronous=cfg.journal.sqlite_synchronous)
     try:
-        items = make_plan(cfg, journal, utcnow(), environments=[environment] if environment
-                          else None)
+        items = make_plan(
+            cfg, journal, utcnow(), environments=[environment] if environment else None
+        )
     finally:
         journal.close()
     render.plan(items, json_out)
@@ -264,8 +281,9 @@ def audit(
 
     journal = Journal(cfg.journal.url, sqlite_synchronous=cfg.journal.sqlite_synchronous)
     try:
-        entries = journal.audit_entries(environment=environment, credential=credential,
-                                        action=action, limit=limit)
+        entries = journal.audit_entries(
+            environment=environment, credential=credential, action=action, limit=limit
+        )
     finally:
         journal.close()
     render.audit([e.as_dict() for e in entries], json_out)
@@ -276,8 +294,7 @@ def audit(
 
 @config_app.command("check")
 def config_check(
-    path: Annotated[Path | None, typer.Argument(help="Default: --config / ROTATOR_CONFIG.")] =
-    None,
+    path: Annotated[Path | None, typer.Argument(help="Default: --config / ROTATOR_CONFIG.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Validate the configuration and say what is wrong, key by key."""
@@ -333,8 +350,9 @@ def import_pair(
     tokens = _parse_pair(raw)
 
     async def work(rt: Any) -> str:
-        return str(await rt.engine.import_pair(environment, name, tokens, actor=actor(),
-                                               reason=reason))
+        return str(
+            await rt.engine.import_pair(environment, name, tokens, actor=actor(), reason=reason)
+        )
 
     version = _run(_with_runtime, cfg, work, [environment])
     render.console.print(f"imported {environment}/{name} as version {version}")
@@ -357,10 +375,14 @@ def _parse_pair(raw: str) -> TokenPair:
         expires = datetime.fromisoformat(doc["expires_at"])
     elif isinstance(doc.get("expires_in"), int | float):
         value = float(doc["expires_in"])
-        expires = (datetime.fromtimestamp(value, UTC) if value > 1e9
-                   else utcnow() + timedelta(seconds=value))
-    return TokenPair(access=access, refresh=Secret(str(refresh)) if refresh else None,
-                     expires_at=expires)
+        expires = (
+            datetime.fromtimestamp(value, UTC)
+            if value > 1e9
+            else utcnow() + timedelta(seconds=value)
+        )
+    return TokenPair(
+        access=access, refresh=Secret(str(refresh)) if refresh else None, expires_at=expires
+    )
 
 
 # --- services --------------------------------------------------------------------------------
@@ -372,7 +394,7 @@ def serve(
     port: Annotated[int, typer.Option(help="Port for the HTTP API.")] = 8080,
 ) -> None:
     """Run the scheduler (rotate on schedule, resume, retire) until stopped."""
-    cfg = _config()
+    cfg = _config(service=True)
     from rotator.service import serve as run_service
 
     asyncio.run(run_service(cfg, host=host, port=port))
@@ -383,8 +405,11 @@ def makini_sim(
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8765,
     issue_invalidates: Annotated[
-        bool, typer.Option("--issue-invalidates/--issue-keeps-old",
-                           help="Does issuing a token kill the previous one at once?")
+        bool,
+        typer.Option(
+            "--issue-invalidates/--issue-keeps-old",
+            help="Does issuing a token kill the previous one at once?",
+        ),
     ] = True,
     latency_ms: Annotated[float, typer.Option(help="Added to every API call.")] = 0.0,
     error_rate: Annotated[float, typer.Option(help="Share of API calls answered 5xx.")] = 0.0,

@@ -32,15 +32,29 @@ def progress(quiet: bool) -> Iterator[Callable[[RotationResult], None] | None]:
     if quiet or not err.is_terminal:
         yield None
         return
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn(), console=err, transient=True)
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    )
     task = bar.add_task("rotating", total=None)
     with bar:
         yield lambda _result: bar.advance(task)
 
 
-_STYLE = {"rotated": "green", "retired": "green", "waiting": "cyan", "nothing": "dim",
-          "busy": "yellow", "deferred": "yellow", "rolled_back": "red", "failed": "bold red"}
+_STYLE = {
+    "rotated": "green",
+    "retired": "green",
+    "waiting": "cyan",
+    "nothing": "dim",
+    "busy": "yellow",
+    "deferred": "yellow",
+    "rolled_back": "red",
+    "failed": "bold red",
+}
 
 
 def results(items: Sequence[RotationResult], as_json: bool) -> None:
@@ -55,14 +69,22 @@ def results(items: Sequence[RotationResult], as_json: bool) -> None:
         table.add_column(col)
     for r in sorted(items, key=lambda r: (r.environment, r.credential)):
         style = _STYLE.get(r.outcome, "")
-        table.add_row(r.environment, r.credential, f"[{style}]{r.outcome}[/]",
-                      (r.version_id or "-")[:13], f"{r.duration_s:.2f}s", r.error or "")
+        table.add_row(
+            r.environment,
+            r.credential,
+            f"[{style}]{r.outcome}[/]",
+            (r.version_id or "-")[:13],
+            f"{r.duration_s:.2f}s",
+            r.error or "",
+        )
     console.print(table)
     bad = [r for r in items if not r.ok]
     if bad:
-        err.print(f"[red]{len(bad)} of {len(items)} did not complete[/]; the journal keeps "
-                  "them open: `rotator status` shows where each stopped, `rotator run-due` "
-                  "resumes")
+        err.print(
+            f"[red]{len(bad)} of {len(items)} did not complete[/]; the journal keeps "
+            "them open: `rotator status` shows where each stopped, `rotator run-due` "
+            "resumes"
+        )
 
 
 def _ago(moment: datetime | None, now: datetime) -> str:
@@ -79,8 +101,7 @@ def status(rows: Sequence[CredentialStatus], as_json: bool) -> None:
         _json([r.as_dict(now) for r in rows])
         return
     table = Table(title="credentials")
-    for col in ("env", "credential", "version", "age", "expires in", "next", "last",
-                "backends"):
+    for col in ("env", "credential", "version", "age", "expires in", "next", "last", "backends"):
         table.add_column(col)
     for r in rows:
         agree = "[green]agree[/]" if r.backends_agree else "[red]DIFFER[/]"
@@ -88,9 +109,16 @@ def status(rows: Sequence[CredentialStatus], as_json: bool) -> None:
         last = r.last_outcome or "-"
         if r.open_step:
             last += f" (open: {r.open_step})"
-        table.add_row(r.environment, r.credential, (r.current_version or "-")[:13],
-                      _ago(r.rotated_at, now), _until(r.expires_at, now), nxt, last,
-                      f"{agree} ({len(r.backends)})")
+        table.add_row(
+            r.environment,
+            r.credential,
+            (r.current_version or "-")[:13],
+            _ago(r.rotated_at, now),
+            _until(r.expires_at, now),
+            nxt,
+            last,
+            f"{agree} ({len(r.backends)})",
+        )
     console.print(table)
     for r in rows:
         if r.attention:
@@ -99,8 +127,10 @@ def status(rows: Sequence[CredentialStatus], as_json: bool) -> None:
             err.print(f"[yellow]last error[/] {r.environment}/{r.credential}: {r.last_error}")
         if not r.backends_agree:
             held = ", ".join(f"{k}={(v or 'none')[:13]}" for k, v in r.backends.items())
-            err.print(f"[red]backends differ[/] {r.environment}/{r.credential}: journal says "
-                      f"{(r.current_version or 'none')[:13]}; {held}")
+            err.print(
+                f"[red]backends differ[/] {r.environment}/{r.credential}: journal says "
+                f"{(r.current_version or 'none')[:13]}; {held}"
+            )
 
 
 def plan(items: Sequence[PlanItem], as_json: bool) -> None:
@@ -114,8 +144,13 @@ def plan(items: Sequence[PlanItem], as_json: bool) -> None:
     for i in items:
         when = "now" if i.is_due else _until(i.due_at, now)
         action = f"[bold]{i.action}[/]" if i.is_due else i.action
-        table.add_row(i.environment, i.credential, action, when,
-                      i.reason + (" [red](urgent)[/]" if i.urgent else ""))
+        table.add_row(
+            i.environment,
+            i.credential,
+            action,
+            when,
+            i.reason + (" [red](urgent)[/]" if i.urgent else ""),
+        )
     console.print(table)
 
 
@@ -128,15 +163,25 @@ def audit(entries: list[dict[str, Any]], as_json: bool) -> None:
         table.add_column(col)
     for e in entries:
         target = "/".join(x for x in (e["environment"], e["credential"]) if x)
-        table.add_row(e["at"][:19], e["actor"], e["action"], target, e["outcome"],
-                      (e["fingerprint"] or "")[:12])
+        table.add_row(
+            e["at"][:19],
+            e["actor"],
+            e["action"],
+            target,
+            e["outcome"],
+            (e["fingerprint"] or "")[:12],
+        )
     console.print(table)
 
 
 def verify(environment: str, rows: Sequence[tuple[str, bool, str]], as_json: bool) -> None:
     if as_json:
-        _json([{"environment": environment, "credential": n, "ok": ok, "detail": d}
-               for n, ok, d in rows])
+        _json(
+            [
+                {"environment": environment, "credential": n, "ok": ok, "detail": d}
+                for n, ok, d in rows
+            ]
+        )
         return
     table = Table(title=f"verify {environment}")
     for col in ("credential", "result", "detail"):
@@ -153,7 +198,8 @@ def config_summary(summary: dict[str, Any], as_json: bool) -> None:
     console.print(f"[green]configuration is valid[/]: {summary['file']}")
     console.print(f"journal: {summary['journal']}")
     for name, env in summary["environments"].items():
-        console.print(f"  {name}: {env['credentials']} credentials, backends "
-                      f"{', '.join(env['backends'])}")
+        console.print(
+            f"  {name}: {env['credentials']} credentials, backends {', '.join(env['backends'])}"
+        )
     for warning in summary["warnings"]:
         err.print(f"[yellow]warning[/] {warning}")

@@ -65,11 +65,14 @@ def test_relative_paths_resolve_against_the_file(tmp_path: Path) -> None:
 
 
 def test_credential_schedule_overrides_environment(tmp_path: Path) -> None:
-    text = GOOD.replace('connection_id = "c-1"',
-                        'connection_id = "c-1"\nschedule = { cron = "0 3 * * *" }')
-    text = text.replace('[[environments.prod.backends]]',
-                        '[environments.prod.schedule]\ninterval = "7d"\njitter = "5m"\n'
-                        '[[environments.prod.backends]]')
+    text = GOOD.replace(
+        'connection_id = "c-1"', 'connection_id = "c-1"\nschedule = { cron = "0 3 * * *" }'
+    )
+    text = text.replace(
+        "[[environments.prod.backends]]",
+        '[environments.prod.schedule]\ninterval = "7d"\njitter = "5m"\n'
+        "[[environments.prod.backends]]",
+    )
     config = load_config(write(tmp_path, text))
     env = config.environments["prod"]
     merged = env.schedule_for(env.credentials[0])
@@ -80,27 +83,44 @@ def test_credential_schedule_overrides_environment(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("edit", "expected"),
     [
-        (('connection_id = "c-1"', "connection_id = 5"),
-         "environments.prod.credentials[0].connection_id"),
+        (
+            ('connection_id = "c-1"', "connection_id = 5"),
+            "environments.prod.credentials[0].connection_id",
+        ),
         (('name = "acme-sap"', 'name = "Acme SAP"'), "environments.prod.credentials[0].name"),
-        (('client_id = "p"', 'client_id = "p"\nbase_url = "ftp://x"'),
-         "environments.prod.makini.base_url: must be an http(s) URL"),
-        (('type = "file"\npath = "prod-files"', 'type = "s3"\npath = "prod-files"'),
-         "environments.prod.backends[0]: unknown backend type"),
-        (('client_secret_env = "P_SECRET"', ""),
-         "environments.prod.makini.client_secret_env: required key is missing"),
-        (('connection_id = "c-1"', 'connection_id = "c-1"\ncolour = "red"'),
-         "environments.prod.credentials[0].colour: unknown key"),
-        (('connection_id = "c-1"', 'connection_id = "c-1"\nschedule = { interval = "often" }'),
-         "'often' is not a duration"),
-        (('connection_id = "c-1"', 'connection_id = "c-1"\nschedule = { cron = "61 * * * *" }'),
-         "schedule.cron: not a crontab expression"),
-        (('connection_id = "c-1"', 'connection_id = "c-1"\nmethod = "magic"'),
-         "environments.prod.credentials[0].method"),
-        (('path = "dev-files"', 'path = "prod-files"'),
-         "share the backend location"),
-        (('sealing_key = { env = "DEV_SEAL" }', 'sealing_key = { env = "PROD_SEAL" }'),
-         "share the sealing key"),
+        (
+            ('client_id = "p"', 'client_id = "p"\nbase_url = "ftp://x"'),
+            "environments.prod.makini.base_url: must be an http(s) URL",
+        ),
+        (
+            ('type = "file"\npath = "prod-files"', 'type = "s3"\npath = "prod-files"'),
+            "environments.prod.backends[0]: unknown backend type",
+        ),
+        (
+            ('client_secret_env = "P_SECRET"', ""),
+            "environments.prod.makini.client_secret_env: required key is missing",
+        ),
+        (
+            ('connection_id = "c-1"', 'connection_id = "c-1"\ncolour = "red"'),
+            "environments.prod.credentials[0].colour: unknown key",
+        ),
+        (
+            ('connection_id = "c-1"', 'connection_id = "c-1"\nschedule = { interval = "often" }'),
+            "'often' is not a duration",
+        ),
+        (
+            ('connection_id = "c-1"', 'connection_id = "c-1"\nschedule = { cron = "61 * * * *" }'),
+            "schedule.cron: not a crontab expression",
+        ),
+        (
+            ('connection_id = "c-1"', 'connection_id = "c-1"\nmethod = "magic"'),
+            "environments.prod.credentials[0].method",
+        ),
+        (('path = "dev-files"', 'path = "prod-files"'), "share the backend location"),
+        (
+            ('sealing_key = { env = "DEV_SEAL" }', 'sealing_key = { env = "PROD_SEAL" }'),
+            "share the sealing key",
+        ),
         (("[environments.dev]", "[environments.Dev]"), "environments.Dev"),
     ],
 )

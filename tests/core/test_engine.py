@@ -25,17 +25,36 @@ Factory = Callable[..., Runtime]
 async def make_runtime(tmp_path: Path, sim: SimServer) -> AsyncIterator[Factory]:
     opened: list[Runtime] = []
 
-    def make(credentials: list[dict[str, Any]] | None = None, *, journal_url: str | None = None,
-             makini: dict[str, Any] | None = None, schedule: dict[str, Any] | None = None,
-             backends: list[dict[str, Any]] | None = None, env: str = "prod") -> Runtime:
+    def make(
+        credentials: list[dict[str, Any]] | None = None,
+        *,
+        journal_url: str | None = None,
+        makini: dict[str, Any] | None = None,
+        schedule: dict[str, Any] | None = None,
+        backends: list[dict[str, Any]] | None = None,
+        env: str = "prod",
+    ) -> Runtime:
         creds = credentials or [{"name": "a", "connection_id": "conn-a"}]
-        envs = {env: environment(sim.url, f"test-{env}", creds, sealing_env=f"SEAL_{env}",
-                                 makini=makini, schedule=schedule,
-                                 backends=backends or [
-                                     {"type": "memory", "name": "one", "namespace": str(tmp_path)},
-                                     {"type": "file", "name": "two", "path": "files",
-                                      "key": {"file": "file.key", "generate": True}},
-                                 ])}
+        envs = {
+            env: environment(
+                sim.url,
+                f"test-{env}",
+                creds,
+                sealing_env=f"SEAL_{env}",
+                makini=makini,
+                schedule=schedule,
+                backends=backends
+                or [
+                    {"type": "memory", "name": "one", "namespace": str(tmp_path)},
+                    {
+                        "type": "file",
+                        "name": "two",
+                        "path": "files",
+                        "key": {"file": "file.key", "generate": True},
+                    },
+                ],
+            )
+        }
         url = journal_url or f"sqlite:///{tmp_path / 'journal.db'}"
         runtime = Runtime.open(make_config(tmp_path, url, envs))
         opened.append(runtime)
@@ -94,8 +113,10 @@ async def test_grace_period_keeps_previous_readable_then_retires(
     make_runtime: Factory, sim: SimServer
 ) -> None:
     sim.set(issue_invalidates_previous=False)
-    runtime = make_runtime(makini={"issue_invalidates_previous": False},
-                           schedule={"interval": "1h", "grace_period": "300ms"})
+    runtime = make_runtime(
+        makini={"issue_invalidates_previous": False},
+        schedule={"interval": "1h", "grace_period": "300ms"},
+    )
     await runtime.engine.rotate("prod", "a", reason="t", actor="t")
     [first, _] = current(runtime)
     result = await runtime.engine.rotate("prod", "a", reason="t", actor="t")
@@ -129,12 +150,17 @@ class Crash(BaseException):
 @pytest.mark.parametrize("invalidates", [True, False], ids=["issue-invalidates", "issue-keeps"])
 @pytest.mark.parametrize("step", [Step.ISSUED, Step.STAGED, Step.VERIFIED, Step.PROMOTED])
 async def test_crash_after_each_step_resumes_without_losing_a_token(
-    make_runtime: Factory, sim: SimServer, monkeypatch: pytest.MonkeyPatch,
-    step: str, invalidates: bool,
+    make_runtime: Factory,
+    sim: SimServer,
+    monkeypatch: pytest.MonkeyPatch,
+    step: str,
+    invalidates: bool,
 ) -> None:
     sim.set(issue_invalidates_previous=invalidates)
-    runtime = make_runtime(makini={"issue_invalidates_previous": invalidates},
-                           schedule={"interval": "1h", "grace_period": "0s"})
+    runtime = make_runtime(
+        makini={"issue_invalidates_previous": invalidates},
+        schedule={"interval": "1h", "grace_period": "0s"},
+    )
     await runtime.engine.rotate("prod", "a", reason="t", actor="t")
     [first, _] = current(runtime)
     assert first is not None
@@ -149,8 +175,10 @@ async def test_crash_after_each_step_resumes_without_losing_a_token(
     monkeypatch.undo()
     # the crashed worker's lease would expire; a new worker in a new process resumes
     runtime.journal.release("prod/a", runtime.engine.owner)
-    survivor = make_runtime(makini={"issue_invalidates_previous": invalidates},
-                            schedule={"interval": "1h", "grace_period": "0s"})
+    survivor = make_runtime(
+        makini={"issue_invalidates_previous": invalidates},
+        schedule={"interval": "1h", "grace_period": "0s"},
+    )
     result = await survivor.engine.rotate("prod", "a", reason="t", actor="t", start_new=False)
     assert result.step == Step.DONE, result
     versions = current(survivor)
@@ -184,8 +212,9 @@ async def test_rejected_new_token_rolls_back(
     result = await runtime.engine.rotate("prod", "a", reason="t", actor="t")
     assert result.outcome == "rolled_back"
     after = current(runtime)
-    assert before is not None and all(v is not None and v.version_id == before.version_id
-                                      for v in after)
+    assert before is not None and all(
+        v is not None and v.version_id == before.version_id for v in after
+    )
     for backend in runtime.environments["prod"].backends:
         assert backend.read("a", Stage.PENDING) is None
     state = runtime.journal.state("prod", "a")
@@ -218,8 +247,9 @@ class Flaky(MemoryBackend):
 
     def stage_pending(self, version: StoredVersion) -> None:
         if self.broken:
-            raise BackendUnavailable("cannot reach the store", backend=self.name,
-                                     location=self.location)
+            raise BackendUnavailable(
+                "cannot reach the store", backend=self.name, location=self.location
+            )
         super().stage_pending(version)
 
 
@@ -235,8 +265,10 @@ async def test_a_backend_down_never_promotes_a_partial_version(
     result = await runtime.engine.rotate("prod", "a", reason="t", actor="t")
     assert result.outcome == "deferred" and result.step == Step.ISSUED
     assert result.error and "cannot reach the store" in result.error
-    assert all(v is not None and before is not None and v.version_id == before.version_id
-               for v in current(runtime))
+    assert all(
+        v is not None and before is not None and v.version_id == before.version_id
+        for v in current(runtime)
+    )
     flaky.broken = False
     resumed = await runtime.engine.rotate("prod", "a", reason="t", actor="t", start_new=False)
     assert resumed.step == Step.DONE
@@ -263,8 +295,12 @@ async def test_refresh_method_needs_a_bootstrap_then_refreshes(
 ) -> None:
     runtime = make_runtime([{"name": "r", "connection_id": "conn-r", "method": "refresh"}])
     first = await runtime.engine.rotate("prod", "r", reason="t", actor="t")
-    assert first.outcome == "failed" and first.error and "rotator import" in (first.error or "") \
+    assert (
+        (first.outcome == "failed"
+        and first.error
+        and "rotator import" in (first.error or ""))
         or first.outcome == "failed"
+    )
     rt = runtime.environments["prod"]
     code = sim.link_code("conn-r", client_id="test-prod")
     issued = await rt.makini.exchange_code(code, "http://localhost/cb")
@@ -287,7 +323,6 @@ async def test_environments_stay_apart_at_makini(make_runtime: Factory, sim: Sim
 
 async def test_journal_on_postgresql(make_runtime: Factory, pg_url: str, sim: SimServer) -> None:
     runtime = make_runtime(journal_url=pg_url)
-    results = await runtime.engine.rotate_many(
-        [("prod", "a", True, "t")], actor="t")
+    results = await runtime.engine.rotate_many([("prod", "a", True, "t")], actor="t")
     assert results[0].outcome == "rotated"
     assert runtime.journal.state("prod", "a") is not None

@@ -16,9 +16,20 @@ from rotator.model import utcnow
 
 def _rotation(env: str = "prod", cred: str = "a") -> Rotation:
     now = utcnow()
-    return Rotation(id=str(uuid.uuid4()), environment=env, credential=cred, kind="rotate",
-                    step=Step.STARTED, version_id=str(uuid.uuid4()), started_at=now,
-                    updated_at=now, attempts=0, notes="[]", reason="t", actor="t")
+    return Rotation(
+        id=str(uuid.uuid4()),
+        environment=env,
+        credential=cred,
+        kind="rotate",
+        step=Step.STARTED,
+        version_id=str(uuid.uuid4()),
+        started_at=now,
+        updated_at=now,
+        attempts=0,
+        notes="[]",
+        reason="t",
+        actor="t",
+    )
 
 
 def test_lease_is_exclusive_and_expires(journal_url: str) -> None:
@@ -59,10 +70,15 @@ def test_steps_state_and_audit_commit_together(journal_url: str) -> None:
     rot = journal.add_rotation(_rotation())
     assert journal.open_rotation("prod", "a") is not None
     journal.commit_step(
-        rot.id, {"step": Step.PROMOTED, "sealed": None},
+        rot.id,
+        {"step": Step.PROMOTED, "sealed": None},
         state={"current_version_id": rot.version_id, "rotated_at": utcnow()},
-        audit={"actor": "t", "action": "rotation.promoted", "outcome": "success",
-               "request_ids": ["r1", None]},
+        audit={
+            "actor": "t",
+            "action": "rotation.promoted",
+            "outcome": "success",
+            "request_ids": ["r1", None],
+        },
     )
     state = journal.state("prod", "a")
     assert state is not None and state.current_version_id == rot.version_id

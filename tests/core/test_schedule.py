@@ -19,8 +19,9 @@ def _config(tmp_path: Path, url: str, schedule: dict, cred_schedule: dict | None
     cred = {"name": "a", "connection_id": "c-a"}
     if cred_schedule:
         cred["schedule"] = cred_schedule
-    env = environment("http://127.0.0.1:1", "sched", [cred], sealing_env="SCHED_SEAL",
-                      schedule=schedule)
+    env = environment(
+        "http://127.0.0.1:1", "sched", [cred], sealing_env="SCHED_SEAL", schedule=schedule
+    )
     return make_config(tmp_path, url, {"prod": env})
 
 
@@ -56,10 +57,14 @@ def test_jitter_is_stable_and_bounded(tmp_path: Path) -> None:
 
 
 def test_expiry_overrides_schedule_and_window(tmp_path: Path) -> None:
-    sched = {"interval": "30d", "window": {"start": "02:00", "end": "03:00"},
-             "rotate_before_expiry": "7d"}
-    item = _item(tmp_path, sched, rotated_at=NOW - timedelta(hours=1),
-                 expires_at=NOW + timedelta(days=3))
+    sched = {
+        "interval": "30d",
+        "window": {"start": "02:00", "end": "03:00"},
+        "rotate_before_expiry": "7d",
+    }
+    item = _item(
+        tmp_path, sched, rotated_at=NOW - timedelta(hours=1), expires_at=NOW + timedelta(days=3)
+    )
     assert item.action == ROTATE and item.urgent and "expires in 3d" in item.reason
 
 
@@ -84,8 +89,13 @@ def test_cron(tmp_path: Path) -> None:
 
 
 def test_failure_backs_off(tmp_path: Path) -> None:
-    item = _item(tmp_path, {"interval": "1d"}, rotated_at=NOW - timedelta(days=2),
-                 last_outcome="error", last_attempt_at=NOW - timedelta(minutes=1))
+    item = _item(
+        tmp_path,
+        {"interval": "1d"},
+        rotated_at=NOW - timedelta(days=2),
+        last_outcome="error",
+        last_attempt_at=NOW - timedelta(minutes=1),
+    )
     assert item.action == WAIT and item.due_at == NOW + timedelta(minutes=9)
 
 
@@ -95,10 +105,21 @@ def test_open_rotations_resume_and_retire(tmp_path: Path, step: str, action: str
     config = _config(tmp_path, url, {"interval": "1d"})
     journal = Journal(url)
     journal.set_state("prod", "a", current_version_id="v1", rotated_at=NOW)
-    journal.add_rotation(Rotation(
-        id=str(uuid.uuid4()), environment="prod", credential="a", kind="rotate", step=step,
-        version_id="v2", started_at=NOW, updated_at=NOW, attempts=1, notes="[]",
-        retire_after=NOW - timedelta(seconds=1)))
+    journal.add_rotation(
+        Rotation(
+            id=str(uuid.uuid4()),
+            environment="prod",
+            credential="a",
+            kind="rotate",
+            step=step,
+            version_id="v2",
+            started_at=NOW,
+            updated_at=NOW,
+            attempts=1,
+            notes="[]",
+            retire_after=NOW - timedelta(seconds=1),
+        )
+    )
     [item] = plan(config, journal, NOW)
     assert item.action == action
     journal.close()

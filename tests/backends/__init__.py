@@ -1,0 +1,1 @@
+"""Backend tests: the shared contract suite (``contract.py``) and one module per backend."""

@@ -1,0 +1,231 @@
+"""End to end: the ``rotator`` command as a subprocess against the simulator over a socket,
+with the file backend. Crash tests SIGKILL the process right after each journaled step."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rotator.crypto import generate_key
+from rotator.makini import SimServer
+from rotator.model import fingerprint
+
+pytestmark = pytest.mark.e2e
+
+CONFIG = """
+[journal]
+url = "sqlite:///journal.db"
+lock_ttl = "1s"
+
+[environments.prod]
+sealing_key = {{ env = "E2E_PROD_SEAL" }}
+[environments.prod.makini]
+base_url = "{url}"
+client_id = "test-prod"
+client_secret_env = "E2E_PROD_SECRET"
+retry = {{ max_attempts = 2, base_delay_s = 0.01, max_delay_s = 0.05, total_timeout_s = 2 }}
+{makini_extra}
+[environments.prod.schedule]
+interval = "1h"
+grace_period = "0s"
+[[environments.prod.backends]]
+type = "file"
+path = "files/prod"
+key = {{ file = "keys/prod-file.key", generate = true }}
+[[environments.prod.credentials]]
+name = "a"
+connection_id = "conn-e2e-a"
+[[environments.prod.credentials]]
+name = "b"
+connection_id = "conn-e2e-b"
+
+[environments.dev]
+sealing_key = {{ env = "E2E_DEV_SEAL" }}
+[environments.dev.makini]
+base_url = "{url}"
+client_id = "test-dev"
+client_secret_env = "E2E_DEV_SECRET"
+[[environments.dev.backends]]
+type = "file"
+path = "files/dev"
+key = {{ file = "keys/dev-file.key", generate = true }}
+[[environments.dev.credentials]]
+name = "a"
+connection_id = "conn-e2e-dev-a"
+"""
+
+
+class Rotator:
+    def __init__(self, tmp_path: Path, sim: SimServer, makini_extra: str = "") -> None:
+        self.dir = tmp_path
+        self.config = tmp_path / "rotator.toml"
+        self.config.write_text(CONFIG.format(url=sim.url, makini_extra=makini_extra))
+        self.env = {
+            **os.environ,
+            "E2E_PROD_SEAL": generate_key(),
+            "E2E_DEV_SEAL": generate_key(),
+            "E2E_PROD_SECRET": "test-prod-secret",
+            "E2E_DEV_SECRET": "test-dev-secret",
+            "ROTATOR_CONFIG": str(self.config),
+            "COLUMNS": "200",
+        }
+        self.env.pop("ROTATOR_FAULT_KILL_AFTER", None)
+        self.outputs: list[str] = []
+
+    def __call__(
+        self, *args: str, env: dict[str, str] | None = None, stdin: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "rotator", *args],
+            env={**self.env, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            input=stdin,
+            cwd=self.dir,
+        )
+        if args[0] != "get":
+            self.outputs.append(proc.stdout + proc.stderr)
+        return proc
+
+    def token(self, env: str, name: str) -> str:
+        proc = self("get", env, name)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.strip()
+
+    def status(self) -> list[dict[str, Any]]:
+        proc = self("status", "--json")
+        rows: list[dict[str, Any]] = json.loads(proc.stdout)
+        return rows
+
+
+def active(sim: SimServer, connection: str) -> set[str]:
+    return {t["fingerprint"] for t in sim.tokens(connection, kind="access", status="active")}
+
+
+def test_rotate_get_status_and_audit(tmp_path: Path, sim: SimServer) -> None:
+    rotator = Rotator(tmp_path, sim)
+    proc = rotator("rotate", "prod", "a", "b", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert {r["outcome"] for r in json.loads(proc.stdout)} == {"rotated"}
+    token = rotator.token("prod", "a")
+    view = sim.token(fingerprint(token))
+    assert view is not None
+    assert view["status"] == "active" and view["connection_id"] == "conn-e2e-a"
+    rows = {(r["environment"], r["credential"]): r for r in rotator.status()}
+    assert rows[("prod", "a")]["backends_agree"] and rows[("prod", "a")]["current_version"]
+    assert rows[("dev", "a")]["current_version"] is None
+    audit = json.loads(rotator("audit", "--json").stdout)
+    assert {e["action"] for e in audit} == {"rotation.promoted"}
+    # the token never shows up anywhere but `get`, and the files hold it encrypted
+    for text in rotator.outputs:
+        assert token not in text
+    for path in (tmp_path / "files").rglob("*"):
+        if path.is_file():
+            assert token.encode() not in path.read_bytes()
+    assert token.encode() not in (tmp_path / "journal.db").read_bytes()
+
+
+@pytest.mark.parametrize("invalidates", [True, False], ids=["issue-invalidates", "issue-keeps"])
+@pytest.mark.parametrize("step", ["issued", "staged", "verified", "promoted"])
+def test_sigkill_after_each_step_then_run_due_completes(
+    tmp_path: Path, sim: SimServer, step: str, invalidates: bool
+) -> None:
+    sim.set(issue_invalidates_previous=invalidates)
+    rotator = Rotator(
+        tmp_path, sim, f"issue_invalidates_previous = {'true' if invalidates else 'false'}"
+    )
+    assert rotator("rotate", "prod", "a").returncode == 0
+    first = rotator.token("prod", "a")
+
+    killed = rotator("rotate", "prod", "a", env={"ROTATOR_FAULT_KILL_AFTER": f"{step}:a"})
+    assert killed.returncode == -signal.SIGKILL
+    time.sleep(1.1)  # the dead worker's lease (lock_ttl = 1s) expires
+
+    plan = json.loads(rotator("plan", "--json").stdout)
+    item = next(i for i in plan if i["environment"] == "prod" and i["credential"] == "a")
+    assert item["action"] in ("resume", "retire")
+
+    done = rotator("run-due", "--env", "prod", "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    token = rotator.token("prod", "a")
+    assert token != first
+    view = sim.token(fingerprint(token))
+    assert view is not None
+    assert view["status"] == "active" and view["connection_id"] == "conn-e2e-a"
+    # nothing lost or orphaned: Makini's live tokens are the stored one, plus (where Makini
+    # keeps old tokens alive) the old one, which the audit log reports as still valid
+    expected = {fingerprint(token)}
+    if not invalidates:
+        expected.add(fingerprint(first))
+        retired = json.loads(rotator("audit", "--action", "rotation.retired", "--json").stdout)
+        assert retired[0]["fingerprint"] == fingerprint(first)
+    assert active(sim, "conn-e2e-a") == expected
+    row = next(r for r in rotator.status() if r["environment"] == "prod" and r["credential"] == "a")
+    assert row["open_step"] is None and row["backends_agree"]
+    for text in rotator.outputs:
+        assert token not in text and first not in text
+
+
+def test_user_errors_are_one_clear_message(tmp_path: Path, sim: SimServer) -> None:
+    rotator = Rotator(tmp_path, sim)
+    cases = [
+        (("rotate", "staging", "a"), "no environment named 'staging'"),
+        (("rotate", "prod", "zzz"), "has no credential 'zzz'"),
+        (("get", "prod", "a"), "has no current token"),
+        (("--config", str(tmp_path / "missing.toml"), "status"), "does not exist"),
+    ]
+    for args, expected in cases:
+        proc = rotator(*args)
+        assert proc.returncode != 0
+        assert expected in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text(rotator.config.read_text().replace('connection_id = "conn-e2e-b"', ""))
+    proc = rotator("config", "check", str(bad))
+    assert proc.returncode == 2 and "environments.prod.credentials[1].connection_id" in proc.stderr
+    proc = rotator("rotate", "prod", "a", env={"E2E_PROD_SECRET": ""})
+    assert proc.returncode != 0 and "E2E_PROD_SECRET is not set" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_wrong_key_on_the_file_backend_is_clear_and_loses_nothing(
+    tmp_path: Path, sim: SimServer
+) -> None:
+    rotator = Rotator(tmp_path, sim)
+    assert rotator("rotate", "prod", "a").returncode == 0
+    token = rotator.token("prod", "a")
+    key = tmp_path / "keys" / "prod-file.key"
+    original = key.read_text()
+    key.write_text(generate_key() + "\n")
+    proc = rotator("get", "prod", "a")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "key" in proc.stderr
+    proc = rotator("rotate", "prod", "a")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    key.write_text(original)
+    # the failed rotation left the stored token intact and the rotation resumable
+    assert rotator("run-due", "--env", "prod").returncode == 0
+    assert sim.token(fingerprint(rotator.token("prod", "a")))["status"] == "active"  # type: ignore[index]
+    assert token  # the old one was the only thing at stake; it was never half-written
+
+
+def test_makini_down_is_clear(tmp_path: Path, sim: SimServer) -> None:
+    rotator = Rotator(tmp_path, sim)
+    sim.set(outage_s=30)
+    proc = rotator("rotate", "prod", "a")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert (
+        "503" in proc.stdout + proc.stderr or "unavailable" in (proc.stdout + proc.stderr).lower()
+    )
+    sim.set(outage_until=None, garbage=True)
+    proc = rotator("rotate", "prod", "a")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
