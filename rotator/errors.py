@@ -17,7 +17,7 @@ vendor exception. No message ever contains a token: messages name things by fing
     │   │   ├── Forbidden            403
     │   │   ├── WrongConnection      a token that works but for another connection
     │   │   └── BadRequest           400, 404, 409, 422
-    │   ├── MakiniTransient          worth retrying with backoff
+    │   ├── MakiniTransient          worth retrying with backoff (``retry_after_s``)
     │   │   ├── RateLimited          429 (``retry_after_s``)
     │   │   ├── ServerError          5xx
     │   │   ├── MakiniTimeout
@@ -33,6 +33,8 @@ vendor exception. No message ever contains a token: messages name things by fing
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class RotatorError(Exception):
@@ -86,7 +88,11 @@ class RotationError(RotatorError):
 
 
 class MakiniError(RotatorError):
-    """An error talking to Makini. ``code`` and ``request_id`` come from Makini's answer."""
+    """An error talking to Makini. ``code`` and ``request_id`` come from Makini's answer.
+
+    ``ambiguous`` is true when a request that creates a token (issue, refresh, code exchange)
+    failed after Makini may have processed it: a token may have been issued and not received.
+    """
 
     def __init__(
         self,
@@ -97,11 +103,13 @@ class MakiniError(RotatorError):
         request_id: str | None = None,
         where: str | None = None,
         hint: str | None = None,
+        ambiguous: bool = False,
     ):
         super().__init__(message, where=where, hint=hint)
         self.status = status
         self.code = code
         self.request_id = request_id
+        self.ambiguous = ambiguous
 
     def describe(self) -> str:
         text = super().describe()
@@ -112,6 +120,8 @@ class MakiniError(RotatorError):
             extra.append(f"code {self.code}")
         if self.request_id:
             extra.append(f"request id {self.request_id}")
+        if self.ambiguous:
+            extra.append("a token may have been issued and not received")
         return f"{text}\nmakini: {', '.join(extra)}" if extra else text
 
 
@@ -136,13 +146,15 @@ class BadRequest(MakiniRejected):
 
 
 class MakiniTransient(MakiniError):
-    pass
+    """Worth retrying. ``retry_after_s`` is Makini's ``Retry-After`` when it sent one (429, 503)."""
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None, **kw: Any):
+        super().__init__(message, **kw)
+        self.retry_after_s = retry_after_s
 
 
 class RateLimited(MakiniTransient):
-    def __init__(self, message: str, *, retry_after_s: float | None = None, **kw: object):
-        super().__init__(message, **kw)  # type: ignore[arg-type]
-        self.retry_after_s = retry_after_s
+    pass
 
 
 class ServerError(MakiniTransient):

@@ -1,0 +1,30 @@
+# Vault / OpenBao policy "makini-rotator-dev": the dev rotator's whole reach, and nothing of any
+# other environment. KV v2 mounted at secret/; every path stays under makini/dev/.
+#
+#   bao policy write makini-rotator-dev infra/policies/vault/dev.hcl
+#   bao write auth/kubernetes/role/makini-rotator-dev \
+#       bound_service_account_names=makini-rotator-dev \
+#       bound_service_account_namespaces=makini-rotator-dev \
+#       audience=vault token_policies=makini-rotator-dev token_ttl=15m token_max_ttl=1h
+#
+# (The pod logs in with the projected token at /var/run/secrets/vault/token, audience "vault".)
+
+# Versions: write new ones (check-and-set), read current and previous, soft-delete the latest.
+path "secret/data/makini/dev/*" {
+  capabilities = ["create", "read", "update", "delete"]
+}
+
+# Metadata: list the environment's credentials and versions, set stage labels and
+# cas_required (custom_metadata), delete a credential with all its versions.
+path "secret/metadata/makini/dev/*" {
+  capabilities = ["read", "list", "update", "delete"]
+}
+
+# Retire and purge: make a version unreadable for good (destroy), or soft-delete given versions.
+path "secret/destroy/makini/dev/*" {
+  capabilities = ["update"]
+}
+
+path "secret/delete/makini/dev/*" {
+  capabilities = ["update"]
+}
