@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -101,7 +102,11 @@ class KeyRing:
                     where=where,
                     hint=f"export {source.env}=$(rotator keygen)",
                 )
-            return cls([_decode_key(part, where) for part in text.split(",") if part.strip()])
+            keys = [_decode_key(part, where) for part in text.split(",") if part.strip()]
+            if not keys:
+                raise ConfigError(f"the environment variable {source.env} holds no key",
+                                  where=where, hint=f"export {source.env}=$(rotator keygen)")
+            return cls(keys)
         assert source.file is not None
         path = source.file
         if not path.exists():
@@ -117,7 +122,11 @@ class KeyRing:
             text = path.read_text()
         except OSError as exc:
             raise ConfigError(f"cannot read the key file: {exc.strerror}", where=where) from exc
-        return cls([_decode_key(line, where) for line in text.splitlines() if line.strip()])
+        keys = [_decode_key(line, where) for line in text.splitlines() if line.strip()]
+        if not keys:
+            raise ConfigError("the key file is empty", where=where,
+                              hint="put a key in it: rotator keygen > FILE")
+        return cls(keys)
 
     def seal(self, plaintext: bytes, aad: str) -> bytes:
         nonce = os.urandom(_NONCE)
@@ -146,12 +155,17 @@ class KeyRing:
 
 
 def _create_key_file(path: Path) -> None:
+    """Create a key file atomically: another process sees no file or a whole key, never an
+    empty one (write a private temp file, then hard-link it into place if still absent)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return  # another process created it first: use theirs
-    with os.fdopen(fd, "w") as fh:
-        fh.write(generate_key() + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+        with os.fdopen(fd, "w") as fh:
+            fh.write(generate_key() + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        with contextlib.suppress(FileExistsError):  # another process won: use theirs
+            os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

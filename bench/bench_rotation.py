@@ -1,0 +1,170 @@
+"""Rotating 1,000 credentials of one environment with ``rotator run-due``.
+
+The simulator runs in its own process with 20 ms of latency per call; ``rotator run-due`` runs
+as a subprocess on the file backend and a SQLite journal, exactly as a CronJob would. Printed:
+wall time and peak memory of each run, and the same run's lower bound: the Makini calls alone
+(admin auth, issue, verify per credential) made with the same concurrency by the same client.
+
+    .venv/bin/python bench/bench_rotation.py [--credentials 1000] [--latency-ms 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from rotator import logs
+from rotator.crypto import generate_key
+from rotator.makini import MakiniClient
+from rotator.settings import MakiniSettings
+
+CLIENT, SECRET = "bench-prod", "bench-prod-secret"
+
+
+def write_config(folder: Path, url: str, count: int, concurrency: int) -> Path:
+    lines = [
+        "[journal]",
+        'url = "sqlite:///journal.db"',
+        "[scheduler]",
+        f"concurrency = {concurrency}",
+        "[environments.prod]",
+        'sealing_key = { env = "BENCH_SEAL" }',
+        "[environments.prod.makini]",
+        f'base_url = "{url}"',
+        f'client_id = "{CLIENT}"',
+        'client_secret_env = "BENCH_SECRET"',
+        "issue_invalidates_previous = true",
+        f"max_concurrency = {concurrency}",
+        "[environments.prod.schedule]",
+        'interval = "1s"',
+        'grace_period = "0s"',
+        "[[environments.prod.backends]]",
+        'type = "file"',
+        'path = "files"',
+        'key = { file = "file.key", generate = true }',
+    ]
+    for i in range(count):
+        lines += [
+            "[[environments.prod.credentials]]",
+            f'name = "c{i:05d}"',
+            f'connection_id = "bench-{i:05d}"',
+        ]
+    path = folder / "rotator.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_due(config: Path, env: dict[str, str]) -> tuple[float, float, int]:
+    """Wall seconds, peak RSS in MB, exit code of one `rotator run-due`."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rotator", "--config", str(config), "run-due", "--json"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        cwd=config.parent,
+    )
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0 and proc.stderr is not None:
+        sys.stderr.write(proc.stderr.read().decode()[-2000:])
+    return elapsed, usage.ru_maxrss / 1024, proc.returncode
+
+
+async def lower_bound(url: str, count: int, concurrency: int, offset: int) -> float:
+    """The Makini calls alone, same client, same concurrency: issue + verify per credential."""
+    settings = MakiniSettings(
+        base_url=url,
+        client_id=CLIENT,
+        client_secret_env="BENCH_SECRET",
+        max_concurrency=concurrency,
+    )
+    gate = asyncio.Semaphore(concurrency)
+    async with MakiniClient(settings, SECRET, environment="prod") as client:
+        start = time.perf_counter()
+
+        async def one(i: int) -> None:
+            async with gate:
+                conn = f"bound-{offset}-{i:05d}"
+                issued = await client.issue_token(conn)
+                await client.verify(issued.tokens.access, conn)
+
+        await asyncio.gather(*(one(i) for i in range(count)))
+        return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--credentials", type=int, default=1000)
+    parser.add_argument("--latency-ms", type=float, default=20.0)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--port", type=int, default=18765)
+    args = parser.parse_args()
+    logs.configure("warning")
+
+    with tempfile.TemporaryDirectory(prefix="bench-rotation-") as tmp:
+        folder = Path(tmp)
+        sim = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "rotator",
+                "makini-sim",
+                "--port",
+                str(args.port),
+                "--latency-ms",
+                str(args.latency_ms),
+                "--client",
+                f"{CLIENT}:{SECRET}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        url = f"http://127.0.0.1:{args.port}"
+        try:
+            for _ in range(100):
+                try:
+                    httpx.get(f"{url}/_sim/options", timeout=0.5)
+                    break
+                except httpx.HTTPError:
+                    time.sleep(0.1)
+            config = write_config(folder, url, args.credentials, args.concurrency)
+            env = {
+                **os.environ,
+                "BENCH_SEAL": generate_key(),
+                "BENCH_SECRET": SECRET,
+                "ROTATOR_LOG_LEVEL": "warning",
+            }
+            os.environ["BENCH_SECRET"] = SECRET
+            print(
+                f"{args.credentials} credentials, simulator latency {args.latency_ms:.0f} ms "
+                f"per call, concurrency {args.concurrency}, file backend, SQLite journal"
+            )
+            bound1 = asyncio.run(lower_bound(url, args.credentials, args.concurrency, 1))
+            first = run_due(config, env)
+            time.sleep(1.2)  # interval 1s: every credential is due again
+            bound2 = asyncio.run(lower_bound(url, args.credentials, args.concurrency, 2))
+            second = run_due(config, env)
+            for label, (secs, mb, code), bound in (
+                ("first tokens (issue, seal, stage, verify, promote)", first, bound1),
+                ("rotation (the above + retire the old version)", second, bound2),
+            ):
+                print(f"  {label}:")
+                print(f"    run-due {secs:6.2f} s   peak RSS {mb:6.1f} MB   exit {code}")
+                print(f"    Makini calls alone {bound:6.2f} s   ratio {secs / bound:4.2f}x")
+        finally:
+            sim.terminate()
+            sim.wait(timeout=10)
+
+
+if __name__ == "__main__":
+    main()
