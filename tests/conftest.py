@@ -16,6 +16,8 @@ from rotator.crypto import generate_key
 from rotator.journal import Journal
 from rotator.settings import Config, parse_config
 
+pytest_plugins = ["tests.servers.plugin"]
+
 PG_ADMIN_URL = os.environ.get("ROTATOR_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
 
