@@ -379,6 +379,9 @@ class AwsBackend(Backend):
                     read_timeout=self._cfg.timeout_s,
                     retries={"total_max_attempts": self._cfg.max_attempts, "mode": "standard"},
                     user_agent_extra="makini-rotator",
+                    # the engine calls a backend from up to `scheduler.concurrency` threads;
+                    # botocore's default pool of 10 would reconnect for the rest
+                    max_pool_connections=64,
                 )
                 with self._target.calling(map_aws_error, self.location):
                     session = self._session or boto3.session.Session(

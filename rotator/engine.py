@@ -105,7 +105,7 @@ class RotationResult:
 
     @property
     def ok(self) -> bool:
-        return self.outcome in ("rotated", "retired", "waiting", "nothing", "busy")
+        return self.outcome in ("rotated", "retired", "waiting", "nothing", "busy", "revoked")
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -136,6 +136,9 @@ class _Drive:
     cred: CredentialSettings
     lock: str
     request_ids: list[str | None] = field(default_factory=list)
+    renewed_at: float = 0.0
+    fresh: bool = False
+    """The rotation was started by this drive (its first attempt is recorded already)."""
 
 
 class RotationEngine:
@@ -155,6 +158,10 @@ class RotationEngine:
             max_workers=max(4, concurrency), thread_name_prefix="rotator-io"
         )
         self.listeners: list[PromotionListener] = []
+        self.revoke_listeners: list[Callable[[str, str, str], None]] = []
+        """Called with (environment, credential, version id) right after an emergency revoke
+        made a version unreadable in the backends (readers' caches drop it)."""
+        self.result_listeners: list[Callable[[RotationResult], None]] = []
         self.active = 0
         """Drives in progress (``serve`` waits for them before it exits)."""
 
@@ -201,6 +208,8 @@ class RotationEngine:
         finally:
             self.active -= 1
         result.duration_s = asyncio.get_running_loop().time() - started
+        for listener in self.result_listeners:
+            listener(result)
         return result
 
     async def rotate_many(
@@ -232,8 +241,12 @@ class RotationEngine:
         env, name = d.rt.name, d.cred.name
         if not await self._io(self.journal.acquire, d.lock, self.owner):
             return RotationResult(env, name, "busy", error="another worker holds this credential")
+        d.renewed_at = asyncio.get_running_loop().time()
         rot: Rotation | None = None
         try:
+            revoke = await self._io(self.journal.open_revoke, env, name)
+            if revoke is not None:  # an unfinished emergency revoke comes first
+                return await self._resume_revoke(env, name, revoke)
             rot = await self._io(self.journal.open_rotation, env, name)
             if rot is not None and rot.step == Step.PROMOTED and start_new:
                 rot = await self._retire(d, rot, early=True)
@@ -242,11 +255,12 @@ class RotationEngine:
                 if not start_new:
                     return RotationResult(env, name, "nothing")
                 rot = await self._begin(d, reason, actor)
+                d.fresh = True
             return await self._advance(d, rot)
         except RotatorError as exc:
             if rot is not None:
                 rot = await self._io(self.journal.rotation, rot.id) or rot
-                await self._io(self._record_failure, rot, exc)
+                await self._io(self._record_failure, rot, exc, await self._old_is_dead(d, rot))
             log.warning(
                 "rotation.stopped",
                 environment=env,
@@ -266,14 +280,37 @@ class RotationEngine:
         finally:
             await self._io(self.journal.release, d.lock, self.owner)
 
-    def _record_failure(self, rot: Rotation, exc: RotatorError) -> None:
-        self.journal.set_state(
-            rot.environment,
-            rot.credential,
-            last_attempt_at=utcnow(),
-            last_outcome="error",
-            last_error=exc.message,
-        )
+    async def _resume_revoke(self, env: str, name: str, row: Rotation) -> RotationResult:
+        """Finish an unfinished revoke (this drive holds the lease) instead of rotating."""
+        from rotator.revoke import resume_held
+
+        return await resume_held(self, env, name, row)
+
+    async def _old_is_dead(self, d: _Drive, rot: Rotation) -> bool | None:
+        """For a rotation stopped after issue: did Makini kill the old token? (None: unknown)"""
+        if rot.invalidated_old is not None or rot.step not in (Step.ISSUED, Step.STAGED):
+            return rot.invalidated_old
+        try:
+            return await self._probe_old(d, rot)
+        except RotatorError:
+            return None
+
+    def _record_failure(self, rot: Rotation, exc: RotatorError, old_dead: bool | None) -> None:
+        values: dict[str, Any] = {
+            "last_attempt_at": utcnow(),
+            "last_outcome": "error",
+            "last_error": exc.message,
+        }
+        if old_dead and rot.step in (Step.ISSUED, Step.STAGED, Step.VERIFIED):
+            # Makini killed the old token when it issued the new one: until this rotation is
+            # promoted, readers get a token Makini rejects. Say so, with the cause.
+            values["attention"] = (
+                f"Makini invalidated the old token when it issued the new one, and the rotation "
+                f"stopped at {rot.step}: the backends serve a dead token until it completes "
+                f"(cause: {exc.message}); the new token is sealed in the journal, `rotator "
+                f"run-due` resumes it once the cause is fixed"
+            )
+        self.journal.set_state(rot.environment, rot.credential, **values)
 
     async def _advance(self, d: _Drive, rot: Rotation) -> RotationResult:
         steps: dict[str, Callable[[_Drive, Rotation], Awaitable[Rotation]]] = {
@@ -329,7 +366,7 @@ class RotationEngine:
             actor=actor[:200],
             started_at=now,
             updated_at=now,
-            attempts=0,
+            attempts=1,  # written before Makini is asked: the first attempt is about to happen
             notes="[]",
         )
         await self._io(self.journal.add_rotation, rot)
@@ -349,14 +386,15 @@ class RotationEngine:
         """Get a new token pair from Makini and seal it into the journal before anything else."""
         if rot.sealed is not None:
             return await self._io(self.journal.commit_step, rot.id, {"step": Step.ISSUED})
-        if rot.attempts > 0:
+        if not d.fresh:
+            # an earlier attempt (counted in ``attempts``) died or failed before sealing
             await self._io(
                 self.journal.add_note,
                 rot.id,
                 f"attempt {rot.attempts} to issue ended without a recorded token; if Makini "
                 "issued one then, it was never received",
             )
-        rot = await self._io(self.journal.update_rotation, rot.id, attempts=rot.attempts + 1)
+            rot = await self._io(self.journal.update_rotation, rot.id, attempts=rot.attempts + 1)
         try:
             issued = await self._ask_makini(d, rot)
         except MakiniRejected as exc:
@@ -684,7 +722,16 @@ class RotationEngine:
         )
 
     async def _fence(self, d: _Drive, rot: Rotation) -> None:
-        if not await self._io(self.journal.renew, d.lock, self.owner):
+        """Stop unless this worker still holds the credential's lease (a revoke may have taken
+        it over). A read; the lease is renewed (a write) only once a third of it is used."""
+        loop = asyncio.get_running_loop()
+        if loop.time() - d.renewed_at < self.journal.lock_ttl.total_seconds() / 3:
+            holder = await self._io(self.journal.lock_holder, d.lock)
+            held = holder is not None and holder.owner == self.owner
+        else:
+            held = await self._io(self.journal.renew, d.lock, self.owner)
+            d.renewed_at = loop.time()
+        if not held:
             raise LockBusy(
                 "this worker lost the credential's lease; another worker took over",
                 where=f"{d.rt.name}/{d.cred.name}",

@@ -211,12 +211,18 @@ async def test_a_backend_down_never_promotes_a_partial_version(
         v is not None and before is not None and v.version_id == before.version_id
         for v in current(runtime)
     )
+    state = runtime.journal.state("prod", "a")
+    # the simulator killed the old token at issue: the stall is an alert, with its cause
+    assert state is not None and state.attention and "dead token" in state.attention
+    assert "cannot reach the store" in state.attention
     flaky.broken = False
     resumed = await runtime.engine.rotate("prod", "a", reason="t", actor="t", start_new=False)
     assert resumed.step == Step.DONE
     versions = current(runtime)
     assert versions[0] is not None and versions[0].version_id == resumed.version_id
     assert active(sim) == {versions[0].tokens.access.fingerprint}
+    cleared = runtime.journal.state("prod", "a")
+    assert cleared is not None and cleared.attention is None
 
 
 async def test_two_workers_never_rotate_one_credential(make_runtime: Factory) -> None:

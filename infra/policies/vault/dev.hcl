@@ -11,13 +11,15 @@
 
 # Versions: write new ones (check-and-set), read current and previous, soft-delete the latest.
 path "secret/data/makini/dev/*" {
-  capabilities = ["create", "read", "update", "delete"]
+  capabilities = ["create", "read", "update"]
 }
 
 # Metadata: list the environment's credentials and versions, set stage labels and
 # cas_required (custom_metadata), delete a credential with all its versions.
+# create: the first version of a credential creates its metadata; patch: each step records
+# its version's stage with a JSON merge-patch of custom_metadata (never a read-modify-write)
 path "secret/metadata/makini/dev/*" {
-  capabilities = ["read", "list", "update", "delete"]
+  capabilities = ["create", "read", "list", "update", "patch", "delete"]
 }
 
 # Retire and purge: make a version unreadable for good (destroy), or soft-delete given versions.
@@ -25,6 +27,3 @@ path "secret/destroy/makini/dev/*" {
   capabilities = ["update"]
 }
 
-path "secret/delete/makini/dev/*" {
-  capabilities = ["update"]
-}
