@@ -28,7 +28,11 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 bench: $(STAMP)
-	$(BIN)/python -m bench
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(BIN)/python bench/bench_rotation.py
+	$(BIN)/python bench/bench_cloud.py
+	$(BIN)/python bench/bench_revoke.py
+	$(BIN)/python bench/bench_api.py
 
 clean:
 	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache

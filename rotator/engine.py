@@ -260,7 +260,9 @@ class RotationEngine:
         except RotatorError as exc:
             if rot is not None:
                 rot = await self._io(self.journal.rotation, rot.id) or rot
-                await self._io(self._record_failure, rot, exc, await self._old_is_dead(d, rot))
+                if not isinstance(exc, LockBusy):  # pre-empted: the new holder owns the state
+                    dead = await self._old_is_dead(d, rot)
+                    await self._io(self._record_failure, rot, exc, dead)
             log.warning(
                 "rotation.stopped",
                 environment=env,
@@ -522,35 +524,14 @@ class RotationEngine:
                 "connection has no working token; the customer must reconnect in Makini"
             )
         message = f"Makini rejected the new token at verify: {exc.message}"
-        log.error(
-            "rotation.rolled_back",
-            environment=d.rt.name,
-            credential=d.cred.name,
-            rotation=rot.id,
-            error=message,
-            attention=attention,
-        )
-        return await self._io(
-            self.journal.commit_step,
-            rot.id,
-            {"step": Step.ROLLED_BACK, "sealed": None, "error": message, "finished_at": utcnow()},
-            state={
-                "last_attempt_at": utcnow(),
-                "last_outcome": "rolled_back",
-                "last_error": message,
-                "attention": attention,
-            },
-            audit={
-                "actor": rot.actor,
-                "action": "rotation.rolled_back",
-                "outcome": "rolled_back",
-                "version_id": rot.version_id,
-                "fingerprint": rot.fingerprint,
-                "request_ids": [*d.request_ids, exc.request_id],
-                "error": message,
-                "new_token_revoked": revoked,
-                "attention": attention,
-            },
+        return await self._stop(
+            d,
+            rot,
+            Step.ROLLED_BACK,
+            message,
+            attention,
+            request_ids=[*d.request_ids, exc.request_id],
+            new_token_revoked=revoked,
         )
 
     async def _current_dead(self, d: _Drive) -> bool:
@@ -578,30 +559,50 @@ class RotationEngine:
             return False
 
     async def _fail(self, d: _Drive, rot: Rotation, message: str, exc: MakiniError) -> Rotation:
+        return await self._stop(d, rot, Step.FAILED, message, message, request_ids=[exc.request_id])
+
+    async def _stop(
+        self,
+        d: _Drive,
+        rot: Rotation,
+        step: str,
+        message: str,
+        attention: str | None,
+        *,
+        request_ids: list[str | None],
+        **detail: Any,
+    ) -> Rotation:
+        """End a rotation that will not complete (rolled back or failed): no sealed token kept,
+        the credential's state and the audit log say why, and whether a person must act."""
         log.error(
-            "rotation.failed",
+            f"rotation.{step}",
             environment=d.rt.name,
             credential=d.cred.name,
             rotation=rot.id,
             error=message,
+            attention=attention,
         )
+        now = utcnow()
         return await self._io(
             self.journal.commit_step,
             rot.id,
-            {"step": Step.FAILED, "sealed": None, "error": message, "finished_at": utcnow()},
+            {"step": step, "sealed": None, "error": message, "finished_at": now},
             state={
-                "last_attempt_at": utcnow(),
-                "last_outcome": "failed",
+                "last_attempt_at": now,
+                "last_outcome": step,
                 "last_error": message,
-                "attention": message,
+                "attention": attention,
             },
             audit={
                 "actor": rot.actor,
-                "action": "rotation.failed",
-                "outcome": "failed",
+                "action": f"rotation.{step}",
+                "outcome": step,
                 "version_id": rot.version_id,
-                "request_ids": [exc.request_id],
+                "fingerprint": rot.fingerprint,
+                "request_ids": request_ids,
                 "error": message,
+                "attention": attention,
+                **detail,
             },
         )
 

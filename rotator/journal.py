@@ -35,7 +35,7 @@ from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from rotator.errors import ConfigError, JournalError
+from rotator.errors import ConfigError, JournalError, LockBusy
 from rotator.model import utcnow
 
 
@@ -174,14 +174,101 @@ class Lock(Base):
 
 def _sqlite_pragmas(synchronous: str) -> Any:
     def apply(dbapi_conn: Any, _record: Any) -> None:
+        # let SQLAlchemy emit BEGIN itself: pysqlite's own transaction handling breaks
+        # SAVEPOINT, which the group commit below relies on
+        dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute(f"PRAGMA synchronous={synchronous.upper()}")
         cur.execute("PRAGMA busy_timeout=30000")
-        cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
 
     return apply
+
+
+def _sqlite_begin(conn: Any) -> None:
+    conn.exec_driver_sql("BEGIN")
+
+
+class _GroupCommit:
+    """Group commit for SQLite, which has one writer and pays an fsync per commit.
+
+    Each writer runs its work in its own SAVEPOINT inside one shared transaction, then waits
+    for a committer thread to commit that transaction; while one commit syncs, the next writers
+    gather into the next. A caller returns only once its work is durable, exactly as with a
+    commit of its own, but concurrent rotation steps share one fsync.
+    """
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self._sessions = sessions
+        self._lock = threading.Lock()  # owns the shared session
+        self._cond = threading.Condition()
+        self._session: Session | None = None
+        self._epoch = 0
+        self._done = -1
+        self._errors: dict[int, BaseException] = {}
+        self._pending = False
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="journal-commit", daemon=True)
+        self._thread.start()
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        with self._lock:
+            if self._session is None:
+                self._session = self._sessions()
+            session = self._session
+            nested = session.begin_nested()
+            try:
+                yield session
+                session.flush()
+            except BaseException:
+                nested.rollback()
+                raise
+            nested.commit()
+            mine = self._epoch
+        with self._cond:
+            self._pending = True
+            self._cond.notify_all()
+            while self._done < mine:
+                self._cond.wait()
+            error = self._errors.get(mine)
+        if error is not None:
+            raise error
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if self._closed and not self._pending:
+                    return
+                self._pending = False
+            error: BaseException | None = None
+            with self._lock:
+                epoch, self._epoch = self._epoch, self._epoch + 1
+                session, self._session = self._session, None
+                if session is not None:
+                    try:
+                        session.commit()
+                    except BaseException as exc:  # noqa: BLE001 - every writer of this batch gets it
+                        error = exc
+                        session.rollback()
+                    finally:
+                        session.close()
+            with self._cond:
+                if error is not None:
+                    self._errors[epoch] = error
+                    for old in [e for e in self._errors if e < epoch - 100]:
+                        del self._errors[old]
+                self._done = epoch
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=10)
 
 
 def redact_url(url: str) -> str:
@@ -207,7 +294,11 @@ class Journal:
         self.lock_ttl = lock_ttl
         self.where = f"journal {redact_url(url)}"
         try:
-            self.engine: Engine = create_engine(url, future=True, pool_pre_ping=True)
+            # a ping before each checkout finds a server that dropped the connection; a SQLite
+            # file has no server, and the ping would cost a query per session
+            self.engine: Engine = create_engine(
+                url, future=True, pool_pre_ping=not url.startswith("sqlite")
+            )
         except (SQLAlchemyError, ImportError, ValueError) as exc:
             raise ConfigError(
                 f"cannot use the journal URL: {type(exc).__name__}",
@@ -218,10 +309,11 @@ class Journal:
         self.is_sqlite = self.engine.dialect.name == "sqlite"
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas(sqlite_synchronous))
-        # SQLite has one writer at a time; queueing writers here is far cheaper than letting
-        # them spin in SQLite's busy handler.
-        self._write_lock = threading.Lock() if self.is_sqlite else None
+            event.listen(self.engine, "begin", _sqlite_begin)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # SQLite has one writer at a time: gather concurrent writers into group commits
+        # rather than letting them spin in SQLite's busy handler, one fsync each.
+        self._group = _GroupCommit(self._sessions) if self.is_sqlite else None
         if create:
             self.create()
 
@@ -236,6 +328,8 @@ class Journal:
             Base.metadata.create_all(self.engine)
 
     def close(self) -> None:
+        if self._group is not None:
+            self._group.close()
         self.engine.dispose()
 
     @contextmanager
@@ -258,10 +352,11 @@ class Journal:
 
     @contextmanager
     def session(self, doing: str = "write") -> Iterator[Session]:
-        """A session committed on success. Writes on SQLite are serialized in-process."""
+        """A session whose work is durable when the block exits (rolled back on an error).
+        On SQLite the work joins a group commit (see :class:`_GroupCommit`)."""
         with self._guard(doing):
-            if self._write_lock is not None:
-                with self._write_lock, self._sessions.begin() as s:
+            if self._group is not None:
+                with self._group.write() as s:
                     yield s
             else:
                 with self._sessions.begin() as s:
@@ -312,6 +407,29 @@ class Journal:
             if lock is not None and lock.owner == owner:
                 s.delete(lock)
 
+    def steal(self, name: str, owner: str, ttl: timedelta | None = None) -> str | None:
+        """Take the lease whoever holds it: an emergency revoke pre-empting a rotation.
+
+        Returns the previous live holder (``None`` when the lease was free, expired or ours).
+        That holder's next :meth:`renew` fails, so it stops before its next write outside the
+        journal; its writes to the rotation it was driving are refused once the revoke marks it
+        superseded (see :meth:`commit_step`).
+        """
+        if self.acquire(name, owner, ttl):
+            return None
+        now = utcnow()
+        expires = now + (ttl or self.lock_ttl)
+        with self.session("take over a lock") as s:
+            lock = s.get(Lock, name, with_for_update=True)
+            if lock is None:
+                s.add(Lock(name=name, owner=owner, acquired_at=now, expires_at=expires))
+                return None
+            previous = lock.owner if lock.expires_at > now and lock.owner != owner else None
+            lock.owner = owner
+            lock.acquired_at = now
+            lock.expires_at = expires
+            return previous
+
     def lock_holder(self, name: str) -> Lock | None:
         with self.reader() as s:
             lock = s.get(Lock, name)
@@ -327,14 +445,57 @@ class Journal:
     def update_rotation(self, rotation_id: str, **values: Any) -> Rotation:
         values["updated_at"] = utcnow()
         with self.session("update a rotation") as s:
-            row = s.get(Rotation, rotation_id)
-            if row is None:
-                raise JournalError(
-                    f"rotation {rotation_id} is not in the journal", where=self.where
-                )
-            for key, value in values.items():
-                setattr(row, key, value)
+            row = self._locked_row(s, rotation_id)
+            if row.step == Step.SUPERSEDED:
+                superseded = True
+            else:
+                superseded = False
+                for key, value in values.items():
+                    setattr(row, key, value)
+        if superseded:
+            raise self._superseded(row)
         return row
+
+    def _locked_row(self, s: Session, rotation_id: str) -> Rotation:
+        """The row, read after a write took the row's lock (SQLite: the database's write lock),
+        so that what is read cannot change before this transaction commits."""
+        s.execute(update(Rotation).where(Rotation.id == rotation_id).values(updated_at=utcnow()))
+        row = s.get(Rotation, rotation_id, populate_existing=True)
+        if row is None:
+            raise JournalError(f"rotation {rotation_id} is not in the journal", where=self.where)
+        return row
+
+    def _superseded(self, row: Rotation) -> LockBusy:
+        return LockBusy(
+            f"rotation {row.id} was superseded by an emergency revoke; this worker stops",
+            where=f"{row.environment}/{row.credential}",
+            hint="nothing to do: the revoke accounts for this rotation and its token",
+        )
+
+    @staticmethod
+    def _keep_late_token(s: Session, row: Rotation, values: dict[str, Any]) -> None:
+        """A superseded rotation's worker received a token after the revoke took over: keep it
+        sealed on the row (never lose a token Makini issued) and say so loudly."""
+        if values.get("sealed") is None:
+            return
+        row.sealed = values["sealed"]
+        row.fingerprint = values.get("fingerprint", row.fingerprint)
+        row.expires_at = values.get("expires_at", row.expires_at)
+        row.notes = json.dumps(
+            [
+                *row.note_list(),
+                "Makini issued a token to this rotation after a revoke superseded it; it is "
+                "sealed here until a revoke accounts for it",
+            ]
+        )
+        st = s.get(CredentialState, (row.environment, row.credential))
+        if st is None:
+            st = CredentialState(environment=row.environment, credential=row.credential)
+            s.add(st)
+        st.attention = (
+            f"a pre-empted rotation received a token after the revoke took over: run "
+            f"`rotator revoke {row.environment} {row.credential} --resume` to account for it"
+        )
 
     def commit_step(
         self,
@@ -344,28 +505,58 @@ class Journal:
         state: dict[str, Any] | None = None,
         audit: dict[str, Any] | None = None,
     ) -> Rotation:
-        """Record a step, and optionally the credential state and an audit entry, atomically."""
+        """Record a step, and optionally the credential state and an audit entry, atomically.
+
+        One conditional UPDATE ... RETURNING on the hot path: it changes nothing if an emergency
+        revoke superseded the rotation meanwhile, and then :class:`LockBusy` is raised (a token
+        this step carried is kept sealed on the row, see ``_keep_late_token``).
+        """
         now = utcnow()
         with self.session("record a rotation step") as s:
-            row = s.get(Rotation, rotation_id)
+            row = s.scalars(
+                update(Rotation)
+                .where(Rotation.id == rotation_id, Rotation.step != Step.SUPERSEDED)
+                .values(**values, updated_at=now)
+                .returning(Rotation),
+                execution_options={"populate_existing": True},
+            ).one_or_none()
+            superseded = row is None
             if row is None:
-                raise JournalError(
-                    f"rotation {rotation_id} is not in the journal", where=self.where
-                )
-            for key, value in {**values, "updated_at": now}.items():
-                setattr(row, key, value)
-            if state is not None:
-                st = s.get(CredentialState, (row.environment, row.credential))
-                if st is None:
-                    st = CredentialState(environment=row.environment, credential=row.credential)
-                    s.add(st)
-                for key, value in state.items():
-                    setattr(st, key, value)
-            if audit is not None:
-                s.add(
-                    self._audit_row(environment=row.environment, credential=row.credential, **audit)
-                )
+                row = self._locked_row(s, rotation_id)
+                if row.step != Step.SUPERSEDED:  # pragma: no cover - the WHERE above says so
+                    raise JournalError(
+                        f"rotation {rotation_id} changed under this step", where=self.where
+                    )
+                self._keep_late_token(s, row, values)
+            else:
+                if state is not None:
+                    self._upsert_state(s, row.environment, row.credential, state)
+                if audit is not None:
+                    s.add(
+                        self._audit_row(
+                            environment=row.environment, credential=row.credential, **audit
+                        )
+                    )
+        if superseded:
+            raise self._superseded(row)
         return row
+
+    def _upsert_state(
+        self, s: Session, environment: str, credential: str, values: dict[str, Any]
+    ) -> None:
+        """Insert or update a credential's state in one statement."""
+        from sqlalchemy.dialects import postgresql, sqlite
+
+        dialect_insert: Any = sqlite.insert if self.is_sqlite else postgresql.insert
+        stmt = dialect_insert(CredentialState).values(
+            environment=environment, credential=credential, **values
+        )
+        s.execute(
+            stmt.on_conflict_do_update(
+                index_elements=[CredentialState.environment, CredentialState.credential],
+                set_={key: stmt.excluded[key] for key in values},
+            )
+        )
 
     def add_note(self, rotation_id: str, note: str) -> None:
         with self.session("annotate a rotation") as s:
@@ -393,6 +584,29 @@ class Journal:
     def open_rotations(self, environment: str | None = None) -> list[Rotation]:
         with self.reader() as s:
             q = select(Rotation).where(Rotation.step.in_(Step.OPEN))
+            if environment:
+                q = q.where(Rotation.environment == environment)
+            return list(s.scalars(q.order_by(Rotation.started_at)))
+
+    def open_revoke(self, environment: str, credential: str) -> Rotation | None:
+        """The unfinished emergency revoke of a credential (``kind="revoke"``), if any."""
+        with self.reader() as s:
+            return s.scalars(
+                select(Rotation)
+                .where(
+                    Rotation.kind == "revoke",
+                    Rotation.environment == environment,
+                    Rotation.credential == credential,
+                    Rotation.finished_at.is_(None),
+                )
+                .order_by(Rotation.started_at.desc())
+                .limit(1)
+            ).first()
+
+    def open_revokes(self, environment: str | None = None) -> list[Rotation]:
+        """Every unfinished emergency revoke, oldest first."""
+        with self.reader() as s:
+            q = select(Rotation).where(Rotation.kind == "revoke", Rotation.finished_at.is_(None))
             if environment:
                 q = q.where(Rotation.environment == environment)
             return list(s.scalars(q.order_by(Rotation.started_at)))

@@ -90,6 +90,8 @@ def plan_credential(
     open_rotation: Rotation | None,
     now: datetime,
     retry_after_failure: timedelta,
+    *,
+    open_revoke: Rotation | None = None,
 ) -> PlanItem:
     schedule = env.schedule_for(cred)
 
@@ -97,6 +99,21 @@ def plan_credential(
         action: str, reason: str, due: datetime | None = None, urgent: bool = False
     ) -> PlanItem:
         return PlanItem(env_name, cred.name, action, reason, due, urgent)
+
+    if open_revoke is not None:  # an unfinished emergency revoke: the engine finishes it first
+        return item(
+            RESUME,
+            f"emergency revoke {open_revoke.id[:8]} stopped at {open_revoke.step}",
+            now,
+            urgent=True,
+        )
+    if state and state.last_outcome == "revoked-no-token" and state.current_version_id is None:
+        return item(
+            WAIT,
+            "revoked without a replacement: `rotator rotate` (or `rotator import` after the "
+            "customer reconnected) gives it a token again",
+            None,
+        )
 
     backoff_until = None
     if state and state.last_outcome in ("error", "failed", "rolled_back") and state.last_attempt_at:
@@ -171,6 +188,7 @@ def plan(
     """Every credential of the chosen environments with what is due for it."""
     states = journal.states()
     open_by_cred = {(r.environment, r.credential): r for r in journal.open_rotations()}
+    revokes = {(r.environment, r.credential): r for r in journal.open_revokes()}
     backoff = (
         retry_after_failure
         if retry_after_failure is not None
@@ -184,7 +202,14 @@ def plan(
             key = (env_name, cred.name)
             items.append(
                 plan_credential(
-                    env_name, env, cred, states.get(key), open_by_cred.get(key), now, backoff
+                    env_name,
+                    env,
+                    cred,
+                    states.get(key),
+                    open_by_cred.get(key),
+                    now,
+                    backoff,
+                    open_revoke=revokes.get(key),
                 )
             )
     return items

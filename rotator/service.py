@@ -7,8 +7,10 @@ API, and finishes the rotations in flight before it exits on SIGTERM or Ctrl-C.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from datetime import UTC
+from pathlib import Path
 
 import structlog
 
@@ -28,6 +30,10 @@ async def run_due_once(
     progress: Callable[[RotationResult], None] | None = None,
 ) -> list[RotationResult]:
     """Resume open rotations, retire what is past its grace period, rotate what is due."""
+    from rotator.readers import end_grace_early
+
+    # where configured, a grace period ends once every recent reader has the new version
+    await asyncio.to_thread(end_grace_early, runtime.config, runtime.journal)
     items = [
         i
         for i in plan(runtime.config, runtime.journal, utcnow(), environments=environments)
@@ -46,7 +52,14 @@ async def run_due_once(
     return results
 
 
-async def serve(config: Config, *, host: str, port: int) -> None:
+async def serve(
+    config: Config,
+    *,
+    host: str,
+    port: int,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+) -> None:
     import uvicorn
     from apscheduler.schedulers.asyncio import AsyncIOScheduler
     from apscheduler.triggers.interval import IntervalTrigger
@@ -74,7 +87,14 @@ async def serve(config: Config, *, host: str, port: int) -> None:
     app = build_app(runtime)
     server = uvicorn.Server(
         uvicorn.Config(
-            app, host=host, port=port, log_level="warning", access_log=False, lifespan="on"
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            ssl_certfile=tls_cert,
+            ssl_keyfile=tls_key,
         )
     )
     scheduler.start()

@@ -215,6 +215,55 @@ class CredentialSettings(_Model):
     )
     schedule: ScheduleOverride | None = None
     description: str | None = None
+    revoke_strategy: Literal["issue", "refresh", "disconnect", "auto"] = Field(
+        default="auto",
+        description="How an emergency revoke makes the compromised token invalid at Makini. "
+        "issue: have the admin API issue a new token (where that invalidates the old one); "
+        "refresh: the OAuth refresh grant; disconnect: delete the connection (every token dies, "
+        "the customer must reconnect); auto: makini.revoke_path where configured, else refresh "
+        "or issue per 'method', and disconnect as the last resort when the old token survives.",
+    )
+
+
+class WebhookSettings(_Model):
+    """The Makini webhook receiver of one environment (``POST /v1/webhooks/makini/{env}``).
+
+    Without ``secret_env`` the receiver answers 404 for the environment. Event types are matched
+    with shell patterns (``fnmatch``, case-insensitive) because Makini does not document them.
+    """
+
+    secret_env: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Name of the environment variable holding the webhook signing secret.",
+    )
+    header: str = Field(
+        default="X-Webhook-Signature",
+        pattern=r"^[A-Za-z0-9-]{1,64}$",
+        description="Header carrying the HMAC-SHA256 of the raw body (base64 or hex).",
+    )
+    max_body_bytes: int = Field(default=65536, ge=256, le=10 * 1024 * 1024)
+    attention_events: list[str] = Field(
+        default_factory=lambda: ["*auth*required*", "*reauth*"],
+        description="Events that mark the credential as needing a person.",
+    )
+    verify_events: list[str] = Field(
+        default_factory=lambda: ["*token*", "*auth*", "*connection*status*", "*credential*"],
+        description="Events after which the current token is verified with Makini.",
+    )
+
+    def secret(self, where: str) -> bytes | None:
+        """The signing secret, ``None`` when webhooks are off; ConfigError when unset."""
+        if self.secret_env is None:
+            return None
+        value = os.environ.get(self.secret_env)
+        if not value:
+            raise ConfigError(
+                f"the environment variable {self.secret_env} is not set",
+                where=where,
+                hint=f"export {self.secret_env} with the Makini webhook secret",
+            )
+        return value.encode()
 
 
 class EnvironmentSettings(_Model):
@@ -223,6 +272,7 @@ class EnvironmentSettings(_Model):
     backends: list[Any] = Field(min_length=1)
     schedule: Schedule = Schedule()
     credentials: list[CredentialSettings] = Field(default_factory=list)
+    webhook: WebhookSettings = WebhookSettings()
 
     @field_validator("credentials")
     @classmethod
@@ -273,12 +323,46 @@ class LoggingSettings(_Model):
     format: Literal["console", "json"] = "console"
 
 
+class ReaderSettings(_Model):
+    """Who read which version: recorded in memory, flushed to the journal in batches."""
+
+    flush_interval: Duration = Field(default=timedelta(seconds=5))
+    active_window: Duration = Field(
+        default=timedelta(hours=24),
+        description="A reader that read a credential within this window counts as using it.",
+    )
+    early_end_grace: bool = Field(
+        default=False,
+        description="End a grace period early once every active reader has the new version.",
+    )
+
+
+class ApiSettings(_Model):
+    """The HTTP API of ``rotator serve``."""
+
+    long_poll_max: Duration = Field(
+        default=timedelta(seconds=60), description="Upper bound of ?wait= on token reads."
+    )
+    cache_max_age: Duration = Field(
+        default=timedelta(minutes=5),
+        description="A cached token older than this is re-read from the primary backend.",
+    )
+    replica_poll: Duration = Field(
+        default=timedelta(milliseconds=250),
+        description="How often a replica checks the journal for promotions, drops and key "
+        "changes (with PostgreSQL, LISTEN/NOTIFY wakes it at once; this is the safety net).",
+    )
+    webhook_poll: Duration = Field(default=timedelta(seconds=2))
+    readers: ReaderSettings = ReaderSettings()
+
+
 class Config(_Model):
     """The whole configuration, after validation and path resolution."""
 
     journal: JournalSettings = JournalSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
     logging: LoggingSettings = LoggingSettings()
+    api: ApiSettings = ApiSettings()
     environments: dict[Annotated[str, Field(pattern=ENV_NAME_PATTERN)], EnvironmentSettings] = (
         Field(min_length=1)
     )

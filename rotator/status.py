@@ -9,9 +9,11 @@ from typing import Any
 
 from backends.base import Backend
 from rotator.errors import BackendError
+from rotator.journal import CredentialState, Rotation
 from rotator.model import Stage, utcnow
+from rotator.readers import ReaderView, activity, stale_in
 from rotator.runtime import Runtime
-from rotator.schedule import plan
+from rotator.schedule import PlanItem, plan
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,10 @@ class CredentialStatus:
     open_step: str | None
     backends: dict[str, str | None]
     """current version id per backend (``"error: ..."`` where a backend could not be read)"""
+    stale_readers: tuple[ReaderView, ...] = ()
+    """API readers active recently whose latest read was not the current version"""
+    open_revoke: str | None = None
+    """the step at which an unfinished emergency revoke stopped"""
 
     @property
     def backends_agree(self) -> bool:
@@ -41,7 +47,12 @@ class CredentialStatus:
 
     @property
     def healthy(self) -> bool:
-        return self.backends_agree and not self.attention and self.current_version is not None
+        return (
+            self.backends_agree
+            and not self.attention
+            and self.current_version is not None
+            and self.open_revoke is None
+        )
 
     def as_dict(self, now: datetime) -> dict[str, Any]:
         return {
@@ -67,6 +78,8 @@ class CredentialStatus:
             "open_step": self.open_step,
             "backends": self.backends,
             "backends_agree": self.backends_agree,
+            "stale_readers": [v.as_dict() for v in self.stale_readers],
+            "open_revoke": self.open_revoke,
         }
 
 
@@ -87,6 +100,7 @@ async def collect(runtime: Runtime, environment: str | None = None) -> list[Cred
     items = plan(config, runtime.journal, now, environments=envs)
     states = runtime.journal.states()
     open_rot = {(r.environment, r.credential): r for r in runtime.journal.open_rotations()}
+    revokes = {(r.environment, r.credential): r for r in runtime.journal.open_revokes()}
 
     async def one(env: str, cred: str) -> dict[str, str | None]:
         rt = runtime.environments[env]
@@ -94,6 +108,7 @@ async def collect(runtime: Runtime, environment: str | None = None) -> list[Cred
         return {b.name: vid for b, vid in zip(rt.backends, ids, strict=True)}
 
     per_backend = await asyncio.gather(*(one(i.environment, i.credential) for i in items))
+    stale = await asyncio.to_thread(_stale_readers, runtime, items, states)
     out = []
     for item, held in zip(items, per_backend, strict=True):
         env = config.environments[item.environment]
@@ -117,6 +132,27 @@ async def collect(runtime: Runtime, environment: str | None = None) -> list[Cred
                 attention=state.attention if state else None,
                 open_step=rot.step if rot else None,
                 backends=held,
+                stale_readers=stale.get((item.environment, item.credential), ()),
+                open_revoke=_revoke_step(revokes, item.environment, item.credential),
             )
         )
     return out
+
+
+def _stale_readers(
+    runtime: Runtime, items: list[PlanItem], states: dict[tuple[str, str], CredentialState]
+) -> dict[tuple[str, str], tuple[ReaderView, ...]]:
+    found = activity(runtime.journal, window=runtime.config.api.readers.active_window)
+    out = {}
+    for item in items:
+        key = (item.environment, item.credential)
+        state = states.get(key)
+        views = stale_in(found.get(key, {}), state.current_version_id if state else None)
+        if views:
+            out[key] = tuple(views)
+    return out
+
+
+def _revoke_step(revokes: dict[tuple[str, str], Rotation], env: str, cred: str) -> str | None:
+    row = revokes.get((env, cred))
+    return row.step if row is not None else None

@@ -1,39 +1,35 @@
-"""The HTTP API of ``rotator serve``."""
+"""The HTTP API of ``rotator serve``.
+
+    app        the factory: the lean token router in front of FastAPI, background work
+    tokens     GET /v1/tokens/{env}[/{name}]: the hot path, bare ASGI
+    docs       the same two operations as FastAPI path operations, for the OpenAPI document
+    cache      the in-memory token cache; ``drop_everywhere`` for the emergency revoke
+    feed       replicas learn promotions, drops and key changes through the journal
+    auth       bearer keys and the order of checks (401, 422, 403, 404)
+    limits     request body limits (413 in the envelope)
+    state      what the routes share (runtime, key index, cache, read records, metrics)
+    admin      POST /v1/admin/rotate/{env}/{name}, POST /v1/admin/revoke/{env}
+    webhooks   POST /v1/webhooks/makini/{env}
+    ops        /healthz, /readyz, /metrics
+    errors     the error envelope
+
+Importing this package is cheap; FastAPI is loaded by :func:`build_app`.
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
-
 if TYPE_CHECKING:
+    from rotator.api.app import ApiApp
     from rotator.runtime import Runtime
 
 
-def build_app(runtime: Runtime) -> Starlette:
-    async def healthz(_: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok"})
+def build_app(runtime: Runtime) -> ApiApp:
+    """The ASGI app serving ``runtime`` (see :mod:`rotator.api.app`)."""
+    from rotator.api.app import build_app as build
 
-    async def readyz(_: Request) -> JSONResponse:
-        import asyncio
+    return build(runtime)
 
-        from rotator.errors import RotatorError
 
-        problems = []
-        try:
-            await asyncio.to_thread(runtime.journal.ping)
-        except RotatorError as exc:
-            problems.append(f"journal: {exc.message}")
-        for name, rt in runtime.environments.items():
-            try:
-                await asyncio.to_thread(rt.primary.check)
-            except RotatorError as exc:
-                problems.append(f"{name}/{rt.primary.name}: {exc.message}")
-        if problems:
-            return JSONResponse({"status": "unready", "problems": problems}, status_code=503)
-        return JSONResponse({"status": "ready"})
-
-    return Starlette(routes=[Route("/healthz", healthz), Route("/readyz", readyz)])
+__all__ = ["build_app"]

@@ -392,12 +392,18 @@ def _parse_pair(raw: str) -> TokenPair:
 def serve(
     host: Annotated[str, typer.Option(help="Address for the HTTP API.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port for the HTTP API.")] = 8080,
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="PEM certificate (chain): serve HTTPS.")
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM private key of --tls-cert.")] = None,
 ) -> None:
     """Run the scheduler (rotate on schedule, resume, retire) until stopped."""
     cfg = _config(service=True)
     from rotator.service import serve as run_service
 
-    asyncio.run(run_service(cfg, host=host, port=port))
+    if (tls_cert is None) != (tls_key is None):
+        raise ConfigError("--tls-cert and --tls-key go together", hint="give both, or neither")
+    asyncio.run(run_service(cfg, host=host, port=port, tls_cert=tls_cert, tls_key=tls_key))
 
 
 @app.command("makini-sim")
@@ -438,3 +444,13 @@ def makini_sim(
         options["clients"] = pairs
     logs.configure(state.log_level or "info", state.log_format or "console")
     serve_simulator(SimOptions(**options), host, port)
+
+
+from rotator.cli.keys import keys_app  # noqa: E402 - registered after the root commands
+
+app.add_typer(keys_app, name="keys")
+
+import rotator.cli.ops  # noqa: E402, F401 - registers sync and doctor
+from rotator.cli.revoke import revoke_command  # noqa: E402 - registered after the app exists
+
+app.command("revoke")(revoke_command)

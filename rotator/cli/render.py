@@ -109,6 +109,8 @@ def status(rows: Sequence[CredentialStatus], as_json: bool) -> None:
         last = r.last_outcome or "-"
         if r.open_step:
             last += f" (open: {r.open_step})"
+        if r.open_revoke:
+            last += f" [bold red](REVOKE UNFINISHED: {r.open_revoke})[/]"
         table.add_row(
             r.environment,
             r.credential,
@@ -123,8 +125,17 @@ def status(rows: Sequence[CredentialStatus], as_json: bool) -> None:
     for r in rows:
         if r.attention:
             err.print(f"[bold red]ATTENTION[/] {r.environment}/{r.credential}: {r.attention}")
+        if r.open_revoke:
+            err.print(
+                f"[bold red]EMERGENCY REVOKE UNFINISHED[/] {r.environment}/{r.credential}: "
+                f"stopped at {r.open_revoke}; `rotator revoke {r.environment} {r.credential} "
+                "--resume` finishes it"
+            )
         elif r.last_error and r.last_outcome != "rotated":
             err.print(f"[yellow]last error[/] {r.environment}/{r.credential}: {r.last_error}")
+        if r.stale_readers:
+            who = ", ".join(f"{v.name} ({v.version_id[:13]})" for v in r.stale_readers)
+            err.print(f"[yellow]readers on an old version[/] {r.environment}/{r.credential}: {who}")
         if not r.backends_agree:
             held = ", ".join(f"{k}={(v or 'none')[:13]}" for k, v in r.backends.items())
             err.print(

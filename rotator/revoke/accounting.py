@@ -1,0 +1,87 @@
+"""Tokens nobody else holds: unsealing what the journal keeps, and accounting for the tokens
+pre-empted rotations received (dead, revoked, or reported), so none is ever lost silently."""
+
+from __future__ import annotations
+
+from rotator.engine import EnvironmentRuntime, RotationEngine
+from rotator.engine import _journal_aad as journal_aad
+from rotator.errors import CryptoError
+from rotator.journal import Rotation
+from rotator.model import StoredVersion
+from rotator.settings import CredentialSettings
+
+from . import custody, kill
+from .model import CredentialReport
+
+
+def short(fingerprint: str | None) -> str | None:
+    return f"sha256:{fingerprint[:12]}" if fingerprint else None
+
+
+def disconnected_attention(env: str, cred: CredentialSettings) -> str:
+    return (
+        f"connection {cred.connection_id} was DISCONNECTED at Makini by an emergency revoke: "
+        "the customer must reconnect (Makini Link), then `rotator import "
+        f"{env} {cred.name}` stores the new pair"
+    )
+
+
+def unseal(rt: EnvironmentRuntime, cred: CredentialSettings, row: Rotation) -> StoredVersion:
+    """The token pair a journal row holds sealed. Raises CryptoError naming the sealing key."""
+    assert row.sealed is not None
+    try:
+        plain = rt.sealer.open(row.sealed, journal_aad(rt.name, cred.name, row.version_id))
+    except CryptoError as exc:
+        raise CryptoError(
+            f"cannot unseal the token held by journal row {row.id}: {exc.message}",
+            where=f"sealing key of environment {rt.name}",
+            hint=exc.hint or "configure the sealing key this journal was written with",
+        ) from exc
+    return StoredVersion.from_json(plain)
+
+
+async def account_for(
+    engine: RotationEngine,
+    rt: EnvironmentRuntime,
+    cred: CredentialSettings,
+    rows: list[Rotation],
+    *,
+    actor: str,
+    disconnected: bool,
+    report: CredentialReport,
+) -> None:
+    """Account for the tokens that superseded rotations ``rows`` hold sealed and nobody else
+    holds: dead (the kill killed them), revoked at makini.revoke_path, or reported as still
+    valid until they expire. The sealed copy is dropped either way, with an audit entry.
+
+    Raises MakiniError when Makini cannot say whether a token is dead (the token stays sealed).
+    """
+    for rot in rows:
+        version = unseal(rt, cred, rot)
+        token = version.tokens.access
+        dead = disconnected or await kill.rejected(rt.makini, token, cred.connection_id)
+        if not dead and await kill.revoke_pair(rt.makini, version.tokens):
+            dead = True
+        if dead:
+            note = f"the token {token.short} of pre-empted rotation {rot.id[:8]} is dead"
+        else:
+            expiry = version.tokens.expires_at.isoformat() if version.tokens.expires_at else "?"
+            note = (
+                f"the token {token.short} of pre-empted rotation {rot.id[:8]} stays valid at "
+                f"Makini until it expires ({expiry}); it is stored nowhere"
+            )
+            report.next(note)
+        await engine._io(custody.drop, engine.journal, rot.id, note)
+        await engine._io(
+            engine.journal.audit,
+            actor=actor,
+            action="revoke.token_accounted",
+            outcome="dead" if dead else "alive",
+            environment=rt.name,
+            credential=cred.name,
+            version_id=version.version_id,
+            fingerprint=token.fingerprint,
+            rotation_id=rot.id,
+            note=note,
+        )
+        report.notes.append(note)

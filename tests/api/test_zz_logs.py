@@ -1,0 +1,17 @@
+"""Runs last in this package: every log line the API tests produced (the rotator's logs, the
+standard library's, uvicorn's access log, CLI output) holds none of the tokens the simulator
+issued and none of the keys the tests created."""
+
+from __future__ import annotations
+
+from tests.api.conftest import LogTrap
+
+
+def test_no_token_or_key_in_any_log_line(log_trap: LogTrap) -> None:
+    text = log_trap.text()
+    lines = text.splitlines()
+    assert len(lines) > 100, "the log trap caught (almost) nothing: is it installed?"
+    assert any('"GET /v1/tokens/' in line for line in lines), "no access log line was caught"
+    assert len(log_trap.secrets) > 20
+    leaked = [s[:12] for s in log_trap.secrets if s in text]
+    assert leaked == [], f"secrets in the logs (first characters): {leaked}"
