@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -26,6 +27,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    bindparam,
     create_engine,
     event,
     select,
@@ -190,6 +192,9 @@ def _sqlite_begin(conn: Any) -> None:
     conn.exec_driver_sql("BEGIN")
 
 
+_GATHER_S = 0.002
+
+
 class _GroupCommit:
     """Group commit for SQLite, which has one writer and pays an fsync per commit.
 
@@ -209,12 +214,17 @@ class _GroupCommit:
         self._errors: dict[int, BaseException] = {}
         self._pending = False
         self._closed = False
+        self._waiting = 0  # writers queued for the shared session: let them join this batch
         self._thread = threading.Thread(target=self._run, name="journal-commit", daemon=True)
         self._thread.start()
 
     @contextmanager
     def write(self) -> Iterator[Session]:
+        with self._cond:
+            self._waiting += 1
         with self._lock:
+            with self._cond:
+                self._waiting -= 1
             if self._session is None:
                 self._session = self._sessions()
             session = self._session
@@ -243,6 +253,11 @@ class _GroupCommit:
                     self._cond.wait()
                 if self._closed and not self._pending:
                     return
+                # writers already in line join this batch (bounded: a commit waits at most
+                # _GATHER_S for them), so that one fsync covers them all
+                deadline = time.monotonic() + _GATHER_S
+                while self._waiting and time.monotonic() < deadline:
+                    self._cond.wait(_GATHER_S / 10)
                 self._pending = False
             error: BaseException | None = None
             with self._lock:
@@ -311,6 +326,7 @@ class Journal:
             event.listen(self.engine, "connect", _sqlite_pragmas(sqlite_synchronous))
             event.listen(self.engine, "begin", _sqlite_begin)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._step_statements: dict[frozenset[str], Any] = {}
         # SQLite has one writer at a time: gather concurrent writers into group commits
         # rather than letting them spin in SQLite's busy handler, one fsync each.
         self._group = _GroupCommit(self._sessions) if self.is_sqlite else None
@@ -514,10 +530,8 @@ class Journal:
         now = utcnow()
         with self.session("record a rotation step") as s:
             row = s.scalars(
-                update(Rotation)
-                .where(Rotation.id == rotation_id, Rotation.step != Step.SUPERSEDED)
-                .values(**values, updated_at=now)
-                .returning(Rotation),
+                self._step_statement(frozenset(values)),
+                {"_rid": rotation_id, **values, "updated_at": now},
                 execution_options={"populate_existing": True},
             ).one_or_none()
             superseded = row is None
@@ -540,6 +554,20 @@ class Journal:
         if superseded:
             raise self._superseded(row)
         return row
+
+    def _step_statement(self, keys: frozenset[str]) -> Any:
+        """The conditional UPDATE ... RETURNING for a set of columns, built once and reused
+        with bound parameters (building a statement costs more than running it on SQLite)."""
+        stmt = self._step_statements.get(keys)
+        if stmt is None:
+            stmt = (
+                update(Rotation)
+                .where(Rotation.id == bindparam("_rid"), Rotation.step != Step.SUPERSEDED)
+                .values({key: bindparam(key) for key in (*sorted(keys), "updated_at")})
+                .returning(Rotation)
+            )
+            self._step_statements[keys] = stmt
+        return stmt
 
     def _upsert_state(
         self, s: Session, environment: str, credential: str, values: dict[str, Any]

@@ -12,6 +12,7 @@ exchange): such a failure is raised at once with ``ambiguous=True``.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -90,6 +91,10 @@ class _AdminToken:
     renew_at: float
 
 
+_SHARD = 4
+"""Connections per httpx pool (see MakiniClient.__init__)."""
+
+
 class MakiniClient:
     """One environment's client for the Makini API. Use as ``async with`` or call ``aclose``.
 
@@ -121,15 +126,25 @@ class MakiniClient:
         self._auth_attempts = 0
         self._auth_error: MakiniError | None = None
         self._log = log.bind(environment=environment)
+        # httpcore checks every pooled connection (two syscalls each) on every request, so one
+        # pool of N connections costs O(N) per request: spread the connections over shards of
+        # at most _SHARD connections, used in turn (with a transport given, one shard uses it)
         size = settings.max_concurrency
-        self._http = httpx.AsyncClient(
-            base_url=settings.base_url,
-            timeout=httpx.Timeout(settings.timeout_s),
-            limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
-            headers={"Accept": "application/json", "User-Agent": "makini-rotator"},
-            transport=transport,
-            follow_redirects=False,
-        )
+        shards = 1 if transport is not None else max(1, -(-size // _SHARD))
+        per_shard = -(-size // shards)
+        self._shards = [
+            httpx.AsyncClient(
+                base_url=settings.base_url,
+                timeout=httpx.Timeout(settings.timeout_s),
+                limits=httpx.Limits(max_connections=per_shard,
+                                    max_keepalive_connections=per_shard),
+                headers={"Accept": "application/json", "User-Agent": "makini-rotator"},
+                transport=transport,
+                follow_redirects=False,
+            )
+            for _ in range(shards)
+        ]
+        self._next_shard = itertools.cycle(self._shards)
 
     def __repr__(self) -> str:
         return (
@@ -138,7 +153,8 @@ class MakiniClient:
         )
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        for shard in self._shards:
+            await shard.aclose()
 
     async def __aenter__(self) -> Self:
         return self
@@ -364,7 +380,7 @@ class MakiniClient:
         where = self._where(call)
         started = time.monotonic()
         try:
-            response = await self._http.request(
+            response = await next(self._next_shard).request(
                 call.method, call.path, headers=headers, json=call.json, data=call.form
             )
         except _HTTPX_ERRORS as exc:
