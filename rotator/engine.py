@@ -707,13 +707,14 @@ class RotationEngine:
             },
             audit=audit,
         )
-        log.info(
-            "rotation.retired",
-            environment=d.rt.name,
-            credential=d.cred.name,
-            rotation=rot.id,
-            old_version=rot.old_version_id,
-        )
+        if rot.old_version_id is not None:
+            log.info(
+                "rotation.retired",
+                environment=d.rt.name,
+                credential=d.cred.name,
+                rotation=rot.id,
+                old_version=rot.old_version_id,
+            )
         return rot
 
     async def retire_due(self, env: str, name: str) -> RotationResult:

@@ -679,33 +679,10 @@ class Journal:
 
     # audit ---------------------------------------------------------------------------------
 
-    def audit(
-        self,
-        *,
-        actor: str,
-        action: str,
-        outcome: str,
-        environment: str | None = None,
-        credential: str | None = None,
-        version_id: str | None = None,
-        fingerprint: str | None = None,
-        request_ids: Sequence[str | None] = (),
-        **detail: Any,
-    ) -> None:
+    def audit(self, *, actor: str, action: str, outcome: str, **fields: Any) -> None:
+        """Append one entry (see ``_audit_row`` for the fields)."""
         with self.session("append to the audit log") as s:
-            s.add(
-                self._audit_row(
-                    actor=actor,
-                    action=action,
-                    outcome=outcome,
-                    environment=environment,
-                    credential=credential,
-                    version_id=version_id,
-                    fingerprint=fingerprint,
-                    request_ids=request_ids,
-                    **detail,
-                )
-            )
+            s.add(self._audit_row(actor=actor, action=action, outcome=outcome, **fields))
 
     @staticmethod
     def _audit_row(

@@ -27,8 +27,11 @@ def _json(data: Any) -> None:
 
 
 @contextmanager
-def progress(quiet: bool) -> Iterator[Callable[[RotationResult], None] | None]:
-    """A progress bar on stderr for many credentials, when a person is watching."""
+def progress(
+    quiet: bool, *, label: str = "rotating", total: int | None = None
+) -> Iterator[Callable[[Any], None] | None]:
+    """A progress bar on stderr for many credentials, when a person is watching: yields a
+    callback to call once per credential done (or None when there is no bar)."""
     if quiet or not err.is_terminal:
         yield None
         return
@@ -40,9 +43,9 @@ def progress(quiet: bool) -> Iterator[Callable[[RotationResult], None] | None]:
         console=err,
         transient=True,
     )
-    task = bar.add_task("rotating", total=None)
+    task = bar.add_task(label, total=total)
     with bar:
-        yield lambda _result: bar.advance(task)
+        yield lambda _done: bar.advance(task)
 
 
 _STYLE = {

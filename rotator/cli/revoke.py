@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from rotator.cli import render
 from rotator.cli.render import console, err
 from rotator.errors import ConfigError
 from rotator.revoke import STRATEGIES, CredentialPlan, CredentialReport, RevokeRequest
@@ -168,23 +167,9 @@ def interactive() -> bool:
     return sys.stdin.isatty()
 
 
-@contextmanager
-def progress(total: int, *, quiet: bool) -> Iterator[Callable[[CredentialReport], None] | None]:
+def progress(total: int, *, quiet: bool) -> Any:
     """A progress bar on stderr for several credentials, when a person is watching."""
-    if quiet or total < 2 or not err.is_terminal:
-        yield None
-        return
-    bar = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-    )
-    task = bar.add_task("revoking", total=total)
-    with bar:
-        yield lambda _report: bar.advance(task)
+    return render.progress(quiet or total < 2, label="revoking", total=total)
 
 
 # --- showing -----------------------------------------------------------------------------------
