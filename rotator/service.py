@@ -8,6 +8,7 @@ API, and finishes the rotations in flight before it exits on SIGTERM or Ctrl-C.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from datetime import UTC
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import structlog
 
 from rotator.engine import RotationResult
+from rotator.errors import ConfigError
 from rotator.model import utcnow
 from rotator.runtime import Runtime
 from rotator.schedule import ROTATE, plan
@@ -97,22 +99,39 @@ async def serve(
             ssl_keyfile=tls_key,
         )
     )
-    scheduler.start()
-    log.info(
-        "serve.started",
-        host=host,
-        port=port,
-        environments=list(runtime.environments),
-        tick_s=config.scheduler.tick.total_seconds(),
-    )
+    async def start_when_listening() -> None:
+        # rotate only once the API listens: a port in use must stop serve before any work
+        while not server.started and not server.should_exit:  # noqa: ASYNC110 - no event
+            await asyncio.sleep(0.05)
+        if server.started:
+            scheduler.start()
+            log.info(
+                "serve.started",
+                host=host,
+                port=port,
+                environments=list(runtime.environments),
+                tick_s=config.scheduler.tick.total_seconds(),
+            )
+
+    starter = asyncio.create_task(start_when_listening())
     try:
-        await server.serve()
+        with contextlib.suppress(SystemExit):  # uvicorn exits when it cannot bind: said below
+            await server.serve()
     finally:
         log.info("serve.stopping")
-        scheduler.shutdown(wait=False)
+        starter.cancel()
+        if scheduler.running:
+            scheduler.shutdown(wait=False)
         await _drain(runtime)
         await runtime.aclose()
         log.info("serve.stopped")
+    if not server.started:
+        raise ConfigError(
+            f"cannot listen on {host}:{port}",
+            where="rotator serve",
+            hint="the port is in use or not allowed here: stop what holds it, or choose "
+            "another with --port",
+        )
 
 
 async def _drain(runtime: Runtime) -> None:

@@ -229,3 +229,19 @@ def test_makini_down_is_clear(tmp_path: Path, sim: SimServer) -> None:
     sim.set(outage_until=None, garbage=True)
     proc = rotator("rotate", "prod", "a")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
+
+
+def test_serve_on_a_port_in_use_says_so(tmp_path: Path, sim: SimServer) -> None:
+    import socket
+
+    rotator = Rotator(tmp_path, sim)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        proc = rotator("serve", "--port", str(port))
+    assert proc.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    # nothing was rotated: serve stops before its scheduler starts
+    assert sim.tokens("conn-e2e-a") == []
