@@ -37,7 +37,8 @@ def sqlite_url(tmp_path: Path) -> str:
 def pg_database() -> Iterator[str]:
     """A fresh PostgreSQL database for this test session. No server = a failure, not a skip:
     CI starts PostgreSQL (.ci/run) and a missing one must be seen."""
-    psycopg = pytest.importorskip("psycopg")
+    import psycopg
+
     name = f"rotator_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     try:
         admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5)

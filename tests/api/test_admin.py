@@ -89,7 +89,6 @@ async def test_admin_revoke_hands_over_or_answers_501(
 async def test_admin_revoke_end_to_end(serve: Factory, log_trap: LogTrap) -> None:
     """With the real ``rotator.revoke``: the revoked version is never served again, here at
     once (the engine's revoke listener) and by a replica within a second (the journal)."""
-    pytest.importorskip("rotator.revoke")
     api = await serve()
     replica = await serve()
     keys = make_keys(api, log_trap)

@@ -4,10 +4,7 @@ with the file backend. Crash tests SIGKILL the process right after each journale
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +14,7 @@ import pytest
 from rotator.crypto import generate_key
 from rotator.makini import SimServer
 from rotator.model import fingerprint
+from tests.cli import RotatorCli
 
 pytestmark = pytest.mark.e2e
 
@@ -63,38 +61,18 @@ connection_id = "conn-e2e-dev-a"
 """
 
 
-class Rotator:
+class Rotator(RotatorCli):
     def __init__(self, tmp_path: Path, sim: SimServer, makini_extra: str = "") -> None:
-        self.dir = tmp_path
-        self.config = tmp_path / "rotator.toml"
-        self.config.write_text(CONFIG.format(url=sim.url, makini_extra=makini_extra))
-        self.env = {
-            **os.environ,
-            "E2E_PROD_SEAL": generate_key(),
-            "E2E_DEV_SEAL": generate_key(),
-            "E2E_PROD_SECRET": "test-prod-secret",
-            "E2E_DEV_SECRET": "test-dev-secret",
-            "ROTATOR_CONFIG": str(self.config),
-            "COLUMNS": "200",
-        }
-        self.env.pop("ROTATOR_FAULT_KILL_AFTER", None)
-        self.outputs: list[str] = []
-
-    def __call__(
-        self, *args: str, env: dict[str, str] | None = None, stdin: str | None = None
-    ) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(
-            [sys.executable, "-m", "rotator", *args],
-            env={**self.env, **(env or {})},
-            capture_output=True,
-            text=True,
-            timeout=60,
-            input=stdin,
-            cwd=self.dir,
+        super().__init__(
+            tmp_path,
+            CONFIG.format(url=sim.url, makini_extra=makini_extra),
+            {
+                "E2E_PROD_SEAL": generate_key(),
+                "E2E_DEV_SEAL": generate_key(),
+                "E2E_PROD_SECRET": "test-prod-secret",
+                "E2E_DEV_SECRET": "test-dev-secret",
+            },
         )
-        if args[0] != "get":
-            self.outputs.append(proc.stdout + proc.stderr)
-        return proc
 
     def token(self, env: str, name: str) -> str:
         proc = self("get", env, name)

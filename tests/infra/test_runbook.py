@@ -5,15 +5,10 @@ from __future__ import annotations
 
 import re
 
-import pytest
-
 from tests.infra._infra import ROOT, Render, secret_refs
 
 RUNBOOK = ROOT / "docs" / "runbook.md"
 # Subcommands the runbook documents before the CLI has them (the lead's list to empty).
-NOT_YET_IN_THE_CLI = {"revoke"}
-
-
 def shell_blocks() -> str:
     """The runbook's shell code, continuation lines joined."""
     text = RUNBOOK.read_text()
@@ -63,7 +58,4 @@ def test_rotator_commands_in_the_runbook_exist() -> None:
     used = set(re.findall(r"(?:^|[\s(`])rotator(?:_job)? ([a-z][a-z-]+)", shell_blocks(), re.M))
     used |= set(re.findall(r"`rotator ([a-z][a-z-]+)", RUNBOOK.read_text()))
     missing = used - known
-    unknown = missing - NOT_YET_IN_THE_CLI
-    assert not unknown, f"the runbook uses commands the CLI lacks: {unknown}"
-    if missing:
-        pytest.xfail(f"documented before the CLI has them: {sorted(missing)}")
+    assert not missing, f"the runbook uses commands the CLI lacks: {missing}"

@@ -10,7 +10,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import pytest
 from rotator.crypto import generate_key
 from rotator.makini import SimServer
 from rotator.model import fingerprint
+from tests.cli import RotatorCli
 
 pytestmark = pytest.mark.e2e
 
@@ -57,39 +57,13 @@ connection_id = "conn-rv-b"
 """
 
 
-class Rotator:
+class Rotator(RotatorCli):
     def __init__(self, tmp_path: Path, sim: SimServer, lock_ttl: str = "1s") -> None:
-        self.dir = tmp_path
-        self.config = tmp_path / "rotator.toml"
-        self.config.write_text(CONFIG.format(url=sim.url, lock_ttl=lock_ttl))
-        self.env = {
-            **os.environ,
-            "RV_PROD_SEAL": generate_key(),
-            "RV_PROD_SECRET": "test-prod-secret",
-            "ROTATOR_CONFIG": str(self.config),
-            "COLUMNS": "200",
-        }
-        self.env.pop("ROTATOR_FAULT_KILL_AFTER", None)
-        self.outputs: list[str] = []
-
-    def argv(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "rotator", *args]
-
-    def __call__(
-        self, *args: str, env: dict[str, str] | None = None, stdin: str | None = None
-    ) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(
-            self.argv(*args),
-            env={**self.env, **(env or {})},
-            capture_output=True,
-            text=True,
-            timeout=60,
-            input=stdin,
-            cwd=self.dir,
+        super().__init__(
+            tmp_path,
+            CONFIG.format(url=sim.url, lock_ttl=lock_ttl),
+            {"RV_PROD_SEAL": generate_key(), "RV_PROD_SECRET": "test-prod-secret"},
         )
-        if args[0] != "get":
-            self.outputs.append(proc.stdout + proc.stderr)
-        return proc
 
     def token(self, name: str) -> str:
         """The current access token in every backend (they must agree), read in-process."""
