@@ -139,6 +139,10 @@ class _Drive:
     renewed_at: float = 0.0
     fresh: bool = False
     """The rotation was started by this drive (its first attempt is recorded already)."""
+    old: StoredVersion | None = None
+    """The version current when this drive started the rotation, as read then."""
+    new: StoredVersion | None = None
+    """The rotation's new version, as issued or unsealed by this drive."""
 
 
 class RotationEngine:
@@ -172,6 +176,15 @@ class RotationEngine:
         """Run blocking work (backends, the journal) on the engine's worker threads."""
         call = functools.partial(fn, *args, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    async def _journal(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a function that touches nothing but the journal: on SQLite inside the journal
+        writer's current batch (no worker thread in between), elsewhere on a worker thread."""
+        call = functools.partial(fn, *args, **kwargs)
+        future = self.journal.submit(call)
+        if future is None:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        return await asyncio.wrap_future(future)
 
     async def _each_backend(self, rt: EnvironmentRuntime, fn: Callable[[Backend], T]) -> list[T]:
         """Run ``fn`` on every backend at once; raise the first error after all have finished."""
@@ -239,15 +252,15 @@ class RotationEngine:
         self, d: _Drive, reason: str, actor: str, start_new: bool
     ) -> RotationResult:
         env, name = d.rt.name, d.cred.name
-        if not await self._io(self.journal.acquire, d.lock, self.owner):
+        taken, revoke, rot = await self._journal(
+            self.journal.begin_drive, d.lock, self.owner, env, name
+        )
+        if not taken:
             return RotationResult(env, name, "busy", error="another worker holds this credential")
         d.renewed_at = asyncio.get_running_loop().time()
-        rot: Rotation | None = None
         try:
-            revoke = await self._io(self.journal.open_revoke, env, name)
             if revoke is not None:  # an unfinished emergency revoke comes first
                 return await self._resume_revoke(env, name, revoke)
-            rot = await self._io(self.journal.open_rotation, env, name)
             if rot is not None and rot.step == Step.PROMOTED and start_new:
                 rot = await self._retire(d, rot, early=True)
                 rot = None
@@ -259,10 +272,10 @@ class RotationEngine:
             return await self._advance(d, rot)
         except RotatorError as exc:
             if rot is not None:
-                rot = await self._io(self.journal.rotation, rot.id) or rot
+                rot = await self._journal(self.journal.rotation, rot.id) or rot
                 if not isinstance(exc, LockBusy):  # pre-empted: the new holder owns the state
                     dead = await self._old_is_dead(d, rot)
-                    await self._io(self._record_failure, rot, exc, dead)
+                    await self._journal(self._record_failure, rot, exc, dead)
             log.warning(
                 "rotation.stopped",
                 environment=env,
@@ -280,7 +293,7 @@ class RotationEngine:
                 error=exc.message,
             )
         finally:
-            await self._io(self.journal.release, d.lock, self.owner)
+            await self._journal(self.journal.release, d.lock, self.owner)
 
     async def _resume_revoke(self, env: str, name: str, row: Rotation) -> RotationResult:
         """Finish an unfinished revoke (this drive holds the lease) instead of rotating."""
@@ -371,7 +384,8 @@ class RotationEngine:
             attempts=1,  # written before Makini is asked: the first attempt is about to happen
             notes="[]",
         )
-        await self._io(self.journal.add_rotation, rot)
+        await self._journal(self.journal.add_rotation, rot)
+        d.old = current
         log.info(
             "rotation.started",
             environment=d.rt.name,
@@ -387,23 +401,25 @@ class RotationEngine:
     async def _issue(self, d: _Drive, rot: Rotation) -> Rotation:
         """Get a new token pair from Makini and seal it into the journal before anything else."""
         if rot.sealed is not None:
-            return await self._io(self.journal.commit_step, rot.id, {"step": Step.ISSUED})
+            return await self._journal(self.journal.commit_step, rot.id, {"step": Step.ISSUED})
         if not d.fresh:
             # an earlier attempt (counted in ``attempts``) died or failed before sealing
-            await self._io(
+            await self._journal(
                 self.journal.add_note,
                 rot.id,
                 f"attempt {rot.attempts} to issue ended without a recorded token; if Makini "
                 "issued one then, it was never received",
             )
-            rot = await self._io(self.journal.update_rotation, rot.id, attempts=rot.attempts + 1)
+            rot = await self._journal(
+                self.journal.update_rotation, rot.id, attempts=rot.attempts + 1
+            )
         try:
             issued = await self._ask_makini(d, rot)
         except MakiniRejected as exc:
             return await self._fail(d, rot, f"Makini refused to issue a token: {exc.message}", exc)
         except MakiniError as exc:
             if exc.ambiguous:
-                await self._io(
+                await self._journal(
                     self.journal.add_note,
                     rot.id,
                     f"Makini may have issued a token that was not received ({exc.message}; "
@@ -418,10 +434,11 @@ class RotationEngine:
             tokens=issued.tokens,
             created_at=utcnow(),
         )
+        d.new = version
         sealed = d.rt.sealer.seal(
             version.to_json().encode(), _journal_aad(d.rt.name, d.cred.name, rot.version_id)
         )
-        return await self._io(
+        return await self._journal(
             self.journal.commit_step,
             rot.id,
             {
@@ -449,6 +466,8 @@ class RotationEngine:
     async def _old_version(self, d: _Drive, rot: Rotation) -> StoredVersion | None:
         if rot.old_version_id is None:
             return None
+        if d.old is not None and d.old.version_id == rot.old_version_id:
+            return d.old
         return await self._io(d.rt.primary.read_version, d.cred.name, rot.old_version_id)
 
     def _unseal(self, d: _Drive, rot: Rotation) -> StoredVersion:
@@ -458,6 +477,8 @@ class RotationEngine:
                 where=f"{d.rt.name}/{d.cred.name}",
                 rotation_id=rot.id,
             )
+        if d.new is not None and d.new.version_id == rot.version_id:
+            return d.new
         try:
             plain = d.rt.sealer.open(
                 rot.sealed, _journal_aad(d.rt.name, d.cred.name, rot.version_id)
@@ -468,7 +489,8 @@ class RotationEngine:
                 where=f"sealing key of environment {d.rt.name}",
                 hint=exc.hint or "configure the sealing key this journal was written with",
             ) from exc
-        return StoredVersion.from_json(plain)
+        d.new = StoredVersion.from_json(plain)
+        return d.new
 
     # step 2 ------------------------------------------------------------------------------------
 
@@ -477,7 +499,7 @@ class RotationEngine:
         version = self._unseal(d, rot)
         await self._fence(d, rot)
         await self._each_backend(d.rt, lambda b: b.stage_pending(version))
-        return await self._io(self.journal.commit_step, rot.id, {"step": Step.STAGED})
+        return await self._journal(self.journal.commit_step, rot.id, {"step": Step.STAGED})
 
     # step 3 ------------------------------------------------------------------------------------
 
@@ -492,7 +514,7 @@ class RotationEngine:
         invalidated = rot.invalidated_old
         if invalidated is None and rot.old_version_id is not None:
             invalidated = await self._probe_old(d, rot)
-        return await self._io(
+        return await self._journal(
             self.journal.commit_step,
             rot.id,
             {"step": Step.VERIFIED, "invalidated_old": invalidated},
@@ -583,7 +605,7 @@ class RotationEngine:
             attention=attention,
         )
         now = utcnow()
-        return await self._io(
+        return await self._journal(
             self.journal.commit_step,
             rot.id,
             {"step": step, "sealed": None, "error": message, "finished_at": now},
@@ -619,7 +641,7 @@ class RotationEngine:
             if rot.invalidated_old or rot.old_version_id is None
             else d.rt.settings.schedule_for(d.cred).grace_period or timedelta(0)
         )
-        rot = await self._io(
+        rot = await self._journal(
             self.journal.commit_step,
             rot.id,
             {"step": Step.PROMOTED, "sealed": None, "retire_after": now + grace},
@@ -669,7 +691,8 @@ class RotationEngine:
         notes: list[str] = []
         revoked = False
         if rot.old_version_id is not None:
-            old = await self._old_version(d, rot)
+            # read before it becomes unreadable, where it is to be revoked at Makini
+            old = None if rot.invalidated_old else await self._old_version(d, rot)
             await self._fence(d, rot)
             await self._each_backend(
                 d.rt, lambda b: b.make_unreadable(d.cred.name, rot.old_version_id or "")
@@ -697,7 +720,7 @@ class RotationEngine:
                 "revoked_at_makini": revoked,
                 "notes": notes,
             }
-        rot = await self._io(
+        rot = await self._journal(
             self.journal.commit_step,
             rot.id,
             {
@@ -728,10 +751,10 @@ class RotationEngine:
         it over). A read; the lease is renewed (a write) only once a third of it is used."""
         loop = asyncio.get_running_loop()
         if loop.time() - d.renewed_at < self.journal.lock_ttl.total_seconds() / 3:
-            holder = await self._io(self.journal.lock_holder, d.lock)
+            holder = await self._journal(self.journal.lock_holder, d.lock)
             held = holder is not None and holder.owner == self.owner
         else:
-            held = await self._io(self.journal.renew, d.lock, self.owner)
+            held = await self._journal(self.journal.renew, d.lock, self.owner)
             d.renewed_at = loop.time()
         if not held:
             raise LockBusy(
@@ -756,7 +779,7 @@ class RotationEngine:
         try:
             info = await rt.makini.verify(version.tokens.access, cred.connection_id)
         except MakiniRejected as exc:
-            await self._io(self.journal.set_state, env, name, attention=exc.message)
+            await self._journal(self.journal.set_state, env, name, attention=exc.message)
             return False, exc.message
         except MakiniTransient as exc:
             return False, f"could not check: {exc.message}"
@@ -787,7 +810,7 @@ class RotationEngine:
         await self._each_backend(rt, lambda b: b.stage_pending(version))
         await self._each_backend(rt, lambda b: b.promote(name, version.version_id))
         now = utcnow()
-        await self._io(
+        await self._journal(
             lambda: self.journal.set_state(
                 env,
                 name,
@@ -800,7 +823,7 @@ class RotationEngine:
                 attention=None,
             )
         )
-        await self._io(
+        await self._journal(
             lambda: self.journal.audit(
                 actor=actor,
                 action="credential.imported",

@@ -13,32 +13,48 @@ outside the journal, so a worker that lost its lease stops instead of racing the
 from __future__ import annotations
 
 import json
+import queue
 import threading
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import (
     DateTime,
+    Index,
     Integer,
     LargeBinary,
     String,
+    Table,
     Text,
     TypeDecorator,
     bindparam,
     create_engine,
+    delete,
     event,
+    insert,
     select,
     update,
 )
-from sqlalchemy.engine import Dialect, Engine
-from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.engine import Connection, Dialect, Engine
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    configure_mappers,
+    mapped_column,
+    sessionmaker,
+)
+from sqlalchemy.orm.instrumentation import manager_of_class
+from sqlalchemy.sql.schema import ScalarElementColumnDefault
 
 from rotator.errors import ConfigError, JournalError, LockBusy
 from rotator.model import utcnow
+
+T = TypeVar("T")
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -84,6 +100,11 @@ class Step:
 
 class Rotation(Base):
     __tablename__ = "rotations"
+    # a drive reads its credential's latest open rotation: without this index SQLite searches
+    # by environment and reads every rotation of it, the whole history, on every drive
+    __table_args__ = (
+        Index("ix_rotations_credential_started", "environment", "credential", "started_at"),
+    )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     environment: Mapped[str] = mapped_column(String(64), index=True)
@@ -192,97 +213,212 @@ def _sqlite_begin(conn: Any) -> None:
     conn.exec_driver_sql("BEGIN")
 
 
-_GATHER_S = 0.002
+_ROTATIONS = cast(Table, Rotation.__table__)
+_LOCKS = cast(Table, Lock.__table__)
+_STATES = cast(Table, CredentialState.__table__)
+_AUDIT = cast(Table, AuditEntry.__table__)
+_ROTATION_CLASS = manager_of_class(Rotation)
 
 
-class _GroupCommit:
-    """Group commit for SQLite, which has one writer and pays an fsync per commit.
+def _first_rotation(result: Any) -> Rotation | None:
+    """The first row of a Core result as a (detached) Rotation, built the way the ORM loads
+    one: without an attribute event per column, which costs more than the query."""
+    row = result.first()
+    if row is None:
+        return None
+    rotation: Rotation = _ROTATION_CLASS.new_instance()
+    rotation.__dict__.update(row._mapping)
+    return rotation
 
-    Each writer runs its work in its own SAVEPOINT inside one shared transaction, then waits
-    for a committer thread to commit that transaction; while one commit syncs, the next writers
-    gather into the next. A caller returns only once its work is durable, exactly as with a
-    commit of its own, but concurrent rotation steps share one fsync.
+
+class _Statements:
+    """The hot path's statements, built once with bound parameters: on SQLite, building a
+    statement costs more than running it."""
+
+    def __init__(self, dialect: str) -> None:
+        from sqlalchemy.dialects import postgresql, sqlite
+
+        self.insert: Any = sqlite.insert if dialect == "sqlite" else postgresql.insert
+        lock = self.insert(_LOCKS).values(
+            name=bindparam("p_name"),
+            owner=bindparam("p_owner"),
+            acquired_at=bindparam("p_now"),
+            expires_at=bindparam("p_expires"),
+        )
+        # free, expired or ours: one statement, atomic on both databases
+        self.acquire = lock.on_conflict_do_update(
+            index_elements=[_LOCKS.c.name],
+            set_={key: lock.excluded[key] for key in ("owner", "acquired_at", "expires_at")},
+            where=(_LOCKS.c.expires_at < bindparam("p_cutoff", type_=UTCDateTime()))
+            | (_LOCKS.c.owner == lock.excluded.owner),
+        ).returning(_LOCKS.c.name)
+        mine = (_LOCKS.c.name == bindparam("p_name")) & (_LOCKS.c.owner == bindparam("p_owner"))
+        self.renew = update(_LOCKS).where(mine).values(expires_at=bindparam("p_expires"))
+        self.release = delete(_LOCKS).where(mine)
+        self.lock = select(_LOCKS).where(_LOCKS.c.name == bindparam("p_name"))
+        r = _ROTATIONS.c
+        self.rotation = select(_ROTATIONS).where(r.id == bindparam("p_id"))
+        credential = (r.environment == bindparam("p_env")) & (r.credential == bindparam("p_cred"))
+        latest = r.started_at.desc()
+        self.open_rotation = (
+            select(_ROTATIONS).where(credential, r.step.in_(Step.OPEN)).order_by(latest).limit(1)
+        )
+        self.open_revoke = (
+            select(_ROTATIONS)
+            .where(credential, r.kind == "revoke", r.finished_at.is_(None))
+            .order_by(latest)
+            .limit(1)
+        )
+
+
+_BATCH_MAX = 256
+
+_Work = tuple[Callable[[], Any], "Future[Any]"]
+
+
+class _Writer:
+    """SQLite's single writer: one thread owns the journal's write connection.
+
+    SQLite has one writer at a time and pays an fsync per commit. Everything that writes runs on
+    this thread, in batches: each piece of work in a SAVEPOINT of one shared transaction, one
+    COMMIT per batch. A caller gets its result (or its error) only once the batch is durable,
+    exactly as with a commit of its own, but concurrent rotation steps share one fsync, and no
+    thread waits on another's lock.
+
+    Work arrives three ways: :meth:`submit` (a whole function of the journal, run here; the
+    engine's hot path, with no worker thread in between), :meth:`run` (one transaction's work,
+    from any thread) and :meth:`session` (an ORM session for a with-block in the caller's
+    thread, which this thread lends its connection to).
     """
 
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
-        self._sessions = sessions
-        self._lock = threading.Lock()  # owns the shared session
-        self._cond = threading.Condition()
-        self._session: Session | None = None
-        self._epoch = 0
-        self._done = -1
-        self._errors: dict[int, BaseException] = {}
-        self._pending = False
+    def __init__(self, engine: Engine, commit_error: Callable[[BaseException], BaseException]):
+        self._engine = engine
+        self._commit_error = commit_error
+        self._queue: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
+        self._conn: Connection | None = None
         self._closed = False
-        self._waiting = 0  # writers queued for the shared session: let them join this batch
-        self._thread = threading.Thread(target=self._run, name="journal-commit", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="journal-writer", daemon=True)
         self._thread.start()
 
-    @contextmanager
-    def write(self) -> Iterator[Session]:
-        with self._cond:
-            self._waiting += 1
-        with self._lock:
-            with self._cond:
-                self._waiting -= 1
-            if self._session is None:
-                self._session = self._sessions()
-            session = self._session
-            nested = session.begin_nested()
-            try:
-                yield session
-                session.flush()
-            except BaseException:
-                nested.rollback()
-                raise
-            nested.commit()
-            mine = self._epoch
-        with self._cond:
-            self._pending = True
-            self._cond.notify_all()
-            while self._done < mine:
-                self._cond.wait()
-            error = self._errors.get(mine)
-        if error is not None:
-            raise error
+    def submit(self, fn: Callable[[], T]) -> Future[T]:
+        """Run ``fn`` on this thread inside the current batch; its result once durable."""
+        if self._closed:
+            raise JournalError("the journal is closed", hint="this is a bug: report it")
+        future: Future[T] = Future()
+        self._queue.put((fn, future))
+        return future
 
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._pending and not self._closed:
-                    self._cond.wait()
-                if self._closed and not self._pending:
-                    return
-                # writers already in line join this batch (bounded: a commit waits at most
-                # _GATHER_S for them), so that one fsync covers them all
-                deadline = time.monotonic() + _GATHER_S
-                while self._waiting and time.monotonic() < deadline:
-                    self._cond.wait(_GATHER_S / 10)
-                self._pending = False
-            error: BaseException | None = None
-            with self._lock:
-                epoch, self._epoch = self._epoch, self._epoch + 1
-                session, self._session = self._session, None
-                if session is not None:
-                    try:
-                        session.commit()
-                    except BaseException as exc:  # noqa: BLE001 - every writer of this batch gets it
-                        error = exc
-                        session.rollback()
-                    finally:
-                        session.close()
-            with self._cond:
-                if error is not None:
-                    self._errors[epoch] = error
-                    for old in [e for e in self._errors if e < epoch - 100]:
-                        del self._errors[old]
-                self._done = epoch
-                self._cond.notify_all()
+    def run(self, work: Callable[[Connection], T]) -> T:
+        """``work`` in a savepoint of the current batch, and its result once durable."""
+        if threading.get_ident() == self._thread.ident:
+            return self._in_savepoint(work)  # inside a submitted function: part of its batch
+        return self.submit(lambda: self._in_savepoint(work)).result()
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """An ORM session in the shared transaction, durable when the block exits. From another
+        thread this thread waits for the block, which must not write to the journal itself."""
+        if threading.get_ident() == self._thread.ident:
+            assert self._conn is not None
+            with Session(
+                bind=self._conn, join_transaction_mode="create_savepoint", expire_on_commit=False
+            ) as s:
+                yield s
+                s.commit()
+            return
+        lent: Future[Session] = Future()
+        back = threading.Event()
+        failed: list[BaseException] = []
+
+        def lend(conn: Connection) -> None:
+            with Session(
+                bind=conn, join_transaction_mode="create_savepoint", expire_on_commit=False
+            ) as s:
+                lent.set_result(s)
+                back.wait()
+                if failed:
+                    raise failed[0]  # rolls this work's savepoint back
+                s.commit()
+
+        done = self.submit(lambda: self._in_savepoint(lend))
+        wait([lent, done], return_when=FIRST_COMPLETED)  # type: ignore[arg-type]
+        if not lent.done():
+            done.result()  # the batch failed before it reached this work: raise its error
+        try:
+            yield lent.result()
+        except BaseException as exc:
+            failed.append(exc)
+            raise
+        finally:
+            back.set()
+        done.result()
+
+    def _in_savepoint(self, work: Callable[[Connection], T]) -> T:
+        assert self._conn is not None
+        raw = self._conn.connection.driver_connection
+        assert raw is not None
+        raw.execute("SAVEPOINT work")
+        try:
+            value = work(self._conn)
+        except BaseException:
+            raw.execute("ROLLBACK TO work")
+            raw.execute("RELEASE work")
+            raise
+        raw.execute("RELEASE work")
+        return value
+
+    def _loop(self) -> None:
+        stop = False
+        while not stop:
+            first = self._queue.get()
+            if first is None:
+                break
+            batch = [first]
+            while len(batch) < _BATCH_MAX:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            try:
+                results = self._commit(batch)
+            except BaseException as exc:  # noqa: BLE001 - the batch did not commit: nobody's work is durable
+                error = self._commit_error(exc)
+                results = [(future, False, error) for _, future in batch]
+                with suppress(Exception):
+                    if self._conn is not None:
+                        self._conn.close()
+                self._conn = None
+            for future, ok, value in results:
+                if future.cancelled():
+                    continue
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(value)
+        if self._conn is not None:
+            self._conn.close()
+
+    def _commit(self, batch: list[_Work]) -> list[tuple[Future[Any], bool, Any]]:
+        if self._conn is None:
+            self._conn = self._engine.connect()
+        results: list[tuple[Future[Any], bool, Any]] = []
+        with self._conn.begin():
+            for fn, future in batch:
+                if not future.set_running_or_notify_cancel():
+                    continue
+                try:
+                    results.append((future, True, fn()))
+                except BaseException as exc:  # noqa: BLE001 - handed to its caller
+                    results.append((future, False, exc))
+        return results
 
     def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
+        self._closed = True
+        self._queue.put(None)
         self._thread.join(timeout=10)
 
 
@@ -326,10 +462,13 @@ class Journal:
             event.listen(self.engine, "connect", _sqlite_pragmas(sqlite_synchronous))
             event.listen(self.engine, "begin", _sqlite_begin)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._q = _Statements(self.engine.dialect.name)
+        configure_mappers()  # _first_rotation builds instances without the ORM's first query
         self._step_statements: dict[frozenset[str], Any] = {}
+        self._state_statements: dict[frozenset[str], Any] = {}
         # SQLite has one writer at a time: gather concurrent writers into group commits
         # rather than letting them spin in SQLite's busy handler, one fsync each.
-        self._group = _GroupCommit(self._sessions) if self.is_sqlite else None
+        self._writer = _Writer(self.engine, self._commit_error) if self.is_sqlite else None
         if create:
             self.create()
 
@@ -342,10 +481,15 @@ class Journal:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
         with self._guard("create the journal tables"):
             Base.metadata.create_all(self.engine)
+            # create_all adds missing tables, not the indexes added to existing ones since
+            with self.engine.begin() as conn:
+                for table in Base.metadata.sorted_tables:
+                    for index in table.indexes:
+                        index.create(conn, checkfirst=True)
 
     def close(self) -> None:
-        if self._group is not None:
-            self._group.close()
+        if self._writer is not None:
+            self._writer.close()
         self.engine.dispose()
 
     @contextmanager
@@ -369,14 +513,36 @@ class Journal:
     @contextmanager
     def session(self, doing: str = "write") -> Iterator[Session]:
         """A session whose work is durable when the block exits (rolled back on an error).
-        On SQLite the work joins a group commit (see :class:`_GroupCommit`)."""
+        On SQLite the work joins the writer's shared transaction (see :class:`_Writer`)."""
         with self._guard(doing):
-            if self._group is not None:
-                with self._group.write() as s:
+            if self._writer is not None:
+                with self._writer.session() as s:
                     yield s
             else:
                 with self._sessions.begin() as s:
                     yield s
+
+    def _run(self, doing: str, work: Callable[[Connection], T]) -> T:
+        """Run ``work`` in a transaction of its own (SQLite: the writer's batch); its result
+        comes back once it is durable."""
+        with self._guard(doing):
+            if self._writer is not None:
+                return self._writer.run(work)
+            with self.engine.begin() as conn:
+                return work(conn)
+
+    def submit(self, fn: Callable[[], T]) -> Future[T] | None:
+        """On SQLite, run ``fn`` (which touches nothing but the journal) on the writer thread in
+        its current batch, and return its future; elsewhere ``None``: call it from a worker
+        thread, its writes are transactions of their own."""
+        return self._writer.submit(fn) if self._writer is not None else None
+
+    def _commit_error(self, exc: BaseException) -> BaseException:
+        try:
+            with self._guard("commit"):
+                raise exc
+        except BaseException as mapped:  # noqa: BLE001 - returned, raised by each waiter
+            return mapped
 
     @contextmanager
     def reader(self) -> Iterator[Session]:
@@ -390,38 +556,23 @@ class Journal:
     # locks ---------------------------------------------------------------------------------
 
     def acquire(self, name: str, owner: str, ttl: timedelta | None = None) -> bool:
+        """Take the lease ``name`` if it is free, expired, or ``owner``'s already."""
+        return self._run("take a lock", lambda c: self._acquire(c, name, owner, ttl))
+
+    def _acquire(self, conn: Connection, name: str, owner: str, ttl: timedelta | None) -> bool:
         now = utcnow()
-        expires = now + (ttl or self.lock_ttl)
-        try:
-            with self.session("take a lock") as s:
-                s.add(Lock(name=name, owner=owner, acquired_at=now, expires_at=expires))
-            return True
-        except JournalError as exc:
-            if not isinstance(exc.__cause__, IntegrityError):
-                raise
-        with self.session("take a lock") as s:
-            result = s.execute(
-                update(Lock)
-                .where(Lock.name == name)
-                .where((Lock.expires_at < now) | (Lock.owner == owner))
-                .values(owner=owner, acquired_at=now, expires_at=expires)
-            )
-            return bool(result.rowcount)  # type: ignore[attr-defined]
+        params = {"p_name": name, "p_owner": owner, "p_now": now, "p_cutoff": now}
+        params["p_expires"] = now + (ttl or self.lock_ttl)
+        return conn.execute(self._q.acquire, params).first() is not None
 
     def renew(self, name: str, owner: str, ttl: timedelta | None = None) -> bool:
-        with self.session("renew a lock") as s:
-            result = s.execute(
-                update(Lock)
-                .where(Lock.name == name, Lock.owner == owner)
-                .values(expires_at=utcnow() + (ttl or self.lock_ttl))
-            )
-            return bool(result.rowcount)  # type: ignore[attr-defined]
+        expires = utcnow() + (ttl or self.lock_ttl)
+        params = {"p_name": name, "p_owner": owner, "p_expires": expires}
+        return bool(self._run("renew a lock", lambda c: c.execute(self._q.renew, params).rowcount))
 
     def release(self, name: str, owner: str) -> None:
-        with self.session("release a lock") as s:
-            lock = s.get(Lock, name)
-            if lock is not None and lock.owner == owner:
-                s.delete(lock)
+        params = {"p_name": name, "p_owner": owner}
+        self._run("release a lock", lambda c: c.execute(self._q.release, params))
 
     def steal(self, name: str, owner: str, ttl: timedelta | None = None) -> str | None:
         """Take the lease whoever holds it: an emergency revoke pre-empting a rotation.
@@ -447,15 +598,39 @@ class Journal:
             return previous
 
     def lock_holder(self, name: str) -> Lock | None:
-        with self.reader() as s:
-            lock = s.get(Lock, name)
-            return lock if lock is not None and lock.expires_at > utcnow() else None
+        def read(conn: Connection) -> Lock | None:
+            row = conn.execute(self._q.lock, {"p_name": name}).first()
+            return Lock(**row._mapping) if row is not None and row.expires_at > utcnow() else None
+
+        return self._run("read a lock", read)
+
+    def begin_drive(
+        self, lock: str, owner: str, environment: str, credential: str
+    ) -> tuple[bool, Rotation | None, Rotation | None]:
+        """Take a credential's lease and read what is open for it, in one transaction:
+        ``(taken, unfinished revoke, open rotation)`` (nothing is read when not taken)."""
+
+        def work(conn: Connection) -> tuple[bool, Rotation | None, Rotation | None]:
+            if not self._acquire(conn, lock, owner, None):
+                return False, None, None
+            params = {"p_env": environment, "p_cred": credential}
+            revoke = _first_rotation(conn.execute(self._q.open_revoke, params))
+            return True, revoke, _first_rotation(conn.execute(self._q.open_rotation, params))
+
+        return self._run("take a lock", work)
 
     # rotations -----------------------------------------------------------------------------
 
     def add_rotation(self, rotation: Rotation) -> Rotation:
-        with self.session("record a rotation") as s:
-            s.add(rotation)
+        values = {}
+        for column in _ROTATIONS.c:
+            value = getattr(rotation, column.key)
+            default = column.default
+            if value is None and isinstance(default, ScalarElementColumnDefault):
+                value = default.arg
+                setattr(rotation, column.key, value)  # as a flush would
+            values[column.key] = value
+        self._run("record a rotation", lambda c: c.execute(insert(_ROTATIONS), values))
         return rotation
 
     def update_rotation(self, rotation_id: str, **values: Any) -> Rotation:
@@ -527,30 +702,31 @@ class Journal:
         revoke superseded the rotation meanwhile, and then :class:`LockBusy` is raised (a token
         this step carried is kept sealed on the row, see ``_keep_late_token``).
         """
-        now = utcnow()
-        with self.session("record a rotation step") as s:
-            row = s.scalars(
-                self._step_statement(frozenset(values)),
-                {"_rid": rotation_id, **values, "updated_at": now},
-                execution_options={"populate_existing": True},
-            ).one_or_none()
-            superseded = row is None
-            if row is None:
-                row = self._locked_row(s, rotation_id)
-                if row.step != Step.SUPERSEDED:  # pragma: no cover - the WHERE above says so
-                    raise JournalError(
-                        f"rotation {rotation_id} changed under this step", where=self.where
-                    )
-                self._keep_late_token(s, row, values)
-            else:
-                if state is not None:
-                    self._upsert_state(s, row.environment, row.credential, state)
-                if audit is not None:
-                    s.add(
-                        self._audit_row(
-                            environment=row.environment, credential=row.credential, **audit
+
+        def work(conn: Connection) -> tuple[Rotation, bool]:
+            params = {f"p_{key}": value for key, value in values.items()}
+            params.update(p_rid=rotation_id, p_updated_at=utcnow())
+            found = _first_rotation(conn.execute(self._step_statement(frozenset(values)), params))
+            if found is None:
+                with Session(
+                    bind=conn, join_transaction_mode="create_savepoint", expire_on_commit=False
+                ) as s:
+                    row = self._locked_row(s, rotation_id)
+                    if row.step != Step.SUPERSEDED:  # pragma: no cover - the WHERE above says so
+                        raise JournalError(
+                            f"rotation {rotation_id} changed under this step", where=self.where
                         )
-                    )
+                    self._keep_late_token(s, row, values)
+                    s.commit()
+                return row, True
+            if state is not None:
+                self._upsert_state(conn, found.environment, found.credential, state)
+            if audit is not None:
+                where = {"environment": found.environment, "credential": found.credential}
+                conn.execute(insert(_AUDIT), self._audit_values(**where, **audit))
+            return found, False
+
+        row, superseded = self._run("record a rotation step", work)
         if superseded:
             raise self._superseded(row)
         return row
@@ -561,30 +737,30 @@ class Journal:
         stmt = self._step_statements.get(keys)
         if stmt is None:
             stmt = (
-                update(Rotation)
-                .where(Rotation.id == bindparam("_rid"), Rotation.step != Step.SUPERSEDED)
-                .values({key: bindparam(key) for key in (*sorted(keys), "updated_at")})
-                .returning(Rotation)
+                update(_ROTATIONS)
+                .where(_ROTATIONS.c.id == bindparam("p_rid"), _ROTATIONS.c.step != Step.SUPERSEDED)
+                .values({key: bindparam(f"p_{key}") for key in (*sorted(keys), "updated_at")})
+                .returning(*_ROTATIONS.c)
             )
             self._step_statements[keys] = stmt
         return stmt
 
     def _upsert_state(
-        self, s: Session, environment: str, credential: str, values: dict[str, Any]
+        self, conn: Connection, environment: str, credential: str, values: dict[str, Any]
     ) -> None:
-        """Insert or update a credential's state in one statement."""
-        from sqlalchemy.dialects import postgresql, sqlite
-
-        dialect_insert: Any = sqlite.insert if self.is_sqlite else postgresql.insert
-        stmt = dialect_insert(CredentialState).values(
-            environment=environment, credential=credential, **values
-        )
-        s.execute(
-            stmt.on_conflict_do_update(
-                index_elements=[CredentialState.environment, CredentialState.credential],
-                set_={key: stmt.excluded[key] for key in values},
+        """Insert or update a credential's state in one statement (built once per key set)."""
+        keys = frozenset(values)
+        stmt = self._state_statements.get(keys)
+        if stmt is None:
+            names = ("environment", "credential", *sorted(keys))
+            ins = self._q.insert(_STATES).values({key: bindparam(f"p_{key}") for key in names})
+            stmt = ins.on_conflict_do_update(
+                index_elements=[_STATES.c.environment, _STATES.c.credential],
+                set_={key: ins.excluded[key] for key in sorted(keys)},
             )
-        )
+            self._state_statements[keys] = stmt
+        params = {f"p_{key}": value for key, value in values.items()}
+        conn.execute(stmt, {**params, "p_environment": environment, "p_credential": credential})
 
     def add_note(self, rotation_id: str, note: str) -> None:
         with self.session("annotate a rotation") as s:
@@ -593,21 +769,15 @@ class Journal:
                 row.notes = json.dumps([*row.note_list(), note])
 
     def rotation(self, rotation_id: str) -> Rotation | None:
-        with self.reader() as s:
-            return s.get(Rotation, rotation_id)
+        return self._read_rotation(self._q.rotation, {"p_id": rotation_id})
 
     def open_rotation(self, environment: str, credential: str) -> Rotation | None:
-        with self.reader() as s:
-            return s.scalars(
-                select(Rotation)
-                .where(
-                    Rotation.environment == environment,
-                    Rotation.credential == credential,
-                    Rotation.step.in_(Step.OPEN),
-                )
-                .order_by(Rotation.started_at.desc())
-                .limit(1)
-            ).first()
+        return self._read_rotation(
+            self._q.open_rotation, {"p_env": environment, "p_cred": credential}
+        )
+
+    def _read_rotation(self, stmt: Any, params: dict[str, Any]) -> Rotation | None:
+        return self._run("read a rotation", lambda c: _first_rotation(c.execute(stmt, params)))
 
     def open_rotations(self, environment: str | None = None) -> list[Rotation]:
         with self.reader() as s:
@@ -618,18 +788,9 @@ class Journal:
 
     def open_revoke(self, environment: str, credential: str) -> Rotation | None:
         """The unfinished emergency revoke of a credential (``kind="revoke"``), if any."""
-        with self.reader() as s:
-            return s.scalars(
-                select(Rotation)
-                .where(
-                    Rotation.kind == "revoke",
-                    Rotation.environment == environment,
-                    Rotation.credential == credential,
-                    Rotation.finished_at.is_(None),
-                )
-                .order_by(Rotation.started_at.desc())
-                .limit(1)
-            ).first()
+        return self._read_rotation(
+            self._q.open_revoke, {"p_env": environment, "p_cred": credential}
+        )
 
     def open_revokes(self, environment: str | None = None) -> list[Rotation]:
         """Every unfinished emergency revoke, oldest first."""
@@ -685,7 +846,12 @@ class Journal:
             s.add(self._audit_row(actor=actor, action=action, outcome=outcome, **fields))
 
     @staticmethod
-    def _audit_row(
+    def _audit_row(**fields: Any) -> AuditEntry:
+        """An entry to add to a session (see ``_audit_values`` for the fields)."""
+        return AuditEntry(**Journal._audit_values(**fields))
+
+    @staticmethod
+    def _audit_values(
         *,
         actor: str,
         action: str,
@@ -696,19 +862,19 @@ class Journal:
         fingerprint: str | None = None,
         request_ids: Sequence[str | None] = (),
         **detail: Any,
-    ) -> AuditEntry:
-        return AuditEntry(
-            at=utcnow(),
-            actor=actor,
-            action=action,
-            outcome=outcome,
-            environment=environment,
-            credential=credential,
-            version_id=version_id,
-            fingerprint=fingerprint,
-            request_ids=json.dumps([r for r in request_ids if r]),
-            detail=json.dumps(detail, default=str),
-        )
+    ) -> dict[str, Any]:
+        return {
+            "at": utcnow(),
+            "actor": actor,
+            "action": action,
+            "outcome": outcome,
+            "environment": environment,
+            "credential": credential,
+            "version_id": version_id,
+            "fingerprint": fingerprint,
+            "request_ids": json.dumps([r for r in request_ids if r]),
+            "detail": json.dumps(detail, default=str),
+        }
 
     def audit_entries(
         self,

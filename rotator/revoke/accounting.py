@@ -71,8 +71,8 @@ async def account_for(
                 f"Makini until it expires ({expiry}); it is stored nowhere"
             )
             report.next(note)
-        await engine._io(custody.drop, engine.journal, rot.id, note)
-        await engine._io(
+        await engine._journal(custody.drop, engine.journal, rot.id, note)
+        await engine._journal(
             engine.journal.audit,
             actor=actor,
             action="revoke.token_accounted",

@@ -97,7 +97,7 @@ class RevokeContext:
         for s in reversed(self.record.superseded):
             if s.id == self.record.adopted:
                 continue
-            rot = await self.engine._io(self.journal.rotation, s.id)
+            rot = await self.engine._journal(self.journal.rotation, s.id)
             if rot is not None and rot.sealed is not None:
                 out.append((rot.id, self._unseal(rot)))
         return out
@@ -114,10 +114,10 @@ class RevokeContext:
             f"adopted the token {version.tokens.access.short} of pre-empted rotation "
             f"{rotation_id[:8]} as the replacement"
         )
-        self.row = await self.engine._io(
+        self.row = await self.engine._journal(
             custody.adopt, self.journal, self.row.id, rotation_id, self.record, step, note
         )
-        await self.engine._io(
+        await self.engine._journal(
             self.journal.audit,
             actor=self.row.actor,
             action="revoke.adopted",
@@ -138,7 +138,7 @@ class RevokeContext:
         rows = []
         for s in self.record.superseded:
             if s.id != self.record.adopted:
-                rot = await self.engine._io(self.journal.rotation, s.id)
+                rot = await self.engine._journal(self.journal.rotation, s.id)
                 if rot is not None and rot.sealed is not None:
                     rows.append(rot)
         await account_for(
@@ -165,7 +165,7 @@ class RevokeContext:
                     "then, it was never received (issuing again kills it where issuing "
                     "invalidates)"
                 )
-            self.row = await self.engine._io(
+            self.row = await self.engine._journal(
                 self.journal.update_rotation, self.row.id, attempts=self.row.attempts + 1
             )
         sources: list[Secret] = []
@@ -297,10 +297,10 @@ class RevokeContext:
             return  # checked a moment ago: within one chain of steps
         self._fenced_at = now
         if now - self._renewed_at < self.journal.lock_ttl.total_seconds() / 3:
-            holder = await self.engine._io(self.journal.lock_holder, self.lock)
+            holder = await self.engine._journal(self.journal.lock_holder, self.lock)
             held = holder is not None and holder.owner == self.owner
         else:
-            held = await self.engine._io(self.journal.renew, self.lock, self.owner)
+            held = await self.engine._journal(self.journal.renew, self.lock, self.owner)
             self._renewed_at = now
         if not held:
             raise LockBusy(
@@ -340,7 +340,7 @@ class RevokeContext:
             audits.append(audit)
         base = {"actor": self.row.actor, "request_ids": list(self.request_ids)}
         values = {**values, "notes": self.record.notes_with(self.row, *self._flush_notes())}
-        self.row = await self.engine._io(
+        self.row = await self.engine._journal(
             custody.commit,
             self.journal,
             self.row,

@@ -30,13 +30,15 @@ async def plan(
     if req.resume:
         if not names:
             open_names = {
-                r.credential for r in await engine._io(engine.journal.open_revokes, rt.name)
+                r.credential for r in await engine._journal(engine.journal.open_revokes, rt.name)
             }
             creds = [c for c in rt.settings.credentials if c.name in open_names]
         return list(await asyncio.gather(*(_plan_resume(engine, rt, c) for c in creds)))
     # what is open in the journal, read once for the whole environment
-    revokes = {r.credential for r in await engine._io(engine.journal.open_revokes, rt.name)}
-    rotations = {r.credential: r for r in await engine._io(engine.journal.open_rotations, rt.name)}
+    revokes = {r.credential for r in await engine._journal(engine.journal.open_revokes, rt.name)}
+    rotations = {
+        r.credential: r for r in await engine._journal(engine.journal.open_rotations, rt.name)
+    }
     return list(
         await asyncio.gather(
             *(
@@ -60,8 +62,8 @@ async def _plan_resume(
     base = CredentialPlan(
         rt.name, cred.name, cred.connection_id, "resume", backends=[b.name for b in rt.backends]
     )
-    row = await engine._io(engine.journal.open_revoke, rt.name, cred.name)
-    orphans = await engine._io(custody.orphans, engine.journal, rt.name, cred.name)
+    row = await engine._journal(engine.journal.open_revoke, rt.name, cred.name)
+    orphans = await engine._journal(custody.orphans, engine.journal, rt.name, cred.name)
     if row is None and not orphans:
         base.action, base.why = "skip", "no unfinished revoke"
         return base
@@ -165,7 +167,7 @@ async def _plan_preemption(
     rot: Rotation,
     p: CredentialPlan,
 ) -> None:
-    holder = await engine._io(engine.journal.lock_holder, f"{rt.name}/{cred.name}")
+    holder = await engine._journal(engine.journal.lock_holder, f"{rt.name}/{cred.name}")
     p.preempts = f"rotation {rot.id[:8]} at step {rot.step}" + (
         " (running in another worker: its lease is taken over)" if holder is not None else ""
     )

@@ -107,7 +107,7 @@ class Revoker:
         if not took:
             return report
         try:
-            row = await self.engine._io(self.journal.open_revoke, rt.name, cred.name)
+            row = await self.engine._journal(self.journal.open_revoke, rt.name, cred.name)
             if row is not None:
                 report.resumed = True
                 await CredentialRevoke(self.engine, rt, cred, row, owner, report).run()
@@ -127,7 +127,7 @@ class Revoker:
             report.outcome, report.error = "failed", exc.message
             log.error("revoke.failed", environment=rt.name, credential=cred.name, error=exc.message)
         finally:
-            await self.engine._io(self.journal.release, lock, owner)
+            await self.engine._journal(self.journal.release, lock, owner)
             report.timings.setdefault("total_s", time.monotonic() - started)
         return report
 
@@ -137,17 +137,17 @@ class Revoker:
         """Take the lease, from a rotation in flight if need be: (taken, the previous live
         holder it was taken from). Not taken when another worker drives an unfinished revoke
         of the credential (``report`` says so)."""
-        if await self.engine._io(self.journal.acquire, lock, owner):
+        if await self.engine._journal(self.journal.acquire, lock, owner):
             return True, None
         env, name = lock.split("/", 1)
-        if await self.engine._io(self.journal.open_revoke, env, name) is not None:
-            holder = await self.engine._io(self.journal.lock_holder, lock)
+        if await self.engine._journal(self.journal.open_revoke, env, name) is not None:
+            holder = await self.engine._journal(self.journal.lock_holder, lock)
             until = holder.expires_at.isoformat(timespec="seconds") if holder else "?"
             report.outcome = "busy"
             report.error = "another worker is driving this credential's unfinished revoke"
             report.next(f"wait for it (its lease runs until {until}), then `rotator status`")
             return False, None
-        stolen = await self.engine._io(self.journal.steal, lock, owner)
+        stolen = await self.engine._journal(self.journal.steal, lock, owner)
         if stolen is not None:
             log.warning("revoke.preempted_worker", environment=env, credential=name, worker=stolen)
         return True, stolen
@@ -205,7 +205,7 @@ class Revoker:
             target_stage=stage,
             current_version=target.current.version_id if target.current else None,
         )
-        preempted = await self.engine._io(
+        preempted = await self.engine._journal(
             custody.begin,
             self.journal,
             row,
@@ -259,8 +259,8 @@ class Revoker:
         deadline = time.monotonic() + rt.settings.makini.timeout_s + 1.0
         for x in waiting:
             while time.monotonic() < deadline:
-                rot = await self.engine._io(self.journal.rotation, x.info.id)
-                state = await self.engine._io(
+                rot = await self.engine._journal(self.journal.rotation, x.info.id)
+                state = await self.engine._journal(
                     self.journal.state, rt.name, rot.credential if rot else ""
                 )
                 if rot is None or rot.sealed is not None:
@@ -280,7 +280,7 @@ class Revoker:
         journal kept them sealed on the superseded rotations' rows). One that still works
         becomes current where the stored current token no longer works (its late issue killed
         it); otherwise it is killed where Makini allows, or reported."""
-        orphans = await self.engine._io(custody.orphans, self.journal, rt.name, cred.name)
+        orphans = await self.engine._journal(custody.orphans, self.journal, rt.name, cred.name)
         for rot in orphans:
             version = unseal(rt, cred, rot)
             if not await kill.rejected(rt.makini, version.tokens.access, cred.connection_id):
@@ -295,9 +295,9 @@ class Revoker:
             await account_for(
                 self.engine, rt, cred, [rot], actor=actor, disconnected=False, report=report
             )
-        state = await self.engine._io(self.journal.state, rt.name, cred.name)
+        state = await self.engine._journal(self.journal.state, rt.name, cred.name)
         if state is not None and state.attention and "pre-empted rotation" in state.attention:
-            await self.engine._io(self.journal.set_state, rt.name, cred.name, attention=None)
+            await self.engine._journal(self.journal.set_state, rt.name, cred.name, attention=None)
         if orphans and not report.revoke_id:
             report.outcome = "unconfirmed" if report.next_steps else "revoked"
 
@@ -322,7 +322,7 @@ class Revoker:
             f"the token {version.tokens.access.short} Makini issued to pre-empted rotation "
             f"{rot.id[:8]} after the revoke works while the stored one does not: it is current now"
         )
-        await self.engine._io(
+        await self.engine._journal(
             self.journal.set_state,
             rt.name,
             cred.name,
@@ -331,8 +331,8 @@ class Revoker:
             expires_at=version.tokens.expires_at,
             rotated_at=now,
         )
-        await self.engine._io(custody.drop, self.journal, rot.id, note)
-        await self.engine._io(
+        await self.engine._journal(custody.drop, self.journal, rot.id, note)
+        await self.engine._journal(
             self.journal.audit,
             actor=actor,
             action="revoke.late_token_adopted",
