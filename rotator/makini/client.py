@@ -132,6 +132,8 @@ class MakiniClient:
         size = settings.max_concurrency
         shards = 1 if transport is not None else max(1, -(-size // _SHARD))
         per_shard = -(-size // shards)
+        # one TLS context for every shard: loading the CA bundle costs tens of milliseconds
+        tls = httpx.create_ssl_context()  # honours SSL_CERT_FILE and SSL_CERT_DIR
         self._shards = [
             httpx.AsyncClient(
                 base_url=settings.base_url,
@@ -141,6 +143,7 @@ class MakiniClient:
                 headers={"Accept": "application/json", "User-Agent": "makini-rotator"},
                 transport=transport,
                 follow_redirects=False,
+                verify=tls,
             )
             for _ in range(shards)
         ]
