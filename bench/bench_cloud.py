@@ -49,6 +49,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the servers live in tests/servers
     sys.path.insert(0, str(ROOT))
 
+from simulator import start_simulator  # noqa: E402 - after the path set-up
+
 CLIENT, SECRET = "bench-prod", "bench-prod-secret"
 ENV = "prod"
 REGION = "eu-west-1"
@@ -103,35 +105,6 @@ def stop_child(proc: subprocess.Popen[str]) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=10)
-
-
-def start_simulator(port: int, latency_ms: float) -> subprocess.Popen[bytes]:
-    import httpx
-
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "rotator",
-            "makini-sim",
-            "--port",
-            str(port),
-            "--latency-ms",
-            str(latency_ms),
-            "--client",
-            f"{CLIENT}:{SECRET}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    for _ in range(200):
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/_sim/options", timeout=0.5)
-            return proc
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("the Makini simulator did not start")
 
 
 # --- the configuration ----------------------------------------------------------------------
@@ -405,7 +378,7 @@ def main() -> None:
         sim = None
         try:
             bao.start()
-            sim = start_simulator(args.sim_port, args.latency_ms)
+            sim = start_simulator(args.sim_port, args.latency_ms, f"{CLIENT}:{SECRET}")
             servers = Servers(
                 sim=f"http://127.0.0.1:{args.sim_port}",
                 moto=moto_info["url"],

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
+from simulator import simulator
 
 from rotator import logs
 from rotator.crypto import generate_key
@@ -113,30 +113,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench-rotation-") as tmp:
         folder = Path(tmp)
-        sim = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "rotator",
-                "makini-sim",
-                "--port",
-                str(args.port),
-                "--latency-ms",
-                str(args.latency_ms),
-                "--client",
-                f"{CLIENT}:{SECRET}",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        url = f"http://127.0.0.1:{args.port}"
-        try:
-            for _ in range(100):
-                try:
-                    httpx.get(f"{url}/_sim/options", timeout=0.5)
-                    break
-                except httpx.HTTPError:
-                    time.sleep(0.1)
+        with simulator(args.port, args.latency_ms, f"{CLIENT}:{SECRET}") as url:
             config = write_config(folder, url, args.credentials, args.concurrency)
             env = {
                 **os.environ,
@@ -161,9 +138,6 @@ def main() -> None:
                 print(f"  {label}:")
                 print(f"    run-due {secs:6.2f} s   peak RSS {mb:6.1f} MB   exit {code}")
                 print(f"    Makini calls alone {bound:6.2f} s   ratio {secs / bound:4.2f}x")
-        finally:
-            sim.terminate()
-            sim.wait(timeout=10)
 
 
 if __name__ == "__main__":

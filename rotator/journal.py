@@ -695,8 +695,9 @@ class Journal:
         *,
         state: dict[str, Any] | None = None,
         audit: dict[str, Any] | None = None,
+        audits: Sequence[dict[str, Any]] = (),
     ) -> Rotation:
-        """Record a step, and optionally the credential state and an audit entry, atomically.
+        """Record a step, and optionally the credential state and audit entries, atomically.
 
         One conditional UPDATE ... RETURNING on the hot path: it changes nothing if an emergency
         revoke superseded the rotation meanwhile, and then :class:`LockBusy` is raised (a token
@@ -721,9 +722,11 @@ class Journal:
                 return row, True
             if state is not None:
                 self._upsert_state(conn, found.environment, found.credential, state)
-            if audit is not None:
+            entries = [*audits, *([audit] if audit is not None else [])]
+            if entries:
                 where = {"environment": found.environment, "credential": found.credential}
-                conn.execute(insert(_AUDIT), self._audit_values(**where, **audit))
+                rows = [self._audit_values(**where, **entry) for entry in entries]
+                conn.execute(insert(_AUDIT), rows)
             return found, False
 
         row, superseded = self._run("record a rotation step", work)
@@ -754,9 +757,13 @@ class Journal:
         if stmt is None:
             names = ("environment", "credential", *sorted(keys))
             ins = self._q.insert(_STATES).values({key: bindparam(f"p_{key}") for key in names})
-            stmt = ins.on_conflict_do_update(
-                index_elements=[_STATES.c.environment, _STATES.c.credential],
-                set_={key: ins.excluded[key] for key in sorted(keys)},
+            index = [_STATES.c.environment, _STATES.c.credential]
+            stmt = (
+                ins.on_conflict_do_update(
+                    index_elements=index, set_={key: ins.excluded[key] for key in sorted(keys)}
+                )
+                if keys
+                else ins.on_conflict_do_nothing(index_elements=index)
             )
             self._state_statements[keys] = stmt
         params = {f"p_{key}": value for key, value in values.items()}
@@ -830,20 +837,17 @@ class Journal:
             return {(r.environment, r.credential): r for r in s.scalars(q)}
 
     def set_state(self, environment: str, credential: str, **values: Any) -> None:
-        with self.session("update credential state") as s:
-            row = s.get(CredentialState, (environment, credential))
-            if row is None:
-                row = CredentialState(environment=environment, credential=credential)
-                s.add(row)
-            for key, value in values.items():
-                setattr(row, key, value)
+        self._run(
+            "update credential state",
+            lambda c: self._upsert_state(c, environment, credential, values),
+        )
 
     # audit ---------------------------------------------------------------------------------
 
     def audit(self, *, actor: str, action: str, outcome: str, **fields: Any) -> None:
-        """Append one entry (see ``_audit_row`` for the fields)."""
-        with self.session("append to the audit log") as s:
-            s.add(self._audit_row(actor=actor, action=action, outcome=outcome, **fields))
+        """Append one entry (see ``_audit_values`` for the fields)."""
+        row = self._audit_values(actor=actor, action=action, outcome=outcome, **fields)
+        self._run("append to the audit log", lambda c: c.execute(insert(_AUDIT), row))
 
     @staticmethod
     def _audit_row(**fields: Any) -> AuditEntry:

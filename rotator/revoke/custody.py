@@ -17,8 +17,8 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from rotator.errors import JournalError, RotationError
-from rotator.journal import CredentialState, Journal, Rotation, Step
+from rotator.errors import RotationError
+from rotator.journal import Journal, Rotation, Step
 from rotator.model import utcnow
 
 from .model import KIND, Preempted, Record, Superseded
@@ -144,25 +144,6 @@ def commit(
     audits: Sequence[dict[str, Any]] = (),
 ) -> Rotation:
     """Record a revoke's step with the credential's state and any number of audit entries,
-    atomically (``Journal.commit_step`` takes one entry), and apply ``values`` to ``row``.
-
-    Plain UPDATEs: the revoke holds the credential's lease, so nothing else writes its row.
-    """
-    values = {**values, "updated_at": utcnow()}
-    env, cred = row.environment, row.credential
-    with journal.session("record a revoke step") as s:
-        done = s.execute(update(Rotation).where(Rotation.id == row.id).values(**values))
-        if not done.rowcount:  # type: ignore[attr-defined]
-            raise JournalError(f"revoke {row.id} is not in the journal", where=journal.where)
-        if state:
-            found = s.execute(
-                update(CredentialState)
-                .where(CredentialState.environment == env, CredentialState.credential == cred)
-                .values(**state)
-            )
-            if not found.rowcount:  # type: ignore[attr-defined]
-                s.add(CredentialState(environment=env, credential=cred, **state))
-        s.add_all(journal._audit_row(environment=env, credential=cred, **audit) for audit in audits)
-    for key, value in values.items():
-        setattr(row, key, value)
-    return row
+    atomically, and return the row as recorded (the revoke holds the credential's lease, so
+    nothing else writes its row)."""
+    return journal.commit_step(row.id, values, state=state, audits=audits)
