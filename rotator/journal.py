@@ -217,18 +217,20 @@ _ROTATIONS = cast(Table, Rotation.__table__)
 _LOCKS = cast(Table, Lock.__table__)
 _STATES = cast(Table, CredentialState.__table__)
 _AUDIT = cast(Table, AuditEntry.__table__)
-_ROTATION_CLASS = manager_of_class(Rotation)
+M = TypeVar("M", bound=Base)
+
+
+def _instance(cls: type[M], row: Any) -> M:
+    """A Core row as a (detached) instance of ``cls``, built the way the ORM loads one: without
+    an attribute event per column, which costs more than the query on the hot path."""
+    instance: M = manager_of_class(cls).new_instance()
+    instance.__dict__.update(row._mapping)
+    return instance
 
 
 def _first_rotation(result: Any) -> Rotation | None:
-    """The first row of a Core result as a (detached) Rotation, built the way the ORM loads
-    one: without an attribute event per column, which costs more than the query."""
     row = result.first()
-    if row is None:
-        return None
-    rotation: Rotation = _ROTATION_CLASS.new_instance()
-    rotation.__dict__.update(row._mapping)
-    return rotation
+    return None if row is None else _instance(Rotation, row)
 
 
 class _Statements:
@@ -308,11 +310,12 @@ class _Writer:
         self._queue.put((fn, future))
         return future
 
-    def run(self, work: Callable[[Connection], T]) -> T:
-        """``work`` in a savepoint of the current batch, and its result once durable."""
-        if threading.get_ident() == self._thread.ident:
-            return self._in_savepoint(work)  # inside a submitted function: part of its batch
-        return self.submit(lambda: self._in_savepoint(work)).result()
+    def run(self, work: Callable[[Connection], T], *, single: bool = False) -> T:
+        """``work`` in a savepoint of the current batch, and its result once durable. A
+        ``single`` statement needs no savepoint: SQLite undoes a failed statement itself."""
+        if threading.get_ident() == self._thread.ident:  # inside a submitted function
+            return self._in_savepoint(work, single)
+        return self.submit(lambda: self._in_savepoint(work, single)).result()
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -353,8 +356,10 @@ class _Writer:
             back.set()
         done.result()
 
-    def _in_savepoint(self, work: Callable[[Connection], T]) -> T:
+    def _in_savepoint(self, work: Callable[[Connection], T], single: bool = False) -> T:
         assert self._conn is not None
+        if single:
+            return work(self._conn)
         raw = self._conn.connection.driver_connection
         assert raw is not None
         raw.execute("SAVEPOINT work")
@@ -522,12 +527,12 @@ class Journal:
                 with self._sessions.begin() as s:
                     yield s
 
-    def _run(self, doing: str, work: Callable[[Connection], T]) -> T:
+    def _run(self, doing: str, work: Callable[[Connection], T], *, single: bool = False) -> T:
         """Run ``work`` in a transaction of its own (SQLite: the writer's batch); its result
-        comes back once it is durable."""
+        comes back once it is durable. ``single``: it runs one statement."""
         with self._guard(doing):
             if self._writer is not None:
-                return self._writer.run(work)
+                return self._writer.run(work, single=single)
             with self.engine.begin() as conn:
                 return work(conn)
 
@@ -557,7 +562,7 @@ class Journal:
 
     def acquire(self, name: str, owner: str, ttl: timedelta | None = None) -> bool:
         """Take the lease ``name`` if it is free, expired, or ``owner``'s already."""
-        return self._run("take a lock", lambda c: self._acquire(c, name, owner, ttl))
+        return self._run("take a lock", lambda c: self._acquire(c, name, owner, ttl), single=True)
 
     def _acquire(self, conn: Connection, name: str, owner: str, ttl: timedelta | None) -> bool:
         now = utcnow()
@@ -568,11 +573,14 @@ class Journal:
     def renew(self, name: str, owner: str, ttl: timedelta | None = None) -> bool:
         expires = utcnow() + (ttl or self.lock_ttl)
         params = {"p_name": name, "p_owner": owner, "p_expires": expires}
-        return bool(self._run("renew a lock", lambda c: c.execute(self._q.renew, params).rowcount))
+        renew = self._q.renew
+        return bool(
+            self._run("renew a lock", lambda c: c.execute(renew, params).rowcount, single=True)
+        )
 
     def release(self, name: str, owner: str) -> None:
         params = {"p_name": name, "p_owner": owner}
-        self._run("release a lock", lambda c: c.execute(self._q.release, params))
+        self._run("release a lock", lambda c: c.execute(self._q.release, params), single=True)
 
     def steal(self, name: str, owner: str, ttl: timedelta | None = None) -> str | None:
         """Take the lease whoever holds it: an emergency revoke pre-empting a rotation.
@@ -600,9 +608,10 @@ class Journal:
     def lock_holder(self, name: str) -> Lock | None:
         def read(conn: Connection) -> Lock | None:
             row = conn.execute(self._q.lock, {"p_name": name}).first()
-            return Lock(**row._mapping) if row is not None and row.expires_at > utcnow() else None
+            live = row is not None and row.expires_at > utcnow()
+            return _instance(Lock, row) if live else None
 
-        return self._run("read a lock", read)
+        return self._run("read a lock", read, single=True)
 
     def begin_drive(
         self, lock: str, owner: str, environment: str, credential: str
@@ -630,7 +639,7 @@ class Journal:
                 value = default.arg
                 setattr(rotation, column.key, value)  # as a flush would
             values[column.key] = value
-        self._run("record a rotation", lambda c: c.execute(insert(_ROTATIONS), values))
+        self._run("record a rotation", lambda c: c.execute(insert(_ROTATIONS), values), single=True)
         return rotation
 
     def update_rotation(self, rotation_id: str, **values: Any) -> Rotation:
@@ -784,7 +793,8 @@ class Journal:
         )
 
     def _read_rotation(self, stmt: Any, params: dict[str, Any]) -> Rotation | None:
-        return self._run("read a rotation", lambda c: _first_rotation(c.execute(stmt, params)))
+        read = lambda c: _first_rotation(c.execute(stmt, params))  # noqa: E731
+        return self._run("read a rotation", read, single=True)
 
     def open_rotations(self, environment: str | None = None) -> list[Rotation]:
         with self.reader() as s:
@@ -840,6 +850,7 @@ class Journal:
         self._run(
             "update credential state",
             lambda c: self._upsert_state(c, environment, credential, values),
+            single=True,
         )
 
     # audit ---------------------------------------------------------------------------------
@@ -847,7 +858,7 @@ class Journal:
     def audit(self, *, actor: str, action: str, outcome: str, **fields: Any) -> None:
         """Append one entry (see ``_audit_values`` for the fields)."""
         row = self._audit_values(actor=actor, action=action, outcome=outcome, **fields)
-        self._run("append to the audit log", lambda c: c.execute(insert(_AUDIT), row))
+        self._run("append to the audit log", lambda c: c.execute(insert(_AUDIT), row), single=True)
 
     @staticmethod
     def _audit_row(**fields: Any) -> AuditEntry:
