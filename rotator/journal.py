@@ -536,6 +536,10 @@ class Journal:
             with self.engine.begin() as conn:
                 return work(conn)
 
+    def execute(self, doing: str, statement: Any, params: Any = None) -> None:
+        """Run one Core statement in a transaction of its own (SQLite: the writer's batch)."""
+        self._run(doing, lambda c: c.execute(statement, params), single=True)
+
     def submit(self, fn: Callable[[], T]) -> Future[T] | None:
         """On SQLite, run ``fn`` (which touches nothing but the journal) on the writer thread in
         its current batch, and return its future; elsewhere ``None``: call it from a worker

@@ -278,8 +278,8 @@ def drop_everywhere(journal: Journal, env: str, cred: str, version_id: str) -> N
     """Make ``version_id`` unservable in every API process on ``journal``: at once in this
     process, within a second in the others (the replica feed reads the drop from the journal).
 
-    For the emergency revoke, from any process (serve, CLI): blocking, call it on a thread
-    from async code (``await asyncio.to_thread(drop_everywhere, journal, env, cred, vid)``).
+    For the emergency revoke, from any process (serve, CLI): blocking, and it touches nothing
+    but the journal and the caches: the revoke runs it as journal work (``engine._journal``).
     """
     for cache in list(_CACHES):
         cache.drop(env, cred, version_id)

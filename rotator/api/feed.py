@@ -21,7 +21,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from sqlalchemy import Integer, String, select, text
+from sqlalchemy import Integer, String, insert, select, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from rotator.journal import Base, CredentialState, Journal, UTCDateTime
@@ -83,8 +83,8 @@ def install_triggers(journal: Journal) -> None:
 def publish_drop(journal: Journal, env: str, cred: str, version_id: str) -> None:
     """Record a dropped version in the journal, for every replica's feed."""
     ensure_tables(journal)
-    with journal.session("record a revoked version") as s:
-        s.add(TokenDrop(environment=env, credential=cred, version_id=version_id, at=utcnow()))
+    row = {"environment": env, "credential": cred, "version_id": version_id, "at": utcnow()}
+    journal.execute("record a revoked version", insert(TokenDrop), row)
 
 
 class ReplicaFeed:

@@ -366,7 +366,7 @@ class CredentialRevoke(RevokeContext):
 
         for vid in vids:
             # every serving replica on this journal stops serving it, wherever this revoke runs
-            await asyncio.to_thread(
+            await self.engine._journal(
                 drop_everywhere, self.engine.journal, self.rt.name, self.cred.name, vid
             )
             for listener in self.engine.revoke_listeners:
