@@ -24,14 +24,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from simulator import simulator
+from simulator import makini_calls_alone, simulator
 
 from rotator import logs
 from rotator.crypto import generate_key
-from rotator.makini import MakiniClient
 from rotator.revoke import CredentialReport, Revoker, RevokeRequest
 from rotator.runtime import Runtime
-from rotator.settings import MakiniSettings, parse_config
+from rotator.settings import parse_config
 
 CLIENT, SECRET = "bench-prod", "bench-prod-secret"
 
@@ -118,30 +117,6 @@ async def single(folder: Path, url: str, runs: int) -> None:
         await runtime.aclose()
 
 
-async def lower_bound(url: str, count: int, concurrency: int) -> float:
-    """The Makini calls of ``count`` revokes alone (issue, then verify three times: the kill's
-    probe, the replacement, the confirmation), same client, same concurrency."""
-    settings = MakiniSettings(
-        base_url=url,
-        client_id=CLIENT,
-        client_secret_env="BENCH_REVOKE_SECRET",
-        max_concurrency=concurrency,
-    )
-    gate = asyncio.Semaphore(concurrency)
-    async with MakiniClient(settings, SECRET, environment="prod") as client:
-        started = time.perf_counter()
-
-        async def one(i: int) -> None:
-            async with gate:
-                conn = f"bound-{i:05d}"
-                issued = await client.issue_token(conn)
-                for _ in range(3):
-                    await client.verify(issued.tokens.access, conn)
-
-        await asyncio.gather(*(one(i) for i in range(count)))
-        return time.perf_counter() - started
-
-
 async def bulk(folder: Path, url: str, count: int, concurrency: int) -> None:
     runtime = Runtime.open(config(folder / "bulk", url, count, concurrency))
     try:
@@ -156,7 +131,11 @@ async def bulk(folder: Path, url: str, count: int, concurrency: int) -> None:
             revoker, RevokeRequest("prod", all=True, reason="bench", actor="bench")
         )
         totals = [r.timings["total_s"] * 1000 for r in reports]
-        bound = await lower_bound(url, count, concurrency)
+        # the Makini calls of the revokes alone: issue, then verify three times (the kill's
+        # probe, the replacement, the confirmation)
+        bound = await makini_calls_alone(
+            url, f"{CLIENT}:{SECRET}", count, concurrency, verifies=3, prefix="bound"
+        )
         print(f"  --all over {count} credentials, concurrency {concurrency}:")
         print(
             f"    wall {elapsed:6.2f} s   target < 30 s   ({count / elapsed:.0f} credentials/s; "

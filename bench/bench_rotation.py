@@ -19,12 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from simulator import simulator
+from simulator import makini_calls_alone, simulator
 
 from rotator import logs
 from rotator.crypto import generate_key
-from rotator.makini import MakiniClient
-from rotator.settings import MakiniSettings
 
 CLIENT, SECRET = "bench-prod", "bench-prod-secret"
 
@@ -80,26 +78,10 @@ def run_due(config: Path, env: dict[str, str]) -> tuple[float, float, int]:
     return elapsed, usage.ru_maxrss / 1024, proc.returncode
 
 
-async def lower_bound(url: str, count: int, concurrency: int, offset: int) -> float:
-    """The Makini calls alone, same client, same concurrency: issue + verify per credential."""
-    settings = MakiniSettings(
-        base_url=url,
-        client_id=CLIENT,
-        client_secret_env="BENCH_SECRET",
-        max_concurrency=concurrency,
-    )
-    gate = asyncio.Semaphore(concurrency)
-    async with MakiniClient(settings, SECRET, environment="prod") as client:
-        start = time.perf_counter()
-
-        async def one(i: int) -> None:
-            async with gate:
-                conn = f"bound-{offset}-{i:05d}"
-                issued = await client.issue_token(conn)
-                await client.verify(issued.tokens.access, conn)
-
-        await asyncio.gather(*(one(i) for i in range(count)))
-        return time.perf_counter() - start
+async def calls_alone(url: str, count: int, concurrency: int, prefix: str) -> float:
+    """The Makini calls alone: issue + verify per credential."""
+    client = f"{CLIENT}:{SECRET}"
+    return await makini_calls_alone(url, client, count, concurrency, verifies=1, prefix=prefix)
 
 
 def main() -> None:
@@ -126,10 +108,10 @@ def main() -> None:
                 f"{args.credentials} credentials, simulator latency {args.latency_ms:.0f} ms "
                 f"per call, concurrency {args.concurrency}, file backend, SQLite journal"
             )
-            bound1 = asyncio.run(lower_bound(url, args.credentials, args.concurrency, 1))
+            bound1 = asyncio.run(calls_alone(url, args.credentials, args.concurrency, "bound-1"))
             first = run_due(config, env)
             time.sleep(1.2)  # interval 1s: every credential is due again
-            bound2 = asyncio.run(lower_bound(url, args.credentials, args.concurrency, 2))
+            bound2 = asyncio.run(calls_alone(url, args.credentials, args.concurrency, "bound-2"))
             second = run_due(config, env)
             for label, (secs, mb, code), bound in (
                 ("first tokens (issue, seal, stage, verify, promote)", first, bound1),

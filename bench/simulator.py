@@ -1,8 +1,10 @@
 """The Makini simulator in a process of its own, as the benchmarks use it: Makini is a remote
-service, so its CPU must not count against the rotator's (``rotator makini-sim``)."""
+service, so its CPU must not count against the rotator's (``rotator makini-sim``). And the
+benchmarks' lower bound: the Makini calls alone."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import subprocess
 import sys
@@ -10,6 +12,9 @@ import time
 from collections.abc import Iterator
 
 import httpx
+
+from rotator.makini import MakiniClient
+from rotator.settings import MakiniSettings
 
 
 def start_simulator(port: int, latency_ms: float, client: str) -> subprocess.Popen[bytes]:
@@ -49,3 +54,31 @@ def simulator(port: int, latency_ms: float, client: str) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+async def makini_calls_alone(
+    url: str, client: str, count: int, concurrency: int, *, verifies: int, prefix: str
+) -> float:
+    """Seconds for the Makini calls of ``count`` credentials alone, made by the rotator's own
+    client at the same concurrency: per credential one issue, then ``verifies`` verifies.
+    ``prefix`` names the connections (a fresh one per run keeps them apart)."""
+    client_id, secret = client.split(":", 1)
+    settings = MakiniSettings(
+        base_url=url,
+        client_id=client_id,
+        client_secret_env="BENCH_SECRET",  # a name only: the secret is passed below
+        max_concurrency=concurrency,
+    )
+    gate = asyncio.Semaphore(concurrency)
+    async with MakiniClient(settings, secret, environment="prod") as makini:
+        started = time.perf_counter()
+
+        async def one(i: int) -> None:
+            async with gate:
+                conn = f"{prefix}-{i:05d}"
+                issued = await makini.issue_token(conn)
+                for _ in range(verifies):
+                    await makini.verify(issued.tokens.access, conn)
+
+        await asyncio.gather(*(one(i) for i in range(count)))
+        return time.perf_counter() - started

@@ -124,8 +124,23 @@ def default_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def _journal_aad(env: str, cred: str, version_id: str) -> str:
+def journal_aad(env: str, cred: str, version_id: str) -> str:
+    """What a token sealed into a journal row is bound to (it opens for that row only)."""
     return f"journal/{env}/{cred}/{version_id}"
+
+
+def unseal(rt: EnvironmentRuntime, cred: CredentialSettings, row: Rotation) -> StoredVersion:
+    """The token pair a journal row holds sealed. Raises CryptoError naming the sealing key."""
+    assert row.sealed is not None
+    try:
+        plain = rt.sealer.open(row.sealed, journal_aad(rt.name, cred.name, row.version_id))
+    except CryptoError as exc:
+        raise CryptoError(
+            f"cannot unseal the token held by journal row {row.id}: {exc.message}",
+            where=f"sealing key of environment {rt.name}",
+            hint=exc.hint or "configure the sealing key this journal was written with",
+        ) from exc
+    return StoredVersion.from_json(plain)
 
 
 @dataclass
@@ -436,7 +451,7 @@ class RotationEngine:
         )
         d.new = version
         sealed = d.rt.sealer.seal(
-            version.to_json().encode(), _journal_aad(d.rt.name, d.cred.name, rot.version_id)
+            version.to_json().encode(), journal_aad(d.rt.name, d.cred.name, rot.version_id)
         )
         return await self._journal(
             self.journal.commit_step,
@@ -477,19 +492,8 @@ class RotationEngine:
                 where=f"{d.rt.name}/{d.cred.name}",
                 rotation_id=rot.id,
             )
-        if d.new is not None and d.new.version_id == rot.version_id:
-            return d.new
-        try:
-            plain = d.rt.sealer.open(
-                rot.sealed, _journal_aad(d.rt.name, d.cred.name, rot.version_id)
-            )
-        except CryptoError as exc:
-            raise CryptoError(
-                f"cannot unseal the new token of rotation {rot.id}: {exc.message}",
-                where=f"sealing key of environment {d.rt.name}",
-                hint=exc.hint or "configure the sealing key this journal was written with",
-            ) from exc
-        d.new = StoredVersion.from_json(plain)
+        if d.new is None or d.new.version_id != rot.version_id:
+            d.new = unseal(d.rt, d.cred, rot)
         return d.new
 
     # step 2 ------------------------------------------------------------------------------------

@@ -228,6 +228,11 @@ def _instance(cls: type[M], row: Any) -> M:
     return instance
 
 
+def _joined_session(conn: Connection) -> Session:
+    """An ORM session inside the transaction ``conn`` is in (its work in a savepoint)."""
+    return Session(bind=conn, join_transaction_mode="create_savepoint", expire_on_commit=False)
+
+
 def _first_rotation(result: Any) -> Rotation | None:
     row = result.first()
     return None if row is None else _instance(Rotation, row)
@@ -323,9 +328,7 @@ class _Writer:
         thread this thread waits for the block, which must not write to the journal itself."""
         if threading.get_ident() == self._thread.ident:
             assert self._conn is not None
-            with Session(
-                bind=self._conn, join_transaction_mode="create_savepoint", expire_on_commit=False
-            ) as s:
+            with _joined_session(self._conn) as s:
                 yield s
                 s.commit()
             return
@@ -334,9 +337,7 @@ class _Writer:
         failed: list[BaseException] = []
 
         def lend(conn: Connection) -> None:
-            with Session(
-                bind=conn, join_transaction_mode="create_savepoint", expire_on_commit=False
-            ) as s:
+            with _joined_session(conn) as s:
                 lent.set_result(s)
                 back.wait()
                 if failed:
@@ -722,9 +723,7 @@ class Journal:
             params.update(p_rid=rotation_id, p_updated_at=utcnow())
             found = _first_rotation(conn.execute(self._step_statement(frozenset(values)), params))
             if found is None:
-                with Session(
-                    bind=conn, join_transaction_mode="create_savepoint", expire_on_commit=False
-                ) as s:
+                with _joined_session(conn) as s:
                     row = self._locked_row(s, rotation_id)
                     if row.step != Step.SUPERSEDED:  # pragma: no cover - the WHERE above says so
                         raise JournalError(

@@ -1,13 +1,10 @@
-"""Tokens nobody else holds: unsealing what the journal keeps, and accounting for the tokens
-pre-empted rotations received (dead, revoked, or reported), so none is ever lost silently."""
+"""Tokens nobody else holds: accounting for the tokens pre-empted rotations received (dead,
+revoked, or reported), so none is ever lost silently."""
 
 from __future__ import annotations
 
-from rotator.engine import EnvironmentRuntime, RotationEngine
-from rotator.engine import _journal_aad as journal_aad
-from rotator.errors import CryptoError
+from rotator.engine import EnvironmentRuntime, RotationEngine, unseal
 from rotator.journal import Rotation
-from rotator.model import StoredVersion
 from rotator.settings import CredentialSettings
 
 from . import custody, kill
@@ -24,20 +21,6 @@ def disconnected_attention(env: str, cred: CredentialSettings) -> str:
         "the customer must reconnect (Makini Link), then `rotator import "
         f"{env} {cred.name}` stores the new pair"
     )
-
-
-def unseal(rt: EnvironmentRuntime, cred: CredentialSettings, row: Rotation) -> StoredVersion:
-    """The token pair a journal row holds sealed. Raises CryptoError naming the sealing key."""
-    assert row.sealed is not None
-    try:
-        plain = rt.sealer.open(row.sealed, journal_aad(rt.name, cred.name, row.version_id))
-    except CryptoError as exc:
-        raise CryptoError(
-            f"cannot unseal the token held by journal row {row.id}: {exc.message}",
-            where=f"sealing key of environment {rt.name}",
-            hint=exc.hint or "configure the sealing key this journal was written with",
-        ) from exc
-    return StoredVersion.from_json(plain)
 
 
 async def account_for(

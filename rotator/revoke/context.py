@@ -12,8 +12,7 @@ from typing import Any
 import structlog
 
 from backends.base import Backend
-from rotator.engine import EnvironmentRuntime, RotationEngine
-from rotator.engine import _journal_aad as journal_aad
+from rotator.engine import EnvironmentRuntime, RotationEngine, journal_aad, unseal
 from rotator.errors import (
     BackendError,
     LockBusy,
@@ -28,7 +27,7 @@ from rotator.model import Secret, StoredVersion, utcnow
 from rotator.settings import CredentialSettings
 
 from . import custody, kill
-from .accounting import account_for, short, unseal
+from .accounting import account_for, short
 from .model import (
     CredentialReport,
     Record,

@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from rotator.engine import EnvironmentRuntime, RotationEngine, RotationResult
+from rotator.engine import EnvironmentRuntime, RotationEngine, RotationResult, unseal
 from rotator.errors import NotFound, RotatorError
 from rotator.journal import Rotation, Step
 from rotator.model import Stage, StoredVersion, new_version_id, utcnow
 from rotator.settings import CredentialSettings
 
 from . import custody, kill, planner
-from .accounting import account_for, short, unseal
+from .accounting import account_for, short
 from .driver import CredentialRevoke
 from .model import (
     KIND,
