@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 import secrets
 import weakref
 from dataclasses import dataclass
@@ -185,8 +186,12 @@ def list_keys(journal: Journal, environment: str | None = None) -> list[KeyInfo]
 def revoke_key(
     journal: Journal, which: str, *, environment: str | None = None, actor: str = ""
 ) -> KeyInfo:
-    """Revoke a key by id (or by name where that names one live key). Revoking twice is fine."""
+    """Revoke a key by id (or by name where that names one live key). Revoking twice is fine.
+    A whole key pasted instead of its id is revoked by its id and never echoed."""
     ensure_tables(journal)
+    whole = re.fullmatch(r"(?:mrk|mra)_([0-9a-f]+)_.+", which)
+    if whole:
+        which = whole.group(1)
     with journal.session("revoke a reader key") as s:
         row = s.get(ReaderKey, which)
         if row is None:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Annotated, TypeVar
 
 import typer
+from rich.markup import escape
 
 from rotator.journal import Journal
 from rotator.keys import KeyInfo, create_key, list_keys, revoke_key
@@ -70,7 +71,7 @@ def create(
     from rotator.cli.render import console, err
 
     err.print(
-        f"created {info.kind} key {info.key_id} '{info.name}' for environment "
+        f"created {info.kind} key {info.key_id} '{escape(info.name)}' for environment "
         f"{info.environment}; store it now, it is not shown again:"
     )
     console.print(key, markup=False, highlight=False, soft_wrap=True)
@@ -99,7 +100,7 @@ def list_command(
     for k in keys:
         table.add_row(
             k.key_id,
-            k.name,
+            escape(k.name),
             k.environment,
             k.kind,
             ", ".join(sorted(k.credentials)) if k.credentials is not None else "all",
@@ -124,4 +125,4 @@ def revoke(
         return
     from rotator.cli.render import console
 
-    console.print(f"revoked key {info.key_id} '{info.name}' of {info.environment}")
+    console.print(f"revoked key {info.key_id} '{escape(info.name)}' of {info.environment}")

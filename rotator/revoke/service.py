@@ -126,6 +126,16 @@ class Revoker:
         except RotatorError as exc:
             report.outcome, report.error = "failed", exc.message
             log.error("revoke.failed", environment=rt.name, credential=cred.name, error=exc.message)
+        except Exception as exc:  # noqa: BLE001 - one credential's bug must not cancel the others
+            report.outcome = "failed"
+            report.error = f"unexpected error ({type(exc).__name__}); this is a bug, report it"
+            report.next(f"the revoke is journaled: `rotator revoke {rt.name} {cred.name} --resume`")
+            log.error(
+                "revoke.crashed",
+                environment=rt.name,
+                credential=cred.name,
+                error=type(exc).__name__,
+            )
         finally:
             await self.engine._journal(self.journal.release, lock, owner)
             report.timings.setdefault("total_s", time.monotonic() - started)
@@ -170,7 +180,7 @@ class Revoker:
         if old is None:
             report.outcome = "failed"
             report.error = f"the planned version {p.target_version} is no longer readable anywhere"
-            report.next("plan again: `rotator revoke ... --dry-run`")
+            report.next(f"plan again: `rotator revoke {rt.name} {cred.name} --dry-run`")
             return None
         stage = target.stage if old is target.version else "other"
         if target.current is not None and old.version_id == target.current.version_id:

@@ -214,3 +214,39 @@ def test_key_index_refuses_lookalikes() -> None:
         "mrk-0123456789ab-" + "a" * 43,
     ):
         assert index.verify(key) is None
+
+
+def test_a_pasted_whole_key_is_revoked_by_its_id_and_never_echoed(tmp_path: Path) -> None:
+    from rotator.journal import Journal
+    from rotator.keys import create_key, revoke_key
+
+    journal = Journal(f"sqlite:///{tmp_path / 'journal.db'}")
+    try:
+        info, key = create_key(journal, "prod", "[/svc]")
+        revoked = revoke_key(journal, key)
+        assert revoked.key_id == info.key_id and revoked.revoked_at is not None
+        gone = key.replace(info.key_id, "0" * len(info.key_id))
+        try:
+            revoke_key(journal, gone)
+        except Exception as exc:  # noqa: BLE001 - the message is what is checked
+            assert gone not in str(exc) and gone.rsplit("_", 1)[1] not in str(exc)
+        else:
+            raise AssertionError("an unknown key was revoked")
+    finally:
+        journal.close()
+
+
+async def test_key_names_are_printed_as_text_not_markup(
+    serve: Factory, log_trap: LogTrap, tmp_path: Path, namespace: str, sim: object
+) -> None:
+    api = await serve()
+    config = write_config(
+        tmp_path, api.runtime.config.environments["prod"].makini.base_url, namespace
+    )
+    code, out, err = await asyncio.to_thread(
+        run, log_trap, config, "keys", "create", "prod", "--name", "[/svc]"
+    )
+    assert code == 0 and "'[/svc]'" in err and out.strip().startswith("mrk_")
+    log_trap.secrets.add(out.strip())
+    code, out, _ = await asyncio.to_thread(run, log_trap, config, "keys", "list")
+    assert code == 0 and "[/svc]" in out
