@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import json
 import queue
+import random
+import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime, timedelta
@@ -35,6 +38,7 @@ from sqlalchemy import (
     delete,
     event,
     insert,
+    or_,
     select,
     update,
 )
@@ -201,16 +205,32 @@ def _sqlite_pragmas(synchronous: str) -> Any:
         # SAVEPOINT, which the group commit below relies on
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute(f"PRAGMA synchronous={synchronous.upper()}")
         cur.execute("PRAGMA busy_timeout=30000")
+        for attempt in range(50):
+            # switching a new file to WAL needs it alone: processes opening a new journal
+            # together get "locked" at once, whatever the busy timeout; once WAL, a no-op
+            try:
+                cur.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError:
+                if attempt == 49:
+                    raise
+                time.sleep(0.02 + random.random() * 0.05)
+        cur.execute(f"PRAGMA synchronous={synchronous.upper()}")
         cur.close()
 
     return apply
 
 
+_WRITER = "rotator_journal_writer"
+
+
 def _sqlite_begin(conn: Any) -> None:
-    conn.exec_driver_sql("BEGIN")
+    # The writer's batches read before they write. A deferred BEGIN would take a read snapshot,
+    # and SQLite refuses to upgrade a snapshot that another process wrote past (SQLITE_BUSY at
+    # once, without waiting): two processes on one journal would fail each other's batches.
+    # BEGIN IMMEDIATE waits (busy_timeout) for the write lock first.
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.info.get(_WRITER) else "BEGIN")
 
 
 _ROTATIONS = cast(Table, Rotation.__table__)
@@ -220,11 +240,11 @@ _AUDIT = cast(Table, AuditEntry.__table__)
 M = TypeVar("M", bound=Base)
 
 
-def _instance(cls: type[M], row: Any) -> M:
-    """A Core row as a (detached) instance of ``cls``, built the way the ORM loads one: without
-    an attribute event per column, which costs more than the query on the hot path."""
+def _instance(cls: type[M], row: Mapping[str, Any]) -> M:
+    """A row as a (detached) instance of ``cls``, built the way the ORM loads one: without an
+    attribute event per column, which costs more than the query on the hot path."""
     instance: M = manager_of_class(cls).new_instance()
-    instance.__dict__.update(row._mapping)
+    instance.__dict__.update(row)
     return instance
 
 
@@ -233,19 +253,94 @@ def _joined_session(conn: Connection) -> Session:
     return Session(bind=conn, join_transaction_mode="create_savepoint", expire_on_commit=False)
 
 
-def _first_rotation(result: Any) -> Rotation | None:
-    row = result.first()
+def _maybe_rotation(row: Mapping[str, Any] | None) -> Rotation | None:
     return None if row is None else _instance(Rotation, row)
 
 
-class _Statements:
-    """The hot path's statements, built once with bound parameters: on SQLite, building a
-    statement costs more than running it."""
+class _Prepared:
+    """One Core statement of the hot path, built once with bound parameters.
 
-    def __init__(self, dialect: str) -> None:
+    On SQLite it is also compiled once and run on the DBAPI connection, with the same SQL and
+    the same type processing (each parameter's bind processor, each column's result
+    processor): SQLAlchemy's per-execution machinery (compiled-cache lookup, execution context,
+    result object) costs about four times the statement itself there, and the journal writer is
+    one thread. Elsewhere it runs through ``Connection.execute``.
+    """
+
+    def __init__(self, statement: Any, dialect: Dialect) -> None:
+        self.statement = statement
+        self.keys = tuple(c.key for c in getattr(statement, "exported_columns", ()))
+        self.raw = dialect.name == "sqlite"
+        if not self.raw:
+            return
+        compiled = statement.compile(dialect=dialect)
+        self.sql: str = compiled.string
+        binds = compiled.binds
+        self.fixed = {name: b.value for name, b in binds.items() if not b.required}
+        self.binds = [
+            (name, binds[name].type.dialect_impl(dialect).bind_processor(dialect))
+            for name in compiled.positiontup or ()
+        ]
+        self.results = [
+            c.type.dialect_impl(dialect).result_processor(dialect, None)
+            for c in statement.exported_columns
+        ]
+
+    def _args(self, params: Mapping[str, Any]) -> list[Any]:
+        values = {**self.fixed, **params}
+        return [
+            value if process is None else process(value)
+            for name, process in self.binds
+            for value in (values[name],)
+        ]
+
+    def _row(self, row: Sequence[Any]) -> dict[str, Any]:
+        return {
+            key: value if process is None else process(value)
+            for key, process, value in zip(self.keys, self.results, row, strict=True)
+        }
+
+    def first(self, conn: Connection, params: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The first row the statement returns, as ``{column key: value}``."""
+        if not self.raw:
+            row = conn.execute(self.statement, params).first()
+            return None if row is None else dict(row._mapping)
+        cursor = _dbapi(conn).execute(self.sql, self._args(params))
+        try:
+            found = cursor.fetchone()
+        finally:
+            cursor.close()
+        return None if found is None else self._row(found)
+
+    def run(self, conn: Connection, params: Mapping[str, Any]) -> int:
+        """Run it; the number of rows it changed."""
+        if not self.raw:
+            return int(conn.execute(self.statement, params).rowcount)
+        cursor = _dbapi(conn).execute(self.sql, self._args(params))
+        count = cursor.rowcount
+        cursor.close()
+        return int(count)
+
+    def run_many(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+        if not self.raw:
+            conn.execute(self.statement, list(rows))
+            return
+        _dbapi(conn).executemany(self.sql, [self._args(row) for row in rows]).close()
+
+
+def _dbapi(conn: Connection) -> Any:
+    return conn.connection.driver_connection
+
+
+class _Statements:
+    """The hot path's statements, built once with bound parameters (see :class:`_Prepared`)."""
+
+    def __init__(self, dialect: Dialect) -> None:
         from sqlalchemy.dialects import postgresql, sqlite
 
-        self.insert: Any = sqlite.insert if dialect == "sqlite" else postgresql.insert
+        self.dialect = dialect
+        self.insert: Any = sqlite.insert if dialect.name == "sqlite" else postgresql.insert
+        prepare = self.prepare
         lock = self.insert(_LOCKS).values(
             name=bindparam("p_name"),
             owner=bindparam("p_owner"),
@@ -253,29 +348,42 @@ class _Statements:
             expires_at=bindparam("p_expires"),
         )
         # free, expired or ours: one statement, atomic on both databases
-        self.acquire = lock.on_conflict_do_update(
-            index_elements=[_LOCKS.c.name],
-            set_={key: lock.excluded[key] for key in ("owner", "acquired_at", "expires_at")},
-            where=(_LOCKS.c.expires_at < bindparam("p_cutoff", type_=UTCDateTime()))
-            | (_LOCKS.c.owner == lock.excluded.owner),
-        ).returning(_LOCKS.c.name)
+        self.acquire = prepare(
+            lock.on_conflict_do_update(
+                index_elements=[_LOCKS.c.name],
+                set_={key: lock.excluded[key] for key in ("owner", "acquired_at", "expires_at")},
+                where=(_LOCKS.c.expires_at < bindparam("p_cutoff", type_=UTCDateTime()))
+                | (_LOCKS.c.owner == lock.excluded.owner),
+            ).returning(_LOCKS.c.name)
+        )
         mine = (_LOCKS.c.name == bindparam("p_name")) & (_LOCKS.c.owner == bindparam("p_owner"))
-        self.renew = update(_LOCKS).where(mine).values(expires_at=bindparam("p_expires"))
-        self.release = delete(_LOCKS).where(mine)
-        self.lock = select(_LOCKS).where(_LOCKS.c.name == bindparam("p_name"))
+        self.renew = prepare(update(_LOCKS).where(mine).values(expires_at=bindparam("p_expires")))
+        self.release = prepare(delete(_LOCKS).where(mine))
+        self.lock = prepare(select(_LOCKS).where(_LOCKS.c.name == bindparam("p_name")))
         r = _ROTATIONS.c
-        self.rotation = select(_ROTATIONS).where(r.id == bindparam("p_id"))
+        self.rotation = prepare(select(_ROTATIONS).where(r.id == bindparam("p_id")))
         credential = (r.environment == bindparam("p_env")) & (r.credential == bindparam("p_cred"))
         latest = r.started_at.desc()
-        self.open_rotation = (
-            select(_ROTATIONS).where(credential, r.step.in_(Step.OPEN)).order_by(latest).limit(1)
+        is_open = or_(*(r.step == step for step in Step.OPEN))  # compiles once, unlike IN (...)
+        self.open_rotation = prepare(
+            select(_ROTATIONS).where(credential, is_open).order_by(latest).limit(1)
         )
-        self.open_revoke = (
+        self.open_revoke = prepare(
             select(_ROTATIONS)
             .where(credential, r.kind == "revoke", r.finished_at.is_(None))
             .order_by(latest)
             .limit(1)
         )
+        self.add_rotation = prepare(
+            insert(_ROTATIONS).values({c.key: bindparam(f"p_{c.key}") for c in _ROTATIONS.c})
+        )
+        self.audit_keys = tuple(c.key for c in _AUDIT.c if c.key != "id")
+        self.add_audit = prepare(
+            insert(_AUDIT).values({key: bindparam(f"p_{key}") for key in self.audit_keys})
+        )
+
+    def prepare(self, statement: Any) -> _Prepared:
+        return _Prepared(statement, self.dialect)
 
 
 _BATCH_MAX = 256
@@ -394,10 +502,7 @@ class _Writer:
             except BaseException as exc:  # noqa: BLE001 - the batch did not commit: nobody's work is durable
                 error = self._commit_error(exc)
                 results = [(future, False, error) for _, future in batch]
-                with suppress(Exception):
-                    if self._conn is not None:
-                        self._conn.close()
-                self._conn = None
+                self._release_connection()
             for future, ok, value in results:
                 if future.cancelled():
                     continue
@@ -405,12 +510,20 @@ class _Writer:
                     future.set_result(value)
                 else:
                     future.set_exception(value)
-        if self._conn is not None:
-            self._conn.close()
+        self._release_connection()
+
+    def _release_connection(self) -> None:
+        """Back to the pool, as an ordinary connection again (deferred BEGIN)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with suppress(Exception):
+                conn.info.pop(_WRITER, None)
+                conn.close()
 
     def _commit(self, batch: list[_Work]) -> list[tuple[Future[Any], bool, Any]]:
         if self._conn is None:
             self._conn = self._engine.connect()
+            self._conn.info[_WRITER] = True
         results: list[tuple[Future[Any], bool, Any]] = []
         with self._conn.begin():
             for fn, future in batch:
@@ -468,10 +581,10 @@ class Journal:
             event.listen(self.engine, "connect", _sqlite_pragmas(sqlite_synchronous))
             event.listen(self.engine, "begin", _sqlite_begin)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self._q = _Statements(self.engine.dialect.name)
-        configure_mappers()  # _first_rotation builds instances without the ORM's first query
-        self._step_statements: dict[frozenset[str], Any] = {}
-        self._state_statements: dict[frozenset[str], Any] = {}
+        self._q = _Statements(self.engine.dialect)
+        configure_mappers()  # _instance builds instances without the ORM's first query
+        self._step_statements: dict[frozenset[str], _Prepared] = {}
+        self._state_statements: dict[frozenset[str], _Prepared] = {}
         # SQLite has one writer at a time: gather concurrent writers into group commits
         # rather than letting them spin in SQLite's busy handler, one fsync each.
         self._writer = _Writer(self.engine, self._commit_error) if self.is_sqlite else None
@@ -485,13 +598,19 @@ class Journal:
             path = self.url.removeprefix("sqlite:///")
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with self._guard("create the journal tables"):
-            Base.metadata.create_all(self.engine)
-            # create_all adds missing tables, not the indexes added to existing ones since
-            with self.engine.begin() as conn:
-                for table in Base.metadata.sorted_tables:
-                    for index in table.indexes:
-                        index.create(conn, checkfirst=True)
+        with self._guard("create the journal tables"), self.engine.connect() as conn:
+            # one transaction holding the write lock: processes starting together on a new
+            # SQLite journal would otherwise each find a table missing and create it twice
+            conn.info[_WRITER] = True
+            try:
+                with conn.begin():
+                    Base.metadata.create_all(conn)
+                    # create_all adds missing tables, not the indexes added to existing ones
+                    for table in Base.metadata.sorted_tables:
+                        for index in table.indexes:
+                            index.create(conn, checkfirst=True)
+            finally:
+                conn.info.pop(_WRITER, None)
 
     def close(self) -> None:
         if self._writer is not None:
@@ -504,11 +623,18 @@ class Journal:
             yield
         except JournalError:
             raise
-        except OperationalError as exc:
+        except (OperationalError, sqlite3.OperationalError) as exc:
+            # a prepared statement (see _Prepared) raises the driver's own errors
+            name = type(getattr(exc, "orig", exc)).__name__
             raise JournalError(
-                f"the journal database failed to {doing}: {type(exc.orig).__name__}",
+                f"the journal database failed to {doing}: {name}",
                 where=self.where,
                 hint="check that the database is reachable and writable",
+            ) from exc
+        except sqlite3.Error as exc:
+            raise JournalError(
+                f"the journal database failed to {doing}: {type(exc).__name__}",
+                where=self.where,
             ) from exc
         except SQLAlchemyError as exc:
             raise JournalError(
@@ -573,19 +699,17 @@ class Journal:
         now = utcnow()
         params = {"p_name": name, "p_owner": owner, "p_now": now, "p_cutoff": now}
         params["p_expires"] = now + (ttl or self.lock_ttl)
-        return conn.execute(self._q.acquire, params).first() is not None
+        return self._q.acquire.first(conn, params) is not None
 
     def renew(self, name: str, owner: str, ttl: timedelta | None = None) -> bool:
         expires = utcnow() + (ttl or self.lock_ttl)
         params = {"p_name": name, "p_owner": owner, "p_expires": expires}
         renew = self._q.renew
-        return bool(
-            self._run("renew a lock", lambda c: c.execute(renew, params).rowcount, single=True)
-        )
+        return bool(self._run("renew a lock", lambda c: renew.run(c, params), single=True))
 
     def release(self, name: str, owner: str) -> None:
         params = {"p_name": name, "p_owner": owner}
-        self._run("release a lock", lambda c: c.execute(self._q.release, params), single=True)
+        self._run("release a lock", lambda c: self._q.release.run(c, params), single=True)
 
     def steal(self, name: str, owner: str, ttl: timedelta | None = None) -> str | None:
         """Take the lease whoever holds it: an emergency revoke pre-empting a rotation.
@@ -611,12 +735,11 @@ class Journal:
             return previous
 
     def lock_holder(self, name: str) -> Lock | None:
-        def read(conn: Connection) -> Lock | None:
-            row = conn.execute(self._q.lock, {"p_name": name}).first()
-            live = row is not None and row.expires_at > utcnow()
-            return _instance(Lock, row) if live else None
-
-        return self._run("read a lock", read, single=True)
+        """The lease's live holder, read on the calling thread (what is committed)."""
+        with self._guard("read a lock"), self.engine.connect() as conn:
+            row = self._q.lock.first(conn, {"p_name": name})
+        live = row is not None and row["expires_at"] > utcnow()
+        return _instance(Lock, row) if row is not None and live else None
 
     def begin_drive(
         self, lock: str, owner: str, environment: str, credential: str
@@ -628,8 +751,8 @@ class Journal:
             if not self._acquire(conn, lock, owner, None):
                 return False, None, None
             params = {"p_env": environment, "p_cred": credential}
-            revoke = _first_rotation(conn.execute(self._q.open_revoke, params))
-            return True, revoke, _first_rotation(conn.execute(self._q.open_rotation, params))
+            revoke = _maybe_rotation(self._q.open_revoke.first(conn, params))
+            return True, revoke, _maybe_rotation(self._q.open_rotation.first(conn, params))
 
         return self._run("take a lock", work)
 
@@ -643,8 +766,9 @@ class Journal:
             if value is None and isinstance(default, ScalarElementColumnDefault):
                 value = default.arg
                 setattr(rotation, column.key, value)  # as a flush would
-            values[column.key] = value
-        self._run("record a rotation", lambda c: c.execute(insert(_ROTATIONS), values), single=True)
+            values[f"p_{column.key}"] = value
+        add = self._q.add_rotation
+        self._run("record a rotation", lambda c: add.run(c, values), single=True)
         return rotation
 
     def update_rotation(self, rotation_id: str, **values: Any) -> Rotation:
@@ -721,7 +845,7 @@ class Journal:
         def work(conn: Connection) -> tuple[Rotation, bool]:
             params = {f"p_{key}": value for key, value in values.items()}
             params.update(p_rid=rotation_id, p_updated_at=utcnow())
-            found = _first_rotation(conn.execute(self._step_statement(frozenset(values)), params))
+            found = _maybe_rotation(self._step_statement(frozenset(values)).first(conn, params))
             if found is None:
                 with _joined_session(conn) as s:
                     row = self._locked_row(s, rotation_id)
@@ -737,8 +861,8 @@ class Journal:
             entries = [*audits, *([audit] if audit is not None else [])]
             if entries:
                 where = {"environment": found.environment, "credential": found.credential}
-                rows = [self._audit_values(**where, **entry) for entry in entries]
-                conn.execute(insert(_AUDIT), rows)
+                rows = [self._audit_params(**where, **entry) for entry in entries]
+                self._q.add_audit.run_many(conn, rows)
             return found, False
 
         row, superseded = self._run("record a rotation step", work)
@@ -746,12 +870,12 @@ class Journal:
             raise self._superseded(row)
         return row
 
-    def _step_statement(self, keys: frozenset[str]) -> Any:
+    def _step_statement(self, keys: frozenset[str]) -> _Prepared:
         """The conditional UPDATE ... RETURNING for a set of columns, built once and reused
         with bound parameters (building a statement costs more than running it on SQLite)."""
         stmt = self._step_statements.get(keys)
         if stmt is None:
-            stmt = (
+            stmt = self._q.prepare(
                 update(_ROTATIONS)
                 .where(_ROTATIONS.c.id == bindparam("p_rid"), _ROTATIONS.c.step != Step.SUPERSEDED)
                 .values({key: bindparam(f"p_{key}") for key in (*sorted(keys), "updated_at")})
@@ -770,7 +894,7 @@ class Journal:
             names = ("environment", "credential", *sorted(keys))
             ins = self._q.insert(_STATES).values({key: bindparam(f"p_{key}") for key in names})
             index = [_STATES.c.environment, _STATES.c.credential]
-            stmt = (
+            stmt = self._q.prepare(
                 ins.on_conflict_do_update(
                     index_elements=index, set_={key: ins.excluded[key] for key in sorted(keys)}
                 )
@@ -779,7 +903,7 @@ class Journal:
             )
             self._state_statements[keys] = stmt
         params = {f"p_{key}": value for key, value in values.items()}
-        conn.execute(stmt, {**params, "p_environment": environment, "p_credential": credential})
+        stmt.run(conn, {**params, "p_environment": environment, "p_credential": credential})
 
     def add_note(self, rotation_id: str, note: str) -> None:
         with self.session("annotate a rotation") as s:
@@ -795,8 +919,8 @@ class Journal:
             self._q.open_rotation, {"p_env": environment, "p_cred": credential}
         )
 
-    def _read_rotation(self, stmt: Any, params: dict[str, Any]) -> Rotation | None:
-        read = lambda c: _first_rotation(c.execute(stmt, params))  # noqa: E731
+    def _read_rotation(self, stmt: _Prepared, params: dict[str, Any]) -> Rotation | None:
+        read = lambda c: _maybe_rotation(stmt.first(c, params))  # noqa: E731
         return self._run("read a rotation", read, single=True)
 
     def open_rotations(self, environment: str | None = None) -> list[Rotation]:
@@ -860,13 +984,19 @@ class Journal:
 
     def audit(self, *, actor: str, action: str, outcome: str, **fields: Any) -> None:
         """Append one entry (see ``_audit_values`` for the fields)."""
-        row = self._audit_values(actor=actor, action=action, outcome=outcome, **fields)
-        self._run("append to the audit log", lambda c: c.execute(insert(_AUDIT), row), single=True)
+        row = self._audit_params(actor=actor, action=action, outcome=outcome, **fields)
+        add = self._q.add_audit
+        self._run("append to the audit log", lambda c: add.run(c, row), single=True)
 
     @staticmethod
     def _audit_row(**fields: Any) -> AuditEntry:
         """An entry to add to a session (see ``_audit_values`` for the fields)."""
         return AuditEntry(**Journal._audit_values(**fields))
+
+    @staticmethod
+    def _audit_params(**fields: Any) -> dict[str, Any]:
+        """An entry's values as the bound parameters of ``_Statements.add_audit``."""
+        return {f"p_{key}": value for key, value in Journal._audit_values(**fields).items()}
 
     @staticmethod
     def _audit_values(

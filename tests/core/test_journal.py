@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
 from rotator.errors import ConfigError, JournalError
-from rotator.journal import Journal, Rotation, Step
+from rotator.journal import CredentialState, Journal, Rotation, Step
 from rotator.model import utcnow
 
 
@@ -42,8 +44,6 @@ def test_lease_is_exclusive_and_expires(journal_url: str) -> None:
     assert not journal.acquire("prod/a", "w2")
     journal.release("prod/a", "w1")
     assert journal.acquire("prod/a", "w2", timedelta(milliseconds=1))
-    import time
-
     time.sleep(0.01)
     assert journal.acquire("prod/a", "w3")  # w2's lease expired: a crashed holder
     assert not journal.renew("prod/a", "w2")  # and w2 learns it lost the lease
@@ -103,3 +103,40 @@ def test_unreachable_database_is_a_clear_error() -> None:
         Journal("postgresql+psycopg://nobody:pw@127.0.0.1:1/none?connect_timeout=1")
     text = info.value.describe()
     assert "reachable" in text and "pw" not in text
+
+
+def test_two_journals_on_one_sqlite_file_wait_for_each_other(tmp_path: Path) -> None:
+    # Two processes on one SQLite journal: a batch that read first must not lose its write to
+    # the other's commit (SQLite refuses, without waiting, to upgrade a stale read snapshot).
+    url = f"sqlite:///{tmp_path / 'journal.db'}"
+    first, second = Journal(url), Journal(url)
+    with ThreadPoolExecutor(1) as pool, first.session("test") as s:
+        assert s.get(CredentialState, ("prod", "a")) is None  # a read, then...
+        other = pool.submit(second.set_state, "prod", "b", attention="from the other process")
+        time.sleep(0.3)  # ...the other process writes meanwhile (it waits for this batch)
+        s.add(CredentialState(environment="prod", credential="a", attention="from this one"))
+    other.result(timeout=30)
+    states = first.states("prod")
+    assert {k[1]: v.attention for k, v in states.items()} == {
+        "a": "from this one",
+        "b": "from the other process",
+    }
+    first.close()
+    second.close()
+
+
+def test_processes_starting_together_create_one_journal(tmp_path: Path) -> None:
+    for attempt in range(5):
+        url = f"sqlite:///{tmp_path / f'journal-{attempt}.db'}"
+        barrier = threading.Barrier(4)
+
+        def open_journal(_: int, url: str = url, barrier: threading.Barrier = barrier) -> Journal:
+            barrier.wait()
+            return Journal(url)
+
+        with ThreadPoolExecutor(4) as pool:
+            journals = list(pool.map(open_journal, range(4)))
+        journals[0].set_state("prod", "a", attention="x")
+        assert journals[3].state("prod", "a") is not None
+        for journal in journals:
+            journal.close()
