@@ -37,6 +37,7 @@ from rotator.settings import MakiniSettings
 from . import _parse
 from ._errors import error_from_exception, error_from_response, request_id_from
 from ._retry import RetryBudget
+from .transport import http_transport
 
 ADMIN_RENEW_MARGIN_S = 60.0
 TOKEN_PATH = "/link/token"  # noqa: S105 (a path, not a secret)
@@ -95,6 +96,12 @@ _SHARD = 4
 """Connections per httpx pool (see MakiniClient.__init__)."""
 
 
+_KEEPALIVE_S = 2.0
+"""How long an idle pooled connection is reused. Shorter than the idle timeouts of common
+servers and proxies (uvicorn 5 s, nginx 75 s, load balancers 60 s): a server closing an idle
+connection just as it is reused breaks that request (a POST cannot be retried blindly)."""
+
+
 class MakiniClient:
     """One environment's client for the Makini API. Use as ``async with`` or call ``aclose``.
 
@@ -134,16 +141,19 @@ class MakiniClient:
         per_shard = -(-size // shards)
         # one TLS context for every shard: loading the CA bundle costs tens of milliseconds
         tls = httpx.create_ssl_context()  # honours SSL_CERT_FILE and SSL_CERT_DIR
+        limits = httpx.Limits(
+            max_connections=per_shard,
+            max_keepalive_connections=per_shard,
+            keepalive_expiry=_KEEPALIVE_S,
+        )
         self._shards = [
             httpx.AsyncClient(
                 base_url=settings.base_url,
                 timeout=httpx.Timeout(settings.timeout_s),
-                limits=httpx.Limits(max_connections=per_shard,
-                                    max_keepalive_connections=per_shard),
                 headers={"Accept": "application/json", "User-Agent": "makini-rotator"},
-                transport=transport,
+                # proxies from the environment still apply (httpx mounts them itself)
+                transport=transport or http_transport(verify=tls, limits=limits),
                 follow_redirects=False,
-                verify=tls,
             )
             for _ in range(shards)
         ]
