@@ -158,6 +158,8 @@ class _Drive:
     """The version current when this drive started the rotation, as read then."""
     new: StoredVersion | None = None
     """The rotation's new version, as issued or unsealed by this drive."""
+    released: asyncio.Task[None] | None = None
+    """The lease's release, once submitted (see ``RotationEngine._release``)."""
 
 
 class RotationEngine:
@@ -201,6 +203,26 @@ class RotationEngine:
             return await asyncio.get_running_loop().run_in_executor(self._executor, call)
         return await asyncio.wrap_future(future)
 
+    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        """A quick read of the journal (a lease, a row): inline on SQLite, where reading the
+        local file costs less than handing the call to a thread; elsewhere on a worker thread."""
+        if self.journal.is_sqlite:
+            return fn(*args)
+        return await self._io(fn, *args)
+
+    def _release(self, d: _Drive) -> asyncio.Task[None]:
+        """Give the lease back, as a task: on SQLite the release joins the writer's queue
+        behind this drive's own writes and ahead of any later acquire, so a caller may free its
+        concurrency slot first and await the task after. A lease not released expires."""
+
+        async def release() -> None:
+            try:
+                await self._journal(self.journal.release, d.lock, self.owner)
+            except RotatorError as exc:
+                log.warning("lock.release_failed", lock=d.lock, error=exc.message)
+
+        return asyncio.ensure_future(release())
+
     async def _each_backend(self, rt: EnvironmentRuntime, fn: Callable[[Backend], T]) -> list[T]:
         """Run ``fn`` on every backend at once; raise the first error after all have finished."""
         results = await asyncio.gather(
@@ -225,20 +247,35 @@ class RotationEngine:
         Never raises for an operational failure: the result says what happened and the journal
         keeps the rotation open where a later run can resume it.
         """
+        result, released = await self._rotate(env, name, reason, actor, start_new)
+        if released is not None:
+            await released
+        return result
+
+    async def _rotate(
+        self, env: str, name: str, reason: str, actor: str, start_new: bool
+    ) -> tuple[RotationResult, asyncio.Task[None] | None]:
+        """:meth:`rotate`, returning before the lease's release is durable (and the task that
+        makes it so). ``active`` counts the drive until its lease is released."""
         rt = self.runtime(env)
         cred = rt.settings.credential(name, env)
         started = asyncio.get_running_loop().time()
+        d = _Drive(rt, cred, f"{env}/{name}")
         self.active += 1
         try:
-            result = await self._drive_locked(
-                _Drive(rt, cred, f"{env}/{name}"), reason, actor, start_new
-            )
+            result = await self._drive_locked(d, reason, actor, start_new)
         finally:
-            self.active -= 1
+            if d.released is None:
+                self.active -= 1
+            else:
+                d.released.add_done_callback(self._drive_finished)
         result.duration_s = asyncio.get_running_loop().time() - started
         for listener in self.result_listeners:
             listener(result)
-        return result
+        return result, d.released
+
+    def _drive_finished(self, _: object) -> None:
+        self.active -= 1
 
     async def rotate_many(
         self,
@@ -252,11 +289,11 @@ class RotationEngine:
 
         async def one(env: str, name: str, start_new: bool, reason: str) -> RotationResult:
             async with gate:
-                result = await self.rotate(
-                    env, name, reason=reason, actor=actor, start_new=start_new
-                )
+                result, released = await self._rotate(env, name, reason, actor, start_new)
             if progress:
                 progress(result)
+            if released is not None:  # outside the gate: the next drive starts meanwhile
+                await released
             return result
 
         return list(await asyncio.gather(*(one(*item) for item in items)))
@@ -267,9 +304,13 @@ class RotationEngine:
         self, d: _Drive, reason: str, actor: str, start_new: bool
     ) -> RotationResult:
         env, name = d.rt.name, d.cred.name
-        taken, revoke, rot = await self._journal(
-            self.journal.begin_drive, d.lock, self.owner, env, name
-        )
+        try:
+            taken, revoke, rot = await self._journal(
+                self.journal.begin_drive, d.lock, self.owner, env, name
+            )
+        except RotatorError as exc:  # the journal failed: nothing was started
+            log.warning("rotation.stopped", environment=env, credential=name, error=exc.message)
+            return RotationResult(env, name, "failed", error=exc.message)
         if not taken:
             return RotationResult(env, name, "busy", error="another worker holds this credential")
         d.renewed_at = asyncio.get_running_loop().time()
@@ -308,7 +349,7 @@ class RotationEngine:
                 error=exc.message,
             )
         finally:
-            await self._journal(self.journal.release, d.lock, self.owner)
+            d.released = self._release(d)
 
     async def _resume_revoke(self, env: str, name: str, row: Rotation) -> RotationResult:
         """Finish an unfinished revoke (this drive holds the lease) instead of rotating."""
@@ -755,7 +796,7 @@ class RotationEngine:
         it over). A read; the lease is renewed (a write) only once a third of it is used."""
         loop = asyncio.get_running_loop()
         if loop.time() - d.renewed_at < self.journal.lock_ttl.total_seconds() / 3:
-            holder = await self._journal(self.journal.lock_holder, d.lock)
+            holder = await self._read(self.journal.lock_holder, d.lock)
             held = holder is not None and holder.owner == self.owner
         else:
             held = await self._journal(self.journal.renew, d.lock, self.owner)

@@ -296,7 +296,7 @@ class RevokeContext:
             return  # checked a moment ago: within one chain of steps
         self._fenced_at = now
         if now - self._renewed_at < self.journal.lock_ttl.total_seconds() / 3:
-            holder = await self.engine._journal(self.journal.lock_holder, self.lock)
+            holder = await self.engine._read(self.journal.lock_holder, self.lock)
             held = holder is not None and holder.owner == self.owner
         else:
             held = await self.engine._journal(self.journal.renew, self.lock, self.owner)

@@ -167,7 +167,7 @@ async def _plan_preemption(
     rot: Rotation,
     p: CredentialPlan,
 ) -> None:
-    holder = await engine._journal(engine.journal.lock_holder, f"{rt.name}/{cred.name}")
+    holder = await engine._read(engine.journal.lock_holder, f"{rt.name}/{cred.name}")
     p.preempts = f"rotation {rot.id[:8]} at step {rot.step}" + (
         " (running in another worker: its lease is taken over)" if holder is not None else ""
     )

@@ -151,7 +151,7 @@ class Revoker:
             return True, None
         env, name = lock.split("/", 1)
         if await self.engine._journal(self.journal.open_revoke, env, name) is not None:
-            holder = await self.engine._journal(self.journal.lock_holder, lock)
+            holder = await self.engine._read(self.journal.lock_holder, lock)
             until = holder.expires_at.isoformat(timespec="seconds") if holder else "?"
             report.outcome = "busy"
             report.error = "another worker is driving this credential's unfinished revoke"
