@@ -271,3 +271,18 @@ async def test_journal_on_postgresql(make_runtime: Factory, pg_url: str, sim: Si
     results = await runtime.engine.rotate_many([("prod", "a", True, "t")], actor="t")
     assert results[0].outcome == "rotated"
     assert runtime.journal.state("prod", "a") is not None
+
+
+async def test_a_failing_journal_is_each_credentials_failure_not_a_crash(
+    make_runtime: Factory,
+) -> None:
+    runtime = make_runtime(
+        [{"name": "a", "connection_id": "conn-a"}, {"name": "b", "connection_id": "conn-b"}]
+    )
+    runtime.journal.close()  # every journal call now fails
+    results = await runtime.engine.rotate_many(
+        [("prod", "a", True, "t"), ("prod", "b", True, "t")], actor="t"
+    )
+    assert [(r.credential, r.outcome) for r in results] == [("a", "failed"), ("b", "failed")]
+    assert all("journal" in (r.error or "") for r in results)
+    assert runtime.engine.active == 0
