@@ -377,10 +377,8 @@ class _Statements:
         self.add_rotation = prepare(
             insert(_ROTATIONS).values({c.key: bindparam(f"p_{c.key}") for c in _ROTATIONS.c})
         )
-        self.audit_keys = tuple(c.key for c in _AUDIT.c if c.key != "id")
-        self.add_audit = prepare(
-            insert(_AUDIT).values({key: bindparam(f"p_{key}") for key in self.audit_keys})
-        )
+        audit = [c.key for c in _AUDIT.c if c.key != "id"]
+        self.add_audit = prepare(insert(_AUDIT).values({k: bindparam(f"p_{k}") for k in audit}))
 
     def prepare(self, statement: Any) -> _Prepared:
         return _Prepared(statement, self.dialect)
@@ -631,12 +629,7 @@ class Journal:
                 where=self.where,
                 hint="check that the database is reachable and writable",
             ) from exc
-        except sqlite3.Error as exc:
-            raise JournalError(
-                f"the journal database failed to {doing}: {type(exc).__name__}",
-                where=self.where,
-            ) from exc
-        except SQLAlchemyError as exc:
+        except (SQLAlchemyError, sqlite3.Error) as exc:
             raise JournalError(
                 f"the journal database failed to {doing}: {type(exc).__name__}",
                 where=self.where,

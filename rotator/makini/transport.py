@@ -173,6 +173,8 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
 
 
 class AsyncioBackend(httpcore.AsyncNetworkBackend):
+    """TCP only: the pools of :func:`http_transport` are built without a Unix socket path."""
+
     async def connect_tcp(
         self,
         host: str,
@@ -192,35 +194,14 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
             raise httpcore.ConnectTimeout(str(exc)) from exc
         except OSError as exc:
             raise httpcore.ConnectError(str(exc)) from exc
-        _apply(transport, socket_options)
-        return AsyncioStream(transport, protocol)
-
-    async def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(timeout):
-                transport, protocol = await loop.create_unix_connection(_Protocol, path)
-        except TimeoutError as exc:
-            raise httpcore.ConnectTimeout(str(exc)) from exc
-        except OSError as exc:
-            raise httpcore.ConnectError(str(exc)) from exc
-        _apply(transport, socket_options)
+        sock: socket.socket | None = transport.get_extra_info("socket")
+        for option in socket_options or ():
+            if sock is not None:
+                sock.setsockopt(*option)
         return AsyncioStream(transport, protocol)
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
-
-
-def _apply(transport: asyncio.BaseTransport, options: Iterable[Any] | None) -> None:
-    sock: socket.socket | None = transport.get_extra_info("socket")
-    for option in options or ():
-        if sock is not None:
-            sock.setsockopt(*option)
 
 
 def http_transport(

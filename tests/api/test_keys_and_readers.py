@@ -8,6 +8,7 @@ import json
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from rotator.cli.app import app as cli
@@ -15,7 +16,7 @@ from rotator.journal import Step
 from rotator.keys import KeyIndex, list_keys
 from rotator.readers import end_grace_early, readers_caught_up, stale_readers
 from rotator.service import run_due_once
-from tests.api.conftest import Factory, LogTrap, bearer, connection
+from tests.api.conftest import Factory, LogTrap, Served, bearer, connection
 
 CONFIG = """
 [journal]
@@ -60,13 +61,19 @@ def write_config(tmp_path: Path, sim_url: str, namespace: str) -> Path:
     return path
 
 
-async def test_keys_cli_and_stale_readers_in_status(
-    serve: Factory, log_trap: LogTrap, tmp_path: Path, namespace: str, sim: object
-) -> None:
+@pytest.fixture
+async def served(serve: Factory, tmp_path: Path, namespace: str) -> tuple[Served, Path]:
+    """A started API, and a CLI config on the same simulator and memory backend."""
     api = await serve()
-    config = write_config(
+    return api, write_config(
         tmp_path, api.runtime.config.environments["prod"].makini.base_url, namespace
     )
+
+
+async def test_keys_cli_and_stale_readers_in_status(
+    served: tuple[Served, Path], log_trap: LogTrap
+) -> None:
+    api, config = served
 
     code, out, err = await asyncio.to_thread(
         run,
@@ -237,12 +244,9 @@ def test_a_pasted_whole_key_is_revoked_by_its_id_and_never_echoed(tmp_path: Path
 
 
 async def test_key_names_are_printed_as_text_not_markup(
-    serve: Factory, log_trap: LogTrap, tmp_path: Path, namespace: str, sim: object
+    served: tuple[Served, Path], log_trap: LogTrap
 ) -> None:
-    api = await serve()
-    config = write_config(
-        tmp_path, api.runtime.config.environments["prod"].makini.base_url, namespace
-    )
+    _, config = served
     code, out, err = await asyncio.to_thread(
         run, log_trap, config, "keys", "create", "prod", "--name", "[/svc]"
     )
