@@ -4,23 +4,29 @@ Layout under ``settings.path`` (one path serves one environment)::
 
     <path>/<environment>/.environment           marker: environment, managed_by, key id (JSON)
     <path>/<environment>/.locks/<credential>.lock
-    <path>/<environment>/<credential>/stages.json
+    <path>/<environment>/<credential>/stages.json     the stages, slot 0
+    <path>/<environment>/<credential>/stages.1.json   the stages, slot 1 (the newer intact wins)
     <path>/<environment>/<credential>/<version_id>.sealed
 
 * A ``.sealed`` file is ``KeyRing.seal(version.to_json(), aad="<env>/<credential>/<version_id>")``
   (AES-256-GCM): the token never touches the disk in plain text, and a file copied to another
   credential, version or environment does not open.
-* ``stages.json`` holds no secret and stays readable JSON (which version holds which stage, every
-  known version and whether it is still readable), but it is authenticated: its ``mac`` field is
-  an AES-GCM tag over the canonical JSON of the other fields (``KeyRing.seal(b"", aad=...)``, i.e.
-  GMAC with the sealing key), so an edited or foreign file is refused as corrupt. An older copy
-  of the same credential's file would still verify (no rollback protection).
-* Every write goes to a temporary file in the same folder which is flushed, fsynced and renamed
-  over the target, then the folder is fsynced. A write costs one credential's files, never an
-  environment-wide file.
-* Every read-modify-write of ``stages.json`` holds ``fcntl.flock`` on the credential's lock file
+* A stages file holds no secret and stays readable JSON (which version holds which stage, every
+  known version and whether it is still readable, a revision number), but it is authenticated:
+  its ``mac`` field is an AES-GCM tag over the canonical JSON of the other fields
+  (``KeyRing.seal(b"", aad=...)``, i.e. GMAC with the sealing key), so an edited or foreign file
+  is refused as corrupt. An older copy of the same credential's file would still verify (no
+  rollback protection).
+* A version file is written to a temporary file in the same folder, fsynced and renamed into
+  place, then the folder is fsynced. The stages are written **in place**, fsynced, into the slot
+  the current state was *not* read from: a write that dies half-way leaves that slot torn (its
+  ``sha256`` checksum fails) and the other slot, the state before the write, is read. A new file
+  per write would cost more than the write (ext4 looks for a free inode past every recently
+  deleted one). A write costs one credential's files, never an environment-wide file.
+* Every read-modify-write of the stages holds ``fcntl.flock`` on the credential's lock file
   (kept outside the credential folder so that ``delete`` cannot pull it away from a waiter) and a
-  per-credential thread lock. Readers take no lock: files are only ever replaced whole.
+  per-credential thread lock. Readers take no lock: a version file is only ever replaced whole,
+  and a reader that meets a stages slot being written reads the other one.
 * Folders are created 0700, files 0600.
 
 Errors: every ``OSError`` is mapped to a :class:`~rotator.errors.BackendError` subclass naming the
@@ -37,6 +43,7 @@ import binascii
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -80,6 +87,8 @@ class FileSettings(BackendSettings):
 
 MARKER = ".environment"
 STAGES = "stages.json"
+_SLOTS = (STAGES, "stages.1.json")
+_CHECK = "sha256"
 SUFFIX = ".sealed"
 _LOCKS_DIR = ".locks"
 _TMP_PREFIX = ".tmp-"
@@ -110,11 +119,13 @@ def _thread_lock(key: str) -> threading.Lock:
 
 @dataclass
 class _State:
-    """The content of one credential's ``stages.json``."""
+    """The content of one credential's stages file."""
 
     stages: dict[Stage, str] = field(default_factory=dict)
     readable: dict[str, bool] = field(default_factory=dict)  # version id -> readable, oldest first
     revision: int = 0
+    slot: int | None = None
+    """The slot file this state was read from (``None``: the credential has none yet)."""
 
     def stage_of(self, version_id: str) -> Stage | None:
         for stage, vid in self.stages.items():
@@ -136,6 +147,28 @@ class _State:
 
 def _canonical(body: dict[str, Any]) -> str:
     return json.dumps(body, sort_keys=True, separators=(",", ":"))
+
+
+def _checksum(doc: dict[str, Any]) -> str:
+    """SHA-256 of everything but itself: finds a slot file a write died in (torn pages mix
+    old and new bytes). Not a defence against edits: the MAC is."""
+    return hashlib.sha256(
+        _canonical({k: v for k, v in doc.items() if k != _CHECK}).encode()
+    ).hexdigest()
+
+
+def _intact(raw: bytes) -> Any:
+    """The parsed slot file, or ``None`` if a write died in it. A file without a checksum (one
+    written before slots existed) is taken as it parses."""
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if isinstance(doc, dict) and _CHECK in doc:
+        check = doc.pop(_CHECK)
+        if check != _checksum(doc):
+            return None
+    return doc
 
 
 class FileBackend(Backend):
@@ -313,7 +346,7 @@ class FileBackend(Backend):
                 for e in entries
                 if _NAME_RE.fullmatch(e.name)
                 and e.is_dir(follow_symlinks=False)
-                and os.path.exists(os.path.join(e.path, STAGES))
+                and any(os.path.exists(os.path.join(e.path, slot)) for slot in _SLOTS)
             )
 
     def check(self) -> None:
@@ -489,22 +522,40 @@ class FileBackend(Backend):
         return f"{self.environment}/{credential}/{STAGES}\n{canonical}"
 
     def _load_state(self, credential: str) -> _State | None:
-        path = self._cred_dir(credential) / STAGES
-        raw = self._read_bytes(path)
-        if raw is None:
+        """The newest intact state of the credential's two slot files (see the module
+        docstring). A slot a write died in (its checksum fails) is passed over; a slot that is
+        intact but not authentic is refused as corrupt."""
+        cred_dir = self._cred_dir(credential)
+        intact: list[tuple[int, int, Path, dict[str, Any]]] = []
+        torn: Path | None = None
+        for slot, name in enumerate(_SLOTS):
+            path = cred_dir / name
+            raw = self._read_bytes(path)
+            if raw is None:
+                continue
+            doc = _intact(raw)
+            if doc is None:
+                torn = torn or path
+                continue
+            if not isinstance(doc, dict) or not isinstance(doc.get("revision"), int):
+                self._corrupt(path, "is not a stages file written by the rotator")
+            intact.append((doc["revision"], slot, path, doc))
+        if not intact:
+            if torn is not None:
+                self._corrupt(torn, "is not a stages file written by the rotator")
             return None
+        _, slot, path, doc = max(intact, key=lambda item: item[0])
         try:
-            doc = json.loads(raw)
-            if not isinstance(doc, dict):
-                raise ValueError("not an object")
             mac = base64.b64decode(doc.pop("mac"), validate=True)
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError, binascii.Error):
+        except (ValueError, KeyError, TypeError, binascii.Error):
             self._corrupt(path, "is not a stages file written by the rotator")
         self._open(path, mac, self._stages_aad(credential, _canonical(doc)))
         try:
-            return self._parse_state(doc, credential)
+            state = self._parse_state(doc, credential)
         except (ValueError, KeyError, TypeError, AttributeError):
             self._corrupt(path, "has an authentic but unexpected structure")
+        state.slot = slot
+        return state
 
     def _parse_state(self, doc: dict[str, Any], credential: str) -> _State:
         if (
@@ -531,10 +582,42 @@ class FileBackend(Backend):
     def _save_state(self, credential: str, state: _State) -> None:
         state.revision += 1
         body = state.body(self.environment, credential)
-        tag = self._ring().seal(b"", self._stages_aad(credential, _canonical(body)))
+        canonical = _canonical(body)
+        tag = self._ring().seal(b"", self._stages_aad(credential, canonical))
         body["mac"] = base64.b64encode(tag).decode()
+        body[_CHECK] = _checksum(body)
         data = json.dumps(body, indent=1, sort_keys=True).encode() + b"\n"
-        self._write_atomic(self._cred_dir(credential) / STAGES, data)
+        # the slot the state was not read from: the state before this write stays intact
+        slot = 0 if state.slot is None else 1 - state.slot
+        path = self._cred_dir(credential) / _SLOTS[slot]
+        if not self._overwrite(path, data):
+            self._write_atomic(path, data)  # a new file: whole or absent, never torn
+        state.slot = slot
+
+    def _overwrite(self, path: Path, data: bytes) -> bool:
+        """Write ``data`` over an existing file in place and fsync it; ``False`` if there is
+        no such file. No new inode, no rename, no folder fsync: a rotation makes four writes,
+        and creating a file per write costs more than the write itself (ext4 searches for a
+        free inode past every recently deleted one)."""
+        with self._os_errors("write", path):
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except FileNotFoundError:
+                return False
+            try:
+                view = memoryview(data)
+                offset = 0
+                while offset < len(data):
+                    offset += os.pwrite(fd, view[offset:], offset)
+                os.ftruncate(fd, len(data))
+                os.fsync(fd)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, 0)  # a failed write reads as one that died: not applied
+                raise
+            finally:
+                os.close(fd)
+        return True
 
     def _read_sealed(self, credential: str, version_id: str, state: _State) -> StoredVersion | None:
         if not state.readable.get(version_id):
@@ -569,7 +652,7 @@ class FileBackend(Backend):
             if not ring.holds(kid.hex()):
                 raise self._error(
                     BackendCorrupt,
-                    f"{path} is {'signed' if path.name == STAGES else 'encrypted'} with key id "
+                    f"{path} is {'signed' if path.name in _SLOTS else 'encrypted'} with key id "
                     f"{kid.hex()} which is not configured "
                     f"(the configured key is {ring.key_id})",
                     where=str(path),

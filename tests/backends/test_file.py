@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import stat
@@ -92,13 +93,14 @@ def test_layout_and_marker(backend: FileBackend, store: Path, key_env: str) -> N
     v = promote_new(backend)
     env_dir = store / ENV
     assert sealed_path(store, v).is_file()
-    assert (env_dir / CRED / "stages.json").is_file()
+    assert (env_dir / CRED / "stages.json").is_file()  # the stage's write
+    assert (env_dir / CRED / "stages.1.json").is_file()  # the promotion's, in the other slot
     marker = json.loads((env_dir / ".environment").read_text())
     assert marker["environment"] == ENV
     assert marker["managed_by"] == "makini-rotator"
     assert marker["key_id"] == KeyRing.load(KeySource(env=key_env)).key_id
     assert sorted(p.name for p in (env_dir / CRED).iterdir()) == sorted(
-        ["stages.json", f"{v.version_id}.sealed"]
+        ["stages.json", "stages.1.json", f"{v.version_id}.sealed"]
     )
 
 
@@ -111,13 +113,22 @@ def test_tokens_are_encrypted_at_rest(backend: FileBackend, store: Path) -> None
             assert fragment.encode() not in stored
 
 
+def newest_slot(store: Path, cred: str = CRED) -> Path:
+    slots = [store / ENV / cred / name for name in ("stages.json", "stages.1.json")]
+    return max(slots, key=lambda p: json.loads(p.read_text())["revision"])
+
+
 def test_stages_json_is_readable_and_authenticated(backend: FileBackend, store: Path) -> None:
     v1, v2 = promote_new(backend), promote_new(backend)
-    path = store / ENV / CRED / "stages.json"
+    path = newest_slot(store)
     doc = json.loads(path.read_text())
     assert doc["stages"] == {"current": v2.version_id, "previous": v1.version_id}
     assert "mac" in doc
     doc["stages"] = {"current": v1.version_id, "previous": v2.version_id}  # roll back by hand
+    del doc["sha256"]
+    doc["sha256"] = hashlib.sha256(
+        json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()  # and make it look intact
     path.write_text(json.dumps(doc))
     with pytest.raises(BackendCorrupt) as info:
         backend.read(CRED)
@@ -164,7 +175,8 @@ def test_wrong_key_is_reported_by_file_and_key_id(
 
     monkeypatch.setenv(key_env, generate_key())  # a key that never wrote anything here
     with pytest.raises(
-        BackendCorrupt, match=r"stages\.json is signed with key id \w+ which is not configured"
+        BackendCorrupt,
+        match=r"stages(\.1)?\.json is signed with key id \w+ which is not configured",
     ):
         make().read(CRED)
 
@@ -222,8 +234,8 @@ def test_corrupt_version_file(
 )
 def test_corrupt_stages_file(backend: FileBackend, store: Path, content: bytes) -> None:
     promote_new(backend)
-    path = store / ENV / CRED / "stages.json"
-    path.write_bytes(content)
+    for name in ("stages.json", "stages.1.json"):
+        (store / ENV / CRED / name).write_bytes(content)
     for call in (
         lambda: backend.read(CRED),
         lambda: backend.versions(CRED),
@@ -363,6 +375,30 @@ def test_a_crash_mid_write_leaves_the_last_state(backend: FileBackend, store: Pa
     assert not [p for p in cred_dir.iterdir() if p.name.startswith(".tmp-")]
 
 
+def test_a_write_that_dies_in_a_stages_slot_leaves_the_state_before_it(
+    backend: FileBackend, store: Path
+) -> None:
+    v1 = promote_new(backend)
+    v2 = make_version(ENV, CRED)
+    backend.stage_pending(v2)
+    slot = store / ENV / CRED / "stages.1.json"  # the slot the promotion writes to
+    before = slot.read_bytes()
+    backend.promote(CRED, v2.version_id)
+    after = slot.read_bytes()
+    # what a power loss in the promotion's write can leave: its first bytes over the old ones
+    # (parses as JSON, checksum fails), or a cut-off file
+    for torn in (after[:60] + before[60:], after[: len(after) // 2]):
+        slot.write_bytes(torn)
+        current = backend.read(CRED)
+        assert current is not None and current.version_id == v1.version_id
+        pending = backend.read(CRED, Stage.PENDING)
+        assert pending is not None and pending.version_id == v2.version_id
+    backend.promote(CRED, v2.version_id)  # the retry writes the torn slot again
+    current = backend.read(CRED)
+    assert current is not None and current.version_id == v2.version_id
+    assert slot.read_bytes() != after[: len(after) // 2]
+
+
 def test_make_unreadable_destroys_the_file_even_without_a_record(
     backend: FileBackend, store: Path
 ) -> None:
@@ -378,22 +414,47 @@ def test_make_unreadable_destroys_the_file_even_without_a_record(
     assert [i.version_id for i in backend.versions(CRED)] == [v1.version_id, v2.version_id]
 
 
+@pytest.mark.parametrize("failing", ["pwrite", "fsync", "replace"])
 def test_a_failed_write_changes_nothing(
-    backend: FileBackend, store: Path, monkeypatch: pytest.MonkeyPatch
+    backend: FileBackend, store: Path, monkeypatch: pytest.MonkeyPatch, failing: str
 ) -> None:
-    v1 = promote_new(backend)
-    real_replace = os.replace
+    if failing == "replace":  # a new slot file is written whole and renamed into place
+        v1 = make_version(ENV, CRED)
+        backend.stage_pending(v1)
+        target = "stages.1.json"
+    else:  # an existing slot is written in place
+        v1 = promote_new(backend)
+        target = "stages.json"
+    real = getattr(os, failing)
 
-    def failing_replace(src: object, dst: object) -> None:
-        if str(dst).endswith("stages.json"):
+    def names_target(arg: object) -> bool:
+        if isinstance(arg, int):
+            return os.readlink(f"/proc/self/fd/{arg}").endswith(target)
+        return str(arg).endswith(target)
+
+    def fail(*args: object) -> object:
+        if names_target(args[-1] if failing == "replace" else args[0]):
             raise OSError(errno.EIO, "Input/output error")
-        real_replace(src, dst)  # type: ignore[arg-type]
+        return real(*args)
 
-    monkeypatch.setattr(os, "replace", failing_replace)
-    v2 = make_version(ENV, CRED)
-    with pytest.raises(BackendUnavailable, match=r"stages\.json: Input/output error"):
-        backend.stage_pending(v2)
-    monkeypatch.setattr(os, "replace", real_replace)
+    monkeypatch.setattr(os, failing, fail)
+    v2 = make_version(ENV, CRED) if failing != "replace" else v1
+    call = (
+        (lambda: backend.promote(CRED, v1.version_id))
+        if failing == "replace"
+        else (lambda: backend.stage_pending(v2))
+    )
+    with pytest.raises(BackendUnavailable, match=rf"{target}: Input/output error"):
+        call()
+    monkeypatch.setattr(os, failing, real)
+    if failing == "replace":
+        assert backend.read(CRED) is None
+        pending = backend.read(CRED, Stage.PENDING)
+        assert pending is not None and pending.version_id == v1.version_id
+        backend.promote(CRED, v1.version_id)
+        current = backend.read(CRED)
+        assert current is not None and current.version_id == v1.version_id
+        return
     assert [i.version_id for i in backend.versions(CRED)] == [v1.version_id]
     assert not [p for p in (store / ENV / CRED).iterdir() if p.name.startswith(".tmp-")]
     backend.stage_pending(v2)
