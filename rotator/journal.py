@@ -386,7 +386,7 @@ class _Statements:
 
 _BATCH_MAX = 256
 
-_Work = tuple[Callable[[], Any], "Future[Any]"]
+_Work = tuple[Callable[[], Any], "Future[Any]", bool]
 
 
 class _Writer:
@@ -410,15 +410,18 @@ class _Writer:
         self._queue: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
         self._conn: Connection | None = None
         self._closed = False
+        self._bare = False  # work runs without its savepoint (see _commit)
         self._thread = threading.Thread(target=self._loop, name="journal-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, fn: Callable[[], T]) -> Future[T]:
-        """Run ``fn`` on this thread inside the current batch; its result once durable."""
+    def submit(self, fn: Callable[[], T], *, again: bool = True) -> Future[T]:
+        """Run ``fn`` on this thread inside the current batch; its result once durable.
+        ``again``: ``fn`` touches nothing but the journal, so it may run a second time after
+        its first run was rolled back (see :meth:`_commit`)."""
         if self._closed:
             raise JournalError("the journal is closed", hint="this is a bug: report it")
         future: Future[T] = Future()
-        self._queue.put((fn, future))
+        self._queue.put((fn, future, again))
         return future
 
     def run(self, work: Callable[[Connection], T], *, single: bool = False) -> T:
@@ -450,7 +453,7 @@ class _Writer:
                     raise failed[0]  # rolls this work's savepoint back
                 s.commit()
 
-        done = self.submit(lambda: self._in_savepoint(lend))
+        done = self.submit(lambda: self._in_savepoint(lend), again=False)
         wait([lent, done], return_when=FIRST_COMPLETED)  # type: ignore[arg-type]
         if not lent.done():
             done.result()  # the batch failed before it reached this work: raise its error
@@ -465,7 +468,7 @@ class _Writer:
 
     def _in_savepoint(self, work: Callable[[Connection], T], single: bool = False) -> T:
         assert self._conn is not None
-        if single:
+        if single or self._bare:
             return work(self._conn)
         raw = self._conn.connection.driver_connection
         assert raw is not None
@@ -499,7 +502,7 @@ class _Writer:
                 results = self._commit(batch)
             except BaseException as exc:  # noqa: BLE001 - the batch did not commit: nobody's work is durable
                 error = self._commit_error(exc)
-                results = [(future, False, error) for _, future in batch]
+                results = [(future, False, error) for _, future, _ in batch]
                 self._release_connection()
             for future, ok, value in results:
                 if future.cancelled():
@@ -519,18 +522,43 @@ class _Writer:
                 conn.close()
 
     def _commit(self, batch: list[_Work]) -> list[tuple[Future[Any], bool, Any]]:
+        """Run a batch in one transaction and commit it.
+
+        A savepoint around each piece of work keeps one failure from undoing the others, at
+        two statements per piece. So the batch runs bare first; only if a piece fails (rare: a
+        superseded rotation, a bug) is it rolled back and run again, each piece in its own
+        savepoint. A batch holding work that cannot run twice (a session lent to another
+        thread) runs with savepoints at once.
+        """
         if self._conn is None:
             self._conn = self._engine.connect()
             self._conn.info[_WRITER] = True
-        results: list[tuple[Future[Any], bool, Any]] = []
+        live = [
+            (fn, future) for fn, future, again in batch if future.set_running_or_notify_cancel()
+        ]
+        if all(again for _, _, again in batch):
+            self._bare = True
+            try:
+                with self._conn.begin() as tx:
+                    results = self._run_all(live)
+                    if all(ok for _, ok, _ in results):
+                        return results
+                    tx.rollback()
+            finally:
+                self._bare = False
         with self._conn.begin():
-            for fn, future in batch:
-                if not future.set_running_or_notify_cancel():
-                    continue
-                try:
-                    results.append((future, True, fn()))
-                except BaseException as exc:  # noqa: BLE001 - handed to its caller
-                    results.append((future, False, exc))
+            return self._run_all(live)
+
+    @staticmethod
+    def _run_all(
+        batch: list[tuple[Callable[[], Any], Future[Any]]],
+    ) -> list[tuple[Future[Any], bool, Any]]:
+        results: list[tuple[Future[Any], bool, Any]] = []
+        for fn, future in batch:
+            try:
+                results.append((future, True, fn()))
+            except BaseException as exc:  # noqa: BLE001 - handed to its caller
+                results.append((future, False, exc))
         return results
 
     def close(self) -> None:

@@ -140,3 +140,36 @@ def test_processes_starting_together_create_one_journal(tmp_path: Path) -> None:
         assert journals[3].state("prod", "a") is not None
         for journal in journals:
             journal.close()
+
+
+def test_a_failing_work_in_a_batch_undoes_only_its_own_writes(tmp_path: Path) -> None:
+    # The writer runs a batch without a savepoint per work, and runs it again with savepoints
+    # when a work fails: the failed work's writes go, everyone else's stay, each caller gets
+    # its own result.
+    journal = Journal(f"sqlite:///{tmp_path}/journal.db")
+    gate = threading.Event()
+    blocker = journal.submit(gate.wait)  # holds the writer: what follows is one batch
+    assert blocker is not None
+
+    def half_then_fail() -> None:
+        def work(conn: object) -> None:
+            journal._acquire(conn, "prod/bad", "me", None)  # type: ignore[arg-type]
+            raise RuntimeError("boom")
+
+        journal._run("test", work)
+
+    first = [journal.submit(lambda n=n: journal.acquire(f"prod/ok{n}", "me")) for n in range(3)]
+    failing = journal.submit(half_then_fail)
+    last = journal.submit(lambda: journal.acquire("prod/ok3", "me"))
+    gate.set()
+    assert blocker.result(timeout=10)
+    for future in [*first, last]:
+        assert future is not None and future.result(timeout=10) is True
+    assert failing is not None
+    with pytest.raises(RuntimeError, match="boom"):
+        failing.result(timeout=10)
+    assert journal.lock_holder("prod/bad") is None
+    for n in range(4):
+        holder = journal.lock_holder(f"prod/ok{n}")
+        assert holder is not None and holder.owner == "me"
+    journal.close()
