@@ -160,6 +160,8 @@ class _Drive:
     """The rotation's new version, as issued or unsealed by this drive."""
     released: asyncio.Task[None] | None = None
     """The lease's release, once submitted (see ``RotationEngine._release``)."""
+    lease_returned: bool = False
+    """The drive's last journal write gave the lease back with it (no release to submit)."""
 
 
 class RotationEngine:
@@ -349,7 +351,8 @@ class RotationEngine:
                 error=exc.message,
             )
         finally:
-            d.released = self._release(d)
+            if not d.lease_returned:
+                d.released = self._release(d)
 
     async def _resume_revoke(self, env: str, name: str, row: Rotation) -> RotationResult:
         """Finish an unfinished revoke (this drive holds the lease) instead of rotating."""
@@ -398,7 +401,7 @@ class RotationEngine:
         outcome = {Step.ROLLED_BACK: "rolled_back", Step.FAILED: "failed"}.get(rot.step)
         if rot.step == Step.PROMOTED:
             if rot.retire_after is not None and rot.retire_after <= utcnow():
-                rot = await self._retire(d, rot)
+                rot = await self._retire(d, rot, last=True)
                 faults.checkpoint(rot.step, d.cred.name)
                 outcome = "rotated" if promoted_now else "retired"
             else:
@@ -731,8 +734,11 @@ class RotationEngine:
 
     # step 5 ------------------------------------------------------------------------------------
 
-    async def _retire(self, d: _Drive, rot: Rotation, *, early: bool = False) -> Rotation:
-        """Make the old version unreadable everywhere and revoke it at Makini where possible."""
+    async def _retire(
+        self, d: _Drive, rot: Rotation, *, early: bool = False, last: bool = False
+    ) -> Rotation:
+        """Make the old version unreadable everywhere and revoke it at Makini where possible.
+        ``last``: the drive ends here, and the step's record gives the lease back with it."""
         notes: list[str] = []
         revoked = False
         if rot.old_version_id is not None:
@@ -774,7 +780,9 @@ class RotationEngine:
                 "notes": json.dumps([*rot.note_list(), *notes]),
             },
             audit=audit,
+            release=(d.lock, self.owner) if last else None,
         )
+        d.lease_returned = last
         if rot.old_version_id is not None:
             log.info(
                 "rotation.retired",

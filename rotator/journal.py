@@ -855,8 +855,10 @@ class Journal:
         state: dict[str, Any] | None = None,
         audit: dict[str, Any] | None = None,
         audits: Sequence[dict[str, Any]] = (),
+        release: tuple[str, str] | None = None,
     ) -> Rotation:
-        """Record a step, and optionally the credential state and audit entries, atomically.
+        """Record a step, and optionally the credential state and audit entries, atomically;
+        ``release``: give the lease ``(name, owner)`` back in the same transaction.
 
         One conditional UPDATE ... RETURNING on the hot path: it changes nothing if an emergency
         revoke superseded the rotation meanwhile, and then :class:`LockBusy` is raised (a token
@@ -884,6 +886,8 @@ class Journal:
                 where = {"environment": found.environment, "credential": found.credential}
                 rows = [self._audit_params(**where, **entry) for entry in entries]
                 self._q.add_audit.run_many(conn, rows)
+            if release is not None:
+                self._q.release.run(conn, {"p_name": release[0], "p_owner": release[1]})
             return found, False
 
         row, superseded = self._run("record a rotation step", work)

@@ -49,6 +49,7 @@ async def test_rotation_replaces_and_retires_the_old_version(
     assert active(sim) == {second.tokens.access.fingerprint}
     token = sim.token(first.tokens.access.fingerprint)
     assert token is not None and token["status"] == "revoked"
+    assert runtime.journal.lock_holder("prod/a") is None  # given back with the retire's record
 
 
 async def test_grace_period_keeps_previous_readable_then_retires(
@@ -63,6 +64,7 @@ async def test_grace_period_keeps_previous_readable_then_retires(
     [first, _] = current(runtime)
     result = await runtime.engine.rotate("prod", "a", reason="t", actor="t")
     assert result.outcome == "rotated" and result.step == Step.PROMOTED
+    assert runtime.journal.lock_holder("prod/a") is None  # given back after the drive
     primary = runtime.environments["prod"].primary
     previous = primary.read("a", Stage.PREVIOUS)
     assert first is not None and previous is not None
