@@ -768,8 +768,19 @@ class FileBackend(Backend):
                 if exc.errno == errno.ELOOP:
                     self._corrupt(path, "is a symbolic link, which the rotator never writes")
                 raise
-            with os.fdopen(fd, "rb") as fh:
-                data = fh.read(_MAX_FILE_BYTES + 1)
+            try:
+                # sized by fstat: a buffered file object would add an isatty ioctl, and a
+                # read of the 1 MiB limit maps and unmaps a buffer, on every read
+                want = min(os.fstat(fd).st_size, _MAX_FILE_BYTES) + 1
+                data = b""
+                while True:
+                    chunk = os.read(fd, want)
+                    data += chunk
+                    if len(chunk) < want or len(data) > _MAX_FILE_BYTES:
+                        break
+                    want = _MAX_FILE_BYTES + 1 - len(data)  # it grew since the fstat
+            finally:
+                os.close(fd)
         if len(data) > _MAX_FILE_BYTES:
             self._corrupt(path, "is far larger than anything the rotator writes")
         return data

@@ -594,3 +594,10 @@ def test_processes_rotating_one_credential_stay_consistent(
     for info in infos:
         if info.readable:
             assert backend.read_version(CRED, info.version_id) is not None
+
+
+def test_an_oversized_file_is_refused(backend: FileBackend, store: Path) -> None:
+    v = promote_new(backend)
+    sealed_path(store, v).write_bytes(b"x" * (2 << 20))
+    with pytest.raises(BackendCorrupt, match="far larger than anything the rotator writes"):
+        backend.read(CRED)
