@@ -17,7 +17,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Integer, String, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Mapped, mapped_column
 
 from rotator.journal import Base, Journal, Step, UTCDateTime
@@ -85,7 +84,7 @@ def write_batch(journal: Journal, batch: dict[ReadKey, list[Any]]) -> None:
     """Upsert a batch of reads (one statement per row, one transaction)."""
     if not batch:
         return
-    insert: Any = sqlite.insert if journal.is_sqlite else postgresql.insert
+    insert = journal.dialect_insert
     with journal.session("record reads") as s:
         for (key_id, env, cred, version), (first, last, count, name) in batch.items():
             stmt = insert(ReaderRead).values(
