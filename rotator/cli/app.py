@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import getpass
 import json
 import socket
@@ -87,6 +88,9 @@ def _config(path: Path | None = None, *, service: bool = False) -> Config:
 
 
 def _run(fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
+    # What is loaded by now (modules, settings) lives as long as the command: keep the
+    # collector's full passes from walking it again and again (0.2 s of a 1,000-credential run)
+    gc.freeze()
     return asyncio.run(fn(*args))
 
 
