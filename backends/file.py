@@ -149,26 +149,10 @@ def _canonical(body: dict[str, Any]) -> str:
     return json.dumps(body, sort_keys=True, separators=(",", ":"))
 
 
-def _checksum(doc: dict[str, Any]) -> str:
-    """SHA-256 of everything but itself: finds a slot file a write died in (torn pages mix
-    old and new bytes). Not a defence against edits: the MAC is."""
-    return hashlib.sha256(
-        _canonical({k: v for k, v in doc.items() if k != _CHECK}).encode()
-    ).hexdigest()
-
-
-def _intact(raw: bytes) -> Any:
-    """The parsed slot file, or ``None`` if a write died in it. A file without a checksum (one
-    written before slots existed) is taken as it parses."""
-    try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if isinstance(doc, dict) and _CHECK in doc:
-        check = doc.pop(_CHECK)
-        if check != _checksum(doc):
-            return None
-    return doc
+def _checksum(canonical: str, mac: str) -> str:
+    """SHA-256 of a slot's stages and MAC: finds a slot a write died in (torn pages mix old and
+    new bytes, and can still parse as JSON). Not a defence against edits: the MAC is."""
+    return hashlib.sha256(f"{canonical}\n{mac}".encode()).hexdigest()
 
 
 class FileBackend(Backend):
@@ -523,39 +507,44 @@ class FileBackend(Backend):
 
     def _load_state(self, credential: str) -> _State | None:
         """The newest intact state of the credential's two slot files (see the module
-        docstring). A slot a write died in (its checksum fails) is passed over; a slot that is
-        intact but not authentic is refused as corrupt."""
+        docstring). A slot a write died in (it does not parse, or its checksum fails) is passed
+        over; an intact slot that is not authentic is refused as corrupt."""
         cred_dir = self._cred_dir(credential)
-        intact: list[tuple[int, int, Path, dict[str, Any]]] = []
+        found: list[tuple[int, int, Path, dict[str, Any]]] = []
         torn: Path | None = None
         for slot, name in enumerate(_SLOTS):
             path = cred_dir / name
             raw = self._read_bytes(path)
             if raw is None:
                 continue
-            doc = _intact(raw)
-            if doc is None:
+            try:
+                doc = json.loads(raw)
+            except (ValueError, UnicodeDecodeError):
                 torn = torn or path
                 continue
             if not isinstance(doc, dict) or not isinstance(doc.get("revision"), int):
                 self._corrupt(path, "is not a stages file written by the rotator")
-            intact.append((doc["revision"], slot, path, doc))
-        if not intact:
-            if torn is not None:
-                self._corrupt(torn, "is not a stages file written by the rotator")
-            return None
-        _, slot, path, doc = max(intact, key=lambda item: item[0])
-        try:
-            mac = base64.b64decode(doc.pop("mac"), validate=True)
-        except (ValueError, KeyError, TypeError, binascii.Error):
-            self._corrupt(path, "is not a stages file written by the rotator")
-        self._open(path, mac, self._stages_aad(credential, _canonical(doc)))
-        try:
-            state = self._parse_state(doc, credential)
-        except (ValueError, KeyError, TypeError, AttributeError):
-            self._corrupt(path, "has an authentic but unexpected structure")
-        state.slot = slot
-        return state
+            found.append((doc["revision"], slot, path, doc))
+        for _, slot, path, doc in sorted(found, key=lambda item: item[0], reverse=True):
+            mac_text, check = doc.pop("mac", None), doc.pop(_CHECK, None)
+            canonical = _canonical(doc)
+            if check is not None and check != _checksum(canonical, str(mac_text)):
+                torn = torn or path
+                continue
+            try:
+                mac = base64.b64decode(mac_text, validate=True)
+            except (ValueError, TypeError, binascii.Error):
+                self._corrupt(path, "is not a stages file written by the rotator")
+            self._open(path, mac, self._stages_aad(credential, canonical))
+            try:
+                state = self._parse_state(doc, credential)
+            except (ValueError, KeyError, TypeError, AttributeError):
+                self._corrupt(path, "has an authentic but unexpected structure")
+            state.slot = slot
+            return state
+        if torn is not None:
+            self._corrupt(torn, "is not a stages file written by the rotator")
+        return None
 
     def _parse_state(self, doc: dict[str, Any], credential: str) -> _State:
         if (
@@ -585,7 +574,7 @@ class FileBackend(Backend):
         canonical = _canonical(body)
         tag = self._ring().seal(b"", self._stages_aad(credential, canonical))
         body["mac"] = base64.b64encode(tag).decode()
-        body[_CHECK] = _checksum(body)
+        body[_CHECK] = _checksum(canonical, body["mac"])
         data = json.dumps(body, indent=1, sort_keys=True).encode() + b"\n"
         # the slot the state was not read from: the state before this write stays intact
         slot = 0 if state.slot is None else 1 - state.slot

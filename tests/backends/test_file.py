@@ -125,10 +125,10 @@ def test_stages_json_is_readable_and_authenticated(backend: FileBackend, store: 
     assert doc["stages"] == {"current": v2.version_id, "previous": v1.version_id}
     assert "mac" in doc
     doc["stages"] = {"current": v1.version_id, "previous": v2.version_id}  # roll back by hand
-    del doc["sha256"]
-    doc["sha256"] = hashlib.sha256(
-        json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
-    ).hexdigest()  # and make it look intact
+    mac, _ = doc.pop("mac"), doc.pop("sha256")
+    canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"))
+    doc["mac"] = mac
+    doc["sha256"] = hashlib.sha256(f"{canonical}\n{mac}".encode()).hexdigest()  # looks intact
     path.write_text(json.dumps(doc))
     with pytest.raises(BackendCorrupt) as info:
         backend.read(CRED)
