@@ -200,10 +200,10 @@ class RotationEngine:
         """Run a function that touches nothing but the journal: on SQLite inside the journal
         writer's current batch (no worker thread in between), elsewhere on a worker thread."""
         call = functools.partial(fn, *args, **kwargs)
-        future = self.journal.submit(call)
+        future = self.journal.submit_async(call)
         if future is None:
             return await asyncio.get_running_loop().run_in_executor(self._executor, call)
-        return await asyncio.wrap_future(future)
+        return await future
 
     async def _read(self, fn: Callable[..., T], *args: Any) -> T:
         """A quick read of the journal (a lease, a row): inline on SQLite, where reading the

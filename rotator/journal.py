@@ -12,6 +12,7 @@ outside the journal, so a worker that lost its lease stops instead of racing the
 
 from __future__ import annotations
 
+import asyncio
 import json
 import queue
 import random
@@ -390,7 +391,9 @@ class _Statements:
 
 _BATCH_MAX = 256
 
-_Work = tuple[Callable[[], Any], "Future[Any]", bool]
+_Target = Future[Any] | tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
+"""Where a work's result goes: a thread's future, or an event loop's (delivered per batch)."""
+_Work = tuple[Callable[[], Any], _Target, bool]
 
 
 class _Writer:
@@ -426,6 +429,17 @@ class _Writer:
             raise JournalError("the journal is closed", hint="this is a bug: report it")
         future: Future[T] = Future()
         self._queue.put((fn, future, again))
+        return future
+
+    def submit_async(
+        self, fn: Callable[[], T], loop: asyncio.AbstractEventLoop
+    ) -> asyncio.Future[T]:
+        """:meth:`submit` for a coroutine on ``loop``: the results of one batch reach the loop
+        in one callback, not one cross-thread wake-up per result."""
+        if self._closed:
+            raise JournalError("the journal is closed", hint="this is a bug: report it")
+        future: asyncio.Future[T] = loop.create_future()
+        self._queue.put((fn, (loop, future), True))
         return future
 
     def run(self, work: Callable[[Connection], T], *, single: bool = False) -> T:
@@ -506,16 +520,22 @@ class _Writer:
                 results = self._commit(batch)
             except BaseException as exc:  # noqa: BLE001 - the batch did not commit: nobody's work is durable
                 error = self._commit_error(exc)
-                results = [(future, False, error) for _, future, _ in batch]
+                results = [(target, False, error) for _, target, _ in batch]
                 self._release_connection()
-            for future, ok, value in results:
-                if future.cancelled():
-                    continue
-                if ok:
-                    future.set_result(value)
-                else:
-                    future.set_exception(value)
+            self._deliver(results)
         self._release_connection()
+
+    @staticmethod
+    def _deliver(results: list[tuple[_Target, bool, Any]]) -> None:
+        to_loops: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
+        for target, ok, value in results:
+            if isinstance(target, tuple):
+                to_loops.setdefault(target[0], []).append((target[1], ok, value))
+            elif not target.cancelled():
+                _settle(target, ok, value)
+        for loop, settled in to_loops.items():
+            with suppress(RuntimeError):  # the loop is closed: nobody waits any more
+                loop.call_soon_threadsafe(_settle_all, settled)
 
     def _release_connection(self) -> None:
         """Back to the pool, as an ordinary connection again (deferred BEGIN)."""
@@ -525,7 +545,7 @@ class _Writer:
                 conn.info.pop(_WRITER, None)
                 conn.close()
 
-    def _commit(self, batch: list[_Work]) -> list[tuple[Future[Any], bool, Any]]:
+    def _commit(self, batch: list[_Work]) -> list[tuple[_Target, bool, Any]]:
         """Run a batch in one transaction and commit it.
 
         A savepoint around each piece of work keeps one failure from undoing the others, at
@@ -537,9 +557,7 @@ class _Writer:
         if self._conn is None:
             self._conn = self._engine.connect()
             self._conn.info[_WRITER] = True
-        live = [
-            (fn, future) for fn, future, again in batch if future.set_running_or_notify_cancel()
-        ]
+        live = [(fn, target) for fn, target, _ in batch if _start(target)]
         if all(again for _, _, again in batch):
             self._bare = True
             try:
@@ -554,21 +572,39 @@ class _Writer:
             return self._run_all(live)
 
     @staticmethod
-    def _run_all(
-        batch: list[tuple[Callable[[], Any], Future[Any]]],
-    ) -> list[tuple[Future[Any], bool, Any]]:
-        results: list[tuple[Future[Any], bool, Any]] = []
-        for fn, future in batch:
+    def _run_all(batch: list[tuple[Callable[[], Any], _Target]]) -> list[tuple[_Target, bool, Any]]:
+        results: list[tuple[_Target, bool, Any]] = []
+        for fn, target in batch:
             try:
-                results.append((future, True, fn()))
+                results.append((target, True, fn()))
             except BaseException as exc:  # noqa: BLE001 - handed to its caller
-                results.append((future, False, exc))
+                results.append((target, False, exc))
         return results
 
     def close(self) -> None:
         self._closed = True
         self._queue.put(None)
         self._thread.join(timeout=10)
+
+
+def _start(target: _Target) -> bool:
+    """Whether the work is still wanted (a thread's future is marked running)."""
+    if isinstance(target, tuple):
+        return not target[1].cancelled()
+    return target.set_running_or_notify_cancel()
+
+
+def _settle(future: Future[Any] | asyncio.Future[Any], ok: bool, value: Any) -> None:
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(value)
+
+
+def _settle_all(settled: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    for future, ok, value in settled:
+        if not future.done():  # its awaiter was cancelled
+            _settle(future, ok, value)
 
 
 def redact_url(url: str) -> str:
@@ -699,6 +735,12 @@ class Journal:
         its current batch, and return its future; elsewhere ``None``: call it from a worker
         thread, its writes are transactions of their own."""
         return self._writer.submit(fn) if self._writer is not None else None
+
+    def submit_async(self, fn: Callable[[], T]) -> asyncio.Future[T] | None:
+        """:meth:`submit` from a coroutine: a future of the running event loop."""
+        if self._writer is None:
+            return None
+        return self._writer.submit_async(fn, asyncio.get_running_loop())
 
     def _commit_error(self, exc: BaseException) -> BaseException:
         try:

@@ -173,3 +173,23 @@ def test_a_failing_work_in_a_batch_undoes_only_its_own_writes(tmp_path: Path) ->
         holder = journal.lock_holder(f"prod/ok{n}")
         assert holder is not None and holder.owner == "me"
     journal.close()
+
+
+async def test_coroutines_get_each_result_of_a_batch(tmp_path: Path) -> None:
+    journal = Journal(f"sqlite:///{tmp_path}/journal.db")
+    gate = threading.Event()
+    blocker = journal.submit(gate.wait)  # holds the writer: what follows is one batch
+    futures = [
+        journal.submit_async(lambda n=n: journal.acquire(f"prod/{n}", "me")) for n in range(4)
+    ]
+    failing = journal.submit_async(lambda: 1 / 0)
+    assert blocker is not None and failing is not None
+    wanted = [f for f in futures if f is not None]
+    wanted.pop(2).cancel()  # its awaiter gave up before the batch ran: the work never runs
+    gate.set()
+    assert [await f for f in wanted] == [True, True, True]
+    with pytest.raises(ZeroDivisionError):
+        await failing
+    assert journal.lock_holder("prod/2") is None
+    assert journal.lock_holder("prod/3") is not None
+    journal.close()
