@@ -193,11 +193,13 @@ class FileBackend(Backend):
         vid = self._check_version_id(version.version_id)
         ring = self._prepare(create=True)
         with self._locked(cred):
-            state = self._load_state(cred) or _State()
+            loaded = self._load_state(cred)
+            state = loaded or _State()
             if vid in state.readable:
                 return
             cred_dir = self._cred_dir(cred)
-            self._mkdir(cred_dir)
+            if loaded is None:  # a state was read from the folder: it exists
+                self._mkdir(cred_dir)
             self._clean_temp_files(cred_dir)
             sealed = ring.seal(version.with_stage(None).to_json().encode(), self._aad(cred, vid))
             self._write_atomic(cred_dir / f"{vid}{SUFFIX}", sealed)
