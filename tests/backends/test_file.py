@@ -414,52 +414,57 @@ def test_make_unreadable_destroys_the_file_even_without_a_record(
     assert [i.version_id for i in backend.versions(CRED)] == [v1.version_id, v2.version_id]
 
 
-@pytest.mark.parametrize("failing", ["pwrite", "fsync", "replace"])
-def test_a_failed_write_changes_nothing(
-    backend: FileBackend, store: Path, monkeypatch: pytest.MonkeyPatch, failing: str
-) -> None:
-    if failing == "replace":  # a new slot file is written whole and renamed into place
-        v1 = make_version(ENV, CRED)
-        backend.stage_pending(v1)
-        target = "stages.1.json"
-    else:  # an existing slot is written in place
-        v1 = promote_new(backend)
-        target = "stages.json"
-    real = getattr(os, failing)
+def fail_on(monkeypatch: pytest.MonkeyPatch, call: str, name: str) -> Callable[[], None]:
+    """Make ``os.<call>`` fail with EIO for the file ``name`` (given by path or descriptor);
+    returns the undo."""
+    real = getattr(os, call)
 
-    def names_target(arg: object) -> bool:
-        if isinstance(arg, int):
-            return os.readlink(f"/proc/self/fd/{arg}").endswith(target)
-        return str(arg).endswith(target)
+    def names_it(arg: object) -> bool:
+        path = os.readlink(f"/proc/self/fd/{arg}") if isinstance(arg, int) else str(arg)
+        return path.endswith(f"/{name}")
 
     def fail(*args: object) -> object:
-        if names_target(args[-1] if failing == "replace" else args[0]):
+        if names_it(args[-1] if call == "replace" else args[0]):
             raise OSError(errno.EIO, "Input/output error")
         return real(*args)
 
-    monkeypatch.setattr(os, failing, fail)
-    v2 = make_version(ENV, CRED) if failing != "replace" else v1
-    call = (
-        (lambda: backend.promote(CRED, v1.version_id))
-        if failing == "replace"
-        else (lambda: backend.stage_pending(v2))
-    )
-    with pytest.raises(BackendUnavailable, match=rf"{target}: Input/output error"):
-        call()
-    monkeypatch.setattr(os, failing, real)
-    if failing == "replace":
-        assert backend.read(CRED) is None
-        pending = backend.read(CRED, Stage.PENDING)
-        assert pending is not None and pending.version_id == v1.version_id
-        backend.promote(CRED, v1.version_id)
-        current = backend.read(CRED)
-        assert current is not None and current.version_id == v1.version_id
-        return
+    monkeypatch.setattr(os, call, fail)
+    return lambda: monkeypatch.setattr(os, call, real)
+
+
+@pytest.mark.parametrize("call", ["pwrite", "fsync"])
+def test_a_failed_write_in_place_changes_nothing(
+    backend: FileBackend, store: Path, monkeypatch: pytest.MonkeyPatch, call: str
+) -> None:
+    v1 = promote_new(backend)  # both slots exist: the next write goes over stages.json
+    undo = fail_on(monkeypatch, call, "stages.json")
+    v2 = make_version(ENV, CRED)
+    with pytest.raises(BackendUnavailable, match=r"stages\.json: Input/output error"):
+        backend.stage_pending(v2)
+    undo()
     assert [i.version_id for i in backend.versions(CRED)] == [v1.version_id]
     assert not [p for p in (store / ENV / CRED).iterdir() if p.name.startswith(".tmp-")]
     backend.stage_pending(v2)
     backend.promote(CRED, v2.version_id)
     assert backend.versions(CRED)[-1].stage is Stage.CURRENT
+
+
+def test_a_failed_new_slot_changes_nothing(
+    backend: FileBackend, store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    v1 = make_version(ENV, CRED)
+    backend.stage_pending(v1)  # stages.json only: the promotion creates stages.1.json
+    undo = fail_on(monkeypatch, "replace", "stages.1.json")
+    with pytest.raises(BackendUnavailable, match=r"stages\.1\.json: Input/output error"):
+        backend.promote(CRED, v1.version_id)
+    undo()
+    assert backend.read(CRED) is None
+    pending = backend.read(CRED, Stage.PENDING)
+    assert pending is not None and pending.version_id == v1.version_id
+    assert not (store / ENV / CRED / "stages.1.json").exists()
+    backend.promote(CRED, v1.version_id)
+    current = backend.read(CRED)
+    assert current is not None and current.version_id == v1.version_id
 
 
 @pytest.mark.parametrize(
