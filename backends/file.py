@@ -587,9 +587,9 @@ class FileBackend(Backend):
 
     def _overwrite(self, path: Path, data: bytes) -> bool:
         """Write ``data`` over an existing file in place and fsync it; ``False`` if there is
-        no such file. No new inode, no rename, no folder fsync: a rotation makes four writes,
-        and creating a file per write costs more than the write itself (ext4 searches for a
-        free inode past every recently deleted one)."""
+        no such file. No new inode, no rename, no folder fsync: a rotation writes the stages
+        three times, and creating a file per write costs more than the write itself (ext4
+        searches for a free inode past every recently deleted one)."""
         with self._os_errors("write", path):
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
