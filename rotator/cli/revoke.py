@@ -152,13 +152,14 @@ def confirm(req: RevokeRequest, plans: Sequence[CredentialPlan], *, yes: bool) -
     if req.all:
         typed = typer.prompt(
             f"This revokes {count} credential(s) of environment {req.environment!r}. "
-            "Type the environment's name to go on"
+            "Type the environment's name to go on",
+            err=True,  # stdout is the report (--json): questions go to the terminal's stderr
         )
         if typed.strip() != req.environment:
             err.print("[red]the name does not match: nothing was changed[/]")
             raise typer.Exit(EXIT_REFUSED)
         return
-    if not typer.confirm(f"Revoke {count} credential(s) in {req.environment!r} now?"):
+    if not typer.confirm(f"Revoke {count} credential(s) in {req.environment!r} now?", err=True):
         err.print("nothing was changed")
         raise typer.Exit(EXIT_REFUSED)
 

@@ -332,8 +332,10 @@ def test_interactive_confirmation(
     assert (rotator.token("a"), rotator.token("b")) == (a, b)
     assert status(sim, a) == "active"
 
-    done = run("a", answer="y\n")
+    done = run("a", "--json", answer="y\n")
     assert done.exit_code == 0, done.output
+    question = "Revoke 1 credential(s) in 'prod' now?"  # on stderr: stdout is the JSON report
+    assert question in done.stderr and question not in done.stdout
     assert status(sim, a) == "revoked" and rotator.token("b") == b
     done = run("--all", answer="prod\n")
     assert done.exit_code == 0, done.output
