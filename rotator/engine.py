@@ -44,6 +44,7 @@ from rotator.errors import (
     MakiniError,
     MakiniRejected,
     MakiniTransient,
+    MakiniUntrusted,
     RotationError,
     RotatorError,
 )
@@ -834,7 +835,7 @@ class RotationEngine:
         except MakiniRejected as exc:
             await self._journal(self.journal.set_state, env, name, attention=exc.message)
             return False, exc.message
-        except MakiniTransient as exc:
+        except (MakiniTransient, MakiniUntrusted) as exc:
             return False, f"could not check: {exc.message}"
         return True, f"accepted for connection {info.connection_id}"
 

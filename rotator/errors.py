@@ -21,7 +21,8 @@ vendor exception. No message ever contains a token: messages name things by fing
     │   │   ├── RateLimited          429 (``retry_after_s``)
     │   │   ├── ServerError          5xx
     │   │   ├── MakiniTimeout
-    │   │   └── MakiniUnreachable    connection refused, DNS, TLS
+    │   │   └── MakiniUnreachable    connection refused, DNS, a TLS handshake that broke
+    │   ├── MakiniUntrusted          the server's TLS certificate is not trusted: do not retry
     │   └── MakiniProtocolError      an answer that does not parse as the API says
     └── BackendError                 a secret backend (backend name, location)
         ├── BackendUnavailable       unreachable, throttled, timed out: transient
@@ -166,6 +167,10 @@ class MakiniTimeout(MakiniTransient):
 
 
 class MakiniUnreachable(MakiniTransient):
+    pass
+
+
+class MakiniUntrusted(MakiniError):
     pass
 
 

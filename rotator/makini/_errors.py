@@ -18,6 +18,7 @@ from __future__ import annotations
 import email.utils
 import json
 import re
+import ssl
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,7 @@ from rotator.errors import (
     MakiniTimeout,
     MakiniTransient,
     MakiniUnreachable,
+    MakiniUntrusted,
     RateLimited,
     ServerError,
 )
@@ -66,6 +68,8 @@ _HINTS: dict[type[MakiniError], str] = {
     ServerError: "Makini is failing; retry later",
     MakiniTimeout: "Makini did not answer in time; retry later or raise makini.timeout_s",
     MakiniUnreachable: "check makini.base_url, DNS, the network path and TLS",
+    MakiniUntrusted: "check makini.base_url; if it is right, trust the CA that signed its "
+    "certificate (SSL_CERT_FILE or SSL_CERT_DIR name a CA bundle)",
     MakiniProtocolError: "Makini's answer was not as expected; check makini.base_url",
 }
 
@@ -250,6 +254,8 @@ def error_from_response(
 
 def _exception_class(exc: Exception) -> tuple[type[MakiniError], bool, str]:
     """Error class, may-have-been-processed, and a short description for an httpx exception."""
+    if _certificate_refused(exc):  # a retry meets the same certificate
+        return MakiniUntrusted, False, "the server's TLS certificate is not trusted"
     if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
         return MakiniTimeout, False, "timed out before the request was sent"
     if isinstance(exc, httpx.TimeoutException):
@@ -263,6 +269,15 @@ def _exception_class(exc: Exception) -> tuple[type[MakiniError], bool, str]:
     if isinstance(exc, httpx.HTTPStatusError):
         return MakiniProtocolError, True, "unexpected status"
     return MakiniProtocolError, False, "the request could not be made"
+
+
+def _certificate_refused(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return "CERTIFICATE_VERIFY_FAILED" in str(exc)  # a transport that kept only the text
 
 
 def error_from_exception(

@@ -19,7 +19,7 @@ import trustme
 import uvicorn
 import uvloop
 
-from rotator.errors import MakiniUnreachable
+from rotator.errors import MakiniTransient, MakiniUntrusted
 from rotator.makini import MakiniClient, SimOptions, SimServer
 from rotator.makini.sim_app import SimApp
 from rotator.makini.sim_state import SimState
@@ -78,11 +78,12 @@ async def test_an_untrusted_certificate_is_refused(
     other = tmp_path / "other-ca.pem"
     trustme.CA().cert_pem.write_to_path(str(other))
     monkeypatch.setenv("SSL_CERT_FILE", str(other))
-    once = settings(https_sim, retry={"max_attempts": 1})
-    async with MakiniClient(once, PROD_SECRET, environment="t") as client:
-        with pytest.raises(MakiniUnreachable) as caught:
+    async with MakiniClient(settings(https_sim), PROD_SECRET, environment="t") as client:
+        with pytest.raises(MakiniUntrusted) as caught:
             await client.issue_token("c1")
+    assert not isinstance(caught.value, MakiniTransient)  # a retry meets the same certificate
     assert "CERTIFICATE_VERIFY_FAILED" in caught.value.message
+    assert caught.value.hint is not None and "SSL_CERT_FILE" in caught.value.hint
 
 
 class _ClosingServer:
