@@ -10,6 +10,7 @@ from typing import Annotated, TypeVar
 import typer
 from rich.markup import escape
 
+from rotator.errors import ConfigError
 from rotator.journal import Journal
 from rotator.keys import KeyInfo, create_key, list_keys, revoke_key
 from rotator.settings import Config
@@ -57,7 +58,16 @@ def create(
 
     def work(cfg: Config, journal: Journal) -> tuple[KeyInfo, str]:
         env = cfg.environment(environment)
-        names = [c.strip() for c in credentials.split(",") if c.strip()] if credentials else None
+        names = None
+        if credentials is not None:
+            names = [c.strip() for c in credentials.split(",") if c.strip()]
+            if not names:  # not "every credential": a typo must not widen a key
+                raise ConfigError(
+                    f"--credentials {credentials!r} names no credential",
+                    where="rotator keys create",
+                    hint="name at least one (--credentials a,b), or leave the option out for a "
+                    "key that reads every credential of the environment",
+                )
         for n in names or []:
             env.credential(n, environment)
         return create_key(

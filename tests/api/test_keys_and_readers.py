@@ -163,6 +163,12 @@ async def test_keys_cli_and_stale_readers_in_status(
         ["--config", str(config), "keys", "create", "prod", "--name", "x", "--credentials", "nope"],
     )
     assert result.exit_code != 0 and "nope" in str(result.exception)
+    # a list that names nobody is refused, not taken as "every credential"
+    create_y = ["--config", str(config), "keys", "create", "prod", "--name", "y"]
+    for empty in (",", "", " , "):
+        result = CliRunner().invoke(cli, [*create_y, "--credentials", empty])
+        assert result.exit_code != 0 and "names no credential" in str(result.exception)
+    assert "y" not in [k.name for k in list_keys(journal)]
 
 
 async def test_grace_ends_early_once_every_reader_has_the_new_version(
