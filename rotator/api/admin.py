@@ -23,6 +23,7 @@ from rotator.api.errors import ApiError, responses
 from rotator.api.state import ApiState
 from rotator.errors import ConfigError, NotFound, RotatorError
 from rotator.keys import KeyInfo
+from rotator.logs import mask
 from rotator.settings import ENV_NAME_PATTERN
 
 # Patterns are documented but checked by the handlers, after the key: a stranger gets 401
@@ -131,7 +132,9 @@ def router(state: ApiState) -> APIRouter:
         unknown = [n for n in body.credentials or () if n not in known]
         if unknown:
             raise ApiError(404, f"environment {env!r} has no credential {unknown[0]!r}")
-        detail = {"credentials": body.credentials, "all": body.all, "reason": body.reason}
+        # token-shaped text masked as in the logs; each credential's revoke record replaces
+        # the very tokens it revokes (rotator.revoke.service)
+        detail = {"credentials": body.credentials, "all": body.all, "reason": mask(body.reason)}
         try:
             revoke_from_api = importlib.import_module("rotator.revoke").revoke_from_api
         except (ImportError, AttributeError):

@@ -14,6 +14,7 @@ import structlog
 from rotator.engine import EnvironmentRuntime, RotationEngine, RotationResult, unseal
 from rotator.errors import NotFound, RotatorError
 from rotator.journal import Rotation, Step
+from rotator.logs import mask
 from rotator.model import Stage, StoredVersion, new_version_id, utcnow
 from rotator.settings import CredentialSettings
 
@@ -200,7 +201,7 @@ class Revoker:
             version_id=new_version_id(),
             old_version_id=old.version_id,
             old_fingerprint=old.tokens.access.fingerprint,
-            reason=req.reason[:500],
+            reason=_without_tokens(req.reason, old, target.current)[:500],
             actor=req.actor[:200],
             started_at=now,
             updated_at=now,
@@ -424,3 +425,16 @@ async def revoke_from_api(
 
 
 __all__ = ["Revoker", "resume_held", "revoke_from_api", "short"]
+
+
+def _without_tokens(reason: str, *versions: StoredVersion | None) -> str:
+    """The reason as recorded (journal, audit, logs): an operator may paste the leaked token
+    itself into ``--reason``; each token of these versions becomes its masked fingerprint, and
+    anything else shaped like a token is masked as in the logs."""
+    for version in versions:
+        if version is None:
+            continue
+        for secret in (version.tokens.access, version.tokens.refresh):
+            if secret is not None and secret.reveal():
+                reason = reason.replace(secret.reveal(), f"[token {secret.short}]")
+    return mask(reason)

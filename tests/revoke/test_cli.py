@@ -341,3 +341,16 @@ def test_interactive_confirmation(
     assert done.exit_code == 0, done.output
     assert status(sim, b) == "revoked"
     assert a not in done.output and b not in done.output
+
+
+def test_a_token_pasted_into_the_reason_is_recorded_as_its_fingerprint(
+    tmp_path: Path, sim: SimServer
+) -> None:
+    rotator = Rotator(tmp_path, sim)
+    assert rotator("rotate", "prod", "a").returncode == 0
+    old = rotator.token("a")
+    proc = rotator("revoke", "prod", "a", "--reason", f"leaked: {old}", "--yes", "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    [done] = rotator.audit("revoke.completed")
+    assert done["detail"]["reason"] == f"leaked: [token sha256:{fingerprint(old)[:12]}]"
+    rotator.assert_no_token_leaked(old, rotator.token("a"))
