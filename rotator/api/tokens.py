@@ -10,6 +10,7 @@ the OpenAPI (``rotator.api.docs``) and routes them back here if ever reached.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import time
@@ -19,7 +20,7 @@ from urllib.parse import parse_qsl
 
 from rotator.api.auth import authenticate, check_cred_name, check_env_name, check_env_scope
 from rotator.api.cache import Revoked, Served, render
-from rotator.api.errors import ApiError, envelope, request_id_from
+from rotator.api.errors import ApiError, envelope, log, request_id_from
 from rotator.api.state import ApiState
 from rotator.errors import RotatorError
 from rotator.journal import Step
@@ -129,6 +130,11 @@ class TokenRoutes:
             if len(parts) == 2:
                 self.state.metrics.read(self.state.env_label(env), err.status)
             await _send_error(send, err, request_id)
+        except Exception:  # noqa: BLE001 - a bug: answered as the FastAPI routes answer one
+            log.exception("api.internal_error", path=scope["path"])
+            crash = ApiError(500, "internal error", "internal")
+            with contextlib.suppress(RuntimeError):  # the response had begun: uvicorn closes it
+                await _send_error(send, crash, request_id)
 
     # --- GET /v1/tokens/{env}/{name} --------------------------------------------------------
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
+
 from rotator.api.cache import drop_everywhere
 from rotator.keys import revoke_key
 from rotator.model import Stage
@@ -273,3 +275,22 @@ async def test_wrong_methods_and_bodies_answer_the_envelope(
         )
         assert r.status_code == status, (body[:20], r.text)
         envelope_ok(r.json())
+
+
+async def test_a_bug_in_the_token_route_answers_the_envelope(
+    serve: Factory, log_trap: LogTrap, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api = await serve()
+    key = bearer(make_keys(api, log_trap).reader["prod"])
+    await api.rotate("prod", "alpha")
+
+    def broken(env: str, name: str) -> None:
+        raise RuntimeError("a bug in the cache")
+
+    monkeypatch.setattr(api.app.state.cache, "get", broken)
+    r = await api.http.get("/v1/tokens/prod/alpha", headers={**key, "X-Request-Id": "bug-1"})
+    assert r.status_code == 500
+    envelope_ok(r.json(), "internal")
+    assert r.json()["error"]["request_id"] == "bug-1"
+    assert "a bug in the cache" not in r.text  # the cause is logged, not answered
+    assert "api.internal_error" in log_trap.text()
