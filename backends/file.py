@@ -596,10 +596,7 @@ class FileBackend(Backend):
             except FileNotFoundError:
                 return False
             try:
-                view = memoryview(data)
-                offset = 0
-                while offset < len(data):
-                    offset += os.pwrite(fd, view[offset:], offset)
+                _write_all(fd, data)
                 os.ftruncate(fd, len(data))
                 os.fsync(fd)
             except BaseException:
@@ -721,9 +718,7 @@ class FileBackend(Backend):
     def _write_file(self, path: Path, data: bytes) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _FILE_MODE)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            _write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -841,6 +836,14 @@ class FileBackend(Backend):
         else:  # ENOSPC, EIO, EDQUOT, EMFILE, ENOENT (vanished meanwhile), ...: retry later
             cls = BackendUnavailable
         raise self._error(cls, message, where=str(path) if path else None, hint=hint) from exc
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """``data`` from the start of the file (a write may be short)."""
+    view = memoryview(data)
+    offset = 0
+    while offset < len(data):
+        offset += os.pwrite(fd, view[offset:], offset)
 
 
 def _fsync_dir(path: Path) -> None:

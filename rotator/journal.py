@@ -425,10 +425,8 @@ class _Writer:
         """Run ``fn`` on this thread inside the current batch; its result once durable.
         ``again``: ``fn`` touches nothing but the journal, so it may run a second time after
         its first run was rolled back (see :meth:`_commit`)."""
-        if self._closed:
-            raise JournalError("the journal is closed", hint="this is a bug: report it")
         future: Future[T] = Future()
-        self._queue.put((fn, future, again))
+        self._put((fn, future, again))
         return future
 
     def submit_async(
@@ -436,11 +434,14 @@ class _Writer:
     ) -> asyncio.Future[T]:
         """:meth:`submit` for a coroutine on ``loop``: the results of one batch reach the loop
         in one callback, not one cross-thread wake-up per result."""
+        future: asyncio.Future[T] = loop.create_future()
+        self._put((fn, (loop, future), True))
+        return future
+
+    def _put(self, work: _Work) -> None:
         if self._closed:
             raise JournalError("the journal is closed", hint="this is a bug: report it")
-        future: asyncio.Future[T] = loop.create_future()
-        self._queue.put((fn, (loop, future), True))
-        return future
+        self._queue.put(work)
 
     def run(self, work: Callable[[Connection], T], *, single: bool = False) -> T:
         """``work`` in a savepoint of the current batch, and its result once durable. A

@@ -121,6 +121,12 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+def internal_error(path: str) -> ApiError:
+    """A bug, called from its except block: logged with the traceback, answered as a 500."""
+    log.exception("api.internal_error", path=path)
+    return ApiError(500, "internal error", "internal")
+
+
 def install(app: FastAPI) -> None:
     """Route every error FastAPI or Starlette raises through the envelope."""
 
@@ -142,8 +148,7 @@ def install(app: FastAPI) -> None:
         return error_response(request, ApiError(422, _validation_message(exc)))
 
     async def crash(request: Request, exc: Exception) -> Response:
-        log.exception("api.internal_error", path=request.url.path)
-        return error_response(request, ApiError(500, "internal error", "internal"))
+        return error_response(request, internal_error(request.url.path))
 
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(StarletteHTTPException, http_error)

@@ -20,7 +20,7 @@ from urllib.parse import parse_qsl
 
 from rotator.api.auth import authenticate, check_cred_name, check_env_name, check_env_scope
 from rotator.api.cache import Revoked, Served, render
-from rotator.api.errors import ApiError, envelope, log, request_id_from
+from rotator.api.errors import ApiError, envelope, internal_error, request_id_from
 from rotator.api.state import ApiState
 from rotator.errors import RotatorError
 from rotator.journal import Step
@@ -131,8 +131,7 @@ class TokenRoutes:
                 self.state.metrics.read(self.state.env_label(env), err.status)
             await _send_error(send, err, request_id)
         except Exception:  # noqa: BLE001 - a bug: answered as the FastAPI routes answer one
-            log.exception("api.internal_error", path=scope["path"])
-            crash = ApiError(500, "internal error", "internal")
+            crash = internal_error(scope["path"])
             with contextlib.suppress(RuntimeError):  # the response had begun: uvicorn closes it
                 await _send_error(send, crash, request_id)
 

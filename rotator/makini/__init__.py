@@ -1,12 +1,12 @@
 """The Makini API: the async client the engine uses, and a simulator that plays the API.
 
-MakiniClient      issue, refresh, exchange a code, verify, disconnect, revoke
-Issued            a new token pair and the request id that produced it
-ConnectionInfo    what a working token says about its connection
-SimOptions        how the simulator behaves (each undocumented variant is an option)
-SimServer         the simulator on a background thread, for tests and benchmarks
-serve_simulator   the simulator in the foreground (``rotator makini-sim``)
-link_code         a Makini Link authorization code from a running simulator
+    MakiniClient      issue, refresh, exchange a code, verify, disconnect, revoke
+    Issued            a new token pair and the request id that produced it
+    ConnectionInfo    what a working token says about its connection
+    SimOptions        how the simulator behaves (each undocumented variant is an option)
+    SimServer         the simulator on a background thread, for tests and benchmarks
+    serve_simulator   the simulator in the foreground (``rotator makini-sim``)
+    link_code         a Makini Link authorization code from a running simulator
 """
 
 from typing import TYPE_CHECKING, Any
