@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import queue
 import random
 import sqlite3
@@ -58,6 +59,11 @@ from sqlalchemy.sql.schema import ScalarElementColumnDefault
 
 from rotator.errors import ConfigError, JournalError, LockBusy
 from rotator.model import utcnow
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: SQLite's busy handler alone orders the writers
+    fcntl = None  # type: ignore[assignment]
 
 T = TypeVar("T")
 
@@ -411,9 +417,16 @@ class _Writer:
     thread, which this thread lends its connection to).
     """
 
-    def __init__(self, engine: Engine, commit_error: Callable[[BaseException], BaseException]):
+    def __init__(
+        self,
+        engine: Engine,
+        commit_error: Callable[[BaseException], BaseException],
+        turn_file: str | None = None,
+    ):
         self._engine = engine
         self._commit_error = commit_error
+        self._turn_file = turn_file if fcntl is not None else None
+        self._turn_fd: int | None = None
         self._queue: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
         self._conn: Connection | None = None
         self._closed = False
@@ -558,18 +571,45 @@ class _Writer:
         if self._conn is None:
             self._conn = self._engine.connect()
             self._conn.info[_WRITER] = True
+        with self._turn():
+            return self._commit_batch(self._conn, batch)
+
+    @contextmanager
+    def _turn(self) -> Iterator[None]:
+        """This process's turn to write, among the processes sharing the journal file.
+
+        SQLite's busy handler polls for the write lock with growing sleeps (1, 2, 5, ... 100
+        ms), so a writer that found the lock taken sleeps on long after it is free: two
+        ``run-due`` processes on one journal spent more time asleep there than writing. A
+        blocking ``flock`` on a file beside the journal wakes the next writer as soon as the
+        last one commits. The lock goes with its process, whatever way that ends.
+        """
+        if self._turn_file is None:
+            yield
+            return
+        if self._turn_fd is None:
+            self._turn_fd = os.open(self._turn_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self._turn_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._turn_fd, fcntl.LOCK_UN)
+
+    def _commit_batch(
+        self, conn: Connection, batch: list[_Work]
+    ) -> list[tuple[_Target, bool, Any]]:
         live = [(fn, target) for fn, target, _ in batch if _start(target)]
         if all(again for _, _, again in batch):
             self._bare = True
             try:
-                with self._conn.begin() as tx:
+                with conn.begin() as tx:
                     results = self._run_all(live)
                     if all(ok for _, ok, _ in results):
                         return results
                     tx.rollback()
             finally:
                 self._bare = False
-        with self._conn.begin():
+        with conn.begin():
             return self._run_all(live)
 
     @staticmethod
@@ -586,6 +626,9 @@ class _Writer:
         self._closed = True
         self._queue.put(None)
         self._thread.join(timeout=10)
+        if self._turn_fd is not None:
+            os.close(self._turn_fd)
+            self._turn_fd = None
 
 
 def _start(target: _Target) -> bool:
@@ -656,7 +699,11 @@ class Journal:
         self._state_statements: dict[frozenset[str], _Prepared] = {}
         # SQLite has one writer at a time: gather concurrent writers into group commits
         # rather than letting them spin in SQLite's busy handler, one fsync each.
-        self._writer = _Writer(self.engine, self._commit_error) if self.is_sqlite else None
+        self._writer: _Writer | None = None
+        if self.is_sqlite:
+            database = self.engine.url.database
+            turn_file = f"{database}-writer" if database and database != ":memory:" else None
+            self._writer = _Writer(self.engine, self._commit_error, turn_file)
         if create:
             self.create()
 
@@ -704,6 +751,12 @@ class Journal:
             raise JournalError(
                 f"the journal database failed to {doing}: {type(exc).__name__}",
                 where=self.where,
+            ) from exc
+        except OSError as exc:  # the writer's turn file beside a SQLite journal
+            raise JournalError(
+                f"the journal failed to {doing}: {exc.strerror or type(exc).__name__}",
+                where=f"{self.where} ({exc.filename})" if exc.filename else self.where,
+                hint="check that the journal's folder is writable",
             ) from exc
 
     @contextmanager

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import threading
 import time
 import uuid
@@ -123,6 +125,40 @@ def test_two_journals_on_one_sqlite_file_wait_for_each_other(tmp_path: Path) -> 
     }
     first.close()
     second.close()
+
+
+def test_a_writer_waits_for_its_turn_and_wakes_when_the_other_commits(tmp_path: Path) -> None:
+    # Writers of processes sharing a SQLite journal take turns on a lock file beside it; one
+    # that waits wakes as soon as the turn is free, not after SQLite's busy handler's sleeps.
+    journal = Journal(f"sqlite:///{tmp_path}/journal.db")
+    turn = tmp_path / "journal.db-writer"
+    journal.set_state("prod", "a", attention="x")  # the first write makes the turn file
+    assert turn.stat().st_mode & 0o777 == 0o600
+    other = os.open(turn, os.O_RDWR)  # another process's writer, holding the turn
+    fcntl.flock(other, fcntl.LOCK_EX)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            write = pool.submit(journal.acquire, "prod/a", "me")
+            time.sleep(0.3)
+            assert not write.done()  # it waits for its turn
+            assert journal.lock_holder("prod/a") is None
+            fcntl.flock(other, fcntl.LOCK_UN)
+            assert write.result(timeout=5) is True
+    finally:
+        os.close(other)
+    holder = journal.lock_holder("prod/a")
+    assert holder is not None and holder.owner == "me"
+    journal.close()
+
+
+def test_a_turn_file_that_cannot_be_opened_is_a_journal_error(tmp_path: Path) -> None:
+    (tmp_path / "journal.db-writer").mkdir()  # in the way of the writer's turn file
+    journal = Journal(f"sqlite:///{tmp_path}/journal.db", create=False)
+    with pytest.raises(JournalError) as info:
+        journal.acquire("prod/a", "me")
+    text = info.value.describe()
+    assert "journal.db-writer" in text and "writable" in text
+    journal.close()
 
 
 def test_processes_starting_together_create_one_journal(tmp_path: Path) -> None:
