@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from rotator.model import utcnow
 from rotator.runtime import Runtime
 from rotator.schedule import ROTATE, plan
 from rotator.settings import Config
+from rotator.workers import Work
 
 log = structlog.get_logger("rotator.service")
 
@@ -32,25 +33,33 @@ async def run_due_once(
     progress: Callable[[RotationResult], None] | None = None,
 ) -> list[RotationResult]:
     """Resume open rotations, retire what is past its grace period, rotate what is due."""
+    return await rotate_work(runtime, await due_work(runtime, environments), progress)
+
+
+async def due_work(runtime: Runtime, environments: list[str] | None = None) -> list[Work]:
+    """What is due now: each credential to resume, retire or rotate."""
     from rotator.readers import end_grace_early
 
     # where configured, a grace period ends once every recent reader has the new version
     await asyncio.to_thread(end_grace_early, runtime.config, runtime.journal)
-    items = [
-        i
+    return [
+        (i.environment, i.credential, i.action == ROTATE, i.reason)
         for i in plan(runtime.config, runtime.journal, utcnow(), environments=environments)
         if i.is_due and i.environment in runtime.environments
     ]
-    if not items:
+
+
+async def rotate_work(
+    runtime: Runtime,
+    work: Sequence[Work],
+    progress: Callable[[RotationResult], None] | None = None,
+) -> list[RotationResult]:
+    if not work:
         return []
-    log.info("run_due.start", due=len(items))
-    results = await runtime.engine.rotate_many(
-        [(i.environment, i.credential, i.action == ROTATE, i.reason) for i in items],
-        actor="scheduler",
-        progress=progress,
-    )
+    log.info("run_due.start", due=len(work))
+    results = await runtime.engine.rotate_many(work, actor="scheduler", progress=progress)
     failed = [r for r in results if not r.ok]
-    log.info("run_due.done", due=len(items), failed=len(failed))
+    log.info("run_due.done", due=len(work), failed=len(failed))
     return results
 
 

@@ -312,6 +312,12 @@ class JournalSettings(_Model):
 class SchedulerSettings(_Model):
     tick: Duration = Field(default=timedelta(seconds=30), description="How often serve looks.")
     concurrency: int = Field(default=32, ge=1, le=1000, description="Rotations at once.")
+    processes: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(
+        default="auto",
+        description="Processes run-due forks to use more than one core; the concurrency limits "
+        "are shared among them. auto: one per CPU the container may use, once there are 200 "
+        "rotations for each; 1: never fork.",
+    )
     retry_after_failure: Duration = Field(
         default=timedelta(minutes=10),
         description="After a failed attempt, wait this long before trying the credential again.",

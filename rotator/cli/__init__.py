@@ -8,6 +8,7 @@ and the traceback is logged at debug level (``--log-level debug``).
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 from rich.console import Console
 from rich.markup import escape
@@ -21,8 +22,14 @@ err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 def main() -> None:
     from rotator.cli.app import app
 
+    guarded(lambda: app(standalone_mode=True))
+
+
+def guarded(command: Callable[[], object]) -> None:
+    """Run ``command`` as the CLI runs every command: a user-facing error is printed (what,
+    where, what to do) and exits non-zero; anything else is a bug, reported in one line."""
     try:
-        app(standalone_mode=True)
+        command()
     except RotatorError as exc:
         _print_error(exc)
         sys.exit(exc.exit_code)

@@ -115,21 +115,49 @@ def run_due(
     json_out: JsonOpt = False,
 ) -> None:
     """Rotate, resume and retire whatever is due now, then exit (non-zero if anything failed).
-    Made for a Kubernetes CronJob with concurrencyPolicy Forbid."""
+    Made for a Kubernetes CronJob with concurrencyPolicy Forbid. A large run forks workers to
+    use more than one core (scheduler.processes)."""
+    from rotator import workers
+
     cfg = _config(service=True)
     for name in env or []:
         cfg.environment(name)
 
-    async def work(rt: Any) -> list[Any]:
-        from rotator.service import run_due_once
+    async def plan_or_rotate(rt: Any) -> tuple[list[Any], int, list[Any]]:
+        from rotator.service import due_work, rotate_work
 
+        work = await due_work(rt, env)
+        processes = workers.process_count(cfg.scheduler.processes, len(work))
+        if processes > 1:
+            return work, processes, []  # forked once this runtime is closed
         with render.progress(json_out) as tick:
-            return await run_due_once(rt, environments=env, progress=tick)
+            return work, 1, await rotate_work(rt, work, tick)
 
-    results = _run(_with_runtime, cfg, work, env)
+    work, processes, results = _run(_with_runtime, cfg, plan_or_rotate, env)
+    if processes > 1:
+        with (
+            workers.Shares(cfg, work, processes, _rotate_share(env)) as shares,
+            render.progress(json_out, total=len(work)) as tick,
+        ):
+            results = shares.gather(tick)
     render.results(results, json_out)
     if any(not r.ok for r in results):
         raise typer.Exit(1)
+
+
+def _rotate_share(env: list[str] | None) -> Callable[..., None]:
+    """What a forked ``run-due`` worker runs: its share of the work, each result reported."""
+
+    def rotate(cfg: Config, share: Any, report: Callable[[Any], None]) -> None:
+        from rotator.cli import guarded
+        from rotator.service import rotate_work
+
+        async def work(rt: Any) -> list[Any]:
+            return await rotate_work(rt, share, report)
+
+        guarded(lambda: _run(_with_runtime, cfg, work, env))
+
+    return rotate
 
 
 @app.command()

@@ -62,10 +62,12 @@ connection_id = "conn-e2e-dev-a"
 
 
 class Rotator(RotatorCli):
-    def __init__(self, tmp_path: Path, sim: SimServer, makini_extra: str = "") -> None:
+    def __init__(
+        self, tmp_path: Path, sim: SimServer, makini_extra: str = "", top: str = ""
+    ) -> None:
         super().__init__(
             tmp_path,
-            CONFIG.format(url=sim.url, makini_extra=makini_extra),
+            top + CONFIG.format(url=sim.url, makini_extra=makini_extra),
             {
                 "E2E_PROD_SEAL": generate_key(),
                 "E2E_DEV_SEAL": generate_key(),
@@ -151,6 +153,40 @@ def test_sigkill_after_each_step_then_run_due_completes(
     assert row["open_step"] is None and row["backends_agree"]
     for text in rotator.outputs:
         assert token not in text and first not in text
+
+
+def test_run_due_in_worker_processes_and_one_killed(tmp_path: Path, sim: SimServer) -> None:
+    # scheduler.processes = 2: run-due forks two workers. The one driving prod/b is SIGKILLed
+    # after Makini issued its token: the run reports b failed and exits non-zero, the others
+    # are rotated; the next run completes b with nothing lost or orphaned.
+    rotator = Rotator(tmp_path, sim, top="[scheduler]\nprocesses = 2\n")
+    logged = ("--log-format", "json", "--log-level", "info")
+    first = rotator(*logged, "run-due", "--json", env={"ROTATOR_FAULT_KILL_AFTER": "issued:b"})
+    assert first.returncode == 1, first.stderr
+    outcomes = {(r["environment"], r["credential"]): r for r in json.loads(first.stdout)}
+    assert {k: r["outcome"] for k, r in outcomes.items()} == {
+        ("prod", "a"): "rotated",
+        ("prod", "b"): "failed",
+        ("dev", "a"): "rotated",
+    }
+    assert "signal 9" in outcomes[("prod", "b")]["error"]
+    events = [json.loads(line) for line in first.stderr.splitlines()]  # whole lines, each
+    assert [e["processes"] for e in events if e["event"] == "run_due.processes"] == [2]
+    assert sorted(e["due"] for e in events if e["event"] == "run_due.start") == [1, 2]
+
+    time.sleep(1.1)  # the killed worker's lease (lock_ttl = 1s) expires
+    second = rotator(*logged, "run-due", "--json")
+    assert second.returncode == 0, second.stderr
+    assert [(r["credential"], r["outcome"]) for r in json.loads(second.stdout)] == [
+        ("b", "rotated")
+    ]
+    # the token issued before the kill waited, sealed in the journal, and is the one stored
+    assert len(sim.tokens("conn-e2e-b", kind="access")) == 1
+    for env, name, conn in [("prod", "a", "a"), ("prod", "b", "b"), ("dev", "a", "dev-a")]:
+        token = rotator.token(env, name)
+        assert active(sim, f"conn-e2e-{conn}") == {fingerprint(token)}
+        for text in rotator.outputs:
+            assert token not in text
 
 
 def test_user_errors_are_one_clear_message(tmp_path: Path, sim: SimServer) -> None:

@@ -1,0 +1,190 @@
+"""``rotator run-due`` over several processes.
+
+A process runs Python on one core at a time (the GIL), and a large ``run-due`` is bound by
+that, not by Makini: on 1,000 credentials one process keeps about one core busy while the
+other waits. So ``run-due`` plans in one process as usual, and when there is enough to do
+(``scheduler.processes``), forks workers that each rotate a share of what is due with a share
+of the concurrency limits, and gathers their results as one run.
+
+Each credential is in exactly one share; the journal's leases would keep two processes off one
+credential anyway, and every step a worker takes is journalled as in one process, so a worker
+that dies leaves work the next run resumes. The parent forks only once it is single-threaded
+(the planning runtime is closed), and the workers share its loaded modules copy-on-write.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any, Literal
+
+import structlog
+
+from rotator.engine import RotationResult
+from rotator.settings import Config
+
+log = structlog.get_logger("rotator.workers")
+
+Work = tuple[str, str, bool, str]
+"""One credential to drive: (environment, credential, start a new rotation, reason)."""
+Rotate = Callable[[Config, Sequence[Work], Callable[[RotationResult], None]], None]
+
+PER_PROCESS = 200
+"""Fewest rotations worth a worker of their own: below that, forking and opening a runtime
+(journal, backends, a Makini admin token) costs more than a second core gives back."""
+
+
+def usable_cpus(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """CPUs this process may run on: its affinity, capped by a cgroup v2 CPU quota (a
+    container's CPU limit), rounded up."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    count = cpus or 1
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            count = min(count, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 CPU limit here
+    return count
+
+
+def process_count(setting: int | Literal["auto"], due: int) -> int:
+    """How many processes rotate ``due`` credentials: ``auto`` one per usable CPU, each with
+    at least :data:`PER_PROCESS` rotations; a number that many, each with at least one."""
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return 1
+    if setting == "auto":
+        return max(1, min(usable_cpus(), due // PER_PROCESS))
+    return max(1, min(setting, due))
+
+
+def share_of(config: Config, processes: int) -> Config:
+    """The configuration a worker runs with: its share of every concurrency limit, so that
+    the workers together keep to the limits configured (Makini sees no more at once)."""
+
+    def part(limit: int) -> int:
+        return max(1, math.ceil(limit / processes))
+
+    environments = {
+        name: env.model_copy(
+            update={
+                "makini": env.makini.model_copy(
+                    update={"max_concurrency": part(env.makini.max_concurrency)}
+                )
+            }
+        )
+        for name, env in config.environments.items()
+    }
+    scheduler = config.scheduler.model_copy(
+        update={"concurrency": part(config.scheduler.concurrency)}
+    )
+    return config.model_copy(update={"scheduler": scheduler, "environments": environments})
+
+
+class Shares:
+    """Workers rotating their shares of ``work``; :meth:`gather` collects their results.
+
+    Used as a context manager: leaving it stops workers still running (the parent got Ctrl-C
+    or SIGTERM), which end as a single process would; their journal resumes the rest.
+    """
+
+    def __init__(self, config: Config, work: Sequence[Work], processes: int, rotate: Rotate):
+        self.work = list(work)
+        self._config = share_of(config, processes)
+        self._shares = [self.work[i::processes] for i in range(processes)]
+        self._rotate = rotate
+        self._workers: list[tuple[BaseProcess, Connection, list[Work]]] = []
+        self._previous: Any = None
+
+    def __enter__(self) -> Shares:
+        """Fork the workers. ``rotate(config, share, report)`` is what each runs: it calls
+        ``report`` with every result as it comes and exits the process on an error of its own."""
+        context = multiprocessing.get_context("fork")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self._previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        try:
+            for share in self._shares:
+                receive, send = context.Pipe(duplex=False)
+                proc = context.Process(
+                    target=_worker,
+                    args=(self._config, share, send, self._rotate),
+                    name="rotator-worker",
+                    daemon=True,
+                )
+                proc.start()
+                send.close()  # the worker holds the other end: its exit closes the pipe
+                self._workers.append((proc, receive, share))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        log.info("run_due.processes", processes=len(self._shares), due=len(self.work))
+        return self
+
+    def gather(self, progress: Callable[[RotationResult], None] | None) -> list[RotationResult]:
+        """Every item's result, in the order of ``work``. A worker that stopped before it
+        reported all its share has the rest reported as failed."""
+        results: dict[tuple[str, str], RotationResult] = {}
+        pipes = [conn for _, conn, _ in self._workers]
+        while pipes:
+            for conn in wait(pipes):
+                assert isinstance(conn, Connection)
+                try:
+                    result: RotationResult = conn.recv()
+                except EOFError:  # the worker is done (or died)
+                    pipes.remove(conn)
+                    continue
+                results[(result.environment, result.credential)] = result
+                if progress is not None:
+                    progress(result)
+        for proc, _, share in self._workers:
+            proc.join()
+            missing = [w for w in share if (w[0], w[1]) not in results]
+            if missing:
+                _report_lost(proc, missing, results)
+        return [results[(w[0], w[1])] for w in self.work]
+
+    def __exit__(self, *exc: object) -> None:
+        for proc, conn, _share in self._workers:
+            if proc.is_alive():
+                proc.terminate()
+            proc.join()
+            conn.close()
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
+def _report_lost(
+    proc: BaseProcess,
+    missing: list[Work],
+    results: dict[tuple[str, str], RotationResult],
+) -> None:
+    code = proc.exitcode
+    how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+    error = f"its worker process stopped ({how}) before it reported; `rotator run-due` resumes"
+    log.error("run_due.worker_lost", pid=proc.pid, exit=how, unreported=len(missing))
+    for env, name, _, _ in missing:
+        results[(env, name)] = RotationResult(env, name, "failed", error=error)
+
+
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _worker(config: Config, share: list[Work], send: Connection, rotate: Rotate) -> None:
+    # the parent answers Ctrl-C (the terminal sends it to the whole group) and stops the
+    # workers itself; SIGTERM stops a worker at once, as it would a single process
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        rotate(config, share, send.send)
+    finally:
+        send.close()

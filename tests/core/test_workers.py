@@ -1,0 +1,162 @@
+"""``run-due``'s forked workers (real processes and pipes; the rotation itself is replaced by a
+function that reports, so each test shows one thing about the sharing)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+import structlog
+
+from rotator import logs
+from rotator.engine import RotationResult
+from rotator.settings import Config, parse_config
+from rotator.workers import Shares, Work, process_count, share_of, usable_cpus
+
+WORK: list[Work] = [("prod", f"c{i}", True, "scheduled") for i in range(7)]
+
+
+def config(tmp_path: Path, concurrency: int = 32, makini: int = 32) -> Config:
+    return parse_config(
+        {
+            "journal": {"url": f"sqlite:///{tmp_path}/journal.db"},
+            "scheduler": {"concurrency": concurrency, "processes": 2},
+            "environments": {
+                "prod": {
+                    "sealing_key": {"env": "UNUSED_SEAL"},
+                    "makini": {
+                        "client_id": "x",
+                        "client_secret_env": "UNUSED_SECRET",
+                        "max_concurrency": makini,
+                    },
+                    "backends": [{"type": "memory"}],
+                    "credentials": [{"name": w[1], "connection_id": w[1]} for w in WORK],
+                }
+            },
+        },
+        source=tmp_path / "rotator.toml",
+    )
+
+
+Report = Callable[[RotationResult], None]
+
+
+def report_pid(cfg: Config, share: Sequence[Work], report: Report) -> None:
+    for env, name, _, _ in share:
+        limits = f"{cfg.scheduler.concurrency} {cfg.environments[env].makini.max_concurrency}"
+        detail = f"{os.getpid()} {limits}"
+        report(RotationResult(env, name, "rotated", error=detail))
+
+
+def test_every_item_is_rotated_once_and_comes_back_in_order(tmp_path: Path) -> None:
+    seen: list[RotationResult] = []
+    with Shares(config(tmp_path, concurrency=32, makini=5), WORK, 3, report_pid) as shares:
+        results = shares.gather(seen.append)
+    assert [(r.environment, r.credential) for r in results] == [(w[0], w[1]) for w in WORK]
+    assert len(seen) == len(WORK) and {r.outcome for r in results} == {"rotated"}
+    pids = {r.error.split()[0] for r in results if r.error}
+    assert len(pids) == 3 and str(os.getpid()) not in pids
+    # each worker keeps to its share of the limits: together no more than configured
+    assert {tuple(r.error.split()[1:]) for r in results if r.error} == {("11", "2")}
+
+
+def test_shares_of_the_limits_never_drop_below_one(tmp_path: Path) -> None:
+    cfg = share_of(config(tmp_path, concurrency=2, makini=1), 4)
+    assert cfg.scheduler.concurrency == 1
+    assert cfg.environments["prod"].makini.max_concurrency == 1
+    assert config(tmp_path).scheduler.concurrency == 32  # the original is left alone
+
+
+def die_after_one(_cfg: Config, share: Sequence[Work], report: Report) -> None:
+    env, name, _, _ = share[0]
+    report(RotationResult(env, name, "rotated"))
+    if name == "c1":  # the second worker's first item
+        os.kill(os.getpid(), signal.SIGKILL)
+    if name == "c0":
+        sys.exit(3)
+    for env, name, _, _ in share[1:]:
+        report(RotationResult(env, name, "rotated"))
+
+
+def test_work_a_worker_did_not_report_is_failed_with_how_it_ended(tmp_path: Path) -> None:
+    with Shares(config(tmp_path), WORK, 3, die_after_one) as shares:
+        results = {r.credential: r for r in shares.gather(None)}
+    assert {n for n, r in results.items() if r.outcome == "rotated"} == {"c0", "c1", "c2", "c5"}
+    assert "exit code 3" in (results["c3"].error or "")  # c0, c3, c6: the first share
+    assert "signal 9" in (results["c4"].error or "")  # c1, c4: the second
+    for name in ("c3", "c6", "c4"):
+        assert results[name].outcome == "failed"
+        assert "run-due` resumes" in (results[name].error or "")
+
+
+def record_pid_then_sleep(cfg: Config, _share: Sequence[Work], _report: Report) -> None:
+    (cfg.base_dir / f"worker-{os.getpid()}").touch()
+    time.sleep(60)
+
+
+def test_leaving_early_stops_the_workers(tmp_path: Path) -> None:
+    started = time.monotonic()
+    with Shares(config(tmp_path), WORK, 2, record_pid_then_sleep):
+        while len(list(tmp_path.glob("worker-*"))) < 2:
+            assert time.monotonic() - started < 10
+            time.sleep(0.02)
+    for path in tmp_path.glob("worker-*"):
+        with pytest.raises(ProcessLookupError):  # stopped and reaped
+            os.kill(int(path.name.removeprefix("worker-")), 0)
+    assert time.monotonic() - started < 10
+
+
+def test_how_many_processes() -> None:
+    assert process_count(1, 5000) == 1
+    assert process_count(4, 1000) == 4
+    assert process_count(4, 3) == 3  # never a worker without work
+    assert process_count("auto", 150) == 1  # too little to be worth a fork
+    assert process_count("auto", 100_000) == usable_cpus()
+
+
+def test_a_container_cpu_limit_caps_the_count(tmp_path: Path) -> None:
+    affinity = len(os.sched_getaffinity(0))
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("150000 100000\n")  # 1.5 CPUs: two processes
+    assert usable_cpus(cpu_max) == min(affinity, 2)
+    cpu_max.write_text("max 100000\n")
+    assert usable_cpus(cpu_max) == affinity
+    cpu_max.write_text("garbage")
+    assert usable_cpus(cpu_max) == affinity
+    assert usable_cpus(tmp_path / "missing") == affinity
+
+
+class Writes(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.calls.append(text)
+        return super().write(text)
+
+
+def test_a_log_line_is_one_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    # workers share stderr: a line written in two pieces can be split by another's line
+    stream = Writes()
+    monkeypatch.setattr(sys, "stderr", stream)
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    logs.configure("info", "json")
+    try:
+        structlog.get_logger("test").info("one.line", n=1)
+    finally:
+        structlog.configure(**saved)
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    assert len(stream.calls) == 1
+    assert json.loads(stream.calls[0])["event"] == "one.line"
