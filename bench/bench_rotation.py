@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from memory import TreeMemory
 from simulator import makini_calls_alone, simulator
 
 from rotator import logs
@@ -27,12 +28,15 @@ from rotator.crypto import generate_key
 CLIENT, SECRET = "bench-prod", "bench-prod-secret"
 
 
-def write_config(folder: Path, url: str, count: int, concurrency: int) -> Path:
+def write_config(
+    folder: Path, url: str, count: int, concurrency: int, processes: str = "auto"
+) -> Path:
     lines = [
         "[journal]",
         'url = "sqlite:///journal.db"',
         "[scheduler]",
         f"concurrency = {concurrency}",
+        f"processes = {processes if processes.isdigit() else repr(processes)}",
         "[environments.prod]",
         'sealing_key = { env = "BENCH_SEAL" }',
         "[environments.prod.makini]",
@@ -60,8 +64,8 @@ def write_config(folder: Path, url: str, count: int, concurrency: int) -> Path:
     return path
 
 
-def run_due(config: Path, env: dict[str, str]) -> tuple[float, float, int]:
-    """Wall seconds, peak RSS in MB, exit code of one `rotator run-due`."""
+def run_due(config: Path, env: dict[str, str]) -> dict[str, float]:
+    """One `rotator run-due`: wall and CPU seconds, peak memory, processes, exit code."""
     start = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-m", "rotator", "--config", str(config), "run-due", "--json"],
@@ -70,12 +74,22 @@ def run_due(config: Path, env: dict[str, str]) -> tuple[float, float, int]:
         stderr=subprocess.PIPE,
         cwd=config.parent,
     )
+    memory = TreeMemory(proc.pid)
+    memory.start()
     _, status, usage = os.wait4(proc.pid, 0)
     elapsed = time.perf_counter() - start
+    memory.stop()
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0 and proc.stderr is not None:
         sys.stderr.write(proc.stderr.read().decode()[-2000:])
-    return elapsed, usage.ru_maxrss / 1024, proc.returncode
+    return {
+        "secs": elapsed,
+        "cpu": usage.ru_utime + usage.ru_stime,  # the run's processes together
+        "pss": memory.peak_mb,
+        "rss": usage.ru_maxrss / 1024,  # the largest single process
+        "processes": memory.processes,
+        "exit": proc.returncode,
+    }
 
 
 async def calls_alone(url: str, count: int, concurrency: int, prefix: str) -> float:
@@ -89,6 +103,7 @@ def main() -> None:
     parser.add_argument("--credentials", type=int, default=1000)
     parser.add_argument("--latency-ms", type=float, default=20.0)
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--processes", default="auto", help="scheduler.processes")
     parser.add_argument("--port", type=int, default=18765)
     args = parser.parse_args()
     logs.configure("warning")
@@ -96,7 +111,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-rotation-") as tmp:
         folder = Path(tmp)
         with simulator(args.port, args.latency_ms, f"{CLIENT}:{SECRET}") as url:
-            config = write_config(folder, url, args.credentials, args.concurrency)
+            config = write_config(
+                folder, url, args.credentials, args.concurrency, args.processes
+            )
             env = {
                 **os.environ,
                 "BENCH_SEAL": generate_key(),
@@ -106,20 +123,30 @@ def main() -> None:
             os.environ["BENCH_SECRET"] = SECRET
             print(
                 f"{args.credentials} credentials, simulator latency {args.latency_ms:.0f} ms "
-                f"per call, concurrency {args.concurrency}, file backend, SQLite journal"
+                f"per call, concurrency {args.concurrency}, processes {args.processes}, "
+                "file backend, SQLite journal"
             )
             bound1 = asyncio.run(calls_alone(url, args.credentials, args.concurrency, "bound-1"))
             first = run_due(config, env)
             time.sleep(1.2)  # interval 1s: every credential is due again
             bound2 = asyncio.run(calls_alone(url, args.credentials, args.concurrency, "bound-2"))
             second = run_due(config, env)
-            for label, (secs, mb, code), bound in (
+            for label, run, bound in (
                 ("first tokens (issue, seal, stage, verify, promote)", first, bound1),
                 ("rotation (the above + retire the old version)", second, bound2),
             ):
                 print(f"  {label}:")
-                print(f"    run-due {secs:6.2f} s   peak RSS {mb:6.1f} MB   exit {code}")
-                print(f"    Makini calls alone {bound:6.2f} s   ratio {secs / bound:4.2f}x")
+                print(
+                    f"    run-due {run['secs']:6.2f} s   CPU {run['cpu']:5.2f} s   "
+                    f"exit {run['exit']:.0f}"
+                )
+                print(
+                    f"    memory: {run['processes']:.0f} process(es), peak PSS together "
+                    f"{run['pss']:6.1f} MB, largest peak RSS {run['rss']:6.1f} MB"
+                )
+                print(
+                    f"    Makini calls alone {bound:6.2f} s   ratio {run['secs'] / bound:4.2f}x"
+                )
 
 
 if __name__ == "__main__":
