@@ -383,17 +383,21 @@ class FileBackend(Backend):
             if not self._verified:
                 self._refuse_other_environments()
                 marker = self._env_dir / MARKER
-                if self._exists(marker):
+                present = self._exists(marker)
+                if not present and self._foreign_files():
+                    # another process may have made the folder, marker last, since we looked
+                    present = self._exists(marker)
+                    if not present:
+                        raise self._error(
+                            BackendConflict,
+                            f"the folder {self._env_dir} exists but is not managed by the "
+                            f"rotator (it has no {MARKER} marker)",
+                            where=str(self._env_dir),
+                            hint="point the file backend at an empty or new folder, or move "
+                            "the files that are there away",
+                        )
+                if present:
                     self._verify_marker(marker)
-                elif self._listdir(self._env_dir):
-                    raise self._error(
-                        BackendConflict,
-                        f"the folder {self._env_dir} exists but is not managed by the rotator "
-                        f"(it has no {MARKER} marker)",
-                        where=str(self._env_dir),
-                        hint="point the file backend at an empty or new folder, or move the "
-                        "files that are there away",
-                    )
                 elif not create:
                     return None
                 else:
@@ -406,6 +410,12 @@ class FileBackend(Backend):
                 self._purge_trash()
                 self._writable = True
         return ring
+
+    def _foreign_files(self) -> bool:
+        """Whether the folder holds anything but a marker another process is writing (its
+        temporary file, linked into place once whole)."""
+        being_written = f"{_TMP_PREFIX}{MARKER}-"
+        return any(not n.startswith(being_written) for n in self._listdir(self._env_dir))
 
     def _refuse_other_environments(self) -> None:
         """One path serves one environment: refuse a path whose other folders carry a marker of

@@ -12,7 +12,9 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -599,6 +601,39 @@ def test_processes_rotating_one_credential_stay_consistent(
     for info in infos:
         if info.readable:
             assert backend.read_version(CRED, info.version_id) is not None
+
+
+def test_a_marker_being_written_by_another_process_is_not_a_foreign_folder(
+    make: Callable[..., FileBackend], store: Path
+) -> None:
+    # another process made the folder and is writing its marker (a temporary file so far)
+    (store / ENV).mkdir(parents=True)
+    (store / ENV / ".tmp-.environment-0123456789ab").write_text("{}")
+    v = promote_new(make())
+    current = make().read(CRED)
+    assert current is not None and current.version_id == v.version_id
+
+
+def test_backends_starting_together_on_a_new_folder_all_work(
+    make: Callable[..., FileBackend], tmp_path: Path, key_env: str
+) -> None:
+    # run-due's workers (or any processes) storing their first versions at once
+    for attempt in range(10):
+        settings = FileSettings(path=tmp_path / f"new-{attempt}", key=KeySource(env=key_env))
+        backends = [FileBackend(settings, ENV) for _ in range(4)]
+        barrier = threading.Barrier(len(backends))
+
+        def first(
+            n: int, backends: list[FileBackend] = backends, barrier: threading.Barrier = barrier
+        ) -> StoredVersion:
+            barrier.wait()
+            return promote_new(backends[n], f"cred-{n}")
+
+        with ThreadPoolExecutor(len(backends)) as pool:
+            stored = list(pool.map(first, range(len(backends))))
+        for n, v in enumerate(stored):
+            current = backends[0].read(f"cred-{n}")
+            assert current is not None and current.version_id == v.version_id
 
 
 def test_an_oversized_file_is_refused(backend: FileBackend, store: Path) -> None:
