@@ -58,8 +58,8 @@ def usable_cpus(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
 def process_count(setting: int | Literal["auto"], due: int) -> int:
     """How many processes rotate ``due`` credentials: ``auto`` one per usable CPU, each with
     at least :data:`PER_PROCESS` rotations; a number that many, each with at least one."""
-    if "fork" not in multiprocessing.get_all_start_methods():
-        return 1
+    if not sys.platform.startswith("linux"):
+        return 1  # fork is safe only on Linux (macOS's system libraries may crash after it)
     if setting == "auto":
         return max(1, min(usable_cpus(), due // PER_PROCESS))
     return max(1, min(setting, due))
