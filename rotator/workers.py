@@ -28,6 +28,7 @@ from typing import Any, Literal
 import structlog
 
 from rotator.engine import RotationResult
+from rotator.errors import RotatorError
 from rotator.settings import Config
 
 log = structlog.get_logger("rotator.workers")
@@ -122,6 +123,14 @@ class Shares:
                 proc.start()
                 send.close()  # the worker holds the other end: its exit closes the pipe
                 self._workers.append((proc, receive, share))
+        except OSError as exc:  # the system refused a process (a pids limit, memory)
+            self.__exit__(None, None, None)
+            raise RotatorError(
+                f"cannot start run-due's worker processes: {exc.strerror or exc}",
+                where="scheduler.processes",
+                hint="allow the container more processes or memory, or set "
+                "scheduler.processes = 1 to rotate in one process",
+            ) from exc
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -152,11 +161,20 @@ class Shares:
         return [results[(w[0], w[1])] for w in self.work]
 
     def __exit__(self, *exc: object) -> None:
+        stopped = 0
         for proc, conn, _share in self._workers:
             if proc.is_alive():
                 proc.terminate()
+                stopped += 1
             proc.join()
             conn.close()
+        if stopped:
+            log.warning(
+                "run_due.stopped",
+                workers=stopped,
+                detail="stopped mid-run; the journal keeps their rotations, the next run "
+                "resumes them",
+            )
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None

@@ -18,6 +18,7 @@ import structlog
 
 from rotator import logs
 from rotator.engine import RotationResult
+from rotator.errors import RotatorError
 from rotator.settings import Config, parse_config
 from rotator.workers import Shares, Work, process_count, share_of, usable_cpus
 
@@ -160,3 +161,15 @@ def test_a_log_line_is_one_write(monkeypatch: pytest.MonkeyPatch) -> None:
         root.setLevel(level)
     assert len(stream.calls) == 1
     assert json.loads(stream.calls[0])["event"] == "one.line"
+
+
+def test_a_refused_fork_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(_self: object, _process: object) -> None:
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    # the system refuses a process: nothing the test can make a real kernel do on demand
+    monkeypatch.setattr("multiprocessing.popen_fork.Popen._launch", refuse)
+    with pytest.raises(RotatorError) as info, Shares(config(tmp_path), WORK, 2, report_pid):
+        pass
+    text = info.value.describe()
+    assert "worker processes" in text and "scheduler.processes = 1" in text

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -187,6 +188,44 @@ def test_run_due_in_worker_processes_and_one_killed(tmp_path: Path, sim: SimServ
         assert active(sim, f"conn-e2e-{conn}") == {fingerprint(token)}
         for text in rotator.outputs:
             assert token not in text
+
+
+def test_sigterm_to_run_due_stops_its_workers(tmp_path: Path, sim: SimServer) -> None:
+    # Kubernetes stops a CronJob's pod with SIGTERM to the parent: its workers stop with it
+    # (none is left rotating on its own), and the next run completes the work.
+    sim.set(latency_ms=1000)  # each Makini call takes a second: the run is mid-way when stopped
+    rotator = Rotator(tmp_path, sim, top="[scheduler]\nprocesses = 2\n")
+    proc = subprocess.Popen(
+        rotator.argv("--log-level", "info", "run-due", "--json"),
+        env=rotator.env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    workers: list[int] = []
+    for _ in range(200):
+        workers = [int(p) for p in children.read_text().split()] if children.exists() else []
+        if len(workers) == 2:
+            break
+        time.sleep(0.05)
+    assert len(workers) == 2
+    time.sleep(0.5)  # the workers are in their first Makini calls
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=10)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "Traceback" not in stderr and "run_due.stopped" in stderr
+    for pid in workers:
+        assert not Path(f"/proc/{pid}").exists()  # stopped, and reaped by the parent
+
+    sim.set(latency_ms=0)
+    time.sleep(1.1)  # the stopped workers' leases (lock_ttl = 1s) expire
+    done = rotator("run-due", "--json")
+    assert done.returncode == 0, done.stderr
+    assert {r["outcome"] for r in json.loads(done.stdout)} == {"rotated"}
+    for env, name, conn in [("prod", "a", "a"), ("prod", "b", "b"), ("dev", "a", "dev-a")]:
+        assert active(sim, f"conn-e2e-{conn}") == {fingerprint(rotator.token(env, name))}
 
 
 def test_user_errors_are_one_clear_message(tmp_path: Path, sim: SimServer) -> None:
