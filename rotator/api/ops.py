@@ -54,7 +54,7 @@ def router(state: ApiState) -> APIRouter:
             try:
                 rt.settings.webhook.secret(f"environments.{env}.webhook.secret_env")
             except RotatorError as exc:
-                problems.append(f"{env}: webhooks: {exc.message}")
+                problems.append(f"{env}: webhooks: {exc.message} ({exc.where})")
 
         await asyncio.gather(*(check(env) for env in runtime.environments))
         ready = Readiness(status="unready" if problems else "ready", problems=problems)

@@ -14,6 +14,7 @@ from rich.table import Table
 from rotator.cli import render
 from rotator.cli.render import console, err
 from rotator.errors import ConfigError
+from rotator.logs import mask
 from rotator.revoke import STRATEGIES, CredentialPlan, CredentialReport, RevokeRequest
 
 EXIT_REFUSED = 2
@@ -211,7 +212,8 @@ def show_plan(
     console.print(table)
     console.print(f"backends: {', '.join(plans[0].backends) if plans else '-'}")
     if req.reason:
-        console.print(f"reason: {escape(req.reason)}    actor: {escape(req.actor)}")
+        # masked as in the logs: an operator may have pasted the leaked token into it
+        console.print(f"reason: {escape(mask(req.reason))}    actor: {escape(req.actor)}")
     for p in plans:
         for note in p.notes:
             console.print(f"  {p.credential}: {escape(note)}", style="dim")

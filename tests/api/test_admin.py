@@ -169,5 +169,6 @@ async def test_readiness_names_what_is_missing(
     r = await api.http.get("/readyz")
     assert r.status_code == 503
     assert r.json()["problems"] == [
-        "dev: webhooks: the environment variable TEST_WEBHOOK_DEV is not set"
+        "dev: webhooks: the environment variable TEST_WEBHOOK_DEV is not set "
+        "(environments.dev.webhook.secret_env)"
     ]

@@ -349,6 +349,9 @@ def test_a_token_pasted_into_the_reason_is_recorded_as_its_fingerprint(
     rotator = Rotator(tmp_path, sim)
     assert rotator("rotate", "prod", "a").returncode == 0
     old = rotator.token("a")
+    plan = rotator("revoke", "prod", "a", "--reason", f"leaked: {old}", "--dry-run")
+    assert plan.returncode == 0, plan.stdout + plan.stderr
+    assert "reason: leaked: [masked-token]" in plan.stdout  # the plan, for a person
     proc = rotator("revoke", "prod", "a", "--reason", f"leaked: {old}", "--yes", "--json")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     [done] = rotator.audit("revoke.completed")
