@@ -21,7 +21,8 @@ and of the whole process, ratio, peak RSS of the process, and the machine's load
         [--latency-ms 0]
 
 The rotation runs the engine in-process (``rotator.service.run_due_once`` on a runtime opened
-from a TOML file, which is what ``rotator run-due`` does) rather than as ``rotator run-due``: the
+from a TOML file, which is what ``rotator run-due`` does in one process, and each of its forked
+workers does with its share) rather than as ``rotator run-due``: the
 Azure credential for the emulator can only be handed over through
 ``backends.azure.credential_factory``, never through the file or the environment.
 """
