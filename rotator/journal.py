@@ -538,6 +538,9 @@ class _Writer:
                 self._release_connection()
             self._deliver(results)
         self._release_connection()
+        if self._turn_fd is not None:  # closed by the thread that uses it
+            os.close(self._turn_fd)
+            self._turn_fd = None
 
     @staticmethod
     def _deliver(results: list[tuple[_Target, bool, Any]]) -> None:
@@ -626,9 +629,6 @@ class _Writer:
         self._closed = True
         self._queue.put(None)
         self._thread.join(timeout=10)
-        if self._turn_fd is not None:
-            os.close(self._turn_fd)
-            self._turn_fd = None
 
 
 def _start(target: _Target) -> bool:

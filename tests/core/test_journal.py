@@ -8,6 +8,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from datetime import timedelta
 from pathlib import Path
 
@@ -149,6 +150,11 @@ def test_a_writer_waits_for_its_turn_and_wakes_when_the_other_commits(tmp_path: 
     holder = journal.lock_holder("prod/a")
     assert holder is not None and holder.owner == "me"
     journal.close()
+    open_files = []
+    for fd in os.listdir("/proc/self/fd"):
+        with suppress(FileNotFoundError):  # the listing's own descriptor, closed by now
+            open_files.append(os.readlink(f"/proc/self/fd/{fd}"))
+    assert str(turn) not in open_files  # closed with the journal
 
 
 def test_a_turn_file_that_cannot_be_opened_is_a_journal_error(tmp_path: Path) -> None:
