@@ -543,3 +543,23 @@ async def test_a_backend_down_at_promotion_is_finished_by_a_later_run(
         assert report.backends_agree and report.healthy
     finally:
         gate.down()
+
+
+async def test_run_due_workers_store_into_all_three_backends(
+    fanout: Fanout, sim: SimServer
+) -> None:
+    # run-due's forked workers (exactly what `rotator run-due` forks) each build their own AWS,
+    # Vault and Azure clients after the fork, and rotate their share into all three
+    from rotator.cli.app import _rotate_share
+    from rotator.service import due_work
+    from rotator.workers import Shares
+
+    runtime = fanout.runtime()
+    work = await due_work(runtime)
+    assert sorted(w[1] for w in work) == sorted(CREDENTIALS)
+    with Shares(runtime.config, work, 2, _rotate_share(None)) as shares:
+        results = {r.credential: r for r in shares.gather(None)}
+    assert {r.outcome for r in results.values()} == {"rotated"}, results
+    backends = list(by_name(runtime).values())
+    for name, result in results.items():
+        assert_everywhere_current(sim, backends, name, str(result.version_id))
