@@ -1,5 +1,6 @@
-"""``run-due``'s forked workers (real processes and pipes; the rotation itself is replaced by a
-function that reports, so each test shows one thing about the sharing)."""
+"""``run-due``'s forked workers: real processes and pipes. Most tests replace the rotation by a
+function that reports, so that each shows one thing about the sharing; the last runs the real
+one against the simulator, on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ import structlog
 from rotator import logs
 from rotator.engine import RotationResult
 from rotator.errors import RotatorError
+from rotator.makini import SimServer
 from rotator.settings import Config, parse_config
 from rotator.workers import Shares, Work, process_count, share_of, usable_cpus
+from tests.core.conftest import Factory
 
 WORK: list[Work] = [("prod", f"c{i}", True, "scheduled") for i in range(7)]
 
@@ -173,3 +176,30 @@ def test_a_refused_fork_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Mon
         pass
     text = info.value.describe()
     assert "worker processes" in text and "scheduler.processes = 1" in text
+
+
+async def test_workers_rotate_on_either_journal(
+    make_runtime: Factory, journal_url: str, sim: SimServer
+) -> None:
+    # what `rotator run-due` forks, on SQLite (turns on the lock file) and on PostgreSQL: each
+    # worker opens its own journal engine, backends and Makini client after the fork
+    from rotator.cli.app import _rotate_share
+    from rotator.service import due_work
+
+    names = [f"w{i}" for i in range(6)]
+    runtime = make_runtime(
+        [{"name": n, "connection_id": f"conn-{n}"} for n in names],
+        journal_url=journal_url,
+        backends=[{"type": "file", "path": "files", "key": {"file": "file.key", "generate": True}}],
+    )
+    work = await due_work(runtime)
+    with Shares(runtime.config, work, 3, _rotate_share(None)) as shares:
+        results = shares.gather(None)
+    assert {r.outcome for r in results} == {"rotated"}, results
+    states = runtime.journal.states("prod")
+    for result in results:
+        stored = runtime.environments["prod"].backends[0].read(result.credential)
+        assert stored is not None and stored.version_id == result.version_id
+        assert states[("prod", result.credential)].current_version_id == result.version_id
+        live = sim.tokens(f"conn-{result.credential}", kind="access", status="active")
+        assert [t["fingerprint"] for t in live] == [stored.tokens.access.fingerprint]
