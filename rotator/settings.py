@@ -315,8 +315,8 @@ class SchedulerSettings(_Model):
     processes: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(
         default="auto",
         description="Processes run-due forks to use more than one core; the concurrency limits "
-        "are shared among them. auto: one per CPU the container may use, once there are 200 "
-        "rotations for each; 1: never fork.",
+        "are shared among them. auto: one per CPU the container may use (at most 4), once "
+        "there are 200 rotations for each; 1: never fork.",
     )
     retry_after_failure: Duration = Field(
         default=timedelta(minutes=10),

@@ -40,6 +40,10 @@ Rotate = Callable[[Config, Sequence[Work], Callable[[RotationResult], None]], No
 PER_PROCESS = 200
 """Fewest rotations worth a worker of their own: below that, forking and opening a runtime
 (journal, backends, a Makini admin token) costs more than a second core gives back."""
+AUTO_MAX = 4
+"""Most workers ``auto`` forks. A pod without a CPU limit sees every CPU of its node, and 64
+workers would take about 1.3 GB where the CronJob allows 384 MiB; past a few workers the
+journal's one writer at a time and Makini's limits bound a run anyway."""
 
 
 def usable_cpus(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
@@ -57,12 +61,13 @@ def usable_cpus(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
 
 
 def process_count(setting: int | Literal["auto"], due: int) -> int:
-    """How many processes rotate ``due`` credentials: ``auto`` one per usable CPU, each with
-    at least :data:`PER_PROCESS` rotations; a number that many, each with at least one."""
+    """How many processes rotate ``due`` credentials: ``auto`` one per usable CPU (at most
+    :data:`AUTO_MAX`), each with at least :data:`PER_PROCESS` rotations; a number that many,
+    each with at least one."""
     if not sys.platform.startswith("linux"):
         return 1  # fork is safe only on Linux (macOS's system libraries may crash after it)
     if setting == "auto":
-        return max(1, min(usable_cpus(), due // PER_PROCESS))
+        return max(1, min(usable_cpus(), AUTO_MAX, due // PER_PROCESS))
     return max(1, min(setting, due))
 
 

@@ -123,7 +123,16 @@ def test_how_many_processes() -> None:
     assert process_count(4, 1000) == 4
     assert process_count(4, 3) == 3  # never a worker without work
     assert process_count("auto", 150) == 1  # too little to be worth a fork
-    assert process_count("auto", 100_000) == usable_cpus()
+    assert process_count("auto", 100_000) == min(usable_cpus(), 4)
+
+
+def test_auto_forks_at_most_four_whatever_the_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a pod without a CPU limit sees its node's 64 CPUs: 64 workers would not fit its memory
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(64)))
+    assert usable_cpus(Path("/nonexistent/cpu.max")) == 64
+    monkeypatch.setattr("rotator.workers.usable_cpus", lambda: 64)
+    assert process_count("auto", 100_000) == 4
+    assert process_count(8, 100_000) == 8  # a number is taken as it is
 
 
 def test_a_container_cpu_limit_caps_the_count(tmp_path: Path) -> None:
