@@ -60,23 +60,33 @@ def usable_cpus(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
     return count
 
 
-def process_count(setting: int | Literal["auto"], due: int) -> int:
+def process_count(setting: int | Literal["auto"], due: int, limit: int) -> int:
     """How many processes rotate ``due`` credentials: ``auto`` one per usable CPU (at most
     :data:`AUTO_MAX`), each with at least :data:`PER_PROCESS` rotations; a number that many,
-    each with at least one."""
+    each with at least one. Never more than ``limit`` (the smallest concurrency limit: each
+    worker needs at least one of it)."""
     if not sys.platform.startswith("linux"):
         return 1  # fork is safe only on Linux (macOS's system libraries may crash after it)
     if setting == "auto":
-        return max(1, min(usable_cpus(), AUTO_MAX, due // PER_PROCESS))
-    return max(1, min(setting, due))
+        return max(1, min(usable_cpus(), AUTO_MAX, due // PER_PROCESS, limit))
+    return max(1, min(setting, due, limit))
 
 
-def share_of(config: Config, processes: int) -> Config:
-    """The configuration a worker runs with: its share of every concurrency limit, so that
-    the workers together keep to the limits configured (Makini sees no more at once)."""
+def smallest_limit(config: Config) -> int:
+    """The smallest of the concurrency limits a worker gets a share of."""
+    return min(
+        [config.scheduler.concurrency]
+        + [env.makini.max_concurrency for env in config.environments.values()]
+    )
+
+
+def share_of(config: Config, processes: int, index: int) -> Config:
+    """The configuration worker ``index`` of ``processes`` runs with: its share of every
+    concurrency limit. The shares add up to the limits configured, so the workers together
+    never have more in flight (nor Makini more at once) than one process would."""
 
     def part(limit: int) -> int:
-        return max(1, math.ceil(limit / processes))
+        return limit // processes + (1 if index < limit % processes else 0)
 
     environments = {
         name: env.model_copy(
@@ -103,7 +113,7 @@ class Shares:
 
     def __init__(self, config: Config, work: Sequence[Work], processes: int, rotate: Rotate):
         self.work = list(work)
-        self._config = share_of(config, processes)
+        self._configs = [share_of(config, processes, i) for i in range(processes)]
         self._shares = [self.work[i::processes] for i in range(processes)]
         self._rotate = rotate
         self._workers: list[tuple[BaseProcess, Connection, list[Work]]] = []
@@ -117,11 +127,11 @@ class Shares:
         sys.stderr.flush()
         self._previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
         try:
-            for share in self._shares:
+            for config, share in zip(self._configs, self._shares, strict=True):
                 receive, send = context.Pipe(duplex=False)
                 proc = context.Process(
                     target=_worker,
-                    args=(self._config, share, send, self._rotate),
+                    args=(config, share, send, self._rotate),
                     name="rotator-worker",
                     daemon=True,
                 )

@@ -127,7 +127,9 @@ def run_due(
         from rotator.service import due_work, rotate_work
 
         work = await due_work(rt, env)
-        processes = workers.process_count(cfg.scheduler.processes, len(work))
+        processes = workers.process_count(
+            cfg.scheduler.processes, len(work), workers.smallest_limit(cfg)
+        )
         if processes > 1:
             return work, processes, []  # forked once this runtime is closed
         with render.progress(json_out) as tick:
