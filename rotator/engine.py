@@ -121,6 +121,10 @@ class RotationResult:
         }
 
 
+Work = tuple[str, str, bool, str]
+"""One credential to drive: (environment, credential, start a new rotation, reason)."""
+
+
 def default_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
@@ -282,7 +286,7 @@ class RotationEngine:
 
     async def rotate_many(
         self,
-        items: Iterable[tuple[str, str, bool, str]],
+        items: Iterable[Work],
         *,
         actor: str,
         progress: Callable[[RotationResult], None] | None = None,

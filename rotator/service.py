@@ -15,13 +15,12 @@ from pathlib import Path
 
 import structlog
 
-from rotator.engine import RotationResult
+from rotator.engine import RotationResult, Work
 from rotator.errors import ConfigError
 from rotator.model import utcnow
 from rotator.runtime import Runtime
 from rotator.schedule import ROTATE, plan
 from rotator.settings import Config
-from rotator.workers import Work
 
 log = structlog.get_logger("rotator.service")
 

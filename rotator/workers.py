@@ -27,14 +27,12 @@ from typing import Any, Literal
 
 import structlog
 
-from rotator.engine import RotationResult
+from rotator.engine import RotationResult, Work
 from rotator.errors import RotatorError
 from rotator.settings import Config
 
 log = structlog.get_logger("rotator.workers")
 
-Work = tuple[str, str, bool, str]
-"""One credential to drive: (environment, credential, start a new rotation, reason)."""
 Rotate = Callable[[Config, Sequence[Work], Callable[[RotationResult], None]], None]
 
 PER_PROCESS = 200

@@ -24,6 +24,17 @@ class RotatorCli:
     def argv(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "rotator", *args]
 
+    def start(self, *args: str) -> subprocess.Popen[str]:
+        """The command in the background (text pipes), for a test that acts while it runs."""
+        return subprocess.Popen(
+            self.argv(*args),
+            env=self.env,
+            cwd=self.dir,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
     def __call__(
         self, *args: str, env: dict[str, str] | None = None, stdin: str | None = None
     ) -> subprocess.CompletedProcess[str]:

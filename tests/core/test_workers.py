@@ -18,11 +18,11 @@ import pytest
 import structlog
 
 from rotator import logs
-from rotator.engine import RotationResult
+from rotator.engine import RotationResult, Work
 from rotator.errors import RotatorError
 from rotator.makini import SimServer
 from rotator.settings import Config, parse_config
-from rotator.workers import Shares, Work, process_count, share_of, usable_cpus
+from rotator.workers import Shares, process_count, share_of, usable_cpus
 from tests.core.conftest import Factory
 
 WORK: list[Work] = [("prod", f"c{i}", True, "scheduled") for i in range(7)]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -195,14 +194,7 @@ def test_sigterm_to_run_due_stops_its_workers(tmp_path: Path, sim: SimServer) ->
     # (none is left rotating on its own), and the next run completes the work.
     sim.set(latency_ms=1000)  # each Makini call takes a second: the run is mid-way when stopped
     rotator = Rotator(tmp_path, sim, top="[scheduler]\nprocesses = 2\n")
-    proc = subprocess.Popen(
-        rotator.argv("--log-level", "info", "run-due", "--json"),
-        env=rotator.env,
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = rotator.start("--log-level", "info", "run-due", "--json")
     children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
     workers: list[int] = []
     for _ in range(200):

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import sqlite3
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -264,14 +263,7 @@ def test_revoke_preempts_a_rotation_running_in_another_process(
     assert rotator("rotate", "prod", "a").returncode == 0
     old = rotator.token("a")
     sim.set(latency_ms=300)
-    worker = subprocess.Popen(
-        rotator.argv("rotate", "prod", "a", "--json"),
-        env=rotator.env,
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    worker = rotator.start("rotate", "prod", "a", "--json")
     try:
         deadline = time.monotonic() + 30
         while _rotation_step(tmp_path / "journal.db") != "staged":
