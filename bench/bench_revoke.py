@@ -28,6 +28,7 @@ from simulator import makini_calls_alone, simulator
 
 from rotator import logs
 from rotator.crypto import generate_key
+from rotator.engine import Work
 from rotator.revoke import CredentialReport, Revoker, RevokeRequest
 from rotator.runtime import Runtime
 from rotator.settings import parse_config
@@ -122,7 +123,7 @@ async def bulk(folder: Path, url: str, count: int, concurrency: int) -> None:
     try:
         started = time.perf_counter()
         results = await runtime.engine.rotate_many(
-            [("prod", f"c{i:05d}", True, "bench") for i in range(count)], actor="bench"
+            [Work("prod", f"c{i:05d}", "bench", forced=True) for i in range(count)], actor="bench"
         )
         assert all(r.outcome == "rotated" for r in results)
         setup = time.perf_counter() - started

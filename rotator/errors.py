@@ -10,6 +10,8 @@ vendor exception. No message ever contains a token: messages name things by fing
     ├── CryptoError                  a key is missing, wrong or the ciphertext is corrupt
     ├── JournalError                 the journal database failed
     │   └── LockBusy                 another worker holds the credential
+    │       ├── LeaseLost            this worker's lease expired or was taken: it writes nothing
+    │       └── Stopping             the process is draining (SIGTERM): the work is parked
     ├── RotationError                a rotation could not complete (carries the rotation id)
     ├── MakiniError                  the Makini API (status, code, request id)
     │   ├── MakiniRejected           a definite answer: do not retry
@@ -80,6 +82,17 @@ class JournalError(RotatorError):
 
 class LockBusy(JournalError):
     pass
+
+
+class LeaseLost(LockBusy):
+    """The journal refused a write (or a fence refused an outside write) because this worker
+    no longer holds the credential's lease: another worker resumes from the last journaled
+    step."""
+
+
+class Stopping(LockBusy):
+    """The process is stopping (SIGTERM, Ctrl-C): the drive stops at a step boundary, the last
+    journaled step stands, and the lease is given back for another worker to resume."""
 
 
 class RotationError(RotatorError):

@@ -23,8 +23,10 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar, cast
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from sqlalchemy import (
     DateTime,
@@ -40,6 +42,7 @@ from sqlalchemy import (
     delete,
     event,
     insert,
+    literal,
     or_,
     select,
     update,
@@ -57,8 +60,12 @@ from sqlalchemy.orm import (
 from sqlalchemy.orm.instrumentation import manager_of_class
 from sqlalchemy.sql.schema import ScalarElementColumnDefault
 
-from rotator.errors import ConfigError, JournalError, LockBusy
+from rotator import migrate as migrations
+from rotator.errors import ConfigError, JournalError, LeaseLost, LockBusy
 from rotator.model import utcnow
+
+if TYPE_CHECKING:
+    from rotator.settings import JournalSettings
 
 try:
     import fcntl
@@ -100,12 +107,16 @@ class Step:
     STAGED = "staged"  # pending in every backend
     VERIFIED = "verified"  # Makini accepted it for the right connection
     PROMOTED = "promoted"  # current everywhere; sealed copy dropped; waiting to retire the old
+    RETIRING = "retiring"  # the old pair sealed here, to revoke it at Makini once unreadable
     DONE = "done"  # old version retired
     ROLLED_BACK = "rolled_back"  # verify rejected the new token; pending removed
     FAILED = "failed"  # stopped; needs a person (see error)
     SUPERSEDED = "superseded"  # pre-empted by a revoke
 
-    OPEN = (STARTED, ISSUED, STAGED, VERIFIED, PROMOTED)
+    OPEN = (STARTED, ISSUED, STAGED, VERIFIED, PROMOTED, RETIRING)
+    IN_FLIGHT = (STARTED, ISSUED, STAGED, VERIFIED, PROMOTED)
+    """What an emergency revoke supersedes: a *retiring* rotation only concerns the old
+    version, and finishes after the revoke (its sealed pair is the old one, to revoke)."""
     TERMINAL = (DONE, ROLLED_BACK, FAILED, SUPERSEDED)
 
 
@@ -138,6 +149,9 @@ class Rotation(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)
     notes: Mapped[str] = mapped_column(Text, default="[]")
+    asked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    """Set before Makini is asked for a token, cleared once its answer is recorded: a resume
+    that finds it set knows the last request's answer was lost (see ``rotator.unaccounted``)."""
 
     @property
     def is_open(self) -> bool:
@@ -162,6 +176,9 @@ class CredentialState(Base):
     last_outcome: Mapped[str | None] = mapped_column(String(32))
     last_error: Mapped[str | None] = mapped_column(Text)
     attention: Mapped[str | None] = mapped_column(Text)
+    unaccounted: Mapped[int] = mapped_column(Integer, server_default="0")
+    """Open entries in ``unaccounted_tokens`` (tokens Makini may have issued that no backend
+    holds)."""
 
 
 class AuditEntry(Base):
@@ -201,7 +218,7 @@ class Lock(Base):
     __tablename__ = "locks"
 
     name: Mapped[str] = mapped_column(String(200), primary_key=True)
-    owner: Mapped[str] = mapped_column(String(100))
+    owner: Mapped[str] = mapped_column(String(200))
     acquired_at: Mapped[datetime] = mapped_column(UTCDateTime)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
@@ -368,9 +385,32 @@ class _Statements:
             ).returning(_LOCKS.c.name)
         )
         mine = (_LOCKS.c.name == bindparam("p_name")) & (_LOCKS.c.owner == bindparam("p_owner"))
-        self.renew = prepare(update(_LOCKS).where(mine).values(expires_at=bindparam("p_expires")))
+        live = _LOCKS.c.expires_at > bindparam("p_now", type_=UTCDateTime())
+        self.renew = prepare(
+            update(_LOCKS).where(mine, live).values(expires_at=bindparam("p_expires"))
+        )
+        # a drive's writes: only while its lease is live and its own (FOR SHARE: on PostgreSQL
+        # a concurrent take-over waits for this transaction, and this one sees its result)
+        self.lease_held = (
+            select(literal(1))
+            .select_from(_LOCKS)
+            .where(
+                _LOCKS.c.name == bindparam("p_lease"),
+                _LOCKS.c.owner == bindparam("p_lease_owner"),
+                _LOCKS.c.expires_at > bindparam("p_lease_now", type_=UTCDateTime()),
+            )
+            .with_for_update(read=True)
+            .exists()
+        )
+        self.holds = prepare(select(self.lease_held))
         self.release = prepare(delete(_LOCKS).where(mine))
         self.lock = prepare(select(_LOCKS).where(_LOCKS.c.name == bindparam("p_name")))
+        st = _STATES.c
+        self.state = prepare(
+            select(_STATES).where(
+                st.environment == bindparam("p_env"), st.credential == bindparam("p_cred")
+            )
+        )
         r = _ROTATIONS.c
         self.rotation = prepare(select(_ROTATIONS).where(r.id == bindparam("p_id")))
         credential = (r.environment == bindparam("p_env")) & (r.credential == bindparam("p_cred"))
@@ -661,18 +701,104 @@ def redact_url(url: str) -> str:
         return url.split(":", 1)[0] + "://..."
 
 
+LeaseKey = tuple[str, str]
+"""A drive's lease as the journal checks it: (lock name, holder)."""
+
+
+@dataclass(frozen=True)
+class DriveStart:
+    """What a drive finds once it asked for its credential's lease (see ``begin_drive``)."""
+
+    taken: bool
+    revoke: Rotation | None = None
+    rotation: Rotation | None = None
+    state: CredentialState | None = None
+
+
+def _lease_params(lease: LeaseKey) -> dict[str, Any]:
+    return {"p_lease": lease[0], "p_lease_owner": lease[1], "p_lease_now": utcnow()}
+
+
+def _lost(lease: LeaseKey) -> LeaseLost:
+    return LeaseLost(
+        "this worker no longer holds the credential's lease (it expired or another worker "
+        "took it over): the journal refused its write",
+        where=lease[0],
+        hint="nothing to do: the worker that holds the lease resumes from the last step",
+    )
+
+
+def _sqlite_file(url: str) -> str | None:
+    """The file of a SQLite journal URL (None for PostgreSQL or an in-memory database)."""
+    if not url.startswith("sqlite:///"):
+        return None
+    path = url.removeprefix("sqlite:///").split("?", 1)[0]
+    return None if not path or path == ":memory:" else path
+
+
+def _prepare_sqlite_file(path: Path, where: str) -> None:
+    """Make the journal's folder (0700) and file (0600) before SQLite does, so that neither is
+    readable by others whatever the umask (SQLite gives its -wal and -shm files the mode of
+    the database file). An existing journal readable by others is made private."""
+    folder = path.parent
+    try:
+        missing = [p for p in (folder, *folder.parents) if not p.exists()]
+        for part in reversed(missing):
+            part.mkdir(mode=0o700)
+            os.chmod(part, 0o700)  # mkdir's mode is masked by the umask
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            mode = os.fstat(fd).st_mode & 0o777
+            if mode & 0o077:
+                os.fchmod(fd, mode & ~0o077)
+        finally:
+            os.close(fd)
+        for suffix in ("-wal", "-shm"):
+            side = Path(f"{path}{suffix}")
+            if side.exists() and side.stat().st_mode & 0o077:
+                os.chmod(side, side.stat().st_mode & 0o700)
+    except (NotADirectoryError, FileExistsError) as exc:
+        parents = (folder, *folder.parents)
+        blocker = next((p for p in parents if p.exists() and not p.is_dir()), None)
+        raise JournalError(
+            f"the journal's folder cannot be made: {blocker or exc.filename} is a file, not a "
+            "folder",
+            where=where,
+            hint="fix journal.url (or ROTATOR_JOURNAL_URL) to name a file in a folder",
+        ) from exc
+    except IsADirectoryError as exc:
+        raise JournalError(
+            f"the journal path {path} is a folder",
+            where=where,
+            hint="journal.url must name a file, e.g. sqlite:////var/lib/rotator/journal.db",
+        ) from exc
+    except OSError as exc:
+        raise JournalError(
+            f"cannot create the journal file: {exc.strerror or type(exc).__name__}",
+            where=f"{where} ({exc.filename or path})",
+            hint="check that this user may create and write files in the journal's folder",
+        ) from exc
+
+
 class Journal:
     def __init__(
         self,
         url: str,
         *,
-        lock_ttl: timedelta = timedelta(minutes=5),
+        lock_ttl: timedelta = timedelta(seconds=15),
         sqlite_synchronous: str = "full",
-        create: bool = True,
+        migrate: migrations.Mode = "auto",
     ) -> None:
+        """Open the journal at ``url``, bringing its schema to this release's (``migrate``:
+        see :mod:`rotator.migrate`). A SQLite file and the folders made for it are private to
+        this user (0600, 0700) whatever the umask. Raises JournalError or ConfigError, naming
+        the journal and what to do."""
         self.url = url
         self.lock_ttl = lock_ttl
         self.where = f"journal {redact_url(url)}"
+        database = _sqlite_file(url)
+        if database is not None:
+            _prepare_sqlite_file(Path(database), self.where)
         try:
             # a ping before each checkout finds a server that dropped the connection; a SQLite
             # file has no server, and the ping would cost a query per session
@@ -695,38 +821,30 @@ class Journal:
         self.dialect_insert: Any = self._q.insert
         """The dialect's ``insert`` (with ``on_conflict_do_update``), for upserts."""
         configure_mappers()  # _instance builds instances without the ORM's first query
-        self._step_statements: dict[frozenset[str], _Prepared] = {}
+        self._step_statements: dict[tuple[frozenset[str], bool], _Prepared] = {}
         self._state_statements: dict[frozenset[str], _Prepared] = {}
+        self.migrate_lock = f"{database}-migrate" if database is not None else None
+        try:
+            migrations.ensure(self.engine, self.where, migrate, self.migrate_lock)
+        except BaseException:
+            self.engine.dispose()
+            raise
         # SQLite has one writer at a time: gather concurrent writers into group commits
         # rather than letting them spin in SQLite's busy handler, one fsync each.
         self._writer: _Writer | None = None
         if self.is_sqlite:
-            database = self.engine.url.database
-            turn_file = f"{database}-writer" if database and database != ":memory:" else None
+            turn_file = f"{database}-writer" if database is not None else None
             self._writer = _Writer(self.engine, self._commit_error, turn_file)
-        if create:
-            self.create()
 
-    def create(self) -> None:
-        if self.is_sqlite and self.url.startswith("sqlite:///"):
-            from pathlib import Path
-
-            path = self.url.removeprefix("sqlite:///")
-            if path and path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with self._guard("create the journal tables"), self.engine.connect() as conn:
-            # one transaction holding the write lock: processes starting together on a new
-            # SQLite journal would otherwise each find a table missing and create it twice
-            conn.info[_WRITER] = True
-            try:
-                with conn.begin():
-                    Base.metadata.create_all(conn)
-                    # create_all adds missing tables, not the indexes added to existing ones
-                    for table in Base.metadata.sorted_tables:
-                        for index in table.indexes:
-                            index.create(conn, checkfirst=True)
-            finally:
-                conn.info.pop(_WRITER, None)
+    @classmethod
+    def open(cls, settings: JournalSettings) -> Journal:
+        """The journal a configuration names, with its settings."""
+        return cls(
+            settings.url,
+            lock_ttl=settings.lock_ttl,
+            sqlite_synchronous=settings.sqlite_synchronous,
+            migrate=settings.migrate,
+        )
 
     def close(self) -> None:
         if self._writer is not None:
@@ -780,6 +898,15 @@ class Journal:
             with self.engine.begin() as conn:
                 return work(conn)
 
+    def transaction(self, doing: str, work: Callable[[Connection], T]) -> T:
+        """Run ``work`` in a transaction of its own (on SQLite, in the writer's batch); its
+        result once durable. ``doing`` names it in errors ("failed to <doing>")."""
+        return self._run(doing, work)
+
+    def audit_in(self, conn: Connection, **fields: Any) -> None:
+        """Append one audit entry inside ``conn``'s transaction (fields as for :meth:`audit`)."""
+        self._q.add_audit.run(conn, self._audit_params(**fields))
+
     def execute(self, doing: str, statement: Any, params: Any = None) -> None:
         """Run one Core statement in a transaction of its own (SQLite: the writer's batch)."""
         self._run(doing, lambda c: c.execute(statement, params), single=True)
@@ -825,14 +952,46 @@ class Journal:
         return self._q.acquire.first(conn, params) is not None
 
     def renew(self, name: str, owner: str, ttl: timedelta | None = None) -> bool:
-        expires = utcnow() + (ttl or self.lock_ttl)
-        params = {"p_name": name, "p_owner": owner, "p_expires": expires}
+        """Extend ``owner``'s lease ``name``; False when it expired or is another's (lost)."""
+        now = utcnow()
+        expires = now + (ttl or self.lock_ttl)
+        params = {"p_name": name, "p_owner": owner, "p_now": now, "p_expires": expires}
         renew = self._q.renew
         return bool(self._run("renew a lock", lambda c: renew.run(c, params), single=True))
+
+    def renew_many(self, owners: Sequence[str], ttl: timedelta | None = None) -> set[str]:
+        """The heartbeat: extend every live lease these holders have, in one statement; the
+        holders whose lease was extended (the others expired or were taken over)."""
+        if not owners:
+            return set()
+        now = utcnow()
+        stmt = (
+            update(_LOCKS)
+            .where(_LOCKS.c.owner.in_(list(owners)), _LOCKS.c.expires_at > now)
+            .values(expires_at=now + (ttl or self.lock_ttl))
+            .returning(_LOCKS.c.owner)
+        )
+        rows = self._run("renew the leases", lambda c: c.execute(stmt).all(), single=True)
+        return {str(row[0]) for row in rows}
 
     def release(self, name: str, owner: str) -> None:
         params = {"p_name": name, "p_owner": owner}
         self._run("release a lock", lambda c: self._q.release.run(c, params), single=True)
+
+    def release_many(self, owners: Sequence[str]) -> int:
+        """Give back every lease these holders have (a drain); how many there were."""
+        if not owners:
+            return 0
+        stmt = delete(_LOCKS).where(_LOCKS.c.owner.in_(list(owners)))
+        return int(
+            self._run("release the leases", lambda c: c.execute(stmt).rowcount, single=True)
+        )
+
+    def locks(self) -> list[Lock]:
+        """Every lease row: live ones, and expired ones whose holder stopped renewing them
+        (a crashed or stopped process) and nobody has taken over yet."""
+        with self.reader() as s:
+            return list(s.scalars(select(Lock).order_by(Lock.name)))
 
     def steal(self, name: str, owner: str, ttl: timedelta | None = None) -> str | None:
         """Take the lease whoever holds it: an emergency revoke pre-empting a rotation.
@@ -864,24 +1023,36 @@ class Journal:
         live = row is not None and row["expires_at"] > utcnow()
         return _instance(Lock, row) if row is not None and live else None
 
-    def begin_drive(
-        self, lock: str, owner: str, environment: str, credential: str
-    ) -> tuple[bool, Rotation | None, Rotation | None]:
-        """Take a credential's lease and read what is open for it, in one transaction:
-        ``(taken, unfinished revoke, open rotation)`` (nothing is read when not taken)."""
+    def begin_drive(self, lease: LeaseKey, environment: str, credential: str) -> DriveStart:
+        """Take a credential's lease and read what decides the drive, in one transaction: the
+        unfinished revoke, the open rotation and the credential's state (nothing is read when
+        the lease is another's)."""
 
-        def work(conn: Connection) -> tuple[bool, Rotation | None, Rotation | None]:
-            if not self._acquire(conn, lock, owner, None):
-                return False, None, None
+        def work(conn: Connection) -> DriveStart:
+            if not self._acquire(conn, lease[0], lease[1], None):
+                return DriveStart(False)
             params = {"p_env": environment, "p_cred": credential}
-            revoke = _maybe_rotation(self._q.open_revoke.first(conn, params))
-            return True, revoke, _maybe_rotation(self._q.open_rotation.first(conn, params))
+            state = self._q.state.first(conn, params)
+            return DriveStart(
+                True,
+                revoke=_maybe_rotation(self._q.open_revoke.first(conn, params)),
+                rotation=_maybe_rotation(self._q.open_rotation.first(conn, params)),
+                state=None if state is None else _instance(CredentialState, state),
+            )
 
         return self._run("take a lock", work)
 
+    def require(self, conn: Connection, lease: LeaseKey | None) -> None:
+        """Raise LeaseLost unless ``lease`` is live and its holder's (inside a write)."""
+        if lease is None:
+            return
+        row = self._q.holds.first(conn, _lease_params(lease))
+        if row is None or not next(iter(row.values())):
+            raise _lost(lease)
+
     # rotations -----------------------------------------------------------------------------
 
-    def add_rotation(self, rotation: Rotation) -> Rotation:
+    def add_rotation(self, rotation: Rotation, *, lease: LeaseKey | None = None) -> Rotation:
         values = {}
         for column in _ROTATIONS.c:
             value = getattr(rotation, column.key)
@@ -891,12 +1062,20 @@ class Journal:
                 setattr(rotation, column.key, value)  # as a flush would
             values[f"p_{column.key}"] = value
         add = self._q.add_rotation
-        self._run("record a rotation", lambda c: add.run(c, values), single=True)
+
+        def work(conn: Connection) -> None:
+            self.require(conn, lease)
+            add.run(conn, values)
+
+        self._run("record a rotation", work, single=lease is None)
         return rotation
 
-    def update_rotation(self, rotation_id: str, **values: Any) -> Rotation:
+    def update_rotation(
+        self, rotation_id: str, *, lease: LeaseKey | None = None, **values: Any
+    ) -> Rotation:
         values["updated_at"] = utcnow()
         with self.session("update a rotation") as s:
+            self.require(s.connection(), lease)
             row = self._locked_row(s, rotation_id)
             if row.step == Step.SUPERSEDED:
                 superseded = True
@@ -957,30 +1136,35 @@ class Journal:
         state: dict[str, Any] | None = None,
         audit: dict[str, Any] | None = None,
         audits: Sequence[dict[str, Any]] = (),
-        release: tuple[str, str] | None = None,
+        lease: LeaseKey | None = None,
+        release: bool = False,
+        after: Callable[[Connection, Rotation], None] | None = None,
     ) -> Rotation:
-        """Record a step, and optionally the credential state and audit entries, atomically;
-        ``release``: give the lease ``(name, owner)`` back in the same transaction.
+        """Record a step, and optionally the credential state and audit entries, atomically,
+        if ``lease`` is still live and its holder's; ``release``: give the lease back in the
+        same transaction; ``after(conn, row)``: more work of the same transaction.
 
-        One conditional UPDATE ... RETURNING on the hot path: it changes nothing if an emergency
-        revoke superseded the rotation meanwhile, and then :class:`LockBusy` is raised (a token
-        this step carried is kept sealed on the row, see ``_keep_late_token``).
+        One conditional UPDATE ... RETURNING on the hot path. It changes nothing if an emergency
+        revoke superseded the rotation meanwhile (:class:`LockBusy` is raised; a token this step
+        carried is kept sealed on the row, see ``_keep_late_token``) or if the lease is lost
+        (:class:`LeaseLost`: the caller must account for a token the step carried).
         """
 
-        def work(conn: Connection) -> tuple[Rotation, bool]:
+        def work(conn: Connection) -> tuple[Rotation, str]:
             params = {f"p_{key}": value for key, value in values.items()}
             params.update(p_rid=rotation_id, p_updated_at=utcnow())
-            found = _maybe_rotation(self._step_statement(frozenset(values)).first(conn, params))
+            if lease is not None:
+                params.update(_lease_params(lease))
+            stmt = self._step_statement(frozenset(values), fenced=lease is not None)
+            found = _maybe_rotation(stmt.first(conn, params))
             if found is None:
                 with _joined_session(conn) as s:
                     row = self._locked_row(s, rotation_id)
-                    if row.step != Step.SUPERSEDED:  # pragma: no cover - the WHERE above says so
-                        raise JournalError(
-                            f"rotation {rotation_id} changed under this step", where=self.where
-                        )
+                    if row.step != Step.SUPERSEDED:
+                        return row, "lost"  # the lease is another's: nothing is written
                     self._keep_late_token(s, row, values)
                     s.commit()
-                return row, True
+                return row, "superseded"
             if state is not None:
                 self._upsert_state(conn, found.environment, found.credential, state)
             entries = [*audits, *([audit] if audit is not None else [])]
@@ -988,27 +1172,35 @@ class Journal:
                 where = {"environment": found.environment, "credential": found.credential}
                 rows = [self._audit_params(**where, **entry) for entry in entries]
                 self._q.add_audit.run_many(conn, rows)
-            if release is not None:
-                self._q.release.run(conn, {"p_name": release[0], "p_owner": release[1]})
-            return found, False
+            if after is not None:
+                after(conn, found)
+            if release and lease is not None:
+                self._q.release.run(conn, {"p_name": lease[0], "p_owner": lease[1]})
+            return found, "recorded"
 
-        row, superseded = self._run("record a rotation step", work)
-        if superseded:
+        row, outcome = self._run("record a rotation step", work)
+        if outcome == "superseded":
             raise self._superseded(row)
+        if outcome == "lost":
+            assert lease is not None
+            raise _lost(lease)
         return row
 
-    def _step_statement(self, keys: frozenset[str]) -> _Prepared:
+    def _step_statement(self, keys: frozenset[str], *, fenced: bool) -> _Prepared:
         """The conditional UPDATE ... RETURNING for a set of columns, built once and reused
         with bound parameters (building a statement costs more than running it on SQLite)."""
-        stmt = self._step_statements.get(keys)
+        stmt = self._step_statements.get((keys, fenced))
         if stmt is None:
+            where = [_ROTATIONS.c.id == bindparam("p_rid"), _ROTATIONS.c.step != Step.SUPERSEDED]
+            if fenced:
+                where.append(self._q.lease_held)
             stmt = self._q.prepare(
                 update(_ROTATIONS)
-                .where(_ROTATIONS.c.id == bindparam("p_rid"), _ROTATIONS.c.step != Step.SUPERSEDED)
+                .where(*where)
                 .values({key: bindparam(f"p_{key}") for key in (*sorted(keys), "updated_at")})
                 .returning(*_ROTATIONS.c)
             )
-            self._step_statements[keys] = stmt
+            self._step_statements[(keys, fenced)] = stmt
         return stmt
 
     def _upsert_state(
@@ -1032,8 +1224,9 @@ class Journal:
         params = {f"p_{key}": value for key, value in values.items()}
         stmt.run(conn, {**params, "p_environment": environment, "p_credential": credential})
 
-    def add_note(self, rotation_id: str, note: str) -> None:
+    def add_note(self, rotation_id: str, note: str, *, lease: LeaseKey | None = None) -> None:
         with self.session("annotate a rotation") as s:
+            self.require(s.connection(), lease)
             row = s.get(Rotation, rotation_id)
             if row is not None:
                 row.notes = json.dumps([*row.note_list(), note])
@@ -1100,12 +1293,14 @@ class Journal:
                 q = q.where(CredentialState.environment == environment)
             return {(r.environment, r.credential): r for r in s.scalars(q)}
 
-    def set_state(self, environment: str, credential: str, **values: Any) -> None:
-        self._run(
-            "update credential state",
-            lambda c: self._upsert_state(c, environment, credential, values),
-            single=True,
-        )
+    def set_state(
+        self, environment: str, credential: str, *, lease: LeaseKey | None = None, **values: Any
+    ) -> None:
+        def work(conn: Connection) -> None:
+            self.require(conn, lease)
+            self._upsert_state(conn, environment, credential, values)
+
+        self._run("update credential state", work, single=lease is None)
 
     # audit ---------------------------------------------------------------------------------
 

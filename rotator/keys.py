@@ -16,7 +16,6 @@ import hmac
 import json
 import re
 import secrets
-import weakref
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
@@ -108,25 +107,6 @@ def _info(row: ReaderKey) -> KeyInfo:
     )
 
 
-_CREATED: weakref.WeakKeyDictionary[Journal, set[str]] = weakref.WeakKeyDictionary()
-
-
-def create_tables(journal: Journal, *names: str) -> None:
-    """Create these journal tables where missing (once per journal object). Through the
-    journal's own write session: SQLite allows one writer, and the journal queues its writers."""
-    done = _CREATED.setdefault(journal, set())
-    missing = [n for n in names if n not in done]
-    if not missing:
-        return
-    with journal.session("create tables") as s:
-        Base.metadata.create_all(s.connection(), tables=[Base.metadata.tables[n] for n in missing])
-    done.update(missing)
-
-
-def ensure_tables(journal: Journal) -> None:
-    create_tables(journal, ReaderKey.__tablename__)
-
-
 def create_key(
     journal: Journal,
     environment: str,
@@ -142,7 +122,6 @@ def create_key(
         raise ConfigError("a key needs a name of 1 to 100 characters (the reading service)")
     if admin and credentials:
         raise ConfigError("an admin key acts on the whole environment: drop --credentials")
-    ensure_tables(journal)
     kind: KeyKind = "admin" if admin else "reader"
     key_id = secrets.token_hex(_ID_LEN // 2)
     key = f"{'mra' if admin else 'mrk'}_{key_id}_{secrets.token_urlsafe(32)}"
@@ -175,7 +154,6 @@ def create_key(
 
 
 def list_keys(journal: Journal, environment: str | None = None) -> list[KeyInfo]:
-    ensure_tables(journal)
     with journal.reader() as s:
         q = select(ReaderKey).order_by(ReaderKey.environment, ReaderKey.created_at)
         if environment:
@@ -188,7 +166,6 @@ def revoke_key(
 ) -> KeyInfo:
     """Revoke a key by id (or by name where that names one live key). Revoking twice is fine.
     A whole key pasted instead of its id is revoked by its id and never echoed."""
-    ensure_tables(journal)
     whole = re.fullmatch(r"(?:mrk|mra)_([0-9a-f]+)_.+", which)
     if whole:
         which = whole.group(1)
@@ -238,7 +215,6 @@ class KeyIndex:
         self.revision: tuple[int, datetime | None] | None = None
 
     def load(self, journal: Journal) -> None:
-        ensure_tables(journal)
         revision = key_revision(journal)
         with journal.reader() as s:
             rows = list(s.scalars(select(ReaderKey).where(ReaderKey.revoked_at.is_(None))))

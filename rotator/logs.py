@@ -67,5 +67,5 @@ def configure(level: str = "info", fmt: str = "console") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(lvl)
-    for noisy in ("httpx", "httpcore", "apscheduler", "botocore", "urllib3", "azure"):
+    for noisy in ("httpx", "httpcore", "apscheduler", "botocore", "urllib3", "azure", "alembic"):
         logging.getLogger(noisy).setLevel(max(lvl, logging.WARNING))

@@ -20,7 +20,7 @@ from sqlalchemy import Integer, String, select
 from sqlalchemy.orm import Mapped, mapped_column
 
 from rotator.journal import Base, Journal, Step, UTCDateTime
-from rotator.keys import ReaderKey, create_tables
+from rotator.keys import ReaderKey
 from rotator.model import utcnow
 from rotator.settings import Config
 
@@ -36,10 +36,6 @@ class ReaderRead(Base):
     first_at: Mapped[datetime] = mapped_column(UTCDateTime)
     last_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
     count: Mapped[int] = mapped_column(Integer, default=0)
-
-
-def ensure_tables(journal: Journal) -> None:
-    create_tables(journal, ReaderKey.__tablename__, ReaderRead.__tablename__)
 
 
 ReadKey = tuple[str, str, str, str]
@@ -140,7 +136,6 @@ def activity(
 ) -> Activity:
     """What live keys read within ``window`` (of one credential, or of all)."""
     since = (now or utcnow()) - window
-    ensure_tables(journal)
     q = (
         select(ReaderRead)
         .join(ReaderKey, ReaderKey.key_id == ReaderRead.key_id)

@@ -24,11 +24,7 @@ class Runtime:
     def open(cls, config: Config, *, only: list[str] | None = None) -> Runtime:
         """Build every environment (or ``only`` those). Raises ConfigError for missing secrets,
         keys or an unusable backend, naming which."""
-        journal = Journal(
-            config.journal.url,
-            lock_ttl=config.journal.lock_ttl,
-            sqlite_synchronous=config.journal.sqlite_synchronous,
-        )
+        journal = Journal.open(config.journal)
         envs: dict[str, EnvironmentRuntime] = {}
         try:
             for name, env in config.environments.items():
@@ -52,14 +48,19 @@ class Runtime:
                     b.close()
             journal.close()
             raise
-        engine = RotationEngine(journal, envs, concurrency=config.scheduler.concurrency)
+        engine = RotationEngine(
+            journal,
+            envs,
+            concurrency=config.scheduler.concurrency,
+            retry_after_failure=config.scheduler.retry_after_failure,
+        )
         return cls(config=config, journal=journal, engine=engine, environments=envs)
 
     async def aclose(self) -> None:
+        await self.engine.aclose()  # first: it gives back any lease still held
         for rt in self.environments.values():
             if rt.makini_client is not None:
                 await rt.makini_client.aclose()
             for b in rt.backends:
                 b.close()
-        self.engine.close()
         self.journal.close()

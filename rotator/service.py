@@ -1,25 +1,31 @@
 """Long-running and one-shot modes: ``rotator serve`` and ``rotator run-due``.
 
-Both ask :func:`rotator.schedule.plan` what is due and hand it to the engine; ``serve`` does so
-on every scheduler tick (APScheduler, one job, never two ticks at once) while it serves the HTTP
-API, and finishes the rotations in flight before it exits on SIGTERM or Ctrl-C.
+Both ask :func:`rotator.schedule.plan` what is due and hand it to the engine, which decides again
+under each credential's lease; ``serve`` does so on every scheduler tick (APScheduler, one job,
+never two ticks at once) while it serves the HTTP API. On SIGTERM or Ctrl-C both drain
+(:class:`Stopper`): no new work, what is in flight finishes or parks within
+``scheduler.drain``, every lease goes back at once, exit 0.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Sequence
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC
 from pathlib import Path
+from typing import Any
 
 import structlog
+import uvicorn
 
 from rotator.engine import RotationResult, Work
 from rotator.errors import ConfigError
 from rotator.model import utcnow
 from rotator.runtime import Runtime
-from rotator.schedule import ROTATE, plan
+from rotator.schedule import plan
 from rotator.settings import Config
 
 log = structlog.get_logger("rotator.service")
@@ -42,7 +48,7 @@ async def due_work(runtime: Runtime, environments: list[str] | None = None) -> l
     # where configured, a grace period ends once every recent reader has the new version
     await asyncio.to_thread(end_grace_early, runtime.config, runtime.journal)
     return [
-        (i.environment, i.credential, i.action == ROTATE, i.reason)
+        Work(i.environment, i.credential, i.reason)
         for i in plan(runtime.config, runtime.journal, utcnow(), environments=environments)
         if i.is_due and i.environment in runtime.environments
     ]
@@ -62,6 +68,83 @@ async def rotate_work(
     return results
 
 
+class Stopper:
+    """SIGTERM and SIGINT, handled as every rollout and every Ctrl-C needs: the first one stops
+    new work (``engine.stop``; ``on_stop`` for the mode's own part) and starts the drain (drives
+    in flight get ``drain_s`` to finish, then park at their last journaled step; every lease
+    goes back at once); a second one cuts the drain short. Used as an async context manager on
+    the running loop (main thread only); the drain is awaited on the way out."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(
+        self, runtime: Runtime, drain_s: float, on_stop: Callable[[], None] | None = None
+    ) -> None:
+        self.runtime = runtime
+        self.drain_s = drain_s
+        self.on_stop = on_stop
+        self.signalled: int | None = None
+        self._drain: asyncio.Task[int] | None = None
+        self._installed: list[int] = []
+
+    async def __aenter__(self) -> Stopper:
+        loop = asyncio.get_running_loop()
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                loop.add_signal_handler(sig, self._on_signal, sig)
+                self._installed.append(sig)
+        return self
+
+    def _on_signal(self, sig: int) -> None:
+        if self.signalled is not None:  # the second signal: no more waiting
+            log.warning("stopping.now", signal=signal.Signals(sig).name)
+            self.drain_s = 0
+            if self._drain is not None:
+                for task in list(self.runtime.engine.driving):
+                    task.cancel()
+            return
+        self.signalled = sig
+        log.info(
+            "stopping",
+            signal=signal.Signals(sig).name,
+            drain_s=self.drain_s,
+            in_flight=self.runtime.engine.active,
+        )
+        self.runtime.engine.stop()
+        if self.on_stop is not None:
+            self.on_stop()
+        self._drain = asyncio.get_running_loop().create_task(self.drain())
+
+    async def drain(self) -> int:
+        """Drain now (also without a signal: the end of ``serve``)."""
+        cancelled = await self.runtime.engine.drain(self.drain_s)
+        if cancelled:
+            log.warning(
+                "stopping.parked",
+                drives=cancelled,
+                detail="the drain timed out: these stopped mid-step and resume from their "
+                "last journaled step",
+            )
+        return cancelled
+
+    async def __aexit__(self, *exc: object) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in self._installed:
+            loop.remove_signal_handler(sig)
+        self._installed = []
+        if self._drain is not None:
+            await self._drain
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, minus its signal handling: it would re-raise SIGTERM once it stops serving and
+    kill the process before the drain. :class:`Stopper` handles the signals instead."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 async def serve(
     config: Config,
     *,
@@ -70,7 +153,6 @@ async def serve(
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
 ) -> None:
-    import uvicorn
     from apscheduler.schedulers.asyncio import AsyncIOScheduler
     from apscheduler.triggers.interval import IntervalTrigger
 
@@ -78,12 +160,18 @@ async def serve(
 
     runtime = Runtime.open(config)
     scheduler = AsyncIOScheduler(timezone=UTC)
+    ticking: set[asyncio.Task[Any]] = set()
 
     async def tick() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        ticking.add(task)
         try:
             await run_due_once(runtime)
         except Exception:  # a tick must never kill the scheduler; the journal keeps the work
             log.exception("tick.failed")
+        finally:
+            ticking.discard(task)
 
     scheduler.add_job(
         tick,
@@ -95,7 +183,8 @@ async def serve(
         misfire_grace_time=None,
     )
     app = build_app(runtime)
-    server = uvicorn.Server(
+    drain_s = config.scheduler.drain.total_seconds()
+    server = _Server(
         uvicorn.Config(
             app,
             host=host,
@@ -105,13 +194,20 @@ async def serve(
             lifespan="on",
             ssl_certfile=tls_cert,
             ssl_keyfile=tls_key,
+            timeout_graceful_shutdown=max(1, int(drain_s)),
         )
     )
+
+    def stop_serving() -> None:
+        if scheduler.running:
+            scheduler.pause()  # no new tick; the one running parks its drives
+        server.should_exit = True  # uvicorn stops accepting, finishes the requests in flight
+
     async def start_when_listening() -> None:
         # rotate only once the API listens: a port in use must stop serve before any work
         while not server.started and not server.should_exit:  # noqa: ASYNC110 - no event
             await asyncio.sleep(0.05)
-        if server.started:
+        if server.started and not server.should_exit:
             scheduler.start()
             log.info(
                 "serve.started",
@@ -121,16 +217,21 @@ async def serve(
                 tick_s=config.scheduler.tick.total_seconds(),
             )
 
+    stopper = Stopper(runtime, drain_s, stop_serving)
     starter = asyncio.create_task(start_when_listening())
     try:
-        with contextlib.suppress(SystemExit):  # uvicorn exits when it cannot bind: said below
-            await server.serve()
+        async with stopper:
+            with contextlib.suppress(SystemExit):  # uvicorn exits when it cannot bind: below
+                await server.serve()
+            log.info("serve.stopping", signal=_signal_name(stopper.signalled))
+            stop_serving()
     finally:
-        log.info("serve.stopping")
         starter.cancel()
+        await stopper.drain()  # no signal (uvicorn stopped by itself): drain all the same
+        if ticking:
+            await asyncio.wait(ticking, timeout=5)
         if scheduler.running:
             scheduler.shutdown(wait=False)
-        await _drain(runtime)
         await runtime.aclose()
         log.info("serve.stopped")
     if not server.started:
@@ -142,11 +243,5 @@ async def serve(
         )
 
 
-async def _drain(runtime: Runtime) -> None:
-    """Wait for rotations in flight (each holds its credential's lease) to finish a step."""
-    import asyncio
-
-    for _ in range(300):
-        if runtime.engine.active == 0:
-            return
-        await asyncio.sleep(0.1)
+def _signal_name(sig: int | None) -> str | None:
+    return signal.Signals(sig).name if sig is not None else None

@@ -305,12 +305,36 @@ class EnvironmentSettings(_Model):
 
 class JournalSettings(_Model):
     url: str = "sqlite:///rotator-journal.db"
-    lock_ttl: Duration = timedelta(minutes=5)
+    lock_ttl: Duration = Field(
+        default=timedelta(seconds=15),
+        description="A credential's lease lasts this long unless its holder renews it (every "
+        "third of it, by a heartbeat): after a crash, another replica or the next run takes the "
+        "credential over within it.",
+    )
     sqlite_synchronous: Literal["full", "normal"] = "full"
+    migrate: Literal["auto", "manual"] = Field(
+        default="auto",
+        description="auto: a process brings the journal's schema up to date at start (one at a "
+        "time, under a lock); manual: it refuses a journal that is behind, and `rotator db "
+        "upgrade` migrates it.",
+    )
+
+    @field_validator("lock_ttl")
+    @classmethod
+    def _ttl(cls, value: timedelta) -> timedelta:
+        if not timedelta(seconds=1) <= value <= timedelta(hours=1):
+            raise ValueError("must be between 1s and 1h (a heartbeat renews it every third)")
+        return value
 
 
 class SchedulerSettings(_Model):
-    tick: Duration = Field(default=timedelta(seconds=30), description="How often serve looks.")
+    tick: Duration = Field(default=timedelta(seconds=10), description="How often serve looks.")
+    drain: Duration = Field(
+        default=timedelta(seconds=20),
+        description="On SIGTERM or Ctrl-C, how long rotations in flight get to finish before "
+        "what is left is parked at its last journaled step (and its lease given back). Keep "
+        "it below the pod's terminationGracePeriodSeconds.",
+    )
     concurrency: int = Field(default=32, ge=1, le=1000, description="Rotations at once.")
     processes: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(
         default="auto",

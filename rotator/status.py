@@ -9,11 +9,11 @@ from typing import Any
 
 from backends.base import Backend
 from rotator.errors import BackendError
-from rotator.journal import CredentialState, Rotation
+from rotator.journal import CredentialState, Lock, Rotation
 from rotator.model import Stage, utcnow
 from rotator.readers import ReaderView, activity, stale_in
 from rotator.runtime import Runtime
-from rotator.schedule import PlanItem, plan
+from rotator.schedule import PlanItem, human, plan
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,11 @@ class CredentialStatus:
     """API readers active recently whose latest read was not the current version"""
     open_revoke: str | None = None
     """the step at which an unfinished emergency revoke stopped"""
+    stalled_lease: str | None = None
+    """the credential's lease is held by a holder that stopped renewing it (it crashed or was
+    stopped): what, by whom, since when"""
+    unaccounted: int = 0
+    """open entries of tokens Makini may have issued that no backend holds"""
 
     @property
     def backends_agree(self) -> bool:
@@ -52,6 +57,8 @@ class CredentialStatus:
             and not self.attention
             and self.current_version is not None
             and self.open_revoke is None
+            and self.stalled_lease is None
+            and self.unaccounted == 0
         )
 
     def as_dict(self, now: datetime) -> dict[str, Any]:
@@ -80,6 +87,8 @@ class CredentialStatus:
             "backends_agree": self.backends_agree,
             "stale_readers": [v.as_dict() for v in self.stale_readers],
             "open_revoke": self.open_revoke,
+            "stalled_lease": self.stalled_lease,
+            "unaccounted": self.unaccounted,
         }
 
 
@@ -101,6 +110,7 @@ async def collect(runtime: Runtime, environment: str | None = None) -> list[Cred
     states = runtime.journal.states()
     open_rot = {(r.environment, r.credential): r for r in runtime.journal.open_rotations()}
     revokes = {(r.environment, r.credential): r for r in runtime.journal.open_revokes()}
+    stalled = {lock.name: lock for lock in runtime.journal.locks() if lock.expires_at <= now}
 
     async def one(env: str, cred: str) -> dict[str, str | None]:
         rt = runtime.environments[env]
@@ -134,9 +144,23 @@ async def collect(runtime: Runtime, environment: str | None = None) -> list[Cred
                 backends=held,
                 stale_readers=stale.get((item.environment, item.credential), ()),
                 open_revoke=_revoke_step(revokes, item.environment, item.credential),
+                stalled_lease=_stalled(stalled, item.environment, item.credential, now),
+                unaccounted=state.unaccounted if state else 0,
             )
         )
     return out
+
+
+def _stalled(locks: dict[str, Lock], env: str, cred: str, now: datetime) -> str | None:
+    lock = locks.get(f"{env}/{cred}")
+    if lock is None:
+        return None
+    return (
+        f"its lease is held by {lock.owner}, which stopped renewing it: it expired "
+        f"{human(now - lock.expires_at)} ago (the process crashed or was stopped mid-drive); "
+        "another replica or the next "
+        "`rotator run-due` takes it over and resumes from the last journaled step"
+    )
 
 
 def _stale_readers(

@@ -34,7 +34,6 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from rotator.errors import JournalError, MakiniError, NotFound
 from rotator.journal import Base, Journal, UTCDateTime
-from rotator.keys import create_tables
 from rotator.model import utcnow
 
 if TYPE_CHECKING:
@@ -65,10 +64,6 @@ class WebhookEvent(Base):
     claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     processed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     outcome: Mapped[str | None] = mapped_column(Text)
-
-
-def ensure_tables(journal: Journal) -> None:
-    create_tables(journal, WebhookEvent.__tablename__)
 
 
 # --- the signature ---------------------------------------------------------------------------

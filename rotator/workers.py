@@ -14,6 +14,7 @@ that dies leaves work the next run resumes. The parent forks only once it is sin
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing
 import os
@@ -105,8 +106,10 @@ def share_of(config: Config, processes: int, index: int) -> Config:
 class Shares:
     """Workers rotating their shares of ``work``; :meth:`gather` collects their results.
 
-    Used as a context manager: leaving it stops workers still running (the parent got Ctrl-C
-    or SIGTERM), which end as a single process would; their journal resumes the rest.
+    SIGTERM or Ctrl-C to the parent is passed on to every worker as SIGTERM: each drains as a
+    single process would (no new work, what is in flight finishes or parks, leases given back)
+    and reports, and the parent gathers the reports as usual. Leaving the context early (an
+    error) stops the workers still running; their journal resumes the rest.
     """
 
     def __init__(self, config: Config, work: Sequence[Work], processes: int, rotate: Rotate):
@@ -115,7 +118,7 @@ class Shares:
         self._shares = [self.work[i::processes] for i in range(processes)]
         self._rotate = rotate
         self._workers: list[tuple[BaseProcess, Connection, list[Work]]] = []
-        self._previous: Any = None
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> Shares:
         """Fork the workers. ``rotate(config, share, report)`` is what each runs: it calls
@@ -123,7 +126,8 @@ class Shares:
         context = multiprocessing.get_context("fork")
         sys.stdout.flush()
         sys.stderr.flush()
-        self._previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._pass_on)
         try:
             for config, share in zip(self._configs, self._shares, strict=True):
                 receive, send = context.Pipe(duplex=False)
@@ -168,10 +172,10 @@ class Shares:
                     progress(result)
         for proc, _, share in self._workers:
             proc.join()
-            missing = [w for w in share if (w[0], w[1]) not in results]
+            missing = [w for w in share if (w.environment, w.credential) not in results]
             if missing:
                 _report_lost(proc, missing, results)
-        return [results[(w[0], w[1])] for w in self.work]
+        return [results[(w.environment, w.credential)] for w in self.work]
 
     def __exit__(self, *exc: object) -> None:
         stopped = 0
@@ -188,9 +192,16 @@ class Shares:
                 detail="stopped mid-run; the journal keeps their rotations, the next run "
                 "resumes them",
             )
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _pass_on(self, signum: int, _frame: object) -> None:
+        log.info("run_due.stopping", signal=signal.Signals(signum).name, workers=len(self._workers))
+        for proc, _conn, _share in self._workers:
+            if proc.is_alive() and proc.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGTERM)
 
 
 def _report_lost(
@@ -202,17 +213,15 @@ def _report_lost(
     how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
     error = f"its worker process stopped ({how}) before it reported; `rotator run-due` resumes"
     log.error("run_due.worker_lost", pid=proc.pid, exit=how, unreported=len(missing))
-    for env, name, _, _ in missing:
-        results[(env, name)] = RotationResult(env, name, "failed", error=error)
-
-
-def _exit_on_sigterm(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)
+    for w in missing:
+        results[(w.environment, w.credential)] = RotationResult(
+            w.environment, w.credential, "failed", error=error
+        )
 
 
 def _worker(config: Config, share: list[Work], send: Connection, rotate: Rotate) -> None:
-    # the parent answers Ctrl-C (the terminal sends it to the whole group) and stops the
-    # workers itself; SIGTERM stops a worker at once, as it would a single process
+    # the parent answers Ctrl-C (the terminal sends it to the whole group) and passes it on
+    # as SIGTERM, which the worker's run drains on (rotator.service.Stopper)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:

@@ -13,7 +13,6 @@ import pytest
 
 from backends.memory import reset_memory_backends
 from rotator.crypto import generate_key
-from rotator.journal import Journal
 from rotator.settings import Config, parse_config
 
 pytest_plugins = ["tests.servers.plugin"]
@@ -57,12 +56,13 @@ def pg_database() -> Iterator[str]:
 
 @pytest.fixture
 def pg_url(pg_database: str) -> Iterator[str]:
-    journal = Journal(pg_database)
-    from rotator.journal import Base
+    """The session's database, emptied (the first journal opened on it migrates it)."""
+    import psycopg
 
-    Base.metadata.drop_all(journal.engine)
-    Base.metadata.create_all(journal.engine)
-    journal.close()
+    plain = pg_database.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(plain, autocommit=True) as conn:
+        conn.execute("DROP SCHEMA public CASCADE")
+        conn.execute("CREATE SCHEMA public")
     yield pg_database
 
 

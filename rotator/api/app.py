@@ -17,10 +17,8 @@ from rotator.api.feed import ReplicaFeed
 from rotator.api.limits import BodyLimit
 from rotator.api.state import ApiState
 from rotator.api.tokens import TokenRoutes
-from rotator.readers import ensure_tables as ensure_reader_tables
 from rotator.readers import write_batch
 from rotator.webhooks import WebhookWorker
-from rotator.webhooks import ensure_tables as ensure_webhook_tables
 
 if TYPE_CHECKING:
     from rotator.runtime import Runtime
@@ -92,8 +90,6 @@ def build_app(runtime: Runtime) -> ApiApp:
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         state.cache.bind(asyncio.get_running_loop())
-        await asyncio.to_thread(ensure_reader_tables, runtime.journal)
-        await asyncio.to_thread(ensure_webhook_tables, runtime.journal)
         await asyncio.to_thread(feed.start)
         engine = runtime.engine
         engine.listeners.append(state.cache.on_promoted)

@@ -21,11 +21,11 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from sqlalchemy import Integer, String, insert, select, text
+from sqlalchemy import Integer, String, insert, select
 from sqlalchemy.orm import Mapped, mapped_column
 
 from rotator.journal import Base, CredentialState, Journal, UTCDateTime
-from rotator.keys import KeyIndex, ReaderKey, create_tables
+from rotator.keys import KeyIndex
 from rotator.model import utcnow
 
 if TYPE_CHECKING:
@@ -49,40 +49,8 @@ class TokenDrop(Base):
     at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
-_PG_SETUP = [
-    "SELECT pg_advisory_xact_lock(726354101)",
-    f"""CREATE OR REPLACE FUNCTION rotator_notify_change() RETURNS trigger AS $$
-    BEGIN PERFORM pg_notify('{CHANNEL}', TG_TABLE_NAME); RETURN NULL; END
-    $$ LANGUAGE plpgsql""",
-    """CREATE OR REPLACE TRIGGER rotator_notify_state
-    AFTER INSERT OR UPDATE OF current_version_id ON credential_state
-    FOR EACH ROW EXECUTE FUNCTION rotator_notify_change()""",
-    """CREATE OR REPLACE TRIGGER rotator_notify_drops AFTER INSERT ON token_drops
-    FOR EACH ROW EXECUTE FUNCTION rotator_notify_change()""",
-    """CREATE OR REPLACE TRIGGER rotator_notify_keys AFTER INSERT OR UPDATE ON reader_keys
-    FOR EACH ROW EXECUTE FUNCTION rotator_notify_change()""",
-]
-
-
-def ensure_tables(journal: Journal) -> None:
-    """The drop table (and the tables the triggers watch)."""
-    create_tables(
-        journal, TokenDrop.__tablename__, ReaderKey.__tablename__, CredentialState.__tablename__
-    )
-
-
-def install_triggers(journal: Journal) -> None:
-    """On PostgreSQL, the triggers that NOTIFY the feed (idempotent; no-op on SQLite)."""
-    ensure_tables(journal)
-    if not journal.is_sqlite:
-        with journal.session("install the change notification triggers") as s:
-            for statement in _PG_SETUP:
-                s.execute(text(statement))
-
-
 def publish_drop(journal: Journal, env: str, cred: str, version_id: str) -> None:
     """Record a dropped version in the journal, for every replica's feed."""
-    ensure_tables(journal)
     row = {"environment": env, "credential": cred, "version_id": version_id, "at": utcnow()}
     journal.execute("record a revoked version", insert(TokenDrop), row)
 
@@ -104,7 +72,6 @@ class ReplicaFeed:
 
     def start(self) -> None:
         """Load keys and past drops, and remember the versions the journal names now."""
-        install_triggers(self.journal)
         self.keys.load(self.journal)
         states, drops = self._read()
         self._apply(states, drops)

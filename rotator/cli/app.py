@@ -124,16 +124,17 @@ def run_due(
         cfg.environment(name)
 
     async def plan_or_rotate(rt: Any) -> tuple[list[Any], int, list[Any]]:
-        from rotator.service import due_work, rotate_work
+        from rotator.service import Stopper, due_work, rotate_work
 
-        work = await due_work(rt, env)
-        processes = workers.process_count(
-            cfg.scheduler.processes, len(work), workers.smallest_limit(cfg)
-        )
-        if processes > 1:
-            return work, processes, []  # forked once this runtime is closed
-        with render.progress(json_out) as tick:
-            return work, 1, await rotate_work(rt, work, tick)
+        async with Stopper(rt, cfg.scheduler.drain.total_seconds()) as stopper:
+            work = await due_work(rt, env)
+            processes = workers.process_count(
+                cfg.scheduler.processes, len(work), workers.smallest_limit(cfg)
+            )
+            if processes > 1 and stopper.signalled is None:
+                return work, processes, []  # forked once this runtime is closed
+            with render.progress(json_out) as tick:
+                return work, 1, await rotate_work(rt, work, tick)
 
     work, processes, results = _run(_with_runtime, cfg, plan_or_rotate, env)
     if processes > 1:
@@ -152,10 +153,11 @@ def _rotate_share(env: list[str] | None) -> Callable[..., None]:
 
     def rotate(cfg: Config, share: Any, report: Callable[[Any], None]) -> None:
         from rotator.cli import guarded
-        from rotator.service import rotate_work
+        from rotator.service import Stopper, rotate_work
 
         async def work(rt: Any) -> list[Any]:
-            return await rotate_work(rt, share, report)
+            async with Stopper(rt, cfg.scheduler.drain.total_seconds()):
+                return await rotate_work(rt, share, report)
 
         guarded(lambda: _run(_with_runtime, cfg, work, env))
 
@@ -176,10 +178,12 @@ def rotate(
         env.credential(n, environment)
 
     async def work(rt: Any) -> list[Any]:
+        from rotator.engine import Work
+
         with render.progress(json_out or len(name) < 3) as tick:
             return list(
                 await rt.engine.rotate_many(
-                    [(environment, n, True, reason) for n in name],
+                    [Work(environment, n, reason, forced=True) for n in name],
                     actor=actor(),
                     progress=tick,
                 )
@@ -291,7 +295,7 @@ def plan(
     from rotator.journal import Journal
     from rotator.schedule import plan as make_plan
 
-    journal = Journal(cfg.journal.url, sqlite_synchronous=cfg.journal.sqlite_synchronous)
+    journal = Journal.open(cfg.journal)
     try:
         items = make_plan(
             cfg, journal, utcnow(), environments=[environment] if environment else None
@@ -313,7 +317,7 @@ def audit(
     cfg = _config()
     from rotator.journal import Journal
 
-    journal = Journal(cfg.journal.url, sqlite_synchronous=cfg.journal.sqlite_synchronous)
+    journal = Journal.open(cfg.journal)
     try:
         entries = journal.audit_entries(
             environment=environment, credential=credential, action=action, limit=limit
@@ -484,7 +488,7 @@ from rotator.cli.keys import keys_app  # noqa: E402 - registered after the root 
 
 app.add_typer(keys_app, name="keys")
 
-import rotator.cli.ops  # noqa: E402, F401 - registers sync and doctor
 from rotator.cli.revoke import revoke_command  # noqa: E402 - registered after the app exists
 
 app.command("revoke")(revoke_command)
+

@@ -28,7 +28,7 @@ def _with_journal(work: Callable[[Config, Journal], T]) -> T:
     from rotator.cli.app import _config
 
     cfg = _config()
-    journal = Journal(cfg.journal.url, sqlite_synchronous=cfg.journal.sqlite_synchronous)
+    journal = Journal.open(cfg.journal)
     try:
         return work(cfg, journal)
     finally:

@@ -128,6 +128,15 @@ def status(rows: Sequence[CredentialStatus], as_json: bool) -> None:
     for r in rows:
         if r.attention:
             err.print(f"[bold red]ATTENTION[/] {r.environment}/{r.credential}: {r.attention}")
+        if r.stalled_lease:
+            err.print(f"[bold red]STALLED[/] {r.environment}/{r.credential}: {r.stalled_lease}")
+        if r.unaccounted:
+            err.print(
+                f"[bold red]UNACCOUNTED TOKENS[/] {r.environment}/{r.credential}: "
+                f"{r.unaccounted} token(s) Makini may have issued that no backend holds (a "
+                "request whose answer was lost); `rotator unaccounted list "
+                f"{r.environment}` shows what, when and why, and what to do"
+            )
         if r.open_revoke:
             err.print(
                 f"[bold red]EMERGENCY REVOKE UNFINISHED[/] {r.environment}/{r.credential}: "

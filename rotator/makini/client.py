@@ -280,6 +280,15 @@ class MakiniClient:
         ))
         return True
 
+    async def revoke_pair(self, tokens: TokenPair) -> bool:
+        """Revoke a pair's access and refresh token at ``settings.revoke_path``; ``False`` when
+        none is configured. Each call is idempotent (an unknown or dead token is no error)."""
+        if not await self.revoke_token(tokens.access):
+            return False
+        if tokens.refresh is not None:
+            await self.revoke_token(tokens.refresh)
+        return True
+
     # --- plumbing --------------------------------------------------------------------------
 
     def _where(self, call: _Call) -> str:

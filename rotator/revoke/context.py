@@ -12,15 +12,16 @@ from typing import Any
 import structlog
 
 from backends.base import Backend
+from rotator import faults, unaccounted
 from rotator.engine import EnvironmentRuntime, RotationEngine, journal_aad, unseal
 from rotator.errors import (
     BackendError,
-    LockBusy,
     MakiniError,
     MakiniRejected,
     RotationError,
 )
-from rotator.journal import Rotation
+from rotator.journal import Journal, Rotation
+from rotator.leases import Lease
 from rotator.makini import MakiniClient
 from rotator.makini.client import Issued
 from rotator.model import Secret, StoredVersion, utcnow
@@ -38,7 +39,8 @@ log = structlog.get_logger("rotator.revoke")
 
 
 class RevokeContext:
-    """The state of one revoke row being driven. The caller holds the lease as ``owner``."""
+    """The state of one revoke row being driven. The caller holds ``lease`` (kept alive by
+    the engine's heartbeat)."""
 
     def __init__(
         self,
@@ -46,7 +48,7 @@ class RevokeContext:
         rt: EnvironmentRuntime,
         cred: CredentialSettings,
         row: Rotation,
-        owner: str,
+        lease: Lease,
         report: CredentialReport,
         *,
         old: StoredVersion | None = None,
@@ -60,18 +62,18 @@ class RevokeContext:
         self.cred = cred
         self.row = row
         self.record = Record.of(row)
-        self.owner = owner
-        self.lock = f"{rt.name}/{cred.name}"
+        self.lease = lease
         self.report = report
         self.request_ids: list[str | None] = []
         self._old = old
         self._fresh = fresh
-        self._renewed_at = time.monotonic()  # the caller has just taken or renewed the lease
-        self._fenced_at = 0.0
         self._replacement: StoredVersion | None = None
         self._retried = False
         self._kill_started: float | None = None
         self._pending_notes: list[str] = []
+        self._asked_at: Any = row.asked_at
+        self._unaccounted = 0
+        """Unaccounted tokens this revoke recorded (the issue that follows may resolve them)."""
         self._pending: list[tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any]]] = []
         """Step values, state and audit entry recorded with the next commit (one write)."""
         report.revoke_id = row.id
@@ -114,7 +116,14 @@ class RevokeContext:
             f"{rotation_id[:8]} as the replacement"
         )
         self.row = await self.engine._journal(
-            custody.adopt, self.journal, self.row.id, rotation_id, self.record, step, note
+            custody.adopt,
+            self.journal,
+            self.lease.key,
+            self.row.id,
+            rotation_id,
+            self.record,
+            step,
+            note,
         )
         await self.engine._journal(
             self.journal.audit,
@@ -157,15 +166,24 @@ class RevokeContext:
         current one, the old one)."""
         if self._fresh:
             self._fresh = False  # the row was written with this first attempt counted
+            self._asked_at = self.row.asked_at or utcnow()
         else:
-            if self.row.attempts > 0 and self.row.sealed is None:
+            lost = None
+            if self.row.asked_at is not None:
                 self._note(
                     "an earlier attempt to get a new token got no answer; if Makini issued one "
                     "then, it was never received (issuing again kills it where issuing "
                     "invalidates)"
                 )
-            self.row = await self.engine._journal(
-                self.journal.update_rotation, self.row.id, attempts=self.row.attempts + 1
+                lost = self._lost(
+                    self.row.asked_at,
+                    "the rotator stopped after it asked Makini for a token (for an emergency "
+                    "revoke) and before it recorded the answer: if the request reached Makini, "
+                    "a token was issued that no backend holds",
+                )
+            self._asked_at = utcnow()
+            self.row = await self._commit(
+                {"attempts": self.row.attempts + 1, "asked_at": self._asked_at}, lost=lost
             )
         sources: list[Secret] = []
         if method == "refresh":
@@ -184,12 +202,18 @@ class RevokeContext:
         try:
             issued, notes = await kill.obtain(self.makini, self.cred, method, sources)
         except MakiniError as exc:
+            lost = None
             if exc.ambiguous:
                 self._note(
                     f"Makini may have issued a token that was not received ({exc.message}; "
                     f"request id {exc.request_id or 'unknown'})"
                 )
-                await self._commit({})
+                lost = self._lost(
+                    self._asked_at or utcnow(),
+                    f"Makini may have issued a token that was not received ({exc.message})",
+                    request_id=exc.request_id,
+                )
+            await self._commit({"asked_at": None}, lost=lost)
             raise
         for note in notes:
             self._note(note)
@@ -210,7 +234,9 @@ class RevokeContext:
                 "sealed": sealed,
                 "fingerprint": issued.tokens.access.fingerprint,
                 "expires_at": issued.tokens.expires_at,
+                "asked_at": None,
             },
+            after=self._settle_unaccounted(issued),
             audit={
                 "action": "revoke.token_issued",
                 "outcome": "success",
@@ -289,24 +315,46 @@ class RevokeContext:
         return {b.name: r for b, r in zip(backends, results, strict=True) if r is not None}
 
     async def _fence(self) -> None:
-        """Stop unless this revoke still holds the lease: a read while the lease is fresh, a
-        renewal (a write) once a third of it is used."""
-        now = time.monotonic()
-        if now - self._fenced_at < 1.0:
-            return  # checked a moment ago: within one chain of steps
-        self._fenced_at = now
-        if now - self._renewed_at < self.journal.lock_ttl.total_seconds() / 3:
-            holder = await self.engine._read(self.journal.lock_holder, self.lock)
-            held = holder is not None and holder.owner == self.owner
-        else:
-            held = await self.engine._journal(self.journal.renew, self.lock, self.owner)
-            self._renewed_at = now
-        if not held:
-            raise LockBusy(
-                "this revoke lost the credential's lease; another worker took over",
-                where=self.where,
-                hint=f"`rotator status {self.rt.name}` shows who finished it",
+        """Stop unless this revoke still holds the lease (see :mod:`rotator.leases`)."""
+        await self.engine.leases.check(self.lease, self.where)
+
+    def _lost(
+        self, asked_at: Any, cause: str, *, request_id: str | None = None
+    ) -> unaccounted.Lost:
+        self._unaccounted += 1
+        return unaccounted.Lost(
+            environment=self.rt.name,
+            credential=self.cred.name,
+            connection_id=self.cred.connection_id,
+            rotation_id=self.row.id,
+            asked_at=asked_at,
+            cause=cause,
+            request_id=request_id,
+        )
+
+    def _settle_unaccounted(self, issued: Issued) -> Callable[[Any, Rotation], None] | None:
+        """Where Makini kills older tokens on issue, the token just issued for the kill or the
+        replacement resolves the credential's earlier unaccounted tokens."""
+        invalidates = self.rt.settings.makini.issue_invalidates_previous
+        if (self._unaccounted <= 0 and invalidates is not True) or self._asked_at is None:
+            return None
+        asked_at = self._asked_at
+        expires = issued.tokens.expires_at
+        lifetime = expires - asked_at if expires else None
+
+        def settle(conn: Any, row: Rotation) -> None:
+            unaccounted.after_issue(
+                self.journal,
+                conn,
+                row.environment,
+                row.credential,
+                asked_at=asked_at,
+                lifetime=lifetime,
+                invalidates=invalidates is True,
+                actor=row.actor,
             )
+
+        return settle
 
     def _note(self, note: str) -> None:
         self.report.notes.append(note)
@@ -319,9 +367,12 @@ class RevokeContext:
         state: dict[str, Any] | None = None,
         audit: dict[str, Any] | None = None,
         note: str | None = None,
+        lost: unaccounted.Lost | None = None,
+        after: Callable[[Any, Rotation], None] | None = None,
     ) -> Rotation:
         """Record a step (with the record, pending notes and a pending replacement) atomically
-        with the credential's state and the audit entries."""
+        with the credential's state and the audit entries, under the revoke's lease (with an
+        unaccounted token to report, and more work of the same transaction)."""
         if note:
             self._note(note)
         audits = []
@@ -346,9 +397,28 @@ class RevokeContext:
             values,
             state=state,
             audits=[{**base, **a} for a in audits],
+            lease=self.lease.key,
+            after=_with_lost(self.journal, lost, after),
         )
+        faults.checkpoint(self.row.step, self.cred.name)
         return self.row
 
     def _flush_notes(self) -> list[str]:
         notes, self._pending_notes = self._pending_notes, []
         return notes
+
+
+def _with_lost(
+    journal: Journal,
+    lost: unaccounted.Lost | None,
+    after: Callable[[Any, Rotation], None] | None,
+) -> Callable[[Any, Rotation], None] | None:
+    if lost is None:
+        return after
+
+    def hook(conn: Any, row: Rotation) -> None:
+        unaccounted.record(journal, conn, lost, actor=row.actor)
+        if after is not None:
+            after(conn, row)
+
+    return hook

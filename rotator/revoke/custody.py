@@ -12,13 +12,14 @@ PostgreSQL: locks the rows), so what it reads cannot change before it commits.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.engine import Connection
 
 from rotator.errors import RotationError
-from rotator.journal import Journal, Rotation, Step
+from rotator.journal import Journal, LeaseKey, Rotation, Step
 from rotator.model import utcnow
 
 from .model import KIND, Preempted, Record, Superseded
@@ -31,12 +32,12 @@ def _in_flight(env: str, cred: str) -> Any:
         (Rotation.environment == env)
         & (Rotation.credential == cred)
         & (Rotation.kind != KIND)
-        & Rotation.step.in_(Step.OPEN)
+        & Rotation.step.in_(Step.IN_FLIGHT)
     )
 
 
 def begin(
-    journal: Journal, row: Rotation, record: Record, audit: dict[str, Any]
+    journal: Journal, lease: LeaseKey, row: Rotation, record: Record, audit: dict[str, Any]
 ) -> list[Preempted]:
     """Write the revoke's row and supersede the credential's rotations in flight, atomically.
 
@@ -46,6 +47,7 @@ def begin(
     now = utcnow()
     env, cred = row.environment, row.credential
     with journal.session("start a revoke") as s:
+        journal.require(s.connection(), lease)
         s.execute(update(Rotation).where(_in_flight(env, cred)).values(updated_at=now))
         preempted: list[Preempted] = []
         for rot in s.scalars(select(Rotation).where(_in_flight(env, cred))):
@@ -80,7 +82,13 @@ def begin(
 
 
 def adopt(
-    journal: Journal, revoke_id: str, rotation_id: str, record: Record, step: str, note: str
+    journal: Journal,
+    lease: LeaseKey,
+    revoke_id: str,
+    rotation_id: str,
+    record: Record,
+    step: str,
+    note: str,
 ) -> Rotation:
     """Move a pre-empted rotation's sealed token to the revoke (it becomes the replacement).
 
@@ -89,6 +97,7 @@ def adopt(
     """
     now = utcnow()
     with journal.session("adopt a pre-empted rotation's token") as s:
+        journal.require(s.connection(), lease)
         s.execute(
             update(Rotation).where(Rotation.id.in_([revoke_id, rotation_id])).values(updated_at=now)
         )
@@ -142,8 +151,12 @@ def commit(
     *,
     state: dict[str, Any] | None = None,
     audits: Sequence[dict[str, Any]] = (),
+    lease: LeaseKey | None = None,
+    after: Callable[[Connection, Rotation], None] | None = None,
 ) -> Rotation:
     """Record a revoke's step with the credential's state and any number of audit entries,
-    atomically, and return the row as recorded (the revoke holds the credential's lease, so
-    nothing else writes its row)."""
-    return journal.commit_step(row.id, values, state=state, audits=audits)
+    atomically, if the revoke still holds the credential's lease, and return the row as
+    recorded (nothing else writes its row)."""
+    return journal.commit_step(
+        row.id, values, state=state, audits=audits, lease=lease, after=after
+    )

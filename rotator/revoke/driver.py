@@ -18,7 +18,6 @@ import structlog
 from backends.base import Backend
 from rotator import faults
 from rotator.errors import (
-    BackendError,
     BadRequest,
     ConfigError,
     LockBusy,
@@ -45,7 +44,7 @@ log = structlog.get_logger("rotator.revoke")
 
 
 class CredentialRevoke(RevokeContext):
-    """Drives one revoke row. The caller holds the credential's lease as ``owner``."""
+    """Drives one revoke row. The caller holds the credential's lease."""
 
     async def run(self) -> CredentialReport:
         """Drive the revoke to its end, or to where it had to stop (recorded, resumable)."""
@@ -137,6 +136,7 @@ class CredentialRevoke(RevokeContext):
                 )
                 self.record.method = self.report.method = "disconnect"
                 dead = await self._disconnect(old)
+        faults.checkpoint("revoke-kill-effect", self.cred.name)
         values: dict[str, Any] = {"step": RevokeStep.KILLED, "invalidated_old": dead}
         state = None
         if self.record.disconnected:
@@ -156,8 +156,9 @@ class CredentialRevoke(RevokeContext):
         self.report.disconnected = self.record.disconnected
         self.report.add_time("kill_s", time.monotonic() - self._kill_started)
         if dead and method == self.record.method and method != "disconnect":
-            # the plain case: recorded with the next commit (one write less); a crash before
-            # that resumes at the step before, whose probe says the same again
+            # the plain case: recorded with the next commit (one write less, before anything
+            # is made unreadable); a crash before that resumes at the step before, whose probe
+            # says the same again
             self._pending.append((values, state, audit))
             return await self._replace()
         return await self._commit(values, state=state, audit=audit)
@@ -265,9 +266,11 @@ class CredentialRevoke(RevokeContext):
             return f"stored {vid[:13]} as current"
 
         failed = await self._on_backends(self.rt.backends, install)
+        faults.checkpoint("revoke-install-effect", self.cred.name)
         if failed:
             done = [b for b in self.rt.backends if b.name not in failed]
             if done:
+                await self._record_before_purge()
                 await self._purge_on(done, best_effort=True)
             raise next(iter(failed.values()))
 
@@ -324,15 +327,19 @@ class CredentialRevoke(RevokeContext):
         started = time.monotonic()
         await self._fence()
         await self._target_if_readable()  # the old token, held in memory for the confirmation
-        try:
-            await self._purge_on(self.rt.backends, best_effort=False)
-        except BackendError:
-            if self._pending:
-                await self._commit({})
-            raise
+        await self._record_before_purge()
+        await self._purge_on(self.rt.backends, best_effort=False)
+        faults.checkpoint("revoke-purge-effect", self.cred.name)
         await self._settle_candidates()
         self.report.add_time("purge_s", time.monotonic() - started)
         return await self._confirm()
+
+    async def _record_before_purge(self) -> None:
+        """Record the steps done so far (the kill and its probe, the replacement) before
+        anything is made unreadable: a resume after the purge can no longer read the old token,
+        so it must never have to go back to a step that needs it."""
+        if self._pending:
+            await self._commit({})
 
     def _purge_list(self) -> list[str]:
         record, row = self.record, self.row
@@ -340,7 +347,7 @@ class CredentialRevoke(RevokeContext):
         if record.replaced and record.current_version not in (None, row.old_version_id):
             vids.append(record.current_version)
         for s in record.superseded:
-            if s.step == Step.PROMOTED:
+            if s.step in (Step.PROMOTED, Step.RETIRING):
                 vids.append(s.old_version_id)  # its previous, in its grace period
             elif s.id != record.adopted:
                 vids.append(s.version_id)  # its pending version

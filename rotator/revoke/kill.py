@@ -83,11 +83,7 @@ async def rejected(makini: MakiniClient, token: Secret, connection_id: str) -> b
 async def revoke_pair(makini: MakiniClient, tokens: TokenPair) -> bool:
     """Revoke the access and refresh token at ``makini.revoke_path``; False when none is
     configured. Raises a MakiniError when Makini refuses or fails."""
-    if not await makini.revoke_token(tokens.access):
-        return False
-    if tokens.refresh is not None:
-        await makini.revoke_token(tokens.refresh)
-    return True
+    return await makini.revoke_pair(tokens)
 
 
 async def obtain(

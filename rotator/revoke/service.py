@@ -14,6 +14,7 @@ import structlog
 from rotator.engine import EnvironmentRuntime, RotationEngine, RotationResult, unseal
 from rotator.errors import NotFound, RotatorError
 from rotator.journal import Rotation, Step
+from rotator.leases import Lease
 from rotator.logs import mask
 from rotator.model import Stage, StoredVersion, new_version_id, utcnow
 from rotator.settings import CredentialSettings
@@ -97,28 +98,28 @@ class Revoker:
             report.notes.append(p.why)
             return report
         cred = rt.settings.credential(p.credential, rt.name)
-        lock = f"{rt.name}/{cred.name}"
-        owner = f"{self.engine.owner}:revoke:{uuid.uuid4().hex[:8]}"
+        lease = self.engine.new_lease(rt.name, cred.name, "revoke")
         started = time.monotonic()
         try:
-            took, stolen = await self._take_lease(lock, owner, report)
+            took, stolen = await self._take_lease(lease, report)
         except RotatorError as exc:
             report.outcome, report.error = "failed", exc.message
             return report
         if not took:
             return report
+        self.engine.leases.add(lease)
         try:
             row = await self.engine._journal(self.journal.open_revoke, rt.name, cred.name)
             if row is not None:
                 report.resumed = True
-                await CredentialRevoke(self.engine, rt, cred, row, owner, report).run()
+                await CredentialRevoke(self.engine, rt, cred, row, lease, report).run()
             elif p.action == "revoke":
-                begun = await self._begin(rt, cred, req, p, stolen, report)
+                begun = await self._begin(rt, cred, req, p, stolen, report, lease)
                 if begun is not None:
                     row, old = begun
                     fresh = row.attempts > 0
                     await CredentialRevoke(
-                        self.engine, rt, cred, row, owner, report, old=old, fresh=fresh
+                        self.engine, rt, cred, row, lease, report, old=old, fresh=fresh
                     ).run()
             if req.resume or report.resumed:
                 await self._orphans(rt, cred, req.actor or "revoke --resume", report)
@@ -138,16 +139,18 @@ class Revoker:
                 error=type(exc).__name__,
             )
         finally:
-            await self.engine._journal(self.journal.release, lock, owner)
+            self.engine.leases.drop(lease)
+            await self.engine._journal(self.journal.release, *lease.key)
             report.timings.setdefault("total_s", time.monotonic() - started)
         return report
 
     async def _take_lease(
-        self, lock: str, owner: str, report: CredentialReport
+        self, lease: Lease, report: CredentialReport
     ) -> tuple[bool, str | None]:
         """Take the lease, from a rotation in flight if need be: (taken, the previous live
         holder it was taken from). Not taken when another worker drives an unfinished revoke
         of the credential (``report`` says so)."""
+        lock, owner = lease.key
         if await self.engine._journal(self.journal.acquire, lock, owner):
             return True, None
         env, name = lock.split("/", 1)
@@ -171,6 +174,7 @@ class Revoker:
         p: CredentialPlan,
         stolen: str | None,
         report: CredentialReport,
+        lease: Lease,
     ) -> tuple[Rotation, StoredVersion] | None:
         """Write the revoke's row and supersede the rotations in flight (one transaction), then
         give a pre-empted worker whose issue request is on the wire time to receive its token."""
@@ -206,6 +210,7 @@ class Revoker:
             started_at=now,
             updated_at=now,
             attempts=1 if method in ("issue", "refresh") else 0,  # the kill asks for a token next
+            asked_at=now if method in ("issue", "refresh") else None,
             notes="[]",
         )
         record = Record(
@@ -219,6 +224,7 @@ class Revoker:
         preempted = await self.engine._journal(
             custody.begin,
             self.journal,
+            lease.key,
             row,
             record,
             {
@@ -364,13 +370,15 @@ class Revoker:
         report.replacement_fingerprint = version.tokens.access.short
 
 
-async def resume_held(engine: RotationEngine, env: str, name: str, row: Rotation) -> RotationResult:
-    """Finish ``row`` (an unfinished revoke) for the rotation engine, which holds the lease:
-    the scheduler and ``run-due`` resume revokes this way."""
+async def resume_held(
+    engine: RotationEngine, env: str, name: str, row: Rotation, lease: Lease
+) -> RotationResult:
+    """Finish ``row`` (an unfinished revoke) for the rotation engine, whose drive holds
+    ``lease``: the scheduler and ``run-due`` resume revokes this way."""
     rt = engine.runtime(env)
     cred = rt.settings.credential(name, env)
     report = CredentialReport(env, name, resumed=True)
-    await CredentialRevoke(engine, rt, cred, row, engine.owner, report).run()
+    await CredentialRevoke(engine, rt, cred, row, lease, report).run()
     outcome = {"revoked": "revoked", "incomplete": "deferred", "busy": "busy"}.get(
         report.outcome, "failed"
     )

@@ -8,6 +8,7 @@ import pytest
 
 from backends.memory import MemoryBackend
 from rotator import faults
+from rotator.engine import Work
 from rotator.errors import BackendUnavailable
 from rotator.journal import Step
 from rotator.makini import SimServer
@@ -70,7 +71,7 @@ async def test_grace_period_keeps_previous_readable_then_retires(
     assert first is not None and previous is not None
     assert previous.version_id == first.version_id
     await asyncio.sleep(0.35)
-    retired = await runtime.engine.retire_due("prod", "a")
+    retired = await runtime.engine.run_due("prod", "a")
     assert retired.outcome == "retired" and retired.step == Step.DONE
     assert primary.read_version("a", first.version_id) is None
     rot = runtime.journal.rotation(retired.rotation_id or "")
@@ -123,7 +124,7 @@ async def test_crash_after_each_step_resumes_without_losing_a_token(
         makini={"issue_invalidates_previous": invalidates},
         schedule={"interval": "1h", "grace_period": "0s"},
     )
-    result = await survivor.engine.rotate("prod", "a", reason="t", actor="t", start_new=False)
+    result = await survivor.engine.run_due("prod", "a")
     assert result.step == Step.DONE, result
     versions = current(survivor)
     assert versions[0] is not None
@@ -182,7 +183,7 @@ async def test_makini_outage_at_verify_defers_then_resumes(
     assert result.error
     monkeypatch.undo()
     sim.set(outage_until=None)
-    resumed = await runtime.engine.rotate("prod", "a", reason="t", actor="t", start_new=False)
+    resumed = await runtime.engine.rotate("prod", "a", reason="t", actor="t")
     assert resumed.outcome == "rotated" and resumed.step == Step.DONE
 
 
@@ -218,7 +219,7 @@ async def test_a_backend_down_never_promotes_a_partial_version(
     assert state is not None and state.attention and "dead token" in state.attention
     assert "cannot reach the store" in state.attention
     flaky.broken = False
-    resumed = await runtime.engine.rotate("prod", "a", reason="t", actor="t", start_new=False)
+    resumed = await runtime.engine.rotate("prod", "a", reason="t", actor="t")
     assert resumed.step == Step.DONE
     versions = current(runtime)
     assert versions[0] is not None and versions[0].version_id == resumed.version_id
@@ -270,7 +271,7 @@ async def test_environments_stay_apart_at_makini(make_runtime: Factory, sim: Sim
 
 async def test_journal_on_postgresql(make_runtime: Factory, pg_url: str, sim: SimServer) -> None:
     runtime = make_runtime(journal_url=pg_url)
-    results = await runtime.engine.rotate_many([("prod", "a", True, "t")], actor="t")
+    results = await runtime.engine.rotate_many([Work("prod", "a", "t", forced=True)], actor="t")
     assert results[0].outcome == "rotated"
     assert runtime.journal.state("prod", "a") is not None
 
@@ -283,7 +284,7 @@ async def test_a_failing_journal_is_each_credentials_failure_not_a_crash(
     )
     runtime.journal.close()  # every journal call now fails
     results = await runtime.engine.rotate_many(
-        [("prod", "a", True, "t"), ("prod", "b", True, "t")], actor="t"
+        [Work("prod", "a", "t", forced=True), Work("prod", "b", "t", forced=True)], actor="t"
     )
     assert [(r.credential, r.outcome) for r in results] == [("a", "failed"), ("b", "failed")]
     assert all("journal" in (r.error or "") for r in results)

@@ -159,7 +159,7 @@ def test_a_writer_waits_for_its_turn_and_wakes_when_the_other_commits(tmp_path: 
 
 def test_a_turn_file_that_cannot_be_opened_is_a_journal_error(tmp_path: Path) -> None:
     (tmp_path / "journal.db-writer").mkdir()  # in the way of the writer's turn file
-    journal = Journal(f"sqlite:///{tmp_path}/journal.db", create=False)
+    journal = Journal(f"sqlite:///{tmp_path}/journal.db", migrate="off")
     with pytest.raises(JournalError) as info:
         journal.acquire("prod/a", "me")
     text = info.value.describe()

@@ -25,7 +25,7 @@ from rotator.settings import Config, parse_config
 from rotator.workers import Shares, process_count, share_of, usable_cpus
 from tests.core.conftest import Factory
 
-WORK: list[Work] = [("prod", f"c{i}", True, "scheduled") for i in range(7)]
+WORK: list[Work] = [Work("prod", f"c{i}", "scheduled", forced=True) for i in range(7)]
 
 
 def config(tmp_path: Path, concurrency: int = 32, makini: int = 32) -> Config:
@@ -42,7 +42,7 @@ def config(tmp_path: Path, concurrency: int = 32, makini: int = 32) -> Config:
                         "max_concurrency": makini,
                     },
                     "backends": [{"type": "memory"}],
-                    "credentials": [{"name": w[1], "connection_id": w[1]} for w in WORK],
+                    "credentials": [{"name": w.credential, "connection_id": w.credential} for w in WORK],
                 }
             },
         },
@@ -54,7 +54,8 @@ Report = Callable[[RotationResult], None]
 
 
 def report_pid(cfg: Config, share: Sequence[Work], report: Report) -> None:
-    for env, name, _, _ in share:
+    for w in share:
+        env, name = w.environment, w.credential
         limits = f"{cfg.scheduler.concurrency} {cfg.environments[env].makini.max_concurrency}"
         detail = f"{os.getpid()} {limits}"
         report(RotationResult(env, name, "rotated", error=detail))
@@ -64,7 +65,7 @@ def test_every_item_is_rotated_once_and_comes_back_in_order(tmp_path: Path) -> N
     seen: list[RotationResult] = []
     with Shares(config(tmp_path, concurrency=32, makini=5), WORK, 3, report_pid) as shares:
         results = shares.gather(seen.append)
-    assert [(r.environment, r.credential) for r in results] == [(w[0], w[1]) for w in WORK]
+    assert [(r.environment, r.credential) for r in results] == [(w.environment, w.credential) for w in WORK]
     assert len(seen) == len(WORK) and {r.outcome for r in results} == {"rotated"}
     limits = {r.error.split()[0]: r.error.split()[1:] for r in results if r.error}
     assert len(limits) == 3 and str(os.getpid()) not in limits
@@ -82,14 +83,14 @@ def test_the_shares_add_up_to_the_limits(tmp_path: Path) -> None:
 
 
 def die_after_one(_cfg: Config, share: Sequence[Work], report: Report) -> None:
-    env, name, _, _ = share[0]
+    env, name = share[0].environment, share[0].credential
     report(RotationResult(env, name, "rotated"))
     if name == "c1":  # the second worker's first item
         os.kill(os.getpid(), signal.SIGKILL)
     if name == "c0":
         sys.exit(3)
-    for env, name, _, _ in share[1:]:
-        report(RotationResult(env, name, "rotated"))
+    for w in share[1:]:
+        report(RotationResult(w.environment, w.credential, "rotated"))
 
 
 def test_work_a_worker_did_not_report_is_failed_with_how_it_ended(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ import pytest
 import backends.azure as azure_module
 from backends.base import Backend
 from backends.vault import VaultBackend, VaultSettings
-from rotator.engine import RotationResult
+from rotator.engine import RotationResult, Work
 from rotator.makini import SimServer
 from rotator.model import Stage, StoredVersion
 from rotator.repair import PROBE_CREDENTIAL, probe, sync
@@ -248,7 +248,7 @@ def by_name(runtime: Runtime) -> dict[str, Backend]:
 
 async def rotate_all(runtime: Runtime) -> dict[str, RotationResult]:
     results = await runtime.engine.rotate_many(
-        [(ENV, name, True, "fan-out test") for name in CREDENTIALS], actor="test"
+        [Work(ENV, name, "fan-out test", forced=True) for name in CREDENTIALS], actor="test"
     )
     return {r.credential: r for r in results}
 
@@ -556,7 +556,7 @@ async def test_run_due_workers_store_into_all_three_backends(
 
     runtime = fanout.runtime()
     work = await due_work(runtime)
-    assert sorted(w[1] for w in work) == sorted(CREDENTIALS)
+    assert sorted(w.credential for w in work) == sorted(CREDENTIALS)
     with Shares(runtime.config, work, 2, _rotate_share(None)) as shares:
         results = {r.credential: r for r in shares.gather(None)}
     assert {r.outcome for r in results.values()} == {"rotated"}, results
