@@ -101,6 +101,7 @@ async def serve(
             host=host,
             port=port,
             log_level="warning",
+            log_config=None,  # uvicorn logs through rotator.logs (structlog, masked)
             access_log=False,
             lifespan="on",
             ssl_certfile=tls_cert,

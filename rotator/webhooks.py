@@ -24,9 +24,9 @@ import binascii
 import fnmatch
 import hashlib
 import hmac
-import json
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from json import JSONDecodeError
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -34,6 +34,7 @@ from sqlalchemy import Integer, String, Text, UniqueConstraint, or_, select, upd
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, mapped_column
 
+from rotator.api.jsonbody import loads
 from rotator.errors import JournalError, MakiniError, NotFound
 from rotator.journal import Base, Journal, UTCDateTime
 from rotator.keys import create_tables
@@ -161,9 +162,9 @@ def dedupe_key(doc: dict[str, Any], body: bytes) -> str:
 def parse_event(body: bytes) -> ParsedEvent:
     """Read what the worker needs from a webhook body; ValueError if it is not a JSON object."""
     try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise ValueError("the body is not JSON") from None
+        doc = loads(body)
+    except JSONDecodeError as exc:
+        raise ValueError(f"the body is not JSON: {exc.msg} (at character {exc.pos})") from None
     if not isinstance(doc, dict):
         raise ValueError("the body is not a JSON object")
     event_type = _first(doc, "event", "type", "event_type", "name")

@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse
 from backends.base import NAME_PATTERN
 from rotator.api.auth import check_cred_name, require_admin
 from rotator.api.errors import ApiError, responses
+from rotator.api.routing import api_router
 from rotator.api.state import ApiState
 from rotator.errors import ConfigError, NotFound, RotatorError
 from rotator.keys import KeyInfo
@@ -68,7 +69,7 @@ class RevokeIn(BaseModel):
 
 
 def router(state: ApiState) -> APIRouter:
-    api = APIRouter(tags=["admin"])
+    api = api_router(["admin"])
     runtime = state.runtime
 
     def audit(key: KeyInfo, action: str, outcome: str, env: str, **detail: Any) -> None:

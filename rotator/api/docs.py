@@ -16,6 +16,7 @@ from starlette.types import Receive, Scope, Send
 
 from backends.base import NAME_PATTERN
 from rotator.api.errors import responses
+from rotator.api.routing import api_router
 from rotator.api.tokens import TokenRoutes
 from rotator.settings import ENV_NAME_PATTERN
 
@@ -59,7 +60,7 @@ _ETAG = {"ETag": {"description": "The version id, quoted.", "schema": {"type": "
 
 
 def router(routes: TokenRoutes, long_poll_max_s: int) -> APIRouter:
-    api = APIRouter(tags=["tokens"])
+    api = api_router(["tokens"])
 
     @api.get(
         "/v1/tokens/{env}/{name}",

@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse
 
 from rotator.api.auth import check_env_name
 from rotator.api.errors import ApiError, responses
+from rotator.api.routing import api_router
 from rotator.api.state import ApiState
 from rotator.errors import RotatorError
 from rotator.settings import ENV_NAME_PATTERN
@@ -49,7 +50,7 @@ async def _body(request: Request, limit: int) -> bytes:
 
 
 def router(state: ApiState) -> APIRouter:
-    api = APIRouter(tags=["webhooks"])
+    api = api_router(["webhooks"])
     runtime = state.runtime
 
     def count(env: str, outcome: str) -> None:
