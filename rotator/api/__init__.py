@@ -5,7 +5,8 @@
     docs       the same two operations as FastAPI path operations, for the OpenAPI document
     cache      the in-memory token cache; ``drop_everywhere`` for the emergency revoke
     feed       replicas learn promotions, drops and key changes through the journal
-    auth       bearer keys and the order of checks (401, 422, 403, 404)
+    auth       bearer keys, the order of checks (401, 403, then 422, 404), the key guard
+    gate       the key decides before a body is read or a path validated (ASGI)
     limits     request body limits (413 in the envelope)
     state      what the routes share (runtime, key index, cache, read records, metrics)
     admin      POST /v1/admin/rotate/{env}/{name}, POST /v1/admin/revoke/{env}

@@ -108,6 +108,8 @@ async def test_serve_answers_hostile_bodies_and_logs_only_structlog_json(
             json_type = {"content-type": "application/json"}
             r = await http.post(url, content=body, headers={**json_type, **bearer(admin)})
             assert r.status_code == 422 and "nested deeper" in r.json()["error"]["message"]
+            r = await http.post(url, content=body, headers=json_type)
+            assert r.status_code == 401  # no key: the key decides before the body is read
         answer = await asyncio.to_thread(garbage_request, port)
         assert answer.startswith(b"HTTP/1.1 400")
     finally:
