@@ -46,10 +46,12 @@ def _mask_values(
 def _logger_name(
     _logger: Any, _name: str, event: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
-    """For a standard library record: which logger wrote it."""
+    """For a standard library record: which logger wrote it (and its message without the
+    trailing newline some add, uvicorn's "Exception in ASGI application" for one)."""
     record = event.get("_record")
     if record is not None:
         event["logger"] = record.name
+        event["event"] = str(event.get("event", "")).rstrip()
     return event
 
 
