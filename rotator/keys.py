@@ -1,7 +1,9 @@
 """Reader keys: who may read tokens from the HTTP API, and who may call its admin actions.
 
 A key is ``mrk_<id>_<secret>`` (``mra_`` for an admin key): 12 hex characters of id, shown in
-listings, and 32 random bytes of secret, shown once at creation. The journal stores the id, the
+listings, and 32 random bytes of secret (URL-safe base64, whose alphabet has ``_`` and ``-``),
+shown once at creation. The parts are found by position (:func:`split_key`), never by splitting
+on ``_``, which a secret may contain anywhere. The journal stores the id, the
 SHA-256 of the whole key and the key's scope, never the key. Each key belongs to exactly one
 environment; a reader key may be limited to some credentials of it.
 
@@ -14,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
@@ -30,6 +31,8 @@ from rotator.model import utcnow
 KeyKind = Literal["reader", "admin"]
 _PREFIX: dict[str, KeyKind] = {"mrk": "reader", "mra": "admin"}
 _ID_LEN = 12
+_SECRET_START = 4 + _ID_LEN + 1
+_ID_CHARS = frozenset("0123456789abcdef")
 
 
 class ReaderKey(Base):
@@ -88,6 +91,26 @@ class KeyInfo:
 class IndexedKey:
     info: KeyInfo
     digest: bytes
+
+
+def split_key(text: str) -> tuple[KeyKind, str, str] | None:
+    """``(kind, id, secret)`` of a key-shaped text, or None. By position: the secret may hold
+    ``_`` (and ``-``) anywhere, so splitting on ``_`` would cut it."""
+    kind = _PREFIX.get(text[:3])
+    if (
+        kind is None
+        or len(text) < _SECRET_START + 3
+        or text[3] != "_"
+        or text[_SECRET_START - 1] != "_"
+        or not _ID_CHARS.issuperset(text[4 : 4 + _ID_LEN])
+    ):
+        return None
+    return kind, text[4 : 4 + _ID_LEN], text[_SECRET_START:]
+
+
+def looks_like_key(text: str) -> bool:
+    """Starts like a key: text never to repeat back, even when it does not parse."""
+    return text[:4] in ("mrk_", "mra_")
 
 
 def _digest(key: str) -> bytes:
@@ -166,9 +189,16 @@ def revoke_key(
 ) -> KeyInfo:
     """Revoke a key by id (or by name where that names one live key). Revoking twice is fine.
     A whole key pasted instead of its id is revoked by its id and never echoed."""
-    whole = re.fullmatch(r"(?:mrk|mra)_([0-9a-f]+)_.+", which)
-    if whole:
-        which = whole.group(1)
+    which = which.strip()  # a pasted key often brings a blank or a newline along
+    parts = split_key(which)
+    if parts is not None:
+        which = parts[1]
+    # what the message may repeat: an id or a name, never text that starts like a key
+    shown = (
+        "matches the text given (it starts like a key: not shown)"
+        if looks_like_key(which)
+        else repr(which)
+    )
     with journal.session("revoke a reader key") as s:
         row = s.get(ReaderKey, which)
         if row is None:
@@ -183,7 +213,7 @@ def revoke_key(
                 )
             row = rows[0] if rows else None
         if row is None or (environment and row.environment != environment):
-            raise NotFound(f"no key {which!r}", hint="rotator keys list shows the keys")
+            raise NotFound(f"no key {shown}", hint="rotator keys list shows the keys")
         if row.revoked_at is None:
             row.revoked_at = row.changed_at = utcnow()
         info = _info(row)
@@ -230,11 +260,12 @@ class KeyIndex:
 
     def verify(self, key: str) -> KeyInfo | None:
         """The key's record if ``key`` is a live key, else None (constant-time on the secret)."""
-        if len(key) < 20 or key[3] != "_" or key[4 + _ID_LEN] != "_":
+        parts = split_key(key)
+        if parts is None:
             return None
-        kind = _PREFIX.get(key[:3])
-        entry = self._by_id.get(key[4 : 4 + _ID_LEN])
-        if entry is None or kind is None:
+        kind, key_id, _ = parts
+        entry = self._by_id.get(key_id)
+        if entry is None:
             return None
         if not hmac.compare_digest(entry.digest, _digest(key)):
             return None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC
@@ -138,11 +139,19 @@ class Stopper:
 
 class _Server(uvicorn.Server):
     """uvicorn, minus its signal handling: it would re-raise SIGTERM once it stops serving and
-    kill the process before the drain. :class:`Stopper` handles the signals instead."""
+    kill the process before the drain. :class:`Stopper` handles the signals instead.
+    ``on_started`` runs once it listens."""
+
+    on_started: Callable[[], None] | None = None
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and self.on_started is not None:
+            self.on_started()
 
 
 async def serve(
@@ -190,6 +199,7 @@ async def serve(
             host=host,
             port=port,
             log_level="warning",
+            log_config=None,  # uvicorn logs through rotator.logs (structlog, masked)
             access_log=False,
             lifespan="on",
             ssl_certfile=tls_cert,
@@ -203,22 +213,21 @@ async def serve(
             scheduler.pause()  # no new tick; the one running parks its drives
         server.should_exit = True  # uvicorn stops accepting, finishes the requests in flight
 
-    async def start_when_listening() -> None:
+    def start_rotating() -> None:
         # rotate only once the API listens: a port in use must stop serve before any work
-        while not server.started and not server.should_exit:  # noqa: ASYNC110 - no event
-            await asyncio.sleep(0.05)
-        if server.started and not server.should_exit:
+        if not server.should_exit:
             scheduler.start()
-            log.info(
-                "serve.started",
-                host=host,
-                port=port,
-                environments=list(runtime.environments),
-                tick_s=config.scheduler.tick.total_seconds(),
-            )
+        log.info(
+            "serve.started",
+            host=host,
+            port=port,
+            environments=list(runtime.environments),
+            tick_s=config.scheduler.tick.total_seconds(),
+            rotating=scheduler.running,
+        )
 
+    server.on_started = start_rotating
     stopper = Stopper(runtime, drain_s, stop_serving)
-    starter = asyncio.create_task(start_when_listening())
     try:
         async with stopper:
             with contextlib.suppress(SystemExit):  # uvicorn exits when it cannot bind: below
@@ -226,7 +235,6 @@ async def serve(
             log.info("serve.stopping", signal=_signal_name(stopper.signalled))
             stop_serving()
     finally:
-        starter.cancel()
         await stopper.drain()  # no signal (uvicorn stopped by itself): drain all the same
         if ticking:
             await asyncio.wait(ticking, timeout=5)

@@ -10,8 +10,10 @@ timestamp first, and acts:
   which itself marks ``attention`` when Makini rejects it.
 
 Makini does not document the event type strings nor the id field: event types are matched with
-configured patterns, and the id is the first of ``id``/``webhook_id``/``event_id`` (or an id
-header), else the SHA-256 of the body, so identical redeliveries still dedupe.
+configured patterns. Events dedupe on what the signature covers, the body, and on nothing else:
+the id is the first of ``id``/``webhook_id``/``event_id``/``delivery_id`` found in the body,
+else the SHA-256 of the raw body, so identical redeliveries dedupe. A header id is not signed
+(anyone on the path may change it): it never takes part.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ import binascii
 import fnmatch
 import hashlib
 import hmac
-import json
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from json import JSONDecodeError
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -32,6 +34,7 @@ from sqlalchemy import Integer, String, Text, UniqueConstraint, or_, select, upd
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, mapped_column
 
+from rotator.api.jsonbody import loads
 from rotator.errors import JournalError, MakiniError, NotFound
 from rotator.journal import Base, Journal, UTCDateTime
 from rotator.model import utcnow
@@ -137,19 +140,32 @@ def _timestamp(value: Any) -> datetime | None:
     return None
 
 
-def parse_event(body: bytes, header_id: str | None = None) -> ParsedEvent:
+_ID_MAX = 200
+"""the width of ``webhook_events.webhook_id``"""
+
+
+def dedupe_key(doc: dict[str, Any], body: bytes) -> str:
+    """The event's key in the queue, from the signed body only: its id, else the body's hash.
+    An id too long for the column is hashed whole, never cut (two ids must not become one)."""
+    found = _first(doc, "id", "webhook_id", "event_id", "delivery_id")
+    if found is None:
+        return "sha256:" + hashlib.sha256(body).hexdigest()
+    wid = str(found)
+    return wid if len(wid) <= _ID_MAX else "id-sha256:" + hashlib.sha256(wid.encode()).hexdigest()
+
+
+def parse_event(body: bytes) -> ParsedEvent:
     """Read what the worker needs from a webhook body; ValueError if it is not a JSON object."""
     try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise ValueError("the body is not JSON") from None
+        doc = loads(body)
+    except JSONDecodeError as exc:
+        raise ValueError(f"the body is not JSON: {exc.msg} (at character {exc.pos})") from None
     if not isinstance(doc, dict):
         raise ValueError("the body is not a JSON object")
-    wid = _first(doc, "id", "webhook_id", "event_id", "delivery_id") or header_id
     event_type = _first(doc, "event", "type", "event_type", "name")
     connection = _first(doc, "connection_id", "connectionId", "connection_key", "connection")
     return ParsedEvent(
-        webhook_id=str(wid)[:200] if wid else "sha256:" + hashlib.sha256(body).hexdigest(),
+        webhook_id=dedupe_key(doc, body),
         event_type=str(event_type or "")[:200],
         connection_id=str(connection)[:200] if connection is not None else None,
         occurred_at=_timestamp(_first(doc, "timestamp", "created_at", "occurred_at", "time")),

@@ -13,21 +13,22 @@ import asyncio
 import importlib
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Path, Request
+from fastapi import APIRouter, Body, Depends, Path
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse
 
 from backends.base import NAME_PATTERN
-from rotator.api.auth import check_cred_name, require_admin
+from rotator.api.auth import KeyGuard, check_cred_name
 from rotator.api.errors import ApiError, responses
+from rotator.api.routing import api_router
 from rotator.api.state import ApiState
 from rotator.errors import ConfigError, NotFound, RotatorError
 from rotator.keys import KeyInfo
 from rotator.logs import mask
 from rotator.settings import ENV_NAME_PATTERN
 
-# Patterns are documented but checked by the handlers, after the key: a stranger gets 401
-# whatever the path holds.
+# Patterns are documented but checked by the handlers: the key decides first (the guard, and
+# the key gate in front of the app), so a stranger gets 401 whatever the path or body holds.
 ENV_PATH = Path(description="Environment name.", json_schema_extra={"pattern": ENV_NAME_PATTERN})
 NAME_PATH = Path(description="Credential name.", json_schema_extra={"pattern": NAME_PATTERN})
 
@@ -68,8 +69,10 @@ class RevokeIn(BaseModel):
 
 
 def router(state: ApiState) -> APIRouter:
-    api = APIRouter(tags=["admin"])
+    api = api_router(["admin"])
     runtime = state.runtime
+    # a default, not an Annotated extra: the annotations are strings, read without this scope
+    admin_key = Depends(KeyGuard(state.keys, "admin"))
 
     def audit(key: KeyInfo, action: str, outcome: str, env: str, **detail: Any) -> None:
         runtime.journal.audit(
@@ -88,12 +91,11 @@ def router(state: ApiState) -> APIRouter:
         responses=responses(400, 401, 403, 404, 409, 422),
     )
     async def rotate(
-        request: Request,
         env: Annotated[str, ENV_PATH],
         name: Annotated[str, NAME_PATH],
         body: Annotated[RotateIn | None, Body()] = None,
+        key: KeyInfo = admin_key,
     ) -> JSONResponse:
-        key = require_admin(state.keys, request, env)
         check_cred_name(name)
         if name not in state.credentials.get(env, ()):
             raise ApiError(404, f"environment {env!r} has no credential {name!r}")
@@ -125,9 +127,8 @@ def router(state: ApiState) -> APIRouter:
         },
     )
     async def revoke(
-        request: Request, env: Annotated[str, ENV_PATH], body: RevokeIn
+        env: Annotated[str, ENV_PATH], body: RevokeIn, key: KeyInfo = admin_key
     ) -> JSONResponse:
-        key = require_admin(state.keys, request, env)
         known = state.credentials.get(env, frozenset())
         unknown = [n for n in body.credentials or () if n not in known]
         if unknown:

@@ -9,11 +9,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import structlog
-from fastapi import Depends, FastAPI
-from fastapi.security import HTTPBearer
+from fastapi import FastAPI
 
 from rotator.api import admin, docs, errors, ops, webhooks
 from rotator.api.feed import ReplicaFeed
+from rotator.api.gate import KeyGate
 from rotator.api.limits import BodyLimit
 from rotator.api.state import ApiState
 from rotator.api.tokens import TokenRoutes
@@ -145,18 +145,21 @@ def build_app(runtime: Runtime) -> ApiApp:
         (rt.settings.webhook.max_body_bytes for rt in runtime.environments.values()),
         default=ADMIN_BODY_LIMIT,
     )
-    app = ApiApp(
-        state,
+    # token reads (the lean router), then the key (routes that need one), then the body limit
+    gate = KeyGate(
         BodyLimit(
             fastapi,
             lambda path: webhook_limit if path.startswith("/v1/webhooks/") else ADMIN_BODY_LIMIT,
-        ),
+        )
     )
-    bearer = [Depends(HTTPBearer(auto_error=False, description="A reader or admin key."))]
+    app = ApiApp(state, gate)
     long_poll_max_s = int(settings.long_poll_max.total_seconds())
-    fastapi.include_router(docs.router(app, long_poll_max_s), dependencies=bearer)
-    fastapi.include_router(admin.router(state), dependencies=bearer)
-    fastapi.include_router(webhooks.router(state))
-    fastapi.include_router(ops.router(state))
+    for router in (
+        docs.router(app, long_poll_max_s),
+        admin.router(state),
+        webhooks.router(state),
+        ops.router(state),
+    ):
+        gate.include(fastapi, router)
     app.feed, app.worker = feed, worker
     return app

@@ -9,13 +9,15 @@ annotations, which use the configured long-poll bound."""
 from datetime import datetime
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Path, Query
+from fastapi import APIRouter, Depends, Header, Path, Query
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from backends.base import NAME_PATTERN
+from rotator.api.auth import KeyGuard
 from rotator.api.errors import responses
+from rotator.api.routing import api_router
 from rotator.api.tokens import TokenRoutes
 from rotator.settings import ENV_NAME_PATTERN
 
@@ -59,7 +61,8 @@ _ETAG = {"ETag": {"description": "The version id, quoted.", "schema": {"type": "
 
 
 def router(routes: TokenRoutes, long_poll_max_s: int) -> APIRouter:
-    api = APIRouter(tags=["tokens"])
+    api = api_router(["tokens"])
+    keys = routes.state.keys
 
     @api.get(
         "/v1/tokens/{env}/{name}",
@@ -74,6 +77,7 @@ def router(routes: TokenRoutes, long_poll_max_s: int) -> APIRouter:
             },
             **responses(401, 403, 404, 422, 503),
         },
+        dependencies=[Depends(KeyGuard(keys, "reader"))],
         description=(
             'Served from memory. `If-None-Match: "<version>"` answers 304 while the version '
             "is unchanged. Long-poll: `?wait=30&known_version=V` answers as soon as the "
@@ -100,6 +104,7 @@ def router(routes: TokenRoutes, long_poll_max_s: int) -> APIRouter:
         response_model=CredentialList,
         summary="List the credentials this key may read (no values)",
         responses=responses(401, 403, 404, 422),
+        dependencies=[Depends(KeyGuard(keys, "any"))],
     )
     async def list_tokens(env: Annotated[str, ENV_PATH]) -> Response:
         return _Delegate(routes)

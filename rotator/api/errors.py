@@ -116,6 +116,11 @@ def request_id_of(request: Request) -> str:
 def _validation_message(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors()[:5]:
+        if err.get("type") == "json_invalid":  # the body as a whole: say why, and where
+            why = (err.get("ctx") or {}).get("error", "not JSON")
+            at = err.get("loc", ("body", 0))[-1]
+            parts.append(f"body: refused as JSON: {why} (at character {at})")
+            continue
         loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "request"
         parts.append(f"{loc}: {err.get('msg', 'invalid')}")
     return "; ".join(parts) or "invalid request"

@@ -9,6 +9,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel
 from starlette.responses import JSONResponse, Response
 
+from rotator.api.routing import api_router
 from rotator.api.state import ApiState
 from rotator.errors import RotatorError
 from rotator.metrics import CONTENT_TYPE
@@ -24,7 +25,7 @@ class Readiness(BaseModel):
 
 
 def router(state: ApiState) -> APIRouter:
-    api = APIRouter(tags=["operations"])
+    api = api_router(["operations"])
     runtime = state.runtime
 
     @api.get("/healthz", response_model=Health, summary="The process is alive")

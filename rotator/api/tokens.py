@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 from urllib.parse import parse_qsl
 
-from rotator.api.auth import authenticate, check_cred_name, check_env_name, check_env_scope
+from rotator.api.auth import authorize, check_cred_name, check_env_name
 from rotator.api.cache import Revoked, Served, render
 from rotator.api.errors import ApiError, envelope, internal_error, request_id_from
 from rotator.api.state import ApiState
@@ -109,7 +109,7 @@ class TokenRoutes:
     async def handle(self, scope: Scope, send: Send) -> None:
         auth = inm = rid = None
         for name, value in scope["headers"]:
-            if name == b"authorization":
+            if name == b"authorization" and auth is None:  # the first, as Starlette reads it
                 auth = value
             elif name == b"if-none-match":
                 inm = value
@@ -119,21 +119,23 @@ class TokenRoutes:
         parts = scope["path"][len(PREFIX) :].split("/")
         env = parts[0]
         try:
-            key = authenticate(self.state.keys, auth)
+            # the key decides first (401, 403), before the path or the query is validated
             if len(parts) == 1 and env:
+                key = authorize(self.state.keys, auth, env)
                 await self._list(send, key, env, request_id)
             elif len(parts) == 2 and env and parts[1]:
+                key = authorize(self.state.keys, auth, env, parts[1], "reader")
                 await self._read(send, scope, key, env, parts[1], inm, request_id)
             else:
                 raise ApiError(404, "no such endpoint")
         except ApiError as err:
             if len(parts) == 2:
                 self.state.metrics.read(self.state.env_label(env), err.status)
-            await _send_error(send, err, request_id)
+            await send_error(send, err, request_id)
         except Exception:  # noqa: BLE001 - a bug: answered as the FastAPI routes answer one
             crash = internal_error(scope["path"])
             with contextlib.suppress(RuntimeError):  # the response had begun: uvicorn closes it
-                await _send_error(send, crash, request_id)
+                await send_error(send, crash, request_id)
 
     # --- GET /v1/tokens/{env}/{name} --------------------------------------------------------
 
@@ -151,11 +153,6 @@ class TokenRoutes:
         check_env_name(env)
         check_cred_name(name)
         query = parse_query(scope["query_string"], self.long_poll_max_s)
-        check_env_scope(key, env)
-        if key.is_admin:
-            raise ApiError(403, "admin keys cannot read tokens: use a reader key")
-        if not key.may_read(env, name):
-            raise ApiError(403, "this key may not read this credential")
         if name not in state.credentials.get(env, ()):
             raise ApiError(404, f"environment {env!r} has no credential {name!r}")
         if query.previous:
@@ -261,7 +258,6 @@ class TokenRoutes:
     async def _list(self, send: Send, key: KeyInfo, env: str, request_id: str) -> None:
         state = self.state
         check_env_name(env)
-        check_env_scope(key, env)
         names = state.credentials.get(env)
         if names is None:
             raise ApiError(404, f"environment {env!r} is not served here")
@@ -304,7 +300,8 @@ async def _send(send: Send, status: int, body: bytes, request_id: str, extra: An
     await send({"type": "http.response.body", "body": body})
 
 
-async def _send_error(send: Send, err: ApiError, request_id: str) -> None:
+async def send_error(send: Send, err: ApiError, request_id: str) -> None:
+    """An error in the envelope, from bare ASGI (the lean routes, the key gate)."""
     extra = [(k.encode(), v.encode()) for k, v in err.headers.items()]
     if err.status == 401:
         extra.append((b"www-authenticate", b"Bearer"))

@@ -2,8 +2,9 @@
 
 Order of checks: the environment (422 malformed, 404 unknown or webhooks off), the size (413,
 from ``Content-Length`` and again while reading), the signature over the raw bytes (401), the
-content type (415), the body (422: a JSON object). A duplicate id answers 200 ``duplicate`` and
-is not queued again: Makini retries until it sees a 200.
+content type (415), the body (422: a JSON object). A duplicate answers 200 ``duplicate`` and is
+not queued again: Makini retries until it sees a 200. Duplicates are found on the signed body
+only (its id, else its hash; ``rotator.webhooks.dedupe_key``); an id header is logged, never used.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from starlette.responses import JSONResponse
 
 from rotator.api.auth import check_env_name
 from rotator.api.errors import ApiError, responses
+from rotator.api.routing import api_router
 from rotator.api.state import ApiState
 from rotator.errors import RotatorError
 from rotator.settings import ENV_NAME_PATTERN
@@ -48,7 +50,7 @@ async def _body(request: Request, limit: int) -> bytes:
 
 
 def router(state: ApiState) -> APIRouter:
-    api = APIRouter(tags=["webhooks"])
+    api = api_router(["webhooks"])
     runtime = state.runtime
 
     def count(env: str, outcome: str) -> None:
@@ -102,9 +104,8 @@ def router(state: ApiState) -> APIRouter:
         if media != "application/json" and not media.endswith("+json"):
             count(env, "rejected")
             raise ApiError(415, "the body must be application/json")
-        header_id = next((request.headers[h] for h in _ID_HEADERS if h in request.headers), None)
         try:
-            event = parse_event(body, header_id)
+            event = parse_event(body)
         except ValueError as exc:
             count(env, "rejected")
             raise ApiError(422, str(exc)) from None
@@ -118,6 +119,10 @@ def router(state: ApiState) -> APIRouter:
             event_type=event.event_type,
             id=event.webhook_id,
             duplicate=not fresh,
+            # unsigned, so never the dedupe key; logged to help match Makini's delivery logs
+            header_id=next(
+                (request.headers[h][:200] for h in _ID_HEADERS if h in request.headers), None
+            ),
         )
         ack: dict[str, Any] = {
             "status": "accepted" if fresh else "duplicate",

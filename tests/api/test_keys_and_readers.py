@@ -229,22 +229,57 @@ def test_key_index_refuses_lookalikes() -> None:
         assert index.verify(key) is None
 
 
-def test_a_pasted_whole_key_is_revoked_by_its_id_and_never_echoed(tmp_path: Path) -> None:
+SECRET_SHAPES = {
+    "no underscore": "d" * 43,
+    "underscore first": "_" + "a" * 42,
+    "underscore last": "b" * 42 + "_",
+    "looks like a second id": "0123456789ab_" + "c" * 30,
+    "underscores only": "_" * 43,
+    "url-safe mix": "-_-A9z_" * 6 + "Q",
+}
+"""Secrets as ``secrets.token_urlsafe`` may make them: its alphabet has ``_`` (the separator of
+a key's parts) and ``-``. Each shape is tried on purpose, not left to chance."""
+
+
+@pytest.mark.parametrize("admin", [False, True], ids=["reader key", "admin key"])
+def test_a_pasted_whole_key_is_revoked_by_its_id_and_never_echoed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, admin: bool
+) -> None:
+    from rotator.errors import NotFound
     from rotator.journal import Journal
     from rotator.keys import create_key, revoke_key
 
+    shapes = iter(SECRET_SHAPES.values())
+    monkeypatch.setattr("rotator.keys.secrets.token_urlsafe", lambda _n: next(shapes))
+    prefix = "mra" if admin else "mrk"
     journal = Journal(f"sqlite:///{tmp_path / 'journal.db'}")
     try:
-        info, key = create_key(journal, "prod", "[/svc]")
-        revoked = revoke_key(journal, key)
-        assert revoked.key_id == info.key_id and revoked.revoked_at is not None
-        gone = key.replace(info.key_id, "0" * len(info.key_id))
-        try:
-            revoke_key(journal, gone)
-        except Exception as exc:  # noqa: BLE001 - the message is what is checked
-            assert gone not in str(exc) and gone.rsplit("_", 1)[1] not in str(exc)
-        else:
-            raise AssertionError("an unknown key was revoked")
+        made = [create_key(journal, "prod", f"[/svc] {s}", admin=admin) for s in SECRET_SHAPES]
+        index = KeyIndex()
+        index.load(journal)
+        for (info, key), secret in zip(made, SECRET_SHAPES.values(), strict=True):
+            assert key == f"{prefix}_{info.key_id}_{secret}"
+            assert index.verify(key) == info  # the API reads it as this very key
+            other_kind = ("mrk" if admin else "mra") + key[3:]
+            assert index.verify(other_kind) is None
+            # pasted as is, and with the blanks a terminal or an editor adds
+            for pasted in (key, f" {key}\n", f"{key}\t"):
+                revoked = revoke_key(journal, pasted)
+                assert revoked.key_id == info.key_id and revoked.revoked_at is not None
+            # a key of the same shape that does not exist: refused, and none of it shown
+            gone = f"{prefix}_{'0' * 12}_{secret}"
+            for pasted in (gone, f"{gone}\n", f"  {gone}"):
+                with pytest.raises(NotFound) as refused:
+                    revoke_key(journal, pasted)
+                said = refused.value.describe()
+                assert secret not in said and gone not in said, said
+                assert "0" * 12 in said  # the id alone names what was not found
+            # mangled (the id lost): still refused, still not shown
+            with pytest.raises(NotFound) as refused:
+                revoke_key(journal, f"{prefix}_{secret}")
+            assert secret not in refused.value.describe()
+        index.load(journal)
+        assert all(index.verify(key) is None for _, key in made)  # revoked
     finally:
         journal.close()
 

@@ -224,11 +224,12 @@ async def test_a_dropped_version_is_unservable_at_once(serve: Factory, log_trap:
 
 
 BAD_READS = [
-    ("/v1/tokens/PROD/alpha", 422),
+    # the key decides first: a malformed environment is not the key's (403, before any 422)
+    ("/v1/tokens/PROD/alpha", 403),
     ("/v1/tokens/prod/Alpha", 422),
     ("/v1/tokens/prod/al%20pha", 422),
     ("/v1/tokens/prod/alpha%0A", 422),
-    ("/v1/tokens/" + "p" * 40 + "/alpha", 422),
+    ("/v1/tokens/" + "p" * 40 + "/alpha", 403),
     ("/v1/tokens/prod/alpha?wait=-1", 422),
     ("/v1/tokens/prod/alpha?wait=abc", 422),
     ("/v1/tokens/prod/alpha?wait=99999", 422),

@@ -110,6 +110,39 @@ async def test_duplicates_and_bad_requests(serve: Factory) -> None:
     assert r.status_code == 401
 
 
+async def test_dedupe_keys_only_on_what_the_signature_covers(serve: Factory) -> None:
+    """The signature covers the body, not the headers: an id header (unsigned, anyone on the
+    path can change it) never makes a redelivered body new, nor two bodies one."""
+    api = await serve()
+    anonymous = json.dumps(
+        {"event": "connection.authentication_required", "connection_id": "conn-prod-alpha"}
+    ).encode()
+    sig = digest(anonymous).hex()
+    body_hash = "sha256:" + hashlib.sha256(anonymous).hexdigest()
+    answers = []
+    for headers in (
+        {"X-Webhook-Id": "hdr-1"},
+        {"X-Webhook-Id": "hdr-2"},
+        {"X-Makini-Webhook-Id": "hdr-3"},
+        {},
+    ):
+        r = await post(api, anonymous, sig, **headers)
+        assert r.status_code == 200, r.text
+        answers.append((r.json()["status"], r.json()["id"]))
+    assert answers == [("accepted", body_hash)] + [("duplicate", body_hash)] * 3
+    # the id inside the body is signed: it alone names the event, whatever the header says
+    signed = body_of("sync.completed", id="signed-1")
+    first = await post(api, signed, digest(signed).hex(), **{"X-Webhook-Id": "hdr-4"})
+    again = await post(api, signed, digest(signed).hex(), **{"X-Webhook-Id": "hdr-5"})
+    assert first.json() == {"status": "accepted", "id": "signed-1"}
+    assert again.json() == {"status": "duplicate", "id": "signed-1"}
+    # two different signed bodies never share a header's id
+    other = body_of("sync.failed", id="signed-2")
+    r = await post(api, other, digest(other).hex(), **{"X-Webhook-Id": "signed-1"})
+    assert r.json() == {"status": "accepted", "id": "signed-2"}
+    assert [e.webhook_id for e in queued(api)] == [body_hash, "signed-1", "signed-2"]
+
+
 async def test_the_worker_marks_attention_and_verifies(serve: Factory, sim: SimServer) -> None:
     api = await serve()
     await api.rotate("prod", "alpha")
@@ -247,4 +280,10 @@ def test_signature_and_parsing_units() -> None:
     event = parse_event(body)
     assert event.webhook_id == "42" and event.event_type == "x"
     assert event.occurred_at == datetime.fromtimestamp(1700000000, UTC)
-    assert parse_event(b'{"event": "e"}', header_id="hdr").webhook_id == "hdr"
+    anonymous = b'{"event": "e"}'
+    hashed = "sha256:" + hashlib.sha256(anonymous).hexdigest()
+    assert parse_event(anonymous).webhook_id == hashed
+    # an id too long for the column is hashed, not cut: two ids that share a prefix stay two
+    long_ids = [json.dumps({"id": "x" * 250 + end}).encode() for end in "ab"]
+    a, b = (parse_event(body).webhook_id for body in long_ids)
+    assert a != b and a.startswith("id-sha256:") and len(a) <= 200

@@ -42,7 +42,9 @@ def config(tmp_path: Path, concurrency: int = 32, makini: int = 32) -> Config:
                         "max_concurrency": makini,
                     },
                     "backends": [{"type": "memory"}],
-                    "credentials": [{"name": w.credential, "connection_id": w.credential} for w in WORK],
+                    "credentials": [
+                        {"name": w.credential, "connection_id": w.credential} for w in WORK
+                    ],
                 }
             },
         },
@@ -65,7 +67,8 @@ def test_every_item_is_rotated_once_and_comes_back_in_order(tmp_path: Path) -> N
     seen: list[RotationResult] = []
     with Shares(config(tmp_path, concurrency=32, makini=5), WORK, 3, report_pid) as shares:
         results = shares.gather(seen.append)
-    assert [(r.environment, r.credential) for r in results] == [(w.environment, w.credential) for w in WORK]
+    expected = [(w.environment, w.credential) for w in WORK]
+    assert [(r.environment, r.credential) for r in results] == expected
     assert len(seen) == len(WORK) and {r.outcome for r in results} == {"rotated"}
     limits = {r.error.split()[0]: r.error.split()[1:] for r in results if r.error}
     assert len(limits) == 3 and str(os.getpid()) not in limits
