@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from rotator.errors import ConfigError, CryptoError
+from rotator.places import make_private_dirs
 
 MAGIC = b"RS1"
 KEY_BYTES = 32
@@ -156,12 +157,14 @@ class KeyRing:
 
 def _create_key_file(path: Path) -> None:
     """Create a key file atomically: another process sees no file or a whole key, never an
-    empty one (write a private temp file, then hard-link it into place if still absent)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    empty one (write a private temp file, then hard-link it into place if still absent). The
+    folders made for it are 0700 and the file 0600, whatever the umask."""
+    make_private_dirs(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         with os.fdopen(fd, "w") as fh:
+            os.fchmod(fh.fileno(), 0o600)
             fh.write(generate_key() + "\n")
             fh.flush()
             os.fsync(fh.fileno())
