@@ -26,6 +26,7 @@ from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from rotator.crypto import KeySource
 from rotator.model import Stage, StoredVersion, VersionInfo
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
@@ -60,6 +61,11 @@ class BackendSettings(BaseModel):
     def location(self, environment: str) -> str:
         """Where this backend writes for ``environment``; no two environments may share one."""
         raise NotImplementedError
+
+    def key_sources(self) -> dict[str, KeySource]:
+        """The keys this backend holds itself, by setting name (the file backend's ``key``):
+        the configuration names each with its key path, for the errors it may cause."""
+        return {}
 
     def display_name(self) -> str:
         return self.name or self.type

@@ -87,6 +87,9 @@ class FileSettings(BackendSettings):
     def location(self, environment: str) -> str:
         return f"file://{self.path}"
 
+    def key_sources(self) -> dict[str, KeySource]:
+        return {"key": self.key}
+
 
 MARKER = ".environment"
 STAGES = "stages.json"
@@ -357,15 +360,10 @@ class FileBackend(Backend):
         if self._keyring is None:
             try:
                 self._keyring = KeyRing.load(self._settings.key)
-            except ConfigError as exc:
+            except ConfigError as exc:  # it names the key path, the file and what to do
                 raise self._error(
-                    BackendPermissionDenied,
-                    f"cannot load the sealing key: {exc.message}",
-                    where=exc.where,
-                    hint=exc.hint,
+                    BackendPermissionDenied, exc.message, where=exc.where, hint=exc.hint
                 ) from exc
-            except OSError as exc:
-                self._raise_os(exc, "create the key file", self._settings.key.file)
         return self._keyring
 
     @overload

@@ -393,10 +393,12 @@ class VaultBackend(Backend):
             else:
                 try:
                     jwt = auth.jwt_path.read_text().strip()
-                except OSError as exc:
+                except (OSError, UnicodeDecodeError) as exc:
+                    reason = exc.strerror if isinstance(exc, OSError) else "it is not text"
                     raise self._target.error(
                         BackendPermissionDenied,
-                        f"cannot read the Kubernetes service account token: {exc.strerror}",
+                        "cannot read the Kubernetes service account token "
+                        f"{auth.jwt_path} (auth.jwt_path): {reason}",
                         where=str(auth.jwt_path),
                         hint="mount the service account token, or set auth.jwt_path",
                     ) from None

@@ -627,15 +627,31 @@ def parse_config(data: dict[str, Any], *, source: Path | None = None) -> Config:
     return _resolve_paths(config, base)
 
 
+def _resolved_environment(name: str, env: EnvironmentSettings, base: Path) -> EnvironmentSettings:
+    """``env`` with its paths made absolute against ``base`` and each key named with its key
+    path and role, for the errors it may cause."""
+    backends = []
+    for index, backend in enumerate(env.backend_settings):
+        backend = backend.resolve_paths(base)
+        keys = {
+            setting: source.named(
+                f"environments.{name}.backends[{index}].{setting}",
+                f"the {setting.replace('_', ' ')} of backend {backend.display_name()!r} of "
+                f"environment {name!r}",
+            )
+            for setting, source in backend.key_sources().items()
+        }
+        backends.append(backend.model_copy(update=keys) if keys else backend)
+    sealing = env.sealing_key.resolve_paths(base).named(
+        f"environments.{name}.sealing_key", f"the sealing key of environment {name!r}"
+    )
+    return env.model_copy(update={"backends": backends, "sealing_key": sealing})
+
+
 def _resolve_paths(config: Config, base: Path) -> Config:
-    envs = {}
-    for name, env in config.environments.items():
-        envs[name] = env.model_copy(
-            update={
-                "backends": [b.resolve_paths(base) for b in env.backend_settings],
-                "sealing_key": env.sealing_key.resolve_paths(base),
-            }
-        )
+    envs = {
+        name: _resolved_environment(name, env, base) for name, env in config.environments.items()
+    }
     journal = config.journal
     if journal.url.startswith("sqlite:///") and not journal.url.startswith("sqlite:////"):
         rel = journal.url.removeprefix("sqlite:///")
