@@ -72,7 +72,7 @@ from rotator.errors import (
     NotFound,
 )
 from rotator.model import MANAGED_BY, Stage, StoredVersion, VersionInfo, utcnow
-from rotator.places import make_private_dirs
+from rotator.places import Place, file_place, make_private_dirs
 
 
 class FileSettings(BackendSettings):
@@ -86,6 +86,13 @@ class FileSettings(BackendSettings):
 
     def location(self, environment: str) -> str:
         return f"file://{self.path}"
+
+    location_key: ClassVar[str] = "path"
+
+    def place(self, environment: str) -> Place:
+        """The folder's real path (``..`` and symbolic links resolved): one folder serves one
+        environment, so its place does not depend on ``environment``."""
+        return file_place(self.path)
 
     def key_sources(self) -> dict[str, KeySource]:
         return {"key": self.key}

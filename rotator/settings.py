@@ -38,6 +38,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from backends import registry
 from backends.base import NAME_PATTERN, BackendSettings
+from rotator.apart import storage_conflicts
 from rotator.crypto import KeySource
 from rotator.errors import ConfigError, NotFound
 
@@ -461,7 +462,6 @@ class Config(_Model):
 
     @model_validator(mode="after")
     def _apart(self) -> Config:
-        owner: dict[str, str] = {}
         for env_name, env in self.environments.items():
             names: set[str] = set()
             for backend in env.backend_settings:
@@ -472,22 +472,13 @@ class Config(_Model):
                         "a distinct 'name'"
                     )
                 names.add(name)
-                loc = backend.resolve_paths(self.base_dir).location(env_name)
-                if loc in owner:
-                    raise ValueError(
-                        f"environments {owner[loc]!r} and {env_name!r} share the backend "
-                        f"location {loc}: environments must never share storage"
-                    )
-                owner[loc] = env_name
-        keys: dict[str, str] = {}
-        for env_name, env in self.environments.items():
-            where = env.sealing_key.resolve_paths(self.base_dir).describe()
-            if where in keys:
-                raise ValueError(
-                    f"environments {keys[where]!r} and {env_name!r} share the sealing key "
-                    f"({where}): give each environment its own"
-                )
-            keys[where] = env_name
+        resolved = {
+            name: _resolved_environment(name, env, self.base_dir)
+            for name, env in self.environments.items()
+        }
+        problems = storage_conflicts(resolved)
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     def environment(self, name: str) -> EnvironmentSettings:
@@ -565,7 +556,10 @@ def _explain(exc: ValidationError, source: str) -> ConfigError:
             msg = f"unknown backend type; known types: {', '.join(sorted(registry()))}"
         elif err["type"] == "union_tag_not_found":
             msg = f"a backend needs a 'type' ({', '.join(sorted(registry()))})"
-        lines.append(f"  {format_location(tuple(cleaned))}: {msg}")
+        if cleaned:
+            lines.append(f"  {format_location(tuple(cleaned))}: {msg}")
+        else:  # a check across keys (environments kept apart): each line names its keys
+            lines.extend(f"  {line}" for line in msg.splitlines())
     return ConfigError(
         f"the configuration has {len(lines)} problem{'s' if len(lines) != 1 else ''}:\n"
         + "\n".join(lines),

@@ -341,11 +341,12 @@ def config_check(
             env.makini.client_secret(f"environments.{name}.makini.client_secret_env")
         except RotatorError as exc:
             problems.append(f"{name}: {exc.message}")
-    # every key that is here is loaded (none is created); one that is not here (a variable
-    # not set, no file) is a warning: the check may run where the secrets are not
+    # every key that is here is loaded (none is created) and compared across environments;
+    # one that is not here (a variable not set, no file) is a warning: the check may run
+    # where the secrets are not
     keys = inspect_keys(cfg)
     problems += keys.absent + keys.loose
-    errors = keys.broken
+    errors = keys.shared + keys.broken
     summary = {
         "file": str(cfg.source),
         "journal": cfg.journal.url.split("://", 1)[0],

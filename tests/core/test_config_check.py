@@ -1,10 +1,12 @@
-"""``rotator config check`` as an operator meets it: a real subprocess, its exit
+"""``rotator config check`` (and a run) as an operator meets them: a real subprocess, its exit
 code and what it prints. Every problem names its key path and what to do; never a traceback,
 never an "internal error", never a key's value."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import pytest
 
 from rotator.crypto import generate_key
 from tests.cli import RotatorCli
@@ -91,3 +93,31 @@ def test_a_garbage_key_file_fails_the_check(tmp_path: Path) -> None:
     clean(proc.stdout + proc.stderr)
     assert proc.returncode == 2
     assert "environments.dev.sealing_key" in proc.stderr and "rotator keygen" in proc.stderr
+
+
+def test_the_same_key_in_two_variables_fails_the_check_and_the_run(tmp_path: Path) -> None:
+    rotator = cli(tmp_path, dev_key=PROD_SEAL)
+    proc = rotator("config", "check")
+    clean(proc.stdout + proc.stderr)
+    assert proc.returncode == 2
+    assert "environments.prod.sealing_key" in proc.stderr
+    assert "environments.dev.sealing_key" in proc.stderr
+    proc = rotator("run-due", "--env", "dev")
+    clean(proc.stdout + proc.stderr)
+    assert proc.returncode == 2 and "hold the same key" in proc.stderr
+    assert not (tmp_path / "files").exists() and not (tmp_path / "keys").exists()
+
+
+@pytest.mark.parametrize("dev_path", ["files/dev/../prod", "files/prod/dev"])
+def test_a_dev_backend_in_prods_folder_fails_the_check_and_the_run(
+    tmp_path: Path, dev_path: str
+) -> None:
+    (tmp_path / "files" / "dev").mkdir(parents=True)
+    rotator = cli(tmp_path, dev_path=str(tmp_path / dev_path))  # absolute: kept as written
+    for args in (("config", "check"), ("run-due",)):
+        proc = rotator(*args)
+        clean(proc.stdout + proc.stderr)
+        assert proc.returncode == 2, proc.stderr
+        assert "environments.dev.backends[0].path" in proc.stderr
+        assert "environments.prod.backends[0].path" in proc.stderr
+    assert not (tmp_path / "files" / "prod").exists()  # nothing was written
