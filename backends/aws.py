@@ -50,6 +50,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ClassVar, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 
@@ -76,6 +77,7 @@ from rotator.errors import (
     RotatorError,
 )
 from rotator.model import MANAGED_BY, Stage, StoredVersion, VersionInfo
+from rotator.places import Place, canonical_url
 
 LABELS: dict[Stage, str] = {
     Stage.CURRENT: "AWSCURRENT",
@@ -140,6 +142,27 @@ class AwsSettings(BackendSettings):
         if self.endpoint_url:
             return f"aws-sm+{self.endpoint_url.rstrip('/')}/{where}"
         return f"aws-sm://{where}"
+
+    location_key: ClassVar[str] = "prefix"
+
+    def place(self, environment: str) -> Place:
+        """Region, endpoint and secret name prefix. Secret names are plain strings, so a prefix
+        that starts another's (``makini/`` and ``makini/prod-``) overlaps it. Any endpoint of
+        AWS itself (the regional one, FIPS, a VPC endpoint) reaches the same secrets as no
+        endpoint at all. The account is not in the settings: two environments in different
+        accounts still need different prefixes or regions."""
+        endpoint = self.endpoint_url
+        store = "aws" if endpoint is None or _is_aws(endpoint) else canonical_url(endpoint)
+        return Place(
+            f"aws-sm {store} {self.region}",
+            (render_template(self.prefix, environment),),
+            flat=True,
+        )
+
+
+def _is_aws(url: str) -> bool:
+    host = (urlsplit(url).hostname or "").rstrip(".")
+    return host.endswith((".amazonaws.com", ".amazonaws.com.cn", ".api.aws"))
 
 
 # --- vendor exceptions -> the project's tree ------------------------------------------------

@@ -74,6 +74,7 @@ from rotator.errors import (
     RotatorError,
 )
 from rotator.model import MANAGED_BY, Stage, StoredVersion, VersionInfo
+from rotator.places import Place, canonical_url
 
 TAG_VERSION = "makini-rotator:version"
 TAG_STAGED = "makini-rotator:staged"
@@ -130,6 +131,14 @@ class AzureSettings(BackendSettings):
 
     def location(self, environment: str) -> str:
         return f"{self.vault_url}/secrets/{render_template(self.name_prefix, environment)}"
+
+    location_key: ClassVar[str] = "name_prefix"
+
+    def place(self, environment: str) -> Place:
+        """The vault (host in lower case, no default port) and the secret name prefix in lower
+        case: Key Vault names ignore case, and a prefix that starts another's overlaps it."""
+        prefix = render_template(self.name_prefix, environment).lower()
+        return Place(f"azure-kv {canonical_url(self.vault_url)}", (prefix,), flat=True)
 
 
 # --- vendor exceptions -> the project's tree ------------------------------------------------

@@ -26,7 +26,9 @@ from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from rotator.crypto import KeySource
 from rotator.model import Stage, StoredVersion, VersionInfo
+from rotator.places import Place
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 
@@ -57,9 +59,24 @@ class BackendSettings(BaseModel):
         """Return a copy with relative paths made absolute against ``base`` (the config's dir)."""
         return self
 
+    location_key: ClassVar[str] = "type"
+    """The setting that most decides :meth:`place` (``path``, ``path_prefix``...): errors about
+    two places that clash name it (``environments.dev.backends[0].path``)."""
+
     def location(self, environment: str) -> str:
-        """Where this backend writes for ``environment``; no two environments may share one."""
+        """Where this backend writes for ``environment``, as shown to people and in errors."""
         raise NotImplementedError
+
+    def place(self, environment: str) -> Place:
+        """The canonical form of :meth:`location`: the configuration refuses two environments
+        whose places are the same or one inside the other. A backend that knows no better is
+        compared by its location string."""
+        return Place(f"{self.type} {self.location(environment)}")
+
+    def key_sources(self) -> dict[str, KeySource]:
+        """The keys this backend holds itself, by setting name (the file backend's ``key``):
+        named in errors, and never shared with another environment."""
+        return {}
 
     def display_name(self) -> str:
         return self.name or self.type

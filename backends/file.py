@@ -27,7 +27,8 @@ Layout under ``settings.path`` (one path serves one environment)::
   (kept outside the credential folder so that ``delete`` cannot pull it away from a waiter) and a
   per-credential thread lock. Readers take no lock: a version file is only ever replaced whole,
   and a reader that meets a stages slot being written reads the other one.
-* Folders are created 0700, files 0600.
+* Folders are created 0700 (the missing folders above ``path`` too), files 0600, whatever the
+  umask.
 
 Errors: every ``OSError`` is mapped to a :class:`~rotator.errors.BackendError` subclass naming the
 path (``EACCES`` -> permission denied, ``ENOSPC``/``EIO`` -> unavailable, ...); data that does not
@@ -49,6 +50,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -70,6 +72,7 @@ from rotator.errors import (
     NotFound,
 )
 from rotator.model import MANAGED_BY, Stage, StoredVersion, VersionInfo, utcnow
+from rotator.places import Place, file_place, make_private_dirs
 
 
 class FileSettings(BackendSettings):
@@ -83,6 +86,16 @@ class FileSettings(BackendSettings):
 
     def location(self, environment: str) -> str:
         return f"file://{self.path}"
+
+    location_key: ClassVar[str] = "path"
+
+    def place(self, environment: str) -> Place:
+        """The folder's real path (``..`` and symbolic links resolved): one folder serves one
+        environment, so its place does not depend on ``environment``."""
+        return file_place(self.path)
+
+    def key_sources(self) -> dict[str, KeySource]:
+        return {"key": self.key}
 
 
 MARKER = ".environment"
@@ -354,15 +367,10 @@ class FileBackend(Backend):
         if self._keyring is None:
             try:
                 self._keyring = KeyRing.load(self._settings.key)
-            except ConfigError as exc:
+            except ConfigError as exc:  # it names the key path, the file and what to do
                 raise self._error(
-                    BackendPermissionDenied,
-                    f"cannot load the sealing key: {exc.message}",
-                    where=exc.where,
-                    hint=exc.hint,
+                    BackendPermissionDenied, exc.message, where=exc.where, hint=exc.hint
                 ) from exc
-            except OSError as exc:
-                self._raise_os(exc, "create the key file", self._settings.key.file)
         return self._keyring
 
     @overload
@@ -696,6 +704,8 @@ class FileBackend(Backend):
         with _thread_lock(str(lock_path)), self._os_errors("lock the credential", lock_path):
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
             try:
+                if stat.S_IMODE(os.fstat(fd).st_mode) != _FILE_MODE:  # just made, umask'd
+                    os.fchmod(fd, _FILE_MODE)
                 self._flock(fd, lock_path)
                 yield
             finally:
@@ -728,6 +738,7 @@ class FileBackend(Backend):
     def _write_file(self, path: Path, data: bytes) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _FILE_MODE)
         try:
+            os.fchmod(fd, _FILE_MODE)  # exactly 0600 whatever the umask
             _write_all(fd, data)
             os.fsync(fd)
         finally:
@@ -799,7 +810,7 @@ class FileBackend(Backend):
     def _mkdir(self, path: Path, *, parents: bool = False) -> None:
         with self._os_errors("create the folder", path):
             if parents:
-                path.parent.mkdir(parents=True, exist_ok=True)
+                make_private_dirs(path.parent)  # 0700 like the rest, whatever the umask
             try:
                 os.mkdir(path, _DIR_MODE)
             except FileExistsError:

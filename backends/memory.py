@@ -11,6 +11,7 @@ from typing import ClassVar, Literal
 from backends.base import Backend, BackendSettings, Capabilities
 from rotator.errors import BackendConflict, NotFound
 from rotator.model import Stage, StoredVersion, VersionInfo
+from rotator.places import Place
 
 
 class MemorySettings(BackendSettings):
@@ -19,6 +20,11 @@ class MemorySettings(BackendSettings):
 
     def location(self, environment: str) -> str:
         return f"memory://{self.namespace}/{environment}"
+
+    location_key: ClassVar[str] = "namespace"
+
+    def place(self, environment: str) -> Place:
+        return Place(f"memory {self.namespace}", (environment,))
 
 
 @dataclass

@@ -83,6 +83,7 @@ from rotator.errors import (
     RotatorError,
 )
 from rotator.model import Stage, StoredVersion, VersionInfo
+from rotator.places import Place, canonical_url, segments
 
 KEY_VERSION = "makini-rotator:version:"
 KEY_PROMOTED = "makini-rotator:promoted:"
@@ -179,6 +180,18 @@ class VaultSettings(BackendSettings):
         namespace = f"{self.namespace.strip('/')}/" if self.namespace else ""
         prefix = render_template(self.path_prefix, environment)
         return f"{self.url}/v1/{namespace}{self.mount}/data/{prefix}"
+
+    location_key: ClassVar[str] = "path_prefix"
+
+    def place(self, environment: str) -> Place:
+        """The server (scheme and host in lower case, no default port) and the path below
+        ``/v1/`` (namespace, mount, ``data``, prefix) with ``//``, ``.`` and ``..`` resolved as
+        the server resolves them: a prefix that is a parent of another contains it."""
+        prefix = render_template(self.path_prefix, environment)
+        return Place(
+            f"vault {canonical_url(self.url)}/v1",
+            segments(self.namespace or "", self.mount, "data", prefix),
+        )
 
 
 # --- vendor exceptions -> the project's tree ------------------------------------------------
@@ -393,10 +406,12 @@ class VaultBackend(Backend):
             else:
                 try:
                     jwt = auth.jwt_path.read_text().strip()
-                except OSError as exc:
+                except (OSError, UnicodeDecodeError) as exc:
+                    reason = exc.strerror if isinstance(exc, OSError) else "it is not text"
                     raise self._target.error(
                         BackendPermissionDenied,
-                        f"cannot read the Kubernetes service account token: {exc.strerror}",
+                        "cannot read the Kubernetes service account token "
+                        f"{auth.jwt_path} (auth.jwt_path): {reason}",
                         where=str(auth.jwt_path),
                         hint="mount the service account token, or set auth.jwt_path",
                     ) from None

@@ -16,13 +16,15 @@ import binascii
 import contextlib
 import hashlib
 import os
+import stat
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, PrivateAttr, model_validator
 
 from rotator.errors import ConfigError, CryptoError
+from rotator.places import make_private_dirs
 
 MAGIC = b"RS1"
 KEY_BYTES = 32
@@ -30,15 +32,28 @@ _KID = 8
 _NONCE = 12
 
 
+class KeyUnavailable(ConfigError):
+    """The key material is not here: the variable is not set, the key file does not exist (and
+    is not to be generated) or this user may not read it. ``rotator config check`` warns about
+    these (it may run where the secrets are not); a key that is there but wrong is an error."""
+
+
 class KeySource(BaseModel):
     """Where a key comes from: an environment variable (base64, several comma-separated for
-    rotation, the first one active) or a key file (created with mode 0600 if ``generate``)."""
+    rotation, the first one active) or a key file (one key a line, the first one active;
+    created with mode 0600 in a folder of mode 0700 if ``generate``).
+
+    The configuration names each source (:meth:`named`) with its key path
+    (``environments.prod.sealing_key``) and its role (``the sealing key of environment
+    'prod'``): every error about the key says both, and the file or variable."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     env: str | None = None
     file: Path | None = None
     generate: bool = False
+    _key_path: str | None = PrivateAttr(default=None)
+    _role: str | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _one_source(self) -> KeySource:
@@ -53,8 +68,27 @@ class KeySource(BaseModel):
             return self.model_copy(update={"file": (base / self.file).resolve()})
         return self
 
+    def named(self, key_path: str, role: str) -> KeySource:
+        """A copy that knows its key path and role, for the errors it causes."""
+        copy = self.model_copy()
+        copy._key_path = key_path
+        copy._role = role
+        return copy
+
+    @property
+    def key_path(self) -> str:
+        return self._key_path or "key"
+
+    @property
+    def role(self) -> str:
+        return self._role or "the key"
+
     def describe(self) -> str:
         return f"environment variable {self.env}" if self.env else f"key file {self.file}"
+
+    def where(self) -> str:
+        """``environments.prod.sealing_key (key file /etc/rotator/prod.key)``."""
+        return f"{self._key_path} ({self.describe()})" if self._key_path else self.describe()
 
 
 def generate_key() -> str:
@@ -62,18 +96,156 @@ def generate_key() -> str:
     return base64.urlsafe_b64encode(os.urandom(KEY_BYTES)).decode()
 
 
-def _decode_key(text: str, where: str) -> bytes:
+def key_fingerprint(key: bytes) -> str:
+    """SHA-256 of a key's bytes: compares keys without holding or showing them."""
+    return hashlib.sha256(key).hexdigest()
+
+
+def _decode_key(text: str) -> bytes | None:
     try:
         raw = base64.urlsafe_b64decode(text.strip() + "=" * (-len(text.strip()) % 4))
     except (binascii.Error, ValueError):
-        raw = b""
-    if len(raw) != KEY_BYTES:
+        return None
+    return raw if len(raw) == KEY_BYTES else None
+
+
+_MAX_KEY_FILE = 64 * 1024
+_NOT_A_KEY = f"{KEY_BYTES} bytes of base64 (a key as `rotator keygen` prints it)"
+
+
+def load_keys(source: KeySource, *, create: bool = True) -> list[bytes]:
+    """The keys of ``source``, the active one first.
+
+    A missing key file is created when ``source.generate`` and ``create`` (with ``create``
+    False it gives no keys: nothing has been sealed with a key that does not exist yet).
+    Raises :class:`KeyUnavailable` when the material is not here and :class:`ConfigError`
+    when it is there but is no key; each names the key path, the variable or file, and what
+    to do. Never a key's value."""
+    if source.env is not None:
+        return _env_keys(source, source.env)
+    assert source.file is not None
+    path = source.file
+    if not _exists(path):
+        if not source.generate:
+            raise KeyUnavailable(
+                f"{source.role} does not exist: there is no key file {path}",
+                where=source.where(),
+                hint=f"create it with `rotator keygen > {path} && chmod 600 {path}`, or set "
+                f"generate = true in {source.key_path} to have the rotator create it",
+            )
+        if not create:
+            return []
+        try:
+            _create_key_file(path)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot create the key file {path} for {source.role}: "
+                f"{exc.strerror or type(exc).__name__}"
+                + (f" ({exc.filename})" if exc.filename and exc.filename != str(path) else ""),
+                where=source.where(),
+                hint="let the rotator's user create the file's folder, or create the key "
+                f"yourself: `rotator keygen > {path} && chmod 600 {path}`",
+            ) from exc
+    text = _read_key_file(source, path)
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
         raise ConfigError(
-            f"the key is not {KEY_BYTES} bytes of base64",
-            where=where,
-            hint="make one with: rotator keygen",
+            f"the key file {path} of {source.role} is empty",
+            where=source.where(),
+            hint=f"put a key in it: `rotator keygen > {path}`",
         )
-    return raw
+    keys = []
+    for number, line in enumerate(lines, 1):
+        key = _decode_key(line)
+        if key is None:
+            raise ConfigError(
+                f"line {number} of the key file {path} ({source.role}) is not {_NOT_A_KEY}",
+                where=source.where(),
+                hint="restore the file from where the key is kept, or, if nothing was sealed "
+                f"with it yet, make a new one: `rotator keygen > {path}`",
+            )
+        keys.append(key)
+    return keys
+
+
+def _exists(path: Path) -> bool:
+    """Whether ``path`` exists; a path this user may not look into counts as existing (the
+    read then says "permission denied", not "does not exist")."""
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _env_keys(source: KeySource, name: str) -> list[bytes]:
+    text = os.environ.get(name)
+    if not text or not text.strip(" ,\n"):
+        raise KeyUnavailable(
+            f"{source.role} is not set: the environment variable {name} is "
+            + ("empty" if text is not None else "not set"),
+            where=source.where(),
+            hint=f"export {name}=$(rotator keygen) (keep the value: it opens what it sealed)",
+        )
+    parts = [part for part in text.split(",") if part.strip()]
+    keys = []
+    for number, part in enumerate(parts, 1):
+        key = _decode_key(part)
+        if key is None:
+            which = f"entry {number} of " if len(parts) > 1 else ""
+            raise ConfigError(
+                f"{which}the environment variable {name} ({source.role}) is not {_NOT_A_KEY}",
+                where=source.where(),
+                hint=f"set {name} to the key it was meant to hold; a new one: `rotator keygen` "
+                "(several keys: NEW,OLD, comma-separated)",
+            )
+        keys.append(key)
+    return keys
+
+
+def _read_key_file(source: KeySource, path: Path) -> str:
+    def unusable(why: str, hint: str, cls: type[ConfigError] = ConfigError) -> ConfigError:
+        return cls(f"cannot use the key file {path} of {source.role}: {why}",
+                   where=source.where(), hint=hint)
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except PermissionError:
+        raise unusable(
+            "permission denied",
+            "run the rotator as the user that owns the file, or let that user read it "
+            f"(`chown` it, then `chmod 600 {path}`)",
+            KeyUnavailable,
+        ) from None
+    except OSError as exc:
+        raise unusable(
+            exc.strerror or type(exc).__name__,
+            f"point {source.key_path} at a readable key file",
+        ) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = "a folder" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+            raise unusable(f"it is {kind}", f"point {source.key_path} at a key file")
+        data = os.read(fd, _MAX_KEY_FILE + 1)
+    except OSError as exc:
+        raise unusable(exc.strerror or type(exc).__name__,
+                       f"point {source.key_path} at a readable key file") from None
+    finally:
+        os.close(fd)
+    if len(data) > _MAX_KEY_FILE:
+        raise unusable("it is far larger than a key file",
+                       f"point {source.key_path} at the key file itself")
+    try:
+        return data.decode("ascii")
+    except UnicodeDecodeError:
+        raise unusable(
+            f"it holds binary data, not {_NOT_A_KEY}",
+            "restore the file from where the key is kept, or, if nothing was sealed with it "
+            f"yet, make a new one: `rotator keygen > {path}`",
+        ) from None
 
 
 class KeyRing:
@@ -93,40 +265,10 @@ class KeyRing:
 
     @classmethod
     def load(cls, source: KeySource) -> KeyRing:
-        where = source.describe()
-        if source.env is not None:
-            text = os.environ.get(source.env)
-            if not text:
-                raise ConfigError(
-                    f"the environment variable {source.env} is not set",
-                    where=where,
-                    hint=f"export {source.env}=$(rotator keygen)",
-                )
-            keys = [_decode_key(part, where) for part in text.split(",") if part.strip()]
-            if not keys:
-                raise ConfigError(f"the environment variable {source.env} holds no key",
-                                  where=where, hint=f"export {source.env}=$(rotator keygen)")
-            return cls(keys)
-        assert source.file is not None
-        path = source.file
-        if not path.exists():
-            if not source.generate:
-                raise ConfigError(
-                    "the key file does not exist",
-                    where=where,
-                    hint="create it with `rotator keygen > FILE; chmod 600 FILE`, "
-                    "or set generate = true for local use",
-                )
-            _create_key_file(path)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise ConfigError(f"cannot read the key file: {exc.strerror}", where=where) from exc
-        keys = [_decode_key(line, where) for line in text.splitlines() if line.strip()]
-        if not keys:
-            raise ConfigError("the key file is empty", where=where,
-                              hint="put a key in it: rotator keygen > FILE")
-        return cls(keys)
+        """The ring of ``source`` (a missing key file with ``generate`` is created). Raises
+        :class:`~rotator.errors.ConfigError` naming the key path, the variable or file, and
+        what to do."""
+        return cls(load_keys(source))
 
     def seal(self, plaintext: bytes, aad: str) -> bytes:
         nonce = os.urandom(_NONCE)
@@ -156,12 +298,14 @@ class KeyRing:
 
 def _create_key_file(path: Path) -> None:
     """Create a key file atomically: another process sees no file or a whole key, never an
-    empty one (write a private temp file, then hard-link it into place if still absent)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    empty one (write a private temp file, then hard-link it into place if still absent). The
+    folders made for it are 0700 and the file 0600, whatever the umask."""
+    make_private_dirs(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         with os.fdopen(fd, "w") as fh:
+            os.fchmod(fh.fileno(), 0o600)
             fh.write(generate_key() + "\n")
             fh.flush()
             os.fsync(fh.fileno())

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import backends
+from rotator.apart import refuse_shared_keys
 from rotator.crypto import KeyRing
 from rotator.engine import EnvironmentRuntime, RotationEngine
 from rotator.errors import ConfigError
@@ -24,6 +25,7 @@ class Runtime:
     def open(cls, config: Config, *, only: list[str] | None = None) -> Runtime:
         """Build every environment (or ``only`` those). Raises ConfigError for missing secrets,
         keys or an unusable backend, naming which."""
+        refuse_shared_keys(config)  # before anything is written or a key generated
         journal = Journal.open(config.journal)
         envs: dict[str, EnvironmentRuntime] = {}
         try:

@@ -13,6 +13,7 @@ problem with its key path (``environments.prod.credentials[2].connection_id``).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -22,10 +23,12 @@ from typing import Annotated, Any, Literal, Union
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
+    TypeAdapter,
     ValidationError,
     create_model,
     field_validator,
@@ -35,6 +38,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from backends import registry
 from backends.base import NAME_PATTERN, BackendSettings
+from rotator.apart import storage_conflicts
 from rotator.crypto import KeySource
 from rotator.errors import ConfigError, NotFound
 
@@ -42,23 +46,99 @@ ENV_NAME_PATTERN = r"^[a-z][a-z0-9-]{0,31}$"
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_LONGEST = timedelta(days=36500)
+"""No duration in the configuration may exceed a century: beyond that, adding one to a date (or
+handing it to a timer) overflows, and nothing here means to wait that long."""
+_ISO_DURATION = TypeAdapter(timedelta)
+_EXAMPLES = "write e.g. '30d', '12h', '1h30m', '90s' or '250ms'"
+
+
+def format_duration(value: timedelta) -> str:
+    """The shortest way to write ``value`` in the configuration's syntax (``"1d"``, ``"90s"``)."""
+    ms = round(value.total_seconds() * 1000)
+    if ms == 0:
+        return "0s"
+    parts, rest = [], abs(ms)
+    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)):
+        if rest >= size:
+            parts.append(f"{rest // size}{unit}")
+            rest %= size
+    if rest:
+        parts.append(f"{rest}ms")
+    return ("-" if ms < 0 else "") + "".join(parts)
 
 
 def parse_duration(value: object) -> object:
     """Accept ``"30d"``, ``"1h30m"``, ``"90s"``, ``"250ms"``, a number of seconds, or anything
-    pydantic takes as a timedelta (ISO 8601 ``"P30D"``)."""
+    pydantic takes as a timedelta (ISO 8601 ``"P30D"``). A value too large for a timedelta is a
+    ValueError (which the configuration reports under its key), never an OverflowError."""
     if isinstance(value, str) and not value.strip().upper().startswith("P"):
         text = value.replace(" ", "").lower()
         parts = _DURATION.findall(text)
         if not parts or "".join(n + u for n, u in parts) != text:
+            raise ValueError(f"{value[:40]!r} is not a duration: {_EXAMPLES}")
+        return _seconds(sum(float(n) * _UNITS[u] for n, u in parts), value)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return _seconds(float(value), value)
+    if isinstance(value, str):  # ISO 8601, "P30D"
+        try:
+            parsed = _ISO_DURATION.validate_python(value.strip())
+        except ValidationError:
+            raise ValueError(f"{value[:40]!r} is not a duration (or far too long): "
+                             f"{_EXAMPLES}") from None
+        return _seconds(parsed.total_seconds(), value)
+    if isinstance(value, timedelta):
+        _seconds(value.total_seconds(), format_duration(value))  # within a century
+        return value
+    raise ValueError(f"not a duration: {_EXAMPLES}")
+
+
+def _seconds(seconds: float, written: object) -> timedelta:
+    shown = f"{str(written)[:40]!r}"
+    if not math.isfinite(seconds):
+        raise ValueError(f"{shown} is not a duration: {_EXAMPLES}")
+    if abs(seconds) > _LONGEST.total_seconds():
+        raise ValueError(f"{shown} is far too long: at most {format_duration(_LONGEST)}")
+    return timedelta(seconds=seconds)
+
+
+def _sign(*, positive: bool) -> AfterValidator:
+    def check(value: timedelta) -> timedelta:
+        if positive and value <= timedelta(0):
+            raise ValueError(f"must be positive, not {format_duration(value)}")
+        if value < timedelta(0):
+            raise ValueError(f"must not be negative, not {format_duration(value)}")
+        return value
+
+    return AfterValidator(check)
+
+
+def bounds(least: timedelta | None = None, most: timedelta | None = None) -> AfterValidator:
+    """Bounds of one duration key (beyond its sign and the century every duration stays
+    within), said in the configuration's own syntax."""
+
+    def check(value: timedelta) -> timedelta:
+        if least is not None and value < least:
             raise ValueError(
-                f"{value!r} is not a duration: write e.g. '30d', '12h', '1h30m', '90s'"
+                f"must be at least {format_duration(least)}, not {format_duration(value)}"
             )
-        return timedelta(seconds=sum(float(n) * _UNITS[u] for n, u in parts))
-    return value
+        if most is not None and value > most:
+            raise ValueError(
+                f"must be at most {format_duration(most)}, not {format_duration(value)}"
+            )
+        return value
+
+    return AfterValidator(check)
 
 
-Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+Duration = Annotated[timedelta, BeforeValidator(parse_duration), _sign(positive=False)]
+"""A duration key that may be zero: parsed by :func:`parse_duration`, zero to a century."""
+PositiveDuration = Annotated[timedelta, BeforeValidator(parse_duration), _sign(positive=True)]
+"""A duration key that must be above zero (ticks, intervals, TTLs, poll periods)."""
+
+_SECOND = timedelta(seconds=1)
+_HOUR = timedelta(hours=1)
+_DAY = timedelta(days=1)
 
 
 class _Model(BaseModel):
@@ -88,7 +168,7 @@ class Window(_Model):
 class ScheduleOverride(_Model):
     """Any subset of the schedule keys, set on a credential over its environment's schedule."""
 
-    interval: Duration | None = None
+    interval: Annotated[PositiveDuration, bounds(least=_SECOND)] | None = None
     cron: str | None = None
     timezone: str | None = None
     jitter: Duration | None = None
@@ -131,8 +211,6 @@ class Schedule(ScheduleOverride):
     def _one_kind(self) -> Schedule:
         if self.interval is not None and self.cron is not None:
             raise ValueError("set either 'interval' or 'cron', not both")
-        if self.interval is not None and self.interval <= timedelta(0):
-            raise ValueError("'interval' must be positive")
         return self
 
     def merged(self, override: ScheduleOverride | None) -> Schedule:
@@ -177,7 +255,7 @@ class MakiniSettings(_Model):
         default="auto",
         description="How to read expires_in: Unix timestamp, a duration, or guess by size.",
     )
-    default_token_lifetime: Duration = Field(
+    default_token_lifetime: Annotated[PositiveDuration, bounds(least=_SECOND)] = Field(
         default=timedelta(days=30), description="Assumed when Makini gives no expiry."
     )
     revoke_path: str | None = Field(
@@ -305,7 +383,7 @@ class EnvironmentSettings(_Model):
 
 class JournalSettings(_Model):
     url: str = "sqlite:///rotator-journal.db"
-    lock_ttl: Duration = Field(
+    lock_ttl: Annotated[PositiveDuration, bounds(least=_SECOND, most=_HOUR)] = Field(
         default=timedelta(seconds=15),
         description="A credential's lease lasts this long unless its holder renews it (every "
         "third of it, by a heartbeat): after a crash, another replica or the next run takes the "
@@ -319,17 +397,12 @@ class JournalSettings(_Model):
         "upgrade` migrates it.",
     )
 
-    @field_validator("lock_ttl")
-    @classmethod
-    def _ttl(cls, value: timedelta) -> timedelta:
-        if not timedelta(seconds=1) <= value <= timedelta(hours=1):
-            raise ValueError("must be between 1s and 1h (a heartbeat renews it every third)")
-        return value
-
 
 class SchedulerSettings(_Model):
-    tick: Duration = Field(default=timedelta(seconds=10), description="How often serve looks.")
-    drain: Duration = Field(
+    tick: Annotated[PositiveDuration, bounds(least=_SECOND, most=_DAY)] = Field(
+        default=timedelta(seconds=10), description="How often serve looks."
+    )
+    drain: Annotated[Duration, bounds(most=_HOUR)] = Field(
         default=timedelta(seconds=20),
         description="On SIGTERM or Ctrl-C, how long rotations in flight get to finish before "
         "what is left is parked at its last journaled step (and its lease given back). Keep "
@@ -356,8 +429,10 @@ class LoggingSettings(_Model):
 class ReaderSettings(_Model):
     """Who read which version: recorded in memory, flushed to the journal in batches."""
 
-    flush_interval: Duration = Field(default=timedelta(seconds=5))
-    active_window: Duration = Field(
+    flush_interval: Annotated[PositiveDuration, bounds(most=_HOUR)] = Field(
+        default=timedelta(seconds=5)
+    )
+    active_window: PositiveDuration = Field(
         default=timedelta(hours=24),
         description="A reader that read a credential within this window counts as using it.",
     )
@@ -370,19 +445,21 @@ class ReaderSettings(_Model):
 class ApiSettings(_Model):
     """The HTTP API of ``rotator serve``."""
 
-    long_poll_max: Duration = Field(
+    long_poll_max: Annotated[Duration, bounds(most=_HOUR)] = Field(
         default=timedelta(seconds=60), description="Upper bound of ?wait= on token reads."
     )
-    cache_max_age: Duration = Field(
+    cache_max_age: Annotated[Duration, bounds(most=_DAY)] = Field(
         default=timedelta(minutes=5),
         description="A cached token older than this is re-read from the primary backend.",
     )
-    replica_poll: Duration = Field(
+    replica_poll: Annotated[PositiveDuration, bounds(most=_HOUR)] = Field(
         default=timedelta(milliseconds=250),
         description="How often a replica checks the journal for promotions, drops and key "
         "changes (with PostgreSQL, LISTEN/NOTIFY wakes it at once; this is the safety net).",
     )
-    webhook_poll: Duration = Field(default=timedelta(seconds=2))
+    webhook_poll: Annotated[PositiveDuration, bounds(most=_HOUR)] = Field(
+        default=timedelta(seconds=2)
+    )
     readers: ReaderSettings = ReaderSettings()
 
 
@@ -400,7 +477,6 @@ class Config(_Model):
 
     @model_validator(mode="after")
     def _apart(self) -> Config:
-        owner: dict[str, str] = {}
         for env_name, env in self.environments.items():
             names: set[str] = set()
             for backend in env.backend_settings:
@@ -411,22 +487,13 @@ class Config(_Model):
                         "a distinct 'name'"
                     )
                 names.add(name)
-                loc = backend.resolve_paths(self.base_dir).location(env_name)
-                if loc in owner:
-                    raise ValueError(
-                        f"environments {owner[loc]!r} and {env_name!r} share the backend "
-                        f"location {loc}: environments must never share storage"
-                    )
-                owner[loc] = env_name
-        keys: dict[str, str] = {}
-        for env_name, env in self.environments.items():
-            where = env.sealing_key.resolve_paths(self.base_dir).describe()
-            if where in keys:
-                raise ValueError(
-                    f"environments {keys[where]!r} and {env_name!r} share the sealing key "
-                    f"({where}): give each environment its own"
-                )
-            keys[where] = env_name
+        resolved = {
+            name: _resolved_environment(name, env, self.base_dir)
+            for name, env in self.environments.items()
+        }
+        problems = storage_conflicts(resolved)
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     def environment(self, name: str) -> EnvironmentSettings:
@@ -504,7 +571,10 @@ def _explain(exc: ValidationError, source: str) -> ConfigError:
             msg = f"unknown backend type; known types: {', '.join(sorted(registry()))}"
         elif err["type"] == "union_tag_not_found":
             msg = f"a backend needs a 'type' ({', '.join(sorted(registry()))})"
-        lines.append(f"  {format_location(tuple(cleaned))}: {msg}")
+        if cleaned:
+            lines.append(f"  {format_location(tuple(cleaned))}: {msg}")
+        else:  # a check across keys (environments kept apart): each line names its keys
+            lines.extend(f"  {line}" for line in msg.splitlines())
     return ConfigError(
         f"the configuration has {len(lines)} problem{'s' if len(lines) != 1 else ''}:\n"
         + "\n".join(lines),
@@ -566,15 +636,31 @@ def parse_config(data: dict[str, Any], *, source: Path | None = None) -> Config:
     return _resolve_paths(config, base)
 
 
+def _resolved_environment(name: str, env: EnvironmentSettings, base: Path) -> EnvironmentSettings:
+    """``env`` with its paths made absolute against ``base`` and each key named with its key
+    path and role, for the errors it may cause."""
+    backends = []
+    for index, backend in enumerate(env.backend_settings):
+        backend = backend.resolve_paths(base)
+        keys = {
+            setting: source.named(
+                f"environments.{name}.backends[{index}].{setting}",
+                f"the {setting.replace('_', ' ')} of backend {backend.display_name()!r} of "
+                f"environment {name!r}",
+            )
+            for setting, source in backend.key_sources().items()
+        }
+        backends.append(backend.model_copy(update=keys) if keys else backend)
+    sealing = env.sealing_key.resolve_paths(base).named(
+        f"environments.{name}.sealing_key", f"the sealing key of environment {name!r}"
+    )
+    return env.model_copy(update={"backends": backends, "sealing_key": sealing})
+
+
 def _resolve_paths(config: Config, base: Path) -> Config:
-    envs = {}
-    for name, env in config.environments.items():
-        envs[name] = env.model_copy(
-            update={
-                "backends": [b.resolve_paths(base) for b in env.backend_settings],
-                "sealing_key": env.sealing_key.resolve_paths(base),
-            }
-        )
+    envs = {
+        name: _resolved_environment(name, env, base) for name, env in config.environments.items()
+    }
     journal = config.journal
     if journal.url.startswith("sqlite:///") and not journal.url.startswith("sqlite:////"):
         rel = journal.url.removeprefix("sqlite:///")

@@ -336,6 +336,8 @@ def config_check(
     json_out: JsonOpt = False,
 ) -> None:
     """Validate the configuration and say what is wrong, key by key."""
+    from rotator.apart import inspect_keys
+
     cfg = load_config(path or state.config_path)
     problems: list[str] = []
     for name, env in cfg.environments.items():
@@ -343,13 +345,12 @@ def config_check(
             env.makini.client_secret(f"environments.{name}.makini.client_secret_env")
         except RotatorError as exc:
             problems.append(f"{name}: {exc.message}")
-        if env.sealing_key.env:
-            from rotator.crypto import KeyRing
-
-            try:
-                KeyRing.load(env.sealing_key)
-            except RotatorError as exc:
-                problems.append(f"{name}: sealing key: {exc.message}")
+    # every key that is here is loaded (none is created) and compared across environments;
+    # one that is not here (a variable not set, no file) is a warning: the check may run
+    # where the secrets are not
+    keys = inspect_keys(cfg)
+    problems += keys.absent + keys.loose
+    errors = keys.shared + keys.broken
     summary = {
         "file": str(cfg.source),
         "journal": cfg.journal.url.split("://", 1)[0],
@@ -361,8 +362,16 @@ def config_check(
             for name, env in cfg.environments.items()
         },
         "warnings": problems,
+        "errors": errors,
     }
     render.config_summary(summary, json_out)
+    if errors:
+        raise ConfigError(
+            f"the configuration has {len(errors)} problem{'s' if len(errors) != 1 else ''} "
+            "with its keys:\n" + "\n".join(f"  {line}" for line in errors),
+            where=str(cfg.source),
+            hint="fix the keys named above; `rotator config check` re-validates",
+        )
 
 
 @app.command()

@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -218,11 +219,15 @@ def config_summary(summary: dict[str, Any], as_json: bool) -> None:
     if as_json:
         _json(summary)
         return
-    console.print(f"[green]configuration is valid[/]: {summary['file']}")
-    console.print(f"journal: {summary['journal']}")
+    if summary.get("errors"):
+        console.print(f"[red]configuration has problems[/]: {escape(summary['file'])}")
+    else:
+        console.print(f"[green]configuration is valid[/]: {escape(summary['file'])}")
+    console.print(f"journal: {escape(summary['journal'])}")
     for name, env in summary["environments"].items():
         console.print(
-            f"  {name}: {env['credentials']} credentials, backends {', '.join(env['backends'])}"
+            f"  {name}: {env['credentials']} credentials, backends {', '.join(env['backends'])}",
+            markup=False,
         )
     for warning in summary["warnings"]:
-        err.print(f"[yellow]warning[/] {warning}")
+        err.print(f"[yellow]warning[/] {escape(warning)}", soft_wrap=True)

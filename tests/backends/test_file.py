@@ -274,6 +274,32 @@ def test_permissions_are_private_whatever_the_umask(backend: FileBackend, store:
         assert mode == (0o700 if p.is_dir() else 0o600), f"{p}: {oct(mode)}"
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o277], ids=["umask-022", "umask-277"])
+def test_folders_made_above_the_path_and_for_the_key_are_private_too(
+    tmp_path: Path, umask: int
+) -> None:
+    # the store and its key sit below folders that do not exist yet: the rotator makes them,
+    # 0700 (mkdir's mode is masked by the umask, so it must be set), and its files 0600
+    settings = FileSettings(
+        path=tmp_path / "srv" / "rotator" / "store",
+        key=KeySource(file=tmp_path / "keys" / "prod" / "file.key", generate=True),
+    )
+    old = os.umask(umask)
+    try:
+        backend = FileBackend(settings, ENV)
+        promote_new(backend)
+        backend.check()
+    finally:
+        os.umask(old)
+    made = list(tmp_path.rglob("*"))
+    assert {p.name for p in made} >= {"srv", "rotator", "store", "keys", "prod", "file.key"}
+    assert any(p.suffix == ".lock" for p in made)
+    assert any(p.suffix == ".sealed" for p in made)
+    for p in made:
+        mode = stat.S_IMODE(p.stat().st_mode)
+        assert mode == (0o700 if p.is_dir() else 0o600), f"{p}: {oct(mode)}"
+
+
 # -- names and environments --------------------------------------------------------------------
 
 

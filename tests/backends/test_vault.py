@@ -306,6 +306,21 @@ def test_kubernetes_auth_without_a_service_account_token(openbao: OpenBaoServer,
     assert info.value.hint and "service account" in info.value.hint
 
 
+def test_a_service_account_token_that_is_not_text_is_named(openbao: OpenBaoServer,
+                                                           tmp_path: Path) -> None:
+    # binary data raised UnicodeDecodeError out of the backend before (an "internal error")
+    jwt = tmp_path / "token"
+    jwt.write_bytes(b"\xff\xfe\x00\x81binary")
+    settings = VaultSettings.model_validate({
+        "url": openbao.url,
+        "auth": {"method": "kubernetes", "role": "rotator", "jwt_path": str(jwt)},
+    })
+    with pytest.raises(BackendPermissionDenied) as info:
+        VaultBackend(settings, "prod").check()
+    assert f"{jwt} (auth.jwt_path): it is not text" in info.value.message
+    assert info.value.hint and "service account" in info.value.hint
+
+
 def test_kubernetes_auth_refused_by_the_server(openbao: OpenBaoServer, tmp_path: Path) -> None:
     jwt = tmp_path / "token"
     jwt.write_text("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJyb3RhdG9yIn0.c2lnbmF0dXJl\n")

@@ -180,3 +180,64 @@ def test_config_file_is_not_needed_for_secrets() -> None:
     text = (REPO / "config" / "example.toml").read_text()
     assert "secret =" not in text.replace("client_secret_env", "")
     assert not any(v and v in text for k, v in os.environ.items() if "SECRET" in k and len(v) > 8)
+
+
+def _set(text: str, table: str, line: str) -> str:
+    """``line`` added to ``table`` of ``text`` (the table is opened at the end if absent)."""
+    header = f"[{table}]\n"
+    if header in text:
+        return text.replace(header, header + line + "\n", 1)
+    return text + "\n" + header + line + "\n"
+
+
+@pytest.mark.parametrize(
+    ("table", "line", "expected"),
+    [
+        # too large for a timedelta: a configuration error, never an OverflowError
+        ("scheduler", 'tick = "99999999999999999999999d"', "scheduler.tick: '9999"),
+        ("scheduler", "tick = 1e300", "scheduler.tick: '1e+300' is far too long"),
+        ("scheduler", 'tick = "P99999999999D"', "scheduler.tick: "),
+        ("journal", 'lock_ttl = "999999999999w"', "journal.lock_ttl: '999999999999w' is far too"),
+        ("scheduler", "tick = nan", "scheduler.tick: 'nan' is not a duration"),
+        # what must be positive says so, and the bounds that make sense are named
+        ("scheduler", 'tick = "0s"', "scheduler.tick: must be positive, not 0s"),
+        ("scheduler", "tick = -5", "scheduler.tick: must be positive, not -5s"),
+        ("scheduler", 'tick = "250ms"', "scheduler.tick: must be at least 1s, not 250ms"),
+        ("scheduler", 'tick = "2d"', "scheduler.tick: must be at most 1d, not 2d"),
+        ("scheduler", "retry_after_failure = -1", "scheduler.retry_after_failure: must not be"),
+        ("journal", 'lock_ttl = "0s"', "journal.lock_ttl: must be positive"),
+        ("api", "replica_poll = 0", "api.replica_poll: must be positive"),
+        ("api", 'long_poll_max = "2h"', "api.long_poll_max: must be at most 1h"),
+        ("api.readers", 'flush_interval = "0s"', "api.readers.flush_interval: must be positive"),
+        ("environments.prod.schedule", "grace_period = -1",
+         "environments.prod.schedule.grace_period: must not be negative"),
+        ("environments.prod.schedule", 'interval = "0s"',
+         "environments.prod.schedule.interval: must be positive"),
+        ("environments.prod.makini", "default_token_lifetime = -86400",
+         "environments.prod.makini.default_token_lifetime: must be positive, not -1d"),
+    ],
+)
+def test_duration_keys_say_what_is_wrong(
+    tmp_path: Path, table: str, line: str, expected: str
+) -> None:
+    message = problems(tmp_path, _set(GOOD, table, line))
+    assert expected in message, message
+    assert "timedelta" not in message.lower()  # said in the file's terms, not pydantic's
+
+
+def test_a_credential_override_interval_is_checked_where_it_is_written(tmp_path: Path) -> None:
+    # before: accepted at load time, then a ValidationError (a traceback) when merged at run time
+    text = GOOD.replace(
+        'connection_id = "c-1"', 'connection_id = "c-1"\nschedule = { interval = "0s" }'
+    )
+    message = problems(tmp_path, text)
+    assert "environments.prod.credentials[0].schedule.interval: must be positive" in message
+
+
+def test_durations_at_their_bounds_load(tmp_path: Path) -> None:
+    text = _set(GOOD, "scheduler", 'tick = "1d"\nretry_after_failure = "0s"')
+    text = _set(text, "journal", 'lock_ttl = "1s"')
+    config = load_config(write(tmp_path, text))
+    assert config.scheduler.tick == timedelta(days=1)
+    assert config.scheduler.retry_after_failure == timedelta(0)
+    assert config.journal.lock_ttl == timedelta(seconds=1)
