@@ -866,6 +866,8 @@ class Journal:
                 hint="check that the database is reachable and writable",
             ) from exc
         except (SQLAlchemyError, sqlite3.Error) as exc:
+            if migrations.corrupt(exc):
+                raise migrations.corrupt_journal(self.where) from exc
             raise JournalError(
                 f"the journal database failed to {doing}: {type(exc).__name__}",
                 where=self.where,

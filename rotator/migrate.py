@@ -23,7 +23,7 @@ from typing import Literal
 import structlog
 from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DatabaseError, SQLAlchemyError
 
 from rotator.errors import JournalError
 
@@ -163,6 +163,15 @@ def _guard(where: str, doing: str) -> Iterator[None]:
         yield
     except JournalError:
         raise
+    except DatabaseError as exc:
+        if corrupt(exc):
+            raise corrupt_journal(where) from exc
+        raise JournalError(
+            f"failed to {doing}: {type(exc.orig or exc).__name__}",
+            where=where,
+            hint="check that the database is reachable and that this identity may create and "
+            "alter tables in it",
+        ) from exc
     except (SQLAlchemyError, OSError) as exc:
         name = type(getattr(exc, "orig", None) or exc).__name__
         raise JournalError(
@@ -171,3 +180,19 @@ def _guard(where: str, doing: str) -> Iterator[None]:
             hint="check that the database is reachable and that this identity may create and "
             "alter tables in it",
         ) from exc
+
+
+def corrupt(exc: BaseException) -> bool:
+    """Whether a database error says the SQLite file is not a journal (damaged or foreign)."""
+    text = str(getattr(exc, "orig", None) or exc).lower()
+    return "file is not a database" in text or "malformed" in text
+
+
+def corrupt_journal(where: str) -> JournalError:
+    return JournalError(
+        "the journal file is not a SQLite database, or it is damaged",
+        where=where,
+        hint="restore it from a backup, or move it aside and start an empty journal (see "
+        "docs/runbook.md, restore after losing the journal); do not delete it before the "
+        "rotations it holds are accounted for",
+    )

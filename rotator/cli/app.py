@@ -501,3 +501,7 @@ from rotator.cli.revoke import revoke_command  # noqa: E402 - registered after t
 
 app.command("revoke")(revoke_command)
 
+
+from rotator.cli import journal, ops  # noqa: E402 - register db, unaccounted, sync and doctor
+
+COMMAND_MODULES = (journal, ops)

@@ -295,3 +295,24 @@ def test_serve_on_a_port_in_use_says_so(tmp_path: Path, sim: SimServer) -> None:
     assert "Traceback" not in proc.stderr
     # nothing was rotated: serve stops before its scheduler starts
     assert sim.tokens("conn-e2e-a") == []
+
+
+def test_every_command_the_readme_names_exists() -> None:
+    # an import that registers commands was once dropped by an automatic fix: sync and doctor
+    # vanished from the CLI while the README still listed them
+    import re
+
+    from typer.main import get_command
+
+    from rotator.cli.app import app
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    named = set(re.findall(r"^\| `rotator ([a-z-]+(?: [a-z]+)?)", readme, flags=re.M))
+    assert {"serve", "run-due", "sync", "doctor"} <= {n.split()[0] for n in named}
+    root = get_command(app)
+    for name in sorted(named):
+        group, _, sub = name.partition(" ")
+        command = root.commands.get(group)  # type: ignore[attr-defined]
+        assert command is not None, f"README names `rotator {group}`, the CLI has none"
+        if sub and hasattr(command, "commands"):
+            assert sub in command.commands, f"README names `rotator {name}`, the CLI has none"
