@@ -110,7 +110,12 @@ async def collect(runtime: Runtime, environment: str | None = None) -> list[Cred
     states = runtime.journal.states()
     open_rot = {(r.environment, r.credential): r for r in runtime.journal.open_rotations()}
     revokes = {(r.environment, r.credential): r for r in runtime.journal.open_revokes()}
-    stalled = {lock.name: lock for lock in runtime.journal.locks() if lock.expires_at <= now}
+    # a holder renews its leases every third of lock_ttl: one with less than a third left has
+    # missed a heartbeat and more (it crashed, or it is stopped)
+    missed = runtime.journal.lock_ttl / 3
+    stalled = {
+        lock.name: lock for lock in runtime.journal.locks() if lock.expires_at - now < missed
+    }
 
     async def one(env: str, cred: str) -> dict[str, str | None]:
         rt = runtime.environments[env]
@@ -155,11 +160,15 @@ def _stalled(locks: dict[str, Lock], env: str, cred: str, now: datetime) -> str 
     lock = locks.get(f"{env}/{cred}")
     if lock is None:
         return None
+    left = lock.expires_at - now
+    if left.total_seconds() <= 0:
+        when = f"expired {human(-left)} ago"
+    else:
+        when = f"expires in {human(left)}"
     return (
-        f"its lease is held by {lock.owner}, which stopped renewing it: it expired "
-        f"{human(now - lock.expires_at)} ago (the process crashed or was stopped mid-drive); "
-        "another replica or the next "
-        "`rotator run-due` takes it over and resumes from the last journaled step"
+        f"its lease is held by {lock.owner}, which stopped renewing it (it {when}): the "
+        "process crashed or is stopped mid-drive; once it expires another replica or the next "
+        "`rotator run-due` takes the credential over from its last journaled step"
     )
 
 

@@ -28,6 +28,7 @@ async def make_runtime(tmp_path: Path, sim: SimServer) -> AsyncIterator[Factory]
         schedule: dict[str, Any] | None = None,
         backends: list[dict[str, Any]] | None = None,
         env: str = "prod",
+        lock_ttl: str | None = None,
     ) -> Runtime:
         creds = credentials or [{"name": "a", "connection_id": "conn-a"}]
         envs = {
@@ -51,7 +52,8 @@ async def make_runtime(tmp_path: Path, sim: SimServer) -> AsyncIterator[Factory]
             )
         }
         url = journal_url or f"sqlite:///{tmp_path / 'journal.db'}"
-        runtime = Runtime.open(make_config(tmp_path, url, envs))
+        journal = {"url": url, **({"lock_ttl": lock_ttl} if lock_ttl else {})}
+        runtime = Runtime.open(make_config(tmp_path, url, envs, journal=journal))
         opened.append(runtime)
         return runtime
 

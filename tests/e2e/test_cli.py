@@ -316,3 +316,29 @@ def test_every_command_the_readme_names_exists() -> None:
         assert command is not None, f"README names `rotator {group}`, the CLI has none"
         if sub and hasattr(command, "commands"):
             assert sub in command.commands, f"README names `rotator {name}`, the CLI has none"
+
+
+def test_status_names_a_credential_whose_lease_holder_stopped_and_the_next_run_resumes(
+    tmp_path: Path, sim: SimServer
+) -> None:
+    # a rotate killed mid-drive holds its lease until it expires: meanwhile status says so and
+    # exits 3 (before, it exited 0 with no attention and run-due reported "busy")
+    rotator = Rotator(tmp_path, sim)
+    config = rotator.config.read_text()
+    rotator.config.write_text(config.replace('lock_ttl = "1s"', 'lock_ttl = "3s"'))
+    killed = rotator("rotate", "prod", "a", env={"ROTATOR_FAULT_KILL_AFTER": "issued:a"})
+    assert killed.returncode == -signal.SIGKILL
+    time.sleep(2.2)  # two heartbeats missed
+    stalled = rotator("status", "prod")
+    assert stalled.returncode == 3, stalled.stderr
+    assert "STALLED" in stalled.stderr and "prod/a" in stalled.stderr
+    time.sleep(1.0)  # the lease expired
+    resumed = rotator("run-due", "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    outcomes = {
+        (r["environment"], r["credential"]): r["outcome"] for r in json.loads(resumed.stdout)
+    }
+    assert outcomes[("prod", "a")] == "rotated"
+    healthy = rotator("status")
+    assert healthy.returncode == 0, healthy.stderr
+    assert "STALLED" not in healthy.stderr
