@@ -1,6 +1,11 @@
 """``make run``: the Makini simulator and ``rotator serve`` on ``config/local.toml``.
 
-Two child processes, the same commands an operator would type; Ctrl-C stops both cleanly.
+Two child processes, the same commands an operator would type; Ctrl-C stops both cleanly: the
+children run in sessions of their own (the terminal's Ctrl-C reaches only this process), and
+``serve`` gets one SIGTERM and drains (its rotations in flight still need the simulator)
+before the simulator is stopped. ``ROTATOR_DEV_CONFIG``, ``ROTATOR_DEV_SIM_PORT`` and
+``ROTATOR_DEV_API_PORT`` change the configuration and the ports (the configuration's Makini
+URL must name the simulator's port).
 """
 
 from __future__ import annotations
@@ -16,9 +21,9 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parent.parent
-CONFIG = REPO / "config" / "local.toml"
-SIM_PORT = 8765
-API_PORT = 8080
+CONFIG = Path(os.environ.get("ROTATOR_DEV_CONFIG", REPO / "config" / "local.toml")).resolve()
+SIM_PORT = int(os.environ.get("ROTATOR_DEV_SIM_PORT", "8765"))
+API_PORT = int(os.environ.get("ROTATOR_DEV_API_PORT", "8080"))
 
 
 def _port_free(port: int) -> bool:
@@ -51,13 +56,18 @@ def main() -> None:
     env.setdefault("MAKINI_DEV_CLIENT_SECRET", "local-dev-secret")
     env["ROTATOR_CONFIG"] = str(CONFIG)
     rotator = [sys.executable, "-m", "rotator"]
-    sim = subprocess.Popen([*rotator, "makini-sim", "--port", str(SIM_PORT)], env=env)
+    sim = subprocess.Popen(
+        [*rotator, "makini-sim", "--port", str(SIM_PORT)], env=env, start_new_session=True
+    )
     serve: subprocess.Popen[bytes] | None = None
     try:
         _wait_http(f"http://127.0.0.1:{SIM_PORT}/_sim/connections", sim, "Makini simulator")
-        serve = subprocess.Popen([*rotator, "serve", "--port", str(API_PORT)], env=env)
+        serve = subprocess.Popen(
+            [*rotator, "serve", "--port", str(API_PORT)], env=env, start_new_session=True
+        )
         _wait_http(f"http://127.0.0.1:{API_PORT}/healthz", serve, "rotator")
-        cli = f"{REPO / '.venv/bin/rotator'} -c {CONFIG.relative_to(REPO)}"
+        shown = CONFIG.relative_to(REPO) if CONFIG.is_relative_to(REPO) else CONFIG
+        cli = f"{REPO / '.venv/bin/rotator'} -c {shown}"
         print(
             f"""
   Makini simulator   http://127.0.0.1:{SIM_PORT}   (tokens it issued: /_sim/tokens, no values)
@@ -76,17 +86,19 @@ def main() -> None:
         )
         serve.wait()
     except KeyboardInterrupt:
-        pass
+        print("\nstopping: rotations in flight finish first", flush=True)
     finally:
-        for proc in (serve, sim):
-            if proc is not None and proc.poll() is None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the drain
+        for proc in (serve, sim):  # serve first: it drains against the simulator
+            if proc is None:
+                continue
+            if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        for proc in (serve, sim):
-            if proc is not None:
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         print("stopped", flush=True)
 
 

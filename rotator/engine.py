@@ -330,8 +330,8 @@ class RotationEngine:
     # stopping ----------------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Take no new work: drives not started yet end ``parked``, drives in flight stop at
-        their next step boundary (the last journaled step stands)."""
+        """Take no new work: drives not started yet end ``parked``, and so does a drive that
+        was about to start a new rotation; drives in flight go on (:meth:`drain` bounds them)."""
         self.stopping = True
 
     async def drain(self, timeout_s: float) -> int:
@@ -627,9 +627,7 @@ class RotationEngine:
             Step.VERIFIED: self._promote,
         }
         promoted_now = False
-        while rot.step in steps:
-            if not (d.fresh and rot.step == Step.STARTED):  # a fresh row is asked at once
-                self._park_if_stopping(d, rot)
+        while rot.step in steps:  # once started, a drive finishes (the drain's deadline aside)
             rot = await steps[rot.step](d, rot)
             promoted_now = promoted_now or rot.step == Step.PROMOTED
             faults.checkpoint(rot.step, d.cred.name)
@@ -639,7 +637,6 @@ class RotationEngine:
             and rot.retire_after is not None
             and rot.retire_after <= utcnow()
         ):
-            self._park_if_stopping(d, rot)
             rot = await self._retire(d, rot, last=True)
             faults.checkpoint(rot.step, d.cred.name)
             outcome = "rotated" if promoted_now else "retired"

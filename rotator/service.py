@@ -100,9 +100,9 @@ class Stopper:
         if self.signalled is not None:  # the second signal: no more waiting
             log.warning("stopping.now", signal=signal.Signals(sig).name)
             self.drain_s = 0
-            if self._drain is not None:
-                for task in list(self.runtime.engine.driving):
-                    task.cancel()
+            self.runtime.engine.stop()
+            for task in self.runtime.engine.driving:
+                task.cancel()
             return
         self.signalled = sig
         log.info(
@@ -111,13 +111,22 @@ class Stopper:
             drain_s=self.drain_s,
             in_flight=self.runtime.engine.active,
         )
-        self.runtime.engine.stop()
         if self.on_stop is not None:
             self.on_stop()
-        self._drain = asyncio.get_running_loop().create_task(self.drain())
+        self._start_drain()
+
+    def _start_drain(self) -> asyncio.Task[int]:
+        if self._drain is None:
+            self.runtime.engine.stop()
+            self._drain = asyncio.get_running_loop().create_task(self._drained())
+        return self._drain
 
     async def drain(self) -> int:
-        """Drain now (also without a signal: the end of ``serve``)."""
+        """Drain now, or wait for the drain a signal started (also without a signal: the end
+        of ``serve``). Returns how many drives the deadline cancelled."""
+        return await self._start_drain()
+
+    async def _drained(self) -> int:
         cancelled = await self.runtime.engine.drain(self.drain_s)
         if cancelled:
             log.warning(
@@ -129,12 +138,12 @@ class Stopper:
         return cancelled
 
     async def __aexit__(self, *exc: object) -> None:
+        if self._drain is not None:
+            await self._drain  # a second signal still cuts it short meanwhile
         loop = asyncio.get_running_loop()
         for sig in self._installed:
             loop.remove_signal_handler(sig)
         self._installed = []
-        if self._drain is not None:
-            await self._drain
 
 
 class _Server(uvicorn.Server):
@@ -227,21 +236,20 @@ async def serve(
         )
 
     server.on_started = start_rotating
-    stopper = Stopper(runtime, drain_s, stop_serving)
-    try:
-        async with stopper:
+    async with Stopper(runtime, drain_s, stop_serving) as stopper:
+        try:
             with contextlib.suppress(SystemExit):  # uvicorn exits when it cannot bind: below
                 await server.serve()
             log.info("serve.stopping", signal=_signal_name(stopper.signalled))
             stop_serving()
-    finally:
-        await stopper.drain()  # no signal (uvicorn stopped by itself): drain all the same
-        if ticking:
-            await asyncio.wait(ticking, timeout=5)
-        if scheduler.running:
-            scheduler.shutdown(wait=False)
-        await runtime.aclose()
-        log.info("serve.stopped")
+        finally:
+            await stopper.drain()  # also without a signal (uvicorn stopped by itself)
+            if ticking:
+                await asyncio.wait(ticking, timeout=5)
+            if scheduler.running:
+                scheduler.shutdown(wait=False)
+            await runtime.aclose()
+            log.info("serve.stopped")
     if not server.started:
         raise ConfigError(
             f"cannot listen on {host}:{port}",

@@ -191,11 +191,11 @@ def test_run_due_in_worker_processes_and_one_killed(tmp_path: Path, sim: SimServ
 
 def test_sigterm_to_run_due_drains_its_workers(tmp_path: Path, sim: SimServer) -> None:
     # Kubernetes stops a CronJob's pod with SIGTERM to the parent: it passes it on, each worker
-    # stops taking work, parks what is in flight at its last journaled step and gives its
-    # leases back at once; the run reports, exits 0, and the next run completes the work
-    # without waiting for any lease to expire.
+    # stops taking work, gives what is in flight the drain (1 s here, shorter than the calls)
+    # and parks the rest at its last journaled step, gives its leases back at once; the run
+    # reports, exits 0, and the next run completes the work without waiting for a lease.
     sim.set(latency_ms=1000)  # each Makini call takes a second: the run is mid-way when stopped
-    rotator = Rotator(tmp_path, sim, top="[scheduler]\nprocesses = 2\n")
+    rotator = Rotator(tmp_path, sim, top='[scheduler]\nprocesses = 2\ndrain = "1s"\n')
     config = rotator.config.read_text()
     rotator.config.write_text(config.replace('lock_ttl = "1s"', 'lock_ttl = "1h"'))
     proc = rotator.start("--log-level", "info", "run-due", "--json")

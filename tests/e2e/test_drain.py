@@ -1,0 +1,193 @@
+"""SIGTERM and Ctrl-C: ``serve`` and ``make run`` drain, give their leases back, exit 0."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from rotator.crypto import generate_key
+from rotator.journal import Journal
+from rotator.makini import SimServer
+from tests.cli import RotatorCli
+
+REPO = Path(__file__).resolve().parents[2]
+
+CONFIG = """
+[journal]
+url = "sqlite:///journal.db"
+lock_ttl = "1h"
+
+[scheduler]
+tick = "1s"
+drain = "{drain}"
+
+[environments.prod]
+sealing_key = {{ env = "DRAIN_SEAL" }}
+[environments.prod.makini]
+base_url = "{url}"
+client_id = "test-prod"
+client_secret_env = "DRAIN_SECRET"
+[environments.prod.schedule]
+interval = "1h"
+grace_period = "0s"
+[[environments.prod.backends]]
+type = "file"
+path = "files/prod"
+key = {{ file = "keys/prod-file.key", generate = true }}
+{credentials}
+"""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def serve_cli(tmp_path: Path, sim: SimServer, *, drain: str, count: int) -> RotatorCli:
+    credentials = "".join(
+        f'[[environments.prod.credentials]]\nname = "c{i}"\nconnection_id = "conn-drain-{i}"\n'
+        for i in range(count)
+    )
+    text = CONFIG.format(url=sim.url, drain=drain, credentials=credentials)
+    env = {"DRAIN_SEAL": generate_key(), "DRAIN_SECRET": "test-prod-secret"}
+    return RotatorCli(tmp_path, text, env)
+
+
+def listening(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def wait_for(what: str, check: object, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_serve_drains_on_a_signal_and_gives_its_leases_back(
+    tmp_path: Path, sim: SimServer, sig: signal.Signals
+) -> None:
+    # before, SIGTERM killed serve with -15 before its drain (uvicorn re-raised the signal),
+    # and Ctrl-C printed an APScheduler job's CancelledError traceback
+    sim.set(latency_ms=300)
+    cli = serve_cli(tmp_path, sim, drain="10s", count=6)
+    port = free_port()
+    proc = cli.start("--log-format", "json", "serve", "--port", str(port))
+    wait_for("serve", lambda: listening(port))
+    journal = Journal(f"sqlite:///{tmp_path / 'journal.db'}", migrate="off")
+    try:
+        wait_for("a rotation in flight", lambda: len(sim.tokens(kind="access")) >= 1)
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 0, stderr[-3000:]
+        assert "Traceback" not in stderr and "CancelledError" not in stderr
+        events = re.findall(r'"event": "([a-z_.]+)"', stderr)
+        assert {"stopping", "serve.stopping", "serve.stopped"} <= set(events), events
+        assert events.index("stopping") < events.index("serve.stopped")
+        assert journal.locks() == []  # every lease given back at once
+        # what was in flight finished: no rotation is left half-way
+        assert [r.step for r in journal.open_rotations()] == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        journal.close()
+    sim.set(latency_ms=0)
+    done = cli("run-due", "--json")  # at once: no lease to wait for (lock_ttl is 1h)
+    assert done.returncode == 0, done.stderr
+    status = cli("status")
+    assert status.returncode == 0, status.stderr
+
+
+def test_a_second_signal_cuts_the_drain_short(
+    tmp_path: Path, sim: SimServer
+) -> None:
+    sim.set(latency_ms=3000)  # each call takes 3 s: the drain would wait
+    cli = serve_cli(tmp_path, sim, drain="30s", count=2)
+    port = free_port()
+    proc = cli.start("--log-format", "json", "serve", "--port", str(port))
+    wait_for("serve", lambda: listening(port))
+    journal = Journal(f"sqlite:///{tmp_path / 'journal.db'}", migrate="off")
+    try:
+        wait_for("a drive in flight", lambda: journal.locks() != [], timeout=30)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+        assert time.monotonic() - started < 10  # not the 30 s drain, nor a Makini call's 3 s x N
+        assert proc.returncode == 0, stderr[-3000:]
+        assert "Traceback" not in stderr and "stopping.now" in stderr
+        assert journal.locks() == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        journal.close()
+    sim.set(latency_ms=0)
+    done = cli("run-due", "--json")
+    assert done.returncode == 0, done.stderr
+
+
+def test_ctrl_c_on_make_run_stops_both_without_a_traceback(
+    tmp_path: Path, sim_server: SimServer
+) -> None:
+    # `make run`'s Ctrl-C reaches the whole terminal group. Before: about 60 lines of an
+    # APScheduler job's CancelledError, and a rotation left open.
+    sim_port, api_port = free_port(), free_port()
+    config = tmp_path / "config" / "local.toml"
+    config.parent.mkdir()
+    text = (REPO / "config" / "local.toml").read_text().replace("8765", str(sim_port))
+    config.write_text(text)
+    env = {
+        **os.environ,
+        "ROTATOR_DEV_CONFIG": str(config),
+        "ROTATOR_DEV_SIM_PORT": str(sim_port),
+        "ROTATOR_DEV_API_PORT": str(api_port),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rotator.devrun"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own group, as a terminal's foreground job
+    )
+    try:
+        journal_path = tmp_path / ".run" / "journal.db"
+
+        def rotated() -> bool:
+            try:
+                http = httpx.get(f"http://127.0.0.1:{sim_port}/_sim/tokens", timeout=1)
+            except httpx.HTTPError:
+                return False
+            return len(http.json()) >= 4
+
+        wait_for("the first rotations", rotated, timeout=60)
+        os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+        output, _ = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, output[-3000:]
+    assert "Traceback" not in output and "CancelledError" not in output, output[-3000:]
+    assert output.rstrip().endswith("stopped")
+    journal = Journal(f"sqlite:///{journal_path}", migrate="off")
+    try:
+        assert journal.locks() == []
+        assert [r.step for r in journal.open_rotations()] == []
+    finally:
+        journal.close()
