@@ -294,3 +294,18 @@ def test_identity_is_bound_for_irsa_workload_identity_and_vault(render: Render) 
                 "role": name,
                 "jwt_path": "/var/run/secrets/vault/token",
             }
+
+
+def test_the_pods_grace_period_covers_the_drain(render: Render) -> None:
+    # SIGTERM drains: rotations in flight get scheduler.drain, then serve closes its runtime
+    # and exits 0. A grace period shorter than that turns every rollout into a SIGKILL.
+    from datetime import timedelta
+
+    from rotator.settings import SchedulerSettings
+
+    config = tomllib.loads(render.config_toml())
+    scheduler = SchedulerSettings.model_validate(config.get("scheduler", {}))
+    needed = scheduler.drain + timedelta(seconds=5)
+    for workload, pod in render.workloads():
+        grace = timedelta(seconds=pod.get("terminationGracePeriodSeconds", 30))
+        assert grace >= needed, f"{render.id} {workload['kind']}: {grace} < drain + 5 s"
