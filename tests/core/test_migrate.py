@@ -317,3 +317,38 @@ def _empty(url: str) -> None:
     with psycopg.connect(plain, autocommit=True) as conn:
         conn.execute("DROP SCHEMA public CASCADE")
         conn.execute("CREATE SCHEMA public")
+
+
+@pytest.mark.postgres
+def test_the_runbooks_copy_from_sqlite_to_postgresql_works(tmp_path: Path, pg_url: str) -> None:
+    # docs/runbook.md, "From SQLite to PostgreSQL": the script an operator pastes, run as is
+    # (on a journal in a temporary folder instead of the pod's volume)
+    import re
+
+    runbook = (Path(__file__).resolve().parents[2] / "docs" / "runbook.md").read_text()
+    [script] = re.findall(r"python - <<'EOF'\n(.*?)\n\s*EOF", runbook, re.S)
+    script = "\n".join(line.removeprefix("   ") for line in script.splitlines())
+    source = tmp_path / "journal.db"
+    script = script.replace("/var/lib/rotator/journal.db", str(source))
+    old = Journal(f"sqlite:///{source}")
+    for i in range(3):
+        old.audit(actor="t", action="rotation.promoted", outcome="success", environment="prod")
+    old.set_state("prod", "a", current_version_id="v1")
+    old.close()
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**os.environ, "PG_URL": pg_url},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "audit 3" in proc.stdout
+    new = Journal(pg_url)
+    try:
+        new.audit(actor="t", action="after.copy", outcome="success")  # the sequence moved on
+        assert len(new.audit_entries(limit=10)) == 4
+        state = new.state("prod", "a")
+        assert state is not None and state.current_version_id == "v1"
+    finally:
+        new.close()
