@@ -88,17 +88,17 @@ async def sync(
 ) -> list[SyncChange]:
     """Repair every backend of ``environment`` that drifted from the journal's current version."""
     rt = runtime.environments[environment]
+    engine = runtime.engine
     states = runtime.journal.states(environment)
-    owner = runtime.engine.owner
     out: list[SyncChange] = []
     for cred in rt.settings.credentials:
         state = states.get((environment, cred.name))
         truth = state.current_version_id if state else None
-        if truth is None:
-            out.append(SyncChange(cred.name, "*", "no-truth", "never rotated: nothing to sync"))
-            continue
-        if dry_run:
-            held = await runtime.engine.backend_versions(environment, cred.name)
+        if dry_run or truth is None:
+            if truth is None:
+                out.append(SyncChange(cred.name, "*", "no-truth", "never rotated: nothing to sync"))
+                continue
+            held = await engine.backend_versions(environment, cred.name)
             out += [
                 SyncChange(
                     cred.name,
@@ -109,14 +109,23 @@ async def sync(
                 for b, v in held.items()
             ]
             continue
-        lock = f"{environment}/{cred.name}"
-        if not await asyncio.to_thread(runtime.journal.acquire, lock, owner):
+        # the truth is read again under the lease: a rotation that promoted a newer version
+        # since the list above was read must not be "repaired" back to the older one
+        lease = engine.new_lease(environment, cred.name, "sync")
+        if not await asyncio.to_thread(runtime.journal.acquire, *lease.key):
             out.append(SyncChange(cred.name, "*", "busy", "a rotation holds it; try again"))
             continue
+        engine.leases.add(lease)
         try:
+            state = await asyncio.to_thread(runtime.journal.state, environment, cred.name)
+            truth = state.current_version_id if state else None
+            if truth is None:
+                continue
+            await engine.leases.check(lease, f"{environment}/{cred.name}")
             changes = await asyncio.to_thread(_sync_one, rt.backends, cred.name, truth)
         finally:
-            await asyncio.to_thread(runtime.journal.release, lock, owner)
+            engine.leases.drop(lease)
+            await asyncio.to_thread(runtime.journal.release, *lease.key)
         repaired = [c for c in changes if c.action in ("promoted", "copied+promoted")]
         if repaired:
             await asyncio.to_thread(

@@ -36,6 +36,24 @@ async def test_sync_repairs_drift_and_reports(
     assert runtime.journal.audit_entries(action="backend.synced")
 
 
+async def test_sync_never_repairs_back_to_a_version_replaced_after_its_list_was_read(
+    make_runtime: Factory, sim: SimServer, monkeypatch: object
+) -> None:
+    # sync lists the journal's current versions, then takes each credential's lease: a
+    # rotation that promoted a newer version in between must not be "repaired" back to the
+    # older one (the decision is made again under the lease)
+    runtime = make_runtime()
+    await runtime.engine.rotate("prod", "a", reason="t", actor="t")
+    listed = runtime.journal.states("prod")  # sync's list, read now...
+    await runtime.engine.rotate("prod", "a", reason="t", actor="t")  # ...then a rotation
+    newer = runtime.journal.state("prod", "a")
+    assert newer is not None
+    runtime.journal.states = lambda environment=None: listed  # type: ignore[method-assign]
+    changes = await sync(runtime, "prod", actor="t")
+    assert {c.action for c in changes} == {"in-sync"}
+    assert {v.version_id for v in current(runtime) if v} == {newer.current_version_id}
+
+
 async def test_probe_checks_every_backend(make_runtime: Factory) -> None:
     runtime = make_runtime()
     results = await probe(runtime)
