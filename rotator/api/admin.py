@@ -36,19 +36,30 @@ NAME_PATH = Path(description="Credential name.", json_schema_extra={"pattern": N
 class RotateIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     reason: str = Field(default="admin api", min_length=1, max_length=500)
+    if_version: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9-]{1,64}$",
+        description="Rotate only if this is still the current version (the one the caller "
+        "saw); otherwise answer outcome `nothing`: another worker rotated it meanwhile. "
+        "Without it, the version current when the request arrives.",
+    )
 
 
 class RotateOut(BaseModel):
     environment: str
     credential: str
     outcome: str = Field(
-        description="rotated | retired | waiting | rolled_back | failed | busy | deferred | nothing"
+        description="rotated | retired | waiting | rolled_back | failed | busy | deferred | "
+        "parked | nothing"
     )
     ok: bool
     rotation_id: str | None
     version_id: str | None
     step: str | None
     error: str | None
+    detail: str | None = Field(
+        default=None, description="Why nothing was done (outcome `nothing`), or where it parked."
+    )
     duration_s: float
 
 
@@ -100,7 +111,15 @@ def router(state: ApiState) -> APIRouter:
         if name not in state.credentials.get(env, ()):
             raise ApiError(404, f"environment {env!r} has no credential {name!r}")
         reason = body.reason if body else "admin api"
-        result = await runtime.engine.rotate(env, name, reason=reason, actor=key.name)
+        if_version = body.if_version if body else None
+        result = await runtime.engine.rotate(
+            env,
+            name,
+            reason=reason,
+            actor=key.name,
+            seen=if_version is not None,
+            seen_version=if_version,
+        )
         await asyncio.to_thread(
             audit,
             key,

@@ -37,6 +37,19 @@ async def test_admin_rotate(serve: Factory, log_trap: LogTrap) -> None:
     # no body at all is fine too
     r = await api.http.post(url, headers=bearer(keys.admin["prod"]))
     assert r.status_code == 200
+    # if_version: only while that is still the current version (the caller's view is stale
+    # once another rotation happened: nothing is rotated twice)
+    stale = result["version_id"]
+    current = r.json()["version_id"]
+    again = await api.http.post(
+        url, headers=bearer(keys.admin["prod"]), json={"if_version": stale}
+    )
+    assert again.status_code == 200 and again.json()["outcome"] == "nothing"
+    assert "another worker rotated it" in again.json()["detail"]
+    fresh = await api.http.post(
+        url, headers=bearer(keys.admin["prod"]), json={"if_version": current}
+    )
+    assert fresh.json()["outcome"] == "rotated" and fresh.json()["version_id"] != current
 
 
 async def test_admin_revoke_hands_over_or_answers_501(

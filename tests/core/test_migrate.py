@@ -331,7 +331,7 @@ def test_the_runbooks_copy_from_sqlite_to_postgresql_works(tmp_path: Path, pg_ur
     source = tmp_path / "journal.db"
     script = script.replace("/var/lib/rotator/journal.db", str(source))
     old = Journal(f"sqlite:///{source}")
-    for i in range(3):
+    for _ in range(3):
         old.audit(actor="t", action="rotation.promoted", outcome="success", environment="prod")
     old.set_state("prod", "a", current_version_id="v1")
     old.close()
