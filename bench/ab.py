@@ -1,0 +1,81 @@
+"""A/B: one benchmark on an older commit and on this checkout, interleaved, in one run.
+
+    .venv/bin/python bench/ab.py --before REV [--rounds 3] -- bench_rotation.py [ARGS...]
+
+The older commit is checked out as a git worktree (``.ab/<rev>``, reused across runs); each round
+runs the benchmark script of that worktree on its code, then this checkout's script on this
+code (alternating which goes first), with this checkout's virtual environment: the worktree's
+modules come first on ``PYTHONPATH``. Each run's output is printed whole, labelled; compare the
+figures round by round (machine load moves both alike within a round).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def worktree(rev: str) -> Path:
+    sha = subprocess.run(
+        ["git", "rev-parse", "--short=12", rev],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    path = ROOT / ".ab" / sha
+    if not (path / "rotator").is_dir():
+        path.parent.mkdir(exist_ok=True)
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", "--force", str(path), sha],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
+    return path
+
+
+def run(label: str, tree: Path, script: str, args: list[str]) -> None:
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, str(tree / "bench" / script), *args],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    took = time.monotonic() - started
+    print(
+        f"--- {label} ({tree.name if tree != ROOT else 'this checkout'}), {took:.0f} s", flush=True
+    )
+    print(proc.stdout.rstrip(), flush=True)
+    if proc.returncode != 0:
+        print(f"[exit {proc.returncode}] {proc.stderr[-2000:]}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--before", required=True, help="the older commit (A)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("script", help="a script of bench/, e.g. bench_rotation.py")
+    parser.add_argument("args", nargs=argparse.REMAINDER)
+    options = parser.parse_args()
+    before = worktree(options.before)
+    args = [a for a in options.args if a != "--"]
+    for n in range(options.rounds):
+        pair = [("A", before), ("B", ROOT)]
+        if n % 2:
+            pair.reverse()
+        for label, tree in pair:
+            run(f"round {n + 1} {label}", tree, options.script, args)
+
+
+if __name__ == "__main__":
+    main()

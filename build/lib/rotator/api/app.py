@@ -1,0 +1,165 @@
+"""The app factory: the lean token router in front of a FastAPI app, and the background work
+(replica feed, read-record flushes, webhook worker) tied to the app's lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import structlog
+from fastapi import FastAPI
+
+from rotator.api import admin, docs, errors, ops, webhooks
+from rotator.api.feed import ReplicaFeed
+from rotator.api.gate import KeyGate
+from rotator.api.limits import BodyLimit
+from rotator.api.state import ApiState
+from rotator.api.tokens import TokenRoutes
+from rotator.readers import write_batch
+from rotator.webhooks import WebhookWorker
+
+if TYPE_CHECKING:
+    from rotator.runtime import Runtime
+
+log = structlog.get_logger("rotator.api")
+
+DESCRIPTION = """Serves Makini connection tokens to other services, receives Makini webhooks,
+and exposes admin actions, health and metrics.
+
+Authenticate with `Authorization: Bearer <key>` (keys from `rotator keys create`). A reader key
+reads tokens of one environment (optionally some credentials of it); an admin key calls the
+admin endpoints of one environment and reads no tokens. Every error answers
+`{"error": {"code", "message", "request_id"}}`.
+"""
+ADMIN_BODY_LIMIT = 16 * 1024
+
+
+class ApiApp(TokenRoutes):
+    """The ASGI app ``rotator serve`` runs. ``state`` is shared with tests and benchmarks."""
+
+    feed: ReplicaFeed
+    worker: WebhookWorker
+
+    async def flush_reads(self) -> int:
+        """Write the reads recorded in memory to the journal now; returns how many rows."""
+        state = self.state
+        batch = state.reads.take()
+        if not batch:
+            return 0
+        try:
+            await asyncio.to_thread(write_batch, state.runtime.journal, batch)
+        except Exception:
+            state.reads.put_back(batch)
+            raise
+        return len(batch)
+
+
+async def _every(
+    interval_s: float, wake: asyncio.Event | None, work: Callable[[], Awaitable[object]], what: str
+) -> None:
+    while True:
+        if wake is None:
+            await asyncio.sleep(interval_s)
+        else:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), interval_s)
+            wake.clear()
+        try:
+            await work()
+        except Exception as exc:  # noqa: BLE001 - the journal may come back; try again next time
+            log.warning(f"{what}.failed", error=type(exc).__name__)
+
+
+def build_app(runtime: Runtime) -> ApiApp:
+    state = ApiState.build(runtime)
+    settings = state.settings
+    feed = ReplicaFeed(
+        runtime.journal, state.cache, state.keys, poll_s=settings.replica_poll.total_seconds()
+    )
+    worker = WebhookWorker(
+        runtime.config,
+        runtime.journal,
+        runtime.engine,
+        on_event=lambda env, outcome: state.metrics.webhook_events.labels(
+            state.env_label(env), outcome
+        ).inc(),
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        state.cache.bind(asyncio.get_running_loop())
+        await asyncio.to_thread(feed.start)
+        engine = runtime.engine
+        engine.listeners.append(state.cache.on_promoted)
+        engine.revoke_listeners.append(state.cache.on_revoked)
+        engine.result_listeners.append(state.metrics.rotation)
+
+        async def drain_webhooks() -> None:
+            while await worker.run_once():
+                pass
+
+        tasks = [
+            asyncio.ensure_future(feed.run()),
+            asyncio.ensure_future(
+                _every(
+                    settings.readers.flush_interval.total_seconds(),
+                    None,
+                    app.flush_reads,
+                    "reads.flush",
+                )
+            ),
+            asyncio.ensure_future(
+                _every(
+                    settings.webhook_poll.total_seconds(),
+                    state.webhook_wake,
+                    drain_webhooks,
+                    "webhooks.worker",
+                )
+            ),
+        ]
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            engine.listeners.remove(state.cache.on_promoted)
+            engine.revoke_listeners.remove(state.cache.on_revoked)
+            engine.result_listeners.remove(state.metrics.rotation)
+            with contextlib.suppress(Exception):
+                await app.flush_reads()
+
+    fastapi = FastAPI(
+        title="Makini token rotator",
+        version="1",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        redoc_url=None,
+    )
+    errors.install(fastapi)
+    webhook_limit = max(
+        (rt.settings.webhook.max_body_bytes for rt in runtime.environments.values()),
+        default=ADMIN_BODY_LIMIT,
+    )
+    # token reads (the lean router), then the key (routes that need one), then the body limit
+    gate = KeyGate(
+        BodyLimit(
+            fastapi,
+            lambda path: webhook_limit if path.startswith("/v1/webhooks/") else ADMIN_BODY_LIMIT,
+        )
+    )
+    app = ApiApp(state, gate)
+    long_poll_max_s = int(settings.long_poll_max.total_seconds())
+    for router in (
+        docs.router(app, long_poll_max_s),
+        admin.router(state),
+        webhooks.router(state),
+        ops.router(state),
+    ):
+        gate.include(fastapi, router)
+    app.feed, app.worker = feed, worker
+    return app

@@ -1,0 +1,164 @@
+"""``rotator db`` (the journal's schema) and ``rotator unaccounted`` (tokens Makini may have
+issued that no backend holds)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from rotator.cli import render
+from rotator.cli.app import JsonOpt, _config, actor, app
+from rotator.errors import ConfigError, NotFound
+
+db_app = typer.Typer(
+    help="The journal's schema: which revision it is at, and migrating it.", no_args_is_help=True
+)
+unaccounted_app = typer.Typer(
+    help="Tokens Makini may have issued that no backend holds (a request whose answer was "
+    "lost): list them, acknowledge them once dealt with.",
+    no_args_is_help=True,
+)
+app.add_typer(db_app, name="db")
+app.add_typer(unaccounted_app, name="unaccounted")
+
+
+@db_app.command("current")
+def db_current(json_out: JsonOpt = False) -> None:
+    """The journal's schema revision and this release's; exits 1 unless they are the same."""
+    from rotator import migrate
+    from rotator.journal import Journal
+
+    cfg = _config()
+    journal = Journal(cfg.journal.url, migrate="off")
+    try:
+        found = migrate.state(journal.engine, journal.where)
+    finally:
+        journal.close()
+    if json_out:
+        render._json(
+            {
+                "journal": journal.where,
+                "revision": found.revision,
+                "head": found.head,
+                "current": found.current,
+                "newer": found.newer,
+            }
+        )
+    else:
+        render.console.print(f"{escape(journal.where)}: {escape(found.describe())}")
+        if not found.current and not found.newer:
+            render.console.print("`rotator db upgrade` migrates it")
+    if not found.current:
+        raise typer.Exit(1)
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Migrate the journal to this release's schema (safe while other replicas run or start:
+    one process migrates at a time, under a lock). Run it before a rollout when
+    journal.migrate = "manual"."""
+    from rotator import migrate
+    from rotator.journal import Journal
+
+    cfg = _config()
+    journal = Journal(cfg.journal.url, migrate="off")
+    try:
+        before, after = migrate.upgrade(journal.engine, journal.where, journal.migrate_lock)
+    finally:
+        journal.close()
+    if before == after:
+        render.console.print(f"{escape(journal.where)}: already at {after}, nothing to do")
+    else:
+        render.console.print(
+            f"{escape(journal.where)}: migrated from {before or 'no revision'} to {after}"
+        )
+
+
+@unaccounted_app.command("list")
+def unaccounted_list(
+    environment: Annotated[str | None, typer.Argument(help="One environment.")] = None,
+    closed: Annotated[
+        bool, typer.Option("--all", help="Also the resolved and acknowledged ones.")
+    ] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Tokens Makini may have issued that no backend holds: what was asked, when, for which
+    connection, why the answer was lost, and until when such a token can live."""
+    from rotator import unaccounted
+    from rotator.journal import Journal
+
+    cfg = _config()
+    if environment:
+        cfg.environment(environment)
+    journal = Journal.open(cfg.journal)
+    try:
+        rows = unaccounted.entries(journal, environment, include_closed=closed)
+    finally:
+        journal.close()
+    if json_out:
+        render._json([r.as_dict() for r in rows])
+        return
+    if not rows:
+        render.console.print("no unaccounted tokens" + ("" if closed else " open"))
+        return
+    table = Table(title="tokens Makini may have issued that no backend holds")
+    for col in ("id", "env", "credential", "connection", "asked at", "live until", "status"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(
+            str(r.id),
+            r.environment,
+            r.credential,
+            r.connection_id,
+            r.asked_at.isoformat(timespec="seconds"),
+            r.live_until.isoformat(timespec="seconds") if r.live_until else "unknown",
+            r.status,
+        )
+    render.console.print(table)
+    for r in rows:
+        closed_how = "" if r.status == unaccounted.OPEN else f" ({r.status}: {r.resolution})"
+        render.console.print(f"  {r.id}: {escape(r.cause + closed_how)}")
+    if any(r.status == unaccounted.OPEN for r in rows):
+        render.err.print(
+            "each open one may be a live token of its connection that nobody holds. Where "
+            "Makini kills older tokens on issue, the next rotation resolves it; otherwise it "
+            "lives until it expires, or until the connection is disconnected in Makini. Once "
+            "dealt with: `rotator unaccounted ack ENV ID... --reason TEXT` (docs/runbook.md)"
+        )
+
+
+@unaccounted_app.command("ack")
+def unaccounted_ack(
+    environment: str,
+    ids: Annotated[list[int], typer.Argument(help="Entry ids (`rotator unaccounted list`).")],
+    reason: Annotated[str, typer.Option(help="Recorded in the audit log.")] = "",
+) -> None:
+    """Acknowledge open entries once dealt with (audited with your name and the reason)."""
+    from rotator import unaccounted
+    from rotator.journal import Journal
+
+    cfg = _config()
+    cfg.environment(environment)
+    if not reason.strip():
+        raise ConfigError(
+            "acknowledging needs a reason (it is written to the audit log)",
+            hint='add --reason "disconnected in Makini, INC-1234"',
+        )
+    journal = Journal.open(cfg.journal)
+    try:
+        done = unaccounted.acknowledge(
+            journal, environment, ids, actor=actor(), reason=reason.strip()[:500]
+        )
+    finally:
+        journal.close()
+    missing = sorted(set(ids) - set(done))
+    for entry in done:
+        render.console.print(f"acknowledged {entry}")
+    if missing:
+        raise NotFound(
+            f"no open unaccounted token with id {', '.join(map(str, missing))} in {environment}",
+            hint=f"`rotator unaccounted list {environment}` shows the open ones",
+        )

@@ -1,0 +1,138 @@
+"""``rotator keys``: create, list and revoke the keys services use to read tokens from the API."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from typing import Annotated, TypeVar
+
+import typer
+from rich.markup import escape
+
+from rotator.errors import ConfigError
+from rotator.journal import Journal
+from rotator.keys import KeyInfo, create_key, list_keys, revoke_key
+from rotator.settings import Config
+
+T = TypeVar("T")
+
+keys_app = typer.Typer(
+    help="Reader and admin keys of the HTTP API (stored hashed in the journal).",
+    no_args_is_help=True,
+)
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+def _with_journal(work: Callable[[Config, Journal], T]) -> T:
+    from rotator.cli.app import _config
+
+    cfg = _config()
+    journal = Journal.open(cfg.journal)
+    try:
+        return work(cfg, journal)
+    finally:
+        journal.close()
+
+
+def _actor() -> str:
+    from rotator.cli.app import actor
+
+    return actor()
+
+
+@keys_app.command("create")
+def create(
+    environment: str,
+    name: Annotated[str, typer.Option("--name", help="The service that will use the key.")],
+    credentials: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated credentials it may read (default: all)."),
+    ] = None,
+    admin: Annotated[
+        bool, typer.Option("--admin", help="An admin key (admin endpoints; reads no tokens).")
+    ] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Create a key and print it once: it is stored hashed and cannot be shown again."""
+
+    def work(cfg: Config, journal: Journal) -> tuple[KeyInfo, str]:
+        env = cfg.environment(environment)
+        names = None
+        if credentials is not None:
+            names = [c.strip() for c in credentials.split(",") if c.strip()]
+            if not names:  # not "every credential": a typo must not widen a key
+                raise ConfigError(
+                    f"--credentials {credentials!r} names no credential",
+                    where="rotator keys create",
+                    hint="name at least one (--credentials a,b), or leave the option out for a "
+                    "key that reads every credential of the environment",
+                )
+        for n in names or []:
+            env.credential(n, environment)
+        return create_key(
+            journal, environment, name, credentials=names, admin=admin, actor=_actor()
+        )
+
+    info, key = _with_journal(work)
+    if json_out:
+        sys.stdout.write(json.dumps({**info.as_dict(), "key": key}, indent=2) + "\n")
+        return
+    from rotator.cli.render import console, err
+
+    err.print(
+        f"created {info.kind} key {info.key_id} '{escape(info.name)}' for environment "
+        f"{info.environment}; store it now, it is not shown again:"
+    )
+    console.print(key, markup=False, highlight=False, soft_wrap=True)
+
+
+@keys_app.command("list")
+def list_command(
+    environment: Annotated[str | None, typer.Option("--env", help="One environment.")] = None,
+    revoked: Annotated[bool, typer.Option("--revoked", help="Include revoked keys.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """The keys (never their secrets)."""
+    keys = _with_journal(lambda _cfg, journal: list_keys(journal, environment))
+    if not revoked:
+        keys = [k for k in keys if k.revoked_at is None]
+    if json_out:
+        sys.stdout.write(json.dumps([k.as_dict() for k in keys], indent=2) + "\n")
+        return
+    from rich.table import Table
+
+    from rotator.cli.render import console
+
+    table = Table(title="API keys")
+    for col in ("id", "name", "env", "kind", "credentials", "created", "revoked"):
+        table.add_column(col)
+    for k in keys:
+        table.add_row(
+            k.key_id,
+            escape(k.name),
+            k.environment,
+            k.kind,
+            ", ".join(sorted(k.credentials)) if k.credentials is not None else "all",
+            k.created_at.isoformat()[:19],
+            k.revoked_at.isoformat()[:19] if k.revoked_at else "-",
+        )
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def revoke(
+    key: Annotated[str, typer.Argument(help="Key id (or name, when one live key has it).")],
+    environment: Annotated[str | None, typer.Option("--env", help="Its environment.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Revoke a key: every API replica refuses it within a second."""
+    info = _with_journal(
+        lambda _cfg, journal: revoke_key(journal, key, environment=environment, actor=_actor())
+    )
+    if json_out:
+        sys.stdout.write(json.dumps(info.as_dict(), indent=2) + "\n")
+        return
+    from rotator.cli.render import console
+
+    console.print(f"revoked key {info.key_id} '{escape(info.name)}' of {info.environment}")

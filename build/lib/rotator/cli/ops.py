@@ -1,0 +1,79 @@
+"""``rotator sync`` and ``rotator doctor``: backends against the journal, and access probes."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from rotator.cli import render
+from rotator.cli.app import JsonOpt, _config, _run, _with_runtime, actor, app
+
+
+@app.command()
+def sync(
+    environment: str,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would change.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Repair backends that drifted from the journal: each backend of ENV is made to hold the
+    journal's current version as current (copied from a backend that holds it). Deletes nothing."""
+    cfg = _config()
+    cfg.environment(environment)
+
+    async def work(rt: Any) -> list[Any]:
+        from rotator.repair import sync as run_sync
+
+        return await run_sync(rt, environment, dry_run=dry_run, actor=actor())
+
+    changes = _run(_with_runtime, cfg, work, [environment])
+    if json_out:
+        render._json([c.as_dict() for c in changes])
+    else:
+        table = Table(
+            title=f"sync {environment}" + (" (dry run: nothing changed)" if dry_run else "")
+        )
+        for col in ("credential", "backend", "action", "detail"):
+            table.add_column(col)
+        for c in changes:
+            style = {"in-sync": "green", "failed": "bold red", "busy": "yellow"}.get(c.action, "")
+            table.add_row(
+                c.credential,
+                c.backend,
+                f"[{style}]{c.action}[/]" if style else c.action,
+                escape(c.detail),
+            )
+        render.console.print(table)
+    if any(c.action in ("failed", "busy") for c in changes):
+        raise typer.Exit(1)
+
+
+@app.command()
+def doctor(
+    environment: Annotated[str | None, typer.Argument(help="One environment.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Check each backend online: reachable, and the identity in use may write, read, make
+    unreadable and delete in its own environment's location (with a throwaway credential)."""
+    cfg = _config()
+    if environment:
+        cfg.environment(environment)
+
+    async def work(rt: Any) -> list[Any]:
+        from rotator.repair import probe
+
+        return await probe(rt, environment)
+
+    results = _run(_with_runtime, cfg, work, [environment] if environment else None)
+    if json_out:
+        render._json([r.as_dict() for r in results])
+    else:
+        for r in results:
+            mark = "[green]ok[/]" if r.ok else "[bold red]FAILED[/]"
+            render.console.print(f"{mark} {r.environment}/{r.backend} at {escape(r.location)}")
+            for step, outcome in r.steps.items():
+                render.console.print(f"    {step}: {escape(outcome)}")
+    if not all(r.ok for r in results):
+        raise typer.Exit(1)

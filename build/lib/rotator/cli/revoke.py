@@ -1,0 +1,306 @@
+"""``rotator revoke``: the emergency revoke command, its plan, its questions and its report."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from rotator.cli import render
+from rotator.cli.render import console, err
+from rotator.errors import ConfigError
+from rotator.logs import mask
+from rotator.revoke import STRATEGIES, CredentialPlan, CredentialReport, RevokeRequest
+
+EXIT_REFUSED = 2
+EXIT_INCOMPLETE = 1
+
+
+def revoke_command(
+    environment: Annotated[str, typer.Argument(help="The environment (one per command).")],
+    names: Annotated[
+        list[str] | None, typer.Argument(help="Credential name(s); or --all.", show_default=False)
+    ] = None,
+    all_: Annotated[
+        bool, typer.Option("--all", help="Every credential of the environment.")
+    ] = False,
+    version: Annotated[
+        str | None,
+        typer.Option(
+            "--version", help="current (default), previous, or a version id.", show_default=False
+        ),
+    ] = None,
+    no_replace: Annotated[
+        bool,
+        typer.Option(
+            "--no-replace",
+            help="Do not get a replacement (a token the kill itself produces is still stored).",
+        ),
+    ] = False,
+    reason: Annotated[
+        str | None, typer.Option("--reason", help="Why (required; audit log).", show_default=False)
+    ] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the plan; change nothing.")
+    ] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Finish revokes that stopped halfway.")
+    ] = False,
+    strategy: Annotated[
+        str | None,
+        typer.Option(
+            "--strategy",
+            help="Override revoke_strategy: issue, refresh, disconnect or auto.",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """EMERGENCY: make a compromised token invalid at Makini, replace it everywhere with no
+    grace period, purge it from every backend, and confirm Makini rejects it.
+
+    Pre-empts any rotation in flight. Prints the plan and asks first (--all: type the
+    environment's name); --dry-run changes nothing. Exits 1 if anything could not be done or
+    confirmed, naming what to do next."""
+    from rotator.cli.app import _config, _run, _with_runtime, actor
+
+    if strategy is not None and strategy not in STRATEGIES:
+        raise ConfigError(f"unknown --strategy {strategy!r}", hint=f"use {', '.join(STRATEGIES)}")
+    req = RevokeRequest(
+        environment=environment,
+        names=tuple(names or ()),
+        all=all_,
+        version=version,
+        replace=not no_replace,
+        reason=(reason or "").strip(),
+        actor=actor(),
+        strategy=strategy,
+        resume=resume,
+    )
+    req.validate()
+    cfg = _config()
+    env = cfg.environment(environment)
+    for n in req.names:
+        env.credential(n, environment)
+
+    async def work(runtime: Any) -> tuple[list[CredentialPlan], list[CredentialReport] | None]:
+        from rotator.revoke import Revoker
+
+        revoker = Revoker(runtime.engine)
+        plans = await revoker.plan(req)
+        if not dry_run:
+            show_plan(plans, req, json_out=json_out, quiet=json_out)
+            if not resume:
+                confirm(req, plans, yes=yes)
+        if dry_run or not any(p.action != "skip" for p in plans):
+            return plans, None
+        with progress(len(plans), quiet=json_out) as tick:
+            return plans, await revoker.run(req, plans, tick)
+
+    plans, reports = _run(_with_runtime, cfg, work, [environment])
+    if reports is None:
+        if json_out:
+            _json(
+                {
+                    "environment": environment,
+                    "dry_run": dry_run,
+                    "plan": [p.as_dict() for p in plans],
+                }
+            )
+        elif dry_run:
+            show_plan(plans, req, json_out=False, quiet=False)
+            console.print("[dim]dry run: nothing was changed[/]")
+        else:
+            console.print("nothing to revoke")
+        return
+    if json_out:
+        _json(
+            {
+                "environment": environment,
+                "dry_run": False,
+                "plan": [p.as_dict() for p in plans],
+                "results": [r.as_dict() for r in reports],
+                "ok": all(r.ok for r in reports),
+            }
+        )
+    else:
+        show_report(reports)
+    if not all(r.ok for r in reports):
+        raise typer.Exit(EXIT_INCOMPLETE)
+
+
+# --- asking ------------------------------------------------------------------------------------
+
+
+def confirm(req: RevokeRequest, plans: Sequence[CredentialPlan], *, yes: bool) -> None:
+    """Ask before revoking: y/N, or typing the environment's name for --all. Without a
+    terminal, refuse unless --yes was given."""
+    if yes or not any(p.action == "revoke" for p in plans):
+        return
+    if not interactive():
+        err.print(
+            "[bold red]refusing to revoke without confirmation:[/] stdin is not a terminal. "
+            "Check the plan (--dry-run), then run again with --yes."
+        )
+        raise typer.Exit(EXIT_REFUSED)
+    count = sum(p.action == "revoke" for p in plans)
+    if req.all:
+        typed = typer.prompt(
+            f"This revokes {count} credential(s) of environment {req.environment!r}. "
+            "Type the environment's name to go on",
+            err=True,  # stdout is the report (--json): questions go to the terminal's stderr
+        )
+        if typed.strip() != req.environment:
+            err.print("[red]the name does not match: nothing was changed[/]")
+            raise typer.Exit(EXIT_REFUSED)
+        return
+    if not typer.confirm(f"Revoke {count} credential(s) in {req.environment!r} now?", err=True):
+        err.print("nothing was changed")
+        raise typer.Exit(EXIT_REFUSED)
+
+
+def interactive() -> bool:
+    return sys.stdin.isatty()
+
+
+def progress(total: int, *, quiet: bool) -> Any:
+    """A progress bar on stderr for several credentials, when a person is watching."""
+    return render.progress(quiet or total < 2, label="revoking", total=total)
+
+
+# --- showing -----------------------------------------------------------------------------------
+
+
+def _json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _v(vid: str | None) -> str:
+    return vid[:13] if vid else "-"
+
+
+def show_plan(
+    plans: Sequence[CredentialPlan], req: RevokeRequest, *, json_out: bool, quiet: bool
+) -> None:
+    if quiet:
+        return
+    title = f"EMERGENCY REVOKE plan: {req.environment}" + (" (resume)" if req.resume else "")
+    table = Table(title=title, title_style="bold red")
+    for col in ("credential", "action", "target", "kill", "replacement", "pre-empts", "purge"):
+        table.add_column(col)
+    for p in plans:
+        action = {"revoke": "[bold red]revoke[/]", "resume": "[yellow]resume[/]"}.get(
+            p.action, "[dim]skip[/]"
+        )
+        target = f"{_v(p.target_version)} ({p.target_stage or '-'})" if p.target_version else "-"
+        kill = p.method + (" → disconnect" if p.escalate else "") if p.action == "revoke" else ""
+        table.add_row(
+            p.credential,
+            action,
+            target,
+            kill,
+            escape(p.replacement or p.why),
+            escape(p.preempts or "-"),
+            ", ".join(_v(v) for v in p.purge) or "-",
+        )
+    console.print(table)
+    console.print(f"backends: {', '.join(plans[0].backends) if plans else '-'}")
+    if req.reason:
+        # masked as in the logs: an operator may have pasted the leaked token into it
+        console.print(f"reason: {escape(mask(req.reason))}    actor: {escape(req.actor)}")
+    for p in plans:
+        for note in p.notes:
+            console.print(f"  {p.credential}: {escape(note)}", style="dim")
+        for warning in p.warnings:
+            err.print(f"[bold red]WARNING[/] {p.credential}: {escape(warning)}")
+    disconnects = [p for p in plans if p.may_disconnect]
+    if disconnects:
+        err.print(
+            f"[bold red]{len(disconnects)} connection(s) may be DISCONNECTED at Makini: each "
+            "customer must then reconnect before the credential works again[/]"
+        )
+
+
+_OUTCOME_STYLE = {
+    "revoked": "bold green",
+    "skipped": "dim",
+    "unconfirmed": "bold red",
+    "incomplete": "bold red",
+    "busy": "yellow",
+    "failed": "bold red",
+}
+
+
+def _yes_no(value: bool | None, yes: str = "yes", no: str = "NO") -> str:
+    if value is None:
+        return "[yellow]unknown[/]"
+    return f"[green]{yes}[/]" if value else f"[bold red]{no}[/]"
+
+
+def show_report(reports: Sequence[CredentialReport]) -> None:
+    table = Table(title="emergency revoke: report")
+    for col in (
+        "credential",
+        "outcome",
+        "old",
+        "dead at Makini",
+        "replacement",
+        "kill",
+        "replace",
+        "purge",
+        "confirm",
+        "total",
+    ):
+        table.add_column(col)
+    for r in reports:
+        t = r.timings
+        style = _OUTCOME_STYLE.get(r.outcome, "")
+        table.add_row(
+            r.credential,
+            f"[{style}]{r.outcome}[/]",
+            f"{_v(r.old_version)} {r.old_fingerprint or ''}",
+            _yes_no(r.old_dead) if r.outcome != "skipped" else "-",
+            _v(r.replacement_version) + (" (adopted)" if r.adopted_from else ""),
+            *(
+                f"{t[k]:.2f}s" if k in t else "-"
+                for k in ("kill_s", "replace_s", "purge_s", "confirm_s", "total_s")
+            ),
+        )
+    console.print(table)
+    many = len(reports) > 20
+    for r in reports:
+        if r.backends and not (many and r.ok):
+            bt = Table(title=f"{r.environment}/{r.credential}: backends", show_edge=False)
+            for col in ("backend", "ok", "done", "error", "time"):
+                bt.add_column(col)
+            for name, b in r.backends.items():
+                bt.add_row(
+                    name,
+                    _yes_no(b.ok),
+                    escape("; ".join(b.actions) or "-"),
+                    escape("; ".join(b.errors)),
+                    f"{b.duration_s:.2f}s",
+                )
+            console.print(bt)
+        if r.disconnected:
+            err.print(
+                f"[bold red]DISCONNECTED[/] {r.environment}/{r.credential}: the connection was "
+                "deleted at Makini; the customer must reconnect"
+            )
+        if r.error:
+            err.print(f"[bold red]{r.outcome}[/] {r.environment}/{r.credential}: {escape(r.error)}")
+        for step in r.next_steps:
+            err.print(f"[bold]next[/] {r.environment}/{r.credential}: {escape(step)}")
+    done = sum(r.outcome == "revoked" for r in reports)
+    bad = [r for r in reports if not r.ok]
+    summary = f"{done} revoked and confirmed dead at Makini"
+    if bad:
+        err.print(f"[bold red]{summary}; {len(bad)} NOT complete: see above[/]")
+    else:
+        console.print(f"[green]{summary}[/]")

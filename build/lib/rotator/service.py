@@ -1,0 +1,263 @@
+"""Long-running and one-shot modes: ``rotator serve`` and ``rotator run-due``.
+
+Both ask :func:`rotator.schedule.plan` what is due and hand it to the engine, which decides again
+under each credential's lease; ``serve`` does so on every scheduler tick (APScheduler, one job,
+never two ticks at once) while it serves the HTTP API. On SIGTERM or Ctrl-C both drain
+(:class:`Stopper`): no new work, what is in flight finishes or parks within
+``scheduler.drain``, every lease goes back at once, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC
+from pathlib import Path
+from typing import Any
+
+import structlog
+import uvicorn
+
+from rotator.engine import RotationResult, Work
+from rotator.errors import ConfigError
+from rotator.model import utcnow
+from rotator.runtime import Runtime
+from rotator.schedule import plan
+from rotator.settings import Config
+
+log = structlog.get_logger("rotator.service")
+
+
+async def run_due_once(
+    runtime: Runtime,
+    *,
+    environments: list[str] | None = None,
+    progress: Callable[[RotationResult], None] | None = None,
+) -> list[RotationResult]:
+    """Resume open rotations, retire what is past its grace period, rotate what is due."""
+    return await rotate_work(runtime, await due_work(runtime, environments), progress)
+
+
+async def due_work(runtime: Runtime, environments: list[str] | None = None) -> list[Work]:
+    """What is due now: each credential to resume, retire or rotate."""
+    from rotator.readers import end_grace_early
+
+    # where configured, a grace period ends once every recent reader has the new version
+    await asyncio.to_thread(end_grace_early, runtime.config, runtime.journal)
+    return [
+        Work(i.environment, i.credential, i.reason)
+        for i in plan(runtime.config, runtime.journal, utcnow(), environments=environments)
+        if i.is_due and i.environment in runtime.environments
+    ]
+
+
+async def rotate_work(
+    runtime: Runtime,
+    work: Sequence[Work],
+    progress: Callable[[RotationResult], None] | None = None,
+) -> list[RotationResult]:
+    if not work:
+        return []
+    log.info("run_due.start", due=len(work))
+    results = await runtime.engine.rotate_many(work, actor="scheduler", progress=progress)
+    failed = [r for r in results if not r.ok]
+    log.info("run_due.done", due=len(work), failed=len(failed))
+    return results
+
+
+class Stopper:
+    """SIGTERM and SIGINT, handled as every rollout and every Ctrl-C needs: the first one stops
+    new work (``engine.stop``; ``on_stop`` for the mode's own part) and starts the drain (drives
+    in flight get ``drain_s`` to finish, then park at their last journaled step; every lease
+    goes back at once); a second one cuts the drain short. Used as an async context manager on
+    the running loop (main thread only); the drain is awaited on the way out."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(
+        self, runtime: Runtime, drain_s: float, on_stop: Callable[[], None] | None = None
+    ) -> None:
+        self.runtime = runtime
+        self.drain_s = drain_s
+        self.on_stop = on_stop
+        self.signalled: int | None = None
+        self._drain: asyncio.Task[int] | None = None
+        self._installed: list[int] = []
+
+    async def __aenter__(self) -> Stopper:
+        loop = asyncio.get_running_loop()
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                loop.add_signal_handler(sig, self._on_signal, sig)
+                self._installed.append(sig)
+        return self
+
+    def _on_signal(self, sig: int) -> None:
+        if self.signalled is not None:  # the second signal: no more waiting
+            log.warning("stopping.now", signal=signal.Signals(sig).name)
+            self.drain_s = 0
+            self.runtime.engine.stop()
+            for task in self.runtime.engine.driving:
+                task.cancel()
+            return
+        self.signalled = sig
+        log.info(
+            "stopping",
+            signal=signal.Signals(sig).name,
+            drain_s=self.drain_s,
+            in_flight=self.runtime.engine.active,
+        )
+        if self.on_stop is not None:
+            self.on_stop()
+        self._start_drain()
+
+    def _start_drain(self) -> asyncio.Task[int]:
+        if self._drain is None:
+            self.runtime.engine.stop()
+            self._drain = asyncio.get_running_loop().create_task(self._drained())
+        return self._drain
+
+    async def drain(self) -> int:
+        """Drain now, or wait for the drain a signal started (also without a signal: the end
+        of ``serve``). Returns how many drives the deadline cancelled."""
+        return await self._start_drain()
+
+    async def _drained(self) -> int:
+        cancelled = await self.runtime.engine.drain(self.drain_s)
+        if cancelled:
+            log.warning(
+                "stopping.parked",
+                drives=cancelled,
+                detail="the drain timed out: these stopped mid-step and resume from their "
+                "last journaled step",
+            )
+        return cancelled
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._drain is not None:
+            await self._drain  # a second signal still cuts it short meanwhile
+        loop = asyncio.get_running_loop()
+        for sig in self._installed:
+            loop.remove_signal_handler(sig)
+        self._installed = []
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, minus its signal handling: it would re-raise SIGTERM once it stops serving and
+    kill the process before the drain. :class:`Stopper` handles the signals instead.
+    ``on_started`` runs once it listens."""
+
+    on_started: Callable[[], None] | None = None
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and self.on_started is not None:
+            self.on_started()
+
+
+async def serve(
+    config: Config,
+    *,
+    host: str,
+    port: int,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+) -> None:
+    from apscheduler.schedulers.asyncio import AsyncIOScheduler
+    from apscheduler.triggers.interval import IntervalTrigger
+
+    from rotator.api import build_app
+
+    runtime = Runtime.open(config)
+    scheduler = AsyncIOScheduler(timezone=UTC)
+    ticking: set[asyncio.Task[Any]] = set()
+
+    async def tick() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        ticking.add(task)
+        try:
+            await run_due_once(runtime)
+        except Exception:  # a tick must never kill the scheduler; the journal keeps the work
+            log.exception("tick.failed")
+        finally:
+            ticking.discard(task)
+
+    scheduler.add_job(
+        tick,
+        IntervalTrigger(seconds=max(1.0, config.scheduler.tick.total_seconds())),
+        id="run-due",
+        next_run_time=utcnow(),
+        max_instances=1,
+        coalesce=True,
+        misfire_grace_time=None,
+    )
+    app = build_app(runtime)
+    drain_s = config.scheduler.drain.total_seconds()
+    server = _Server(
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            log_config=None,  # uvicorn logs through rotator.logs (structlog, masked)
+            access_log=False,
+            lifespan="on",
+            ssl_certfile=tls_cert,
+            ssl_keyfile=tls_key,
+            timeout_graceful_shutdown=max(1, int(drain_s)),
+        )
+    )
+
+    def stop_serving() -> None:
+        if scheduler.running:
+            scheduler.pause()  # no new tick; the one running parks its drives
+        server.should_exit = True  # uvicorn stops accepting, finishes the requests in flight
+
+    def start_rotating() -> None:
+        # rotate only once the API listens: a port in use must stop serve before any work
+        if not server.should_exit:
+            scheduler.start()
+        log.info(
+            "serve.started",
+            host=host,
+            port=port,
+            environments=list(runtime.environments),
+            tick_s=config.scheduler.tick.total_seconds(),
+            rotating=scheduler.running,
+        )
+
+    server.on_started = start_rotating
+    async with Stopper(runtime, drain_s, stop_serving) as stopper:
+        try:
+            with contextlib.suppress(SystemExit):  # uvicorn exits when it cannot bind: below
+                await server.serve()
+            log.info("serve.stopping", signal=_signal_name(stopper.signalled))
+            stop_serving()
+        finally:
+            await stopper.drain()  # also without a signal (uvicorn stopped by itself)
+            if ticking:
+                await asyncio.wait(ticking, timeout=5)
+            if scheduler.running:
+                scheduler.shutdown(wait=False)
+            await runtime.aclose()
+            log.info("serve.stopped")
+    if not server.started:
+        raise ConfigError(
+            f"cannot listen on {host}:{port}",
+            where="rotator serve",
+            hint="the port is in use or not allowed here: stop what holds it, or choose "
+            "another with --port",
+        )
+
+
+def _signal_name(sig: int | None) -> str | None:
+    return signal.Signals(sig).name if sig is not None else None

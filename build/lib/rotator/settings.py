@@ -1,0 +1,669 @@
+"""Configuration: one TOML file plus environment variables, validated up front.
+
+The file names environments; each has its Makini settings, its backends, its sealing key, a
+default schedule and its credentials. Secrets never sit in the file: it names the environment
+variables (or key files) that hold them. Relative paths are relative to the file's folder.
+
+Process-level settings come from the environment (``ROTATOR_CONFIG``, ``ROTATOR_JOURNAL_URL``,
+``ROTATOR_LOG_FORMAT``, ``ROTATOR_LOG_LEVEL``) through pydantic-settings.
+
+Every validation error is turned into a :class:`~rotator.errors.ConfigError` that lists each
+problem with its key path (``environments.prod.credentials[2].connection_id``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tomllib
+from datetime import UTC, datetime, time, timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from backends import registry
+from backends.base import NAME_PATTERN, BackendSettings
+from rotator.apart import storage_conflicts
+from rotator.crypto import KeySource
+from rotator.errors import ConfigError, NotFound
+
+ENV_NAME_PATTERN = r"^[a-z][a-z0-9-]{0,31}$"
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_LONGEST = timedelta(days=36500)
+"""No duration in the configuration may exceed a century: beyond that, adding one to a date (or
+handing it to a timer) overflows, and nothing here means to wait that long."""
+_ISO_DURATION = TypeAdapter(timedelta)
+_EXAMPLES = "write e.g. '30d', '12h', '1h30m', '90s' or '250ms'"
+
+
+def format_duration(value: timedelta) -> str:
+    """The shortest way to write ``value`` in the configuration's syntax (``"1d"``, ``"90s"``)."""
+    ms = round(value.total_seconds() * 1000)
+    if ms == 0:
+        return "0s"
+    parts, rest = [], abs(ms)
+    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)):
+        if rest >= size:
+            parts.append(f"{rest // size}{unit}")
+            rest %= size
+    if rest:
+        parts.append(f"{rest}ms")
+    return ("-" if ms < 0 else "") + "".join(parts)
+
+
+def parse_duration(value: object) -> object:
+    """Accept ``"30d"``, ``"1h30m"``, ``"90s"``, ``"250ms"``, a number of seconds, or anything
+    pydantic takes as a timedelta (ISO 8601 ``"P30D"``). A value too large for a timedelta is a
+    ValueError (which the configuration reports under its key), never an OverflowError."""
+    if isinstance(value, str) and not value.strip().upper().startswith("P"):
+        text = value.replace(" ", "").lower()
+        parts = _DURATION.findall(text)
+        if not parts or "".join(n + u for n, u in parts) != text:
+            raise ValueError(f"{value[:40]!r} is not a duration: {_EXAMPLES}")
+        return _seconds(sum(float(n) * _UNITS[u] for n, u in parts), value)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return _seconds(float(value), value)
+    if isinstance(value, str):  # ISO 8601, "P30D"
+        try:
+            parsed = _ISO_DURATION.validate_python(value.strip())
+        except ValidationError:
+            raise ValueError(f"{value[:40]!r} is not a duration (or far too long): "
+                             f"{_EXAMPLES}") from None
+        return _seconds(parsed.total_seconds(), value)
+    if isinstance(value, timedelta):
+        _seconds(value.total_seconds(), format_duration(value))  # within a century
+        return value
+    raise ValueError(f"not a duration: {_EXAMPLES}")
+
+
+def _seconds(seconds: float, written: object) -> timedelta:
+    shown = f"{str(written)[:40]!r}"
+    if not math.isfinite(seconds):
+        raise ValueError(f"{shown} is not a duration: {_EXAMPLES}")
+    if abs(seconds) > _LONGEST.total_seconds():
+        raise ValueError(f"{shown} is far too long: at most {format_duration(_LONGEST)}")
+    return timedelta(seconds=seconds)
+
+
+def _sign(*, positive: bool) -> AfterValidator:
+    def check(value: timedelta) -> timedelta:
+        if positive and value <= timedelta(0):
+            raise ValueError(f"must be positive, not {format_duration(value)}")
+        if value < timedelta(0):
+            raise ValueError(f"must not be negative, not {format_duration(value)}")
+        return value
+
+    return AfterValidator(check)
+
+
+def bounds(least: timedelta | None = None, most: timedelta | None = None) -> AfterValidator:
+    """Bounds of one duration key (beyond its sign and the century every duration stays
+    within), said in the configuration's own syntax."""
+
+    def check(value: timedelta) -> timedelta:
+        if least is not None and value < least:
+            raise ValueError(
+                f"must be at least {format_duration(least)}, not {format_duration(value)}"
+            )
+        if most is not None and value > most:
+            raise ValueError(
+                f"must be at most {format_duration(most)}, not {format_duration(value)}"
+            )
+        return value
+
+    return AfterValidator(check)
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration), _sign(positive=False)]
+"""A duration key that may be zero: parsed by :func:`parse_duration`, zero to a century."""
+PositiveDuration = Annotated[timedelta, BeforeValidator(parse_duration), _sign(positive=True)]
+"""A duration key that must be above zero (ticks, intervals, TTLs, poll periods)."""
+
+_SECOND = timedelta(seconds=1)
+_HOUR = timedelta(hours=1)
+_DAY = timedelta(days=1)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Window(_Model):
+    """Rotations not forced by expiry start only inside this daily window (local ``timezone``)."""
+
+    start: time
+    end: time
+    days: list[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]] | None = None
+
+    def contains(self, moment: datetime, tz: ZoneInfo) -> bool:
+        local = moment.astimezone(tz)
+        day = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")[local.weekday()]
+        t = local.time().replace(tzinfo=None)
+        if self.start <= self.end:
+            inside = self.start <= t < self.end
+        else:  # wraps midnight, e.g. 22:00-04:00
+            inside = t >= self.start or t < self.end
+            if t < self.end:
+                day = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")[(local.weekday() - 1) % 7]
+        return inside and (self.days is None or day in self.days)
+
+
+class ScheduleOverride(_Model):
+    """Any subset of the schedule keys, set on a credential over its environment's schedule."""
+
+    interval: Annotated[PositiveDuration, bounds(least=_SECOND)] | None = None
+    cron: str | None = None
+    timezone: str | None = None
+    jitter: Duration | None = None
+    window: Window | None = None
+    rotate_before_expiry: Duration | None = None
+    grace_period: Duration | None = None
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        if value is not None:
+            from apscheduler.triggers.cron import CronTrigger
+
+            try:
+                CronTrigger.from_crontab(value, timezone=UTC)
+            except ValueError as exc:
+                raise ValueError(f"not a crontab expression ({exc})") from None
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                ZoneInfo(value)
+            except (ZoneInfoNotFoundError, ValueError):
+                raise ValueError(f"unknown time zone {value!r} (use e.g. 'UTC')") from None
+        return value
+
+
+class Schedule(ScheduleOverride):
+    """When a credential rotates. Set ``interval`` or ``cron`` (or neither: expiry only)."""
+
+    timezone: str | None = "UTC"
+    jitter: Duration | None = timedelta(0)
+    rotate_before_expiry: Duration | None = timedelta(days=7)
+    grace_period: Duration | None = timedelta(hours=1)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Schedule:
+        if self.interval is not None and self.cron is not None:
+            raise ValueError("set either 'interval' or 'cron', not both")
+        return self
+
+    def merged(self, override: ScheduleOverride | None) -> Schedule:
+        if override is None:
+            return self
+        data = self.model_dump()
+        data.update(override.model_dump(exclude_unset=True))
+        if "cron" in override.model_fields_set:
+            data["interval"] = None if override.cron else data["interval"]
+        if "interval" in override.model_fields_set and override.interval:
+            data["cron"] = None
+        return Schedule.model_validate(data)
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone or "UTC")
+
+
+class RetrySettings(_Model):
+    """How the Makini client retries transient failures (429, 5xx, timeouts)."""
+
+    max_attempts: int = Field(default=5, ge=1, le=20)
+    base_delay_s: float = Field(default=0.5, gt=0, le=60)
+    max_delay_s: float = Field(default=30.0, gt=0, le=600)
+    total_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+
+
+class MakiniSettings(_Model):
+    base_url: str = "https://api.makini.io"
+    client_id: str = Field(min_length=1)
+    client_secret_env: str = Field(
+        min_length=1, description="Name of the environment variable holding the client secret."
+    )
+    timeout_s: float = Field(default=10.0, gt=0, le=300)
+    retry: RetrySettings = RetrySettings()
+    issue_invalidates_previous: bool | None = Field(
+        default=None,
+        description="Whether issuing a token kills the previous one at once (undocumented). "
+        "None: unknown; the engine verifies and keeps the grace period.",
+    )
+    expires_in: Literal["auto", "timestamp", "seconds"] = Field(
+        default="auto",
+        description="How to read expires_in: Unix timestamp, a duration, or guess by size.",
+    )
+    default_token_lifetime: Annotated[PositiveDuration, bounds(least=_SECOND)] = Field(
+        default=timedelta(days=30), description="Assumed when Makini gives no expiry."
+    )
+    revoke_path: str | None = Field(
+        default=None,
+        description="An undocumented token revocation endpoint, if the account has one, "
+        "e.g. '/api/system/tokens/revoke'. Without it a token can only die by expiry, by a "
+        "newer token (where issuing invalidates), or by disconnecting the connection.",
+    )
+    max_concurrency: int = Field(default=32, ge=1, le=1000)
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("must be an http(s) URL such as https://api.makini.io")
+        return value.rstrip("/")
+
+    def client_secret(self, where: str) -> str:
+        secret = os.environ.get(self.client_secret_env)
+        if not secret:
+            raise ConfigError(
+                f"the environment variable {self.client_secret_env} is not set",
+                where=where,
+                hint=f"export {self.client_secret_env} with the Makini client secret",
+            )
+        return secret
+
+
+class CredentialSettings(_Model):
+    name: str = Field(pattern=NAME_PATTERN)
+    connection_id: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:-]+$")
+    method: Literal["issue", "refresh"] = Field(
+        default="issue",
+        description="issue: the admin API issues a new token; refresh: the OAuth refresh grant.",
+    )
+    schedule: ScheduleOverride | None = None
+    description: str | None = None
+    revoke_strategy: Literal["issue", "refresh", "disconnect", "auto"] = Field(
+        default="auto",
+        description="How an emergency revoke makes the compromised token invalid at Makini. "
+        "issue: have the admin API issue a new token (where that invalidates the old one); "
+        "refresh: the OAuth refresh grant; disconnect: delete the connection (every token dies, "
+        "the customer must reconnect); auto: makini.revoke_path where configured, else refresh "
+        "or issue per 'method', and disconnect as the last resort when the old token survives.",
+    )
+
+
+class WebhookSettings(_Model):
+    """The Makini webhook receiver of one environment (``POST /v1/webhooks/makini/{env}``).
+
+    Without ``secret_env`` the receiver answers 404 for the environment. Event types are matched
+    with shell patterns (``fnmatch``, case-insensitive) because Makini does not document them.
+    """
+
+    secret_env: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Name of the environment variable holding the webhook signing secret.",
+    )
+    header: str = Field(
+        default="X-Webhook-Signature",
+        pattern=r"^[A-Za-z0-9-]{1,64}$",
+        description="Header carrying the HMAC-SHA256 of the raw body (base64 or hex).",
+    )
+    max_body_bytes: int = Field(default=65536, ge=256, le=10 * 1024 * 1024)
+    attention_events: list[str] = Field(
+        default_factory=lambda: ["*auth*required*", "*reauth*"],
+        description="Events that mark the credential as needing a person.",
+    )
+    verify_events: list[str] = Field(
+        default_factory=lambda: ["*token*", "*auth*", "*connection*status*", "*credential*"],
+        description="Events after which the current token is verified with Makini.",
+    )
+
+    def secret(self, where: str) -> bytes | None:
+        """The signing secret, ``None`` when webhooks are off; ConfigError when unset."""
+        if self.secret_env is None:
+            return None
+        value = os.environ.get(self.secret_env)
+        if not value:
+            raise ConfigError(
+                f"the environment variable {self.secret_env} is not set",
+                where=where,
+                hint=f"export {self.secret_env} with the Makini webhook secret",
+            )
+        return value.encode()
+
+
+class EnvironmentSettings(_Model):
+    makini: MakiniSettings
+    sealing_key: KeySource
+    backends: list[Any] = Field(min_length=1)
+    schedule: Schedule = Schedule()
+    credentials: list[CredentialSettings] = Field(default_factory=list)
+    webhook: WebhookSettings = WebhookSettings()
+
+    @field_validator("credentials")
+    @classmethod
+    def _unique(cls, creds: list[CredentialSettings]) -> list[CredentialSettings]:
+        seen: set[str] = set()
+        for cred in creds:
+            if cred.name in seen:
+                raise ValueError(f"credential name {cred.name!r} appears twice")
+            seen.add(cred.name)
+        return creds
+
+    @property
+    def backend_settings(self) -> list[BackendSettings]:
+        return list(self.backends)
+
+    def credential(self, name: str, env: str) -> CredentialSettings:
+        for cred in self.credentials:
+            if cred.name == name:
+                return cred
+        known = ", ".join(c.name for c in self.credentials) or "none"
+        raise NotFound(
+            f"environment {env!r} has no credential {name!r}",
+            where=f"environments.{env}.credentials",
+            hint=f"known credentials: {known}",
+        )
+
+    def schedule_for(self, cred: CredentialSettings) -> Schedule:
+        return self.schedule.merged(cred.schedule)
+
+
+class JournalSettings(_Model):
+    url: str = "sqlite:///rotator-journal.db"
+    lock_ttl: Annotated[PositiveDuration, bounds(least=_SECOND, most=_HOUR)] = Field(
+        default=timedelta(seconds=15),
+        description="A credential's lease lasts this long unless its holder renews it (every "
+        "third of it, by a heartbeat): after a crash, another replica or the next run takes the "
+        "credential over within it.",
+    )
+    sqlite_synchronous: Literal["full", "normal"] = "full"
+    migrate: Literal["auto", "manual"] = Field(
+        default="auto",
+        description="auto: a process brings the journal's schema up to date at start (one at a "
+        "time, under a lock); manual: it refuses a journal that is behind, and `rotator db "
+        "upgrade` migrates it.",
+    )
+
+
+class SchedulerSettings(_Model):
+    tick: Annotated[PositiveDuration, bounds(least=_SECOND, most=_DAY)] = Field(
+        default=timedelta(seconds=10), description="How often serve looks."
+    )
+    drain: Annotated[Duration, bounds(most=_HOUR)] = Field(
+        default=timedelta(seconds=20),
+        description="On SIGTERM or Ctrl-C, how long rotations in flight get to finish before "
+        "what is left is parked at its last journaled step (and its lease given back). Keep "
+        "it below the pod's terminationGracePeriodSeconds.",
+    )
+    concurrency: int = Field(default=32, ge=1, le=1000, description="Rotations at once.")
+    processes: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(
+        default="auto",
+        description="Processes run-due forks to use more than one core; the concurrency limits "
+        "are shared among them. auto: one per CPU the container may use (at most 4), once "
+        "there are 200 rotations for each; 1: never fork.",
+    )
+    retry_after_failure: Duration = Field(
+        default=timedelta(minutes=10),
+        description="After a failed attempt, wait this long before trying the credential again.",
+    )
+
+
+class LoggingSettings(_Model):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["console", "json"] = "console"
+
+
+class ReaderSettings(_Model):
+    """Who read which version: recorded in memory, flushed to the journal in batches."""
+
+    flush_interval: Annotated[PositiveDuration, bounds(most=_HOUR)] = Field(
+        default=timedelta(seconds=5)
+    )
+    active_window: PositiveDuration = Field(
+        default=timedelta(hours=24),
+        description="A reader that read a credential within this window counts as using it.",
+    )
+    early_end_grace: bool = Field(
+        default=False,
+        description="End a grace period early once every active reader has the new version.",
+    )
+
+
+class ApiSettings(_Model):
+    """The HTTP API of ``rotator serve``."""
+
+    long_poll_max: Annotated[Duration, bounds(most=_HOUR)] = Field(
+        default=timedelta(seconds=60), description="Upper bound of ?wait= on token reads."
+    )
+    cache_max_age: Annotated[Duration, bounds(most=_DAY)] = Field(
+        default=timedelta(minutes=5),
+        description="A cached token older than this is re-read from the primary backend.",
+    )
+    replica_poll: Annotated[PositiveDuration, bounds(most=_HOUR)] = Field(
+        default=timedelta(milliseconds=250),
+        description="How often a replica checks the journal for promotions, drops and key "
+        "changes (with PostgreSQL, LISTEN/NOTIFY wakes it at once; this is the safety net).",
+    )
+    webhook_poll: Annotated[PositiveDuration, bounds(most=_HOUR)] = Field(
+        default=timedelta(seconds=2)
+    )
+    readers: ReaderSettings = ReaderSettings()
+
+
+class Config(_Model):
+    """The whole configuration, after validation and path resolution."""
+
+    journal: JournalSettings = JournalSettings()
+    scheduler: SchedulerSettings = SchedulerSettings()
+    logging: LoggingSettings = LoggingSettings()
+    api: ApiSettings = ApiSettings()
+    environments: dict[Annotated[str, Field(pattern=ENV_NAME_PATTERN)], EnvironmentSettings] = (
+        Field(min_length=1)
+    )
+    source: Path | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _apart(self) -> Config:
+        for env_name, env in self.environments.items():
+            names: set[str] = set()
+            for backend in env.backend_settings:
+                name = backend.display_name()
+                if name in names:
+                    raise ValueError(
+                        f"environment {env_name!r} has two backends named {name!r}: give each "
+                        "a distinct 'name'"
+                    )
+                names.add(name)
+        resolved = {
+            name: _resolved_environment(name, env, self.base_dir)
+            for name, env in self.environments.items()
+        }
+        problems = storage_conflicts(resolved)
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def environment(self, name: str) -> EnvironmentSettings:
+        try:
+            return self.environments[name]
+        except KeyError:
+            raise NotFound(
+                f"no environment named {name!r}",
+                where=str(self.source or "configuration"),
+                hint=f"known environments: {', '.join(self.environments)}",
+            ) from None
+
+    @property
+    def base_dir(self) -> Path:
+        return self.source.resolve().parent if self.source else Path.cwd()
+
+
+class ProcessSettings(BaseSettings):
+    """What the process takes from its environment rather than from the file."""
+
+    model_config = SettingsConfigDict(env_prefix="ROTATOR_", extra="ignore")
+
+    config: Path | None = None
+    journal_url: str | None = None
+    log_level: str | None = None
+    log_format: str | None = None
+
+
+def _backend_union() -> Any:
+    classes = [cls.Settings for cls in registry().values()]
+    return Annotated[Union[tuple(classes)], Field(discriminator="type")]  # noqa: UP007
+
+
+def _config_model() -> type[Config]:
+    """Config with each backend's settings model (from the registry) in the backends lists."""
+    backend_list: Any = list[_backend_union()]  # type: ignore[misc]
+    env_model: Any = create_model(
+        "EnvironmentSettings",
+        __base__=EnvironmentSettings,
+        backends=(backend_list, Field(min_length=1)),
+    )
+    env_map: Any = dict[Annotated[str, Field(pattern=ENV_NAME_PATTERN)], env_model]
+    return create_model(
+        "Config", __base__=Config, environments=(env_map, Field(min_length=1))
+    )
+
+
+def format_location(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _explain(exc: ValidationError, source: str) -> ConfigError:
+    lines = []
+    for err in exc.errors(include_url=False):
+        loc = list(err["loc"])
+        # drop the discriminator tag pydantic inserts after a backend's index
+        cleaned: list[int | str] = []
+        for i, part in enumerate(loc):
+            tag = i >= 2 and loc[i - 2] == "backends" and isinstance(loc[i - 1], int)
+            if tag and isinstance(part, str) and part in registry():
+                continue
+            cleaned.append(part)
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "missing":
+            msg = "required key is missing"
+        elif err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling against config/example.toml)"
+        elif err["type"] == "union_tag_invalid":
+            msg = f"unknown backend type; known types: {', '.join(sorted(registry()))}"
+        elif err["type"] == "union_tag_not_found":
+            msg = f"a backend needs a 'type' ({', '.join(sorted(registry()))})"
+        if cleaned:
+            lines.append(f"  {format_location(tuple(cleaned))}: {msg}")
+        else:  # a check across keys (environments kept apart): each line names its keys
+            lines.extend(f"  {line}" for line in msg.splitlines())
+    return ConfigError(
+        f"the configuration has {len(lines)} problem{'s' if len(lines) != 1 else ''}:\n"
+        + "\n".join(lines),
+        where=source,
+        hint="fix the keys named above; `rotator config check` re-validates",
+    )
+
+
+def load_config(
+    path: Path | str | None = None, *, overrides: dict[str, Any] | None = None
+) -> Config:
+    """Read, validate and resolve the configuration at ``path`` (or ``$ROTATOR_CONFIG``)."""
+    process = ProcessSettings()
+    chosen = Path(path) if path else process.config
+    if chosen is None:
+        raise ConfigError(
+            "no configuration file given",
+            hint="pass --config PATH or set ROTATOR_CONFIG (config/local.toml runs locally)",
+        )
+    try:
+        text = chosen.read_text()
+    except FileNotFoundError:
+        raise ConfigError(
+            "the configuration file does not exist",
+            where=str(chosen),
+            hint="check the path, or start from config/example.toml",
+        ) from None
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read the configuration file: {exc.strerror}", where=str(chosen)
+        ) from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(
+            f"the configuration is not valid TOML: {exc}",
+            where=str(chosen),
+            hint="fix the syntax at the line and column named",
+        ) from None
+    if process.journal_url:
+        data.setdefault("journal", {})["url"] = process.journal_url
+    if process.log_level:
+        data.setdefault("logging", {})["level"] = process.log_level.lower()
+    if process.log_format:
+        data.setdefault("logging", {})["format"] = process.log_format.lower()
+    for key, value in (overrides or {}).items():
+        data[key] = value
+    return parse_config(data, source=chosen)
+
+
+def parse_config(data: dict[str, Any], *, source: Path | None = None) -> Config:
+    model = _config_model()
+    where = str(source) if source else "configuration"
+    try:
+        config = model.model_validate({**data, "source": source})
+    except ValidationError as exc:
+        raise _explain(exc, where) from None
+    base = source.resolve().parent if source else Path.cwd()
+    return _resolve_paths(config, base)
+
+
+def _resolved_environment(name: str, env: EnvironmentSettings, base: Path) -> EnvironmentSettings:
+    """``env`` with its paths made absolute against ``base`` and each key named with its key
+    path and role, for the errors it may cause."""
+    backends = []
+    for index, backend in enumerate(env.backend_settings):
+        backend = backend.resolve_paths(base)
+        keys = {
+            setting: source.named(
+                f"environments.{name}.backends[{index}].{setting}",
+                f"the {setting.replace('_', ' ')} of backend {backend.display_name()!r} of "
+                f"environment {name!r}",
+            )
+            for setting, source in backend.key_sources().items()
+        }
+        backends.append(backend.model_copy(update=keys) if keys else backend)
+    sealing = env.sealing_key.resolve_paths(base).named(
+        f"environments.{name}.sealing_key", f"the sealing key of environment {name!r}"
+    )
+    return env.model_copy(update={"backends": backends, "sealing_key": sealing})
+
+
+def _resolve_paths(config: Config, base: Path) -> Config:
+    envs = {
+        name: _resolved_environment(name, env, base) for name, env in config.environments.items()
+    }
+    journal = config.journal
+    if journal.url.startswith("sqlite:///") and not journal.url.startswith("sqlite:////"):
+        rel = journal.url.removeprefix("sqlite:///")
+        if rel and rel != ":memory:":
+            journal = journal.model_copy(update={"url": f"sqlite:///{(base / rel).resolve()}"})
+    return config.model_copy(update={"environments": envs, "journal": journal})

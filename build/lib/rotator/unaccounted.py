@@ -1,0 +1,299 @@
+"""Tokens Makini may have issued that no backend holds, until they are accounted for.
+
+The rotator cannot know what a request did whose answer it never received: the process died
+while Makini was issuing, the connection broke after the request was sent, or the answer came
+after this worker lost the credential's lease. Without an idempotency key at Makini it cannot
+prevent such a token either. It makes each one visible instead: an entry here (what was asked,
+when, for which connection, why the answer was lost), an audit entry, a count on the
+credential's state that ``rotator status`` shows (and exits 3 for) until the entry is closed.
+
+An entry is closed
+
+* *resolved* by the rotator: where Makini kills a connection's older tokens when it issues a new
+  one, once a token was issued for the connection after the entry was recorded; once its latest
+  possible expiry has passed (``live_until``, set from the lifetime of the next token issued);
+  when an emergency revoke disconnected the connection;
+* *acknowledged* by a person (``rotator unaccounted ack``), who has dealt with it at Makini
+  (for example by disconnecting the connection, or by accepting that it expires).
+
+Entries never hold a token; one received late is named by its fingerprint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, cast
+
+from sqlalchemy import Index, Integer, String, Table, Text, func, select, update
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Mapped, mapped_column
+
+from rotator.journal import Base, CredentialState, Journal, UTCDateTime
+from rotator.model import utcnow
+
+OPEN, RESOLVED, ACKNOWLEDGED = "open", "resolved", "acknowledged"
+
+
+class UnaccountedToken(Base):
+    __tablename__ = "unaccounted_tokens"
+    __table_args__ = (
+        Index("ix_unaccounted_tokens_open", "environment", "credential", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    environment: Mapped[str] = mapped_column(String(64))
+    credential: Mapped[str] = mapped_column(String(64))
+    connection_id: Mapped[str] = mapped_column(String(200))
+    rotation_id: Mapped[str | None] = mapped_column(String(36))
+    asked_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    """When the request was sent (at the latest)."""
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    cause: Mapped[str] = mapped_column(Text)
+    request_id: Mapped[str | None] = mapped_column(String(200))
+    fingerprint: Mapped[str | None] = mapped_column(String(64))
+    """The token's fingerprint, where it was received (too late to be recorded)."""
+    live_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    """By when the token has expired at the latest, where known."""
+    status: Mapped[str] = mapped_column(String(16))
+    closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    closed_by: Mapped[str | None] = mapped_column(String(200))
+    resolution: Mapped[str | None] = mapped_column(Text)
+
+    def as_dict(self) -> dict[str, Any]:
+        def iso(at: datetime | None) -> str | None:
+            return at.isoformat() if at else None
+
+        return {
+            "id": self.id,
+            "environment": self.environment,
+            "credential": self.credential,
+            "connection_id": self.connection_id,
+            "rotation_id": self.rotation_id,
+            "asked_at": iso(self.asked_at),
+            "recorded_at": iso(self.recorded_at),
+            "cause": self.cause,
+            "request_id": self.request_id,
+            "fingerprint": self.fingerprint,
+            "live_until": iso(self.live_until),
+            "status": self.status,
+            "closed_at": iso(self.closed_at),
+            "closed_by": self.closed_by,
+            "resolution": self.resolution,
+        }
+
+
+_TABLE = cast(Table, UnaccountedToken.__table__)
+_STATE = cast(Table, CredentialState.__table__)
+
+
+@dataclass(frozen=True)
+class Lost:
+    """A request whose answer was lost, as the engine or a revoke reports it."""
+
+    environment: str
+    credential: str
+    connection_id: str
+    rotation_id: str | None
+    asked_at: datetime
+    cause: str
+    request_id: str | None = None
+    fingerprint: str | None = None
+    live_until: datetime | None = None
+
+
+def record(journal: Journal, conn: Connection, lost: Lost, *, actor: str) -> int:
+    """Add an open entry, count it on the credential's state and audit it (in ``conn``'s
+    transaction). Returns the entry's id."""
+    now = utcnow()
+    entry_id = conn.execute(
+        _TABLE.insert()
+        .values(
+            environment=lost.environment,
+            credential=lost.credential,
+            connection_id=lost.connection_id,
+            rotation_id=lost.rotation_id,
+            asked_at=lost.asked_at,
+            recorded_at=now,
+            cause=lost.cause,
+            request_id=lost.request_id,
+            fingerprint=lost.fingerprint,
+            live_until=lost.live_until,
+            status=OPEN,
+        )
+        .returning(_TABLE.c.id)
+    ).scalar_one()
+    _count(journal, conn, lost.environment, lost.credential, +1)
+    journal.audit_in(
+        conn,
+        actor=actor,
+        action="token.unaccounted",
+        outcome="open",
+        environment=lost.environment,
+        credential=lost.credential,
+        fingerprint=lost.fingerprint,
+        request_ids=[lost.request_id],
+        unaccounted_id=entry_id,
+        connection_id=lost.connection_id,
+        rotation_id=lost.rotation_id,
+        asked_at=lost.asked_at,
+        cause=lost.cause,
+        live_until=lost.live_until,
+    )
+    return int(entry_id)
+
+
+def after_issue(
+    journal: Journal,
+    conn: Connection,
+    environment: str,
+    credential: str,
+    *,
+    asked_at: datetime,
+    lifetime: timedelta | None,
+    invalidates: bool,
+    actor: str,
+) -> None:
+    """A token was issued for the credential by a request sent at ``asked_at``: where Makini
+    kills older tokens on issue, every entry recorded before that is resolved; otherwise the
+    new token's lifetime bounds how long an earlier one can live."""
+    where = _open(environment, credential)
+    if invalidates:
+        _close(
+            journal,
+            conn,
+            where & (_TABLE.c.recorded_at <= asked_at),
+            RESOLVED,
+            "Makini killed it: issuing a newer token for the connection kills the older ones",
+            actor,
+        )
+    elif lifetime is not None and lifetime > timedelta(0):
+        rows = conn.execute(
+            select(_TABLE.c.id, _TABLE.c.asked_at).where(where, _TABLE.c.live_until.is_(None))
+        ).all()
+        for entry_id, entry_asked in rows:
+            conn.execute(
+                update(_TABLE)
+                .where(_TABLE.c.id == entry_id)
+                .values(live_until=entry_asked + lifetime)
+            )
+
+
+def resolve_all(
+    journal: Journal, conn: Connection, environment: str, credential: str, why: str, actor: str
+) -> int:
+    """Resolve every open entry of a credential (its connection was disconnected)."""
+    return _close(journal, conn, _open(environment, credential), RESOLVED, why, actor)
+
+
+def expire(journal: Journal, now: datetime | None = None) -> int:
+    """Resolve the open entries whose token has surely expired; how many."""
+    moment = now or utcnow()
+    where = (_TABLE.c.status == OPEN) & (_TABLE.c.live_until < moment)
+    return journal.transaction(
+        "resolve expired unaccounted tokens",
+        lambda conn: _close(
+            journal, conn, where, RESOLVED, "expired: its latest possible expiry has passed",
+            "rotator",
+        ),
+    )
+
+
+def acknowledge(
+    journal: Journal, environment: str, ids: Sequence[int], *, actor: str, reason: str
+) -> list[int]:
+    """Close open entries of ``environment`` by a person's word; the ids that were open."""
+    where = (
+        (_TABLE.c.environment == environment)
+        & (_TABLE.c.status == OPEN)
+        & _TABLE.c.id.in_(list(ids))
+    )
+
+    def work(conn: Connection) -> list[int]:
+        found = [int(r[0]) for r in conn.execute(select(_TABLE.c.id).where(where)).all()]
+        _close(journal, conn, where, ACKNOWLEDGED, reason, actor)
+        return found
+
+    return journal.transaction("acknowledge unaccounted tokens", work)
+
+
+def entries(
+    journal: Journal, environment: str | None = None, *, include_closed: bool = False
+) -> list[UnaccountedToken]:
+    with journal.reader() as s:
+        q = select(UnaccountedToken)
+        if environment:
+            q = q.where(UnaccountedToken.environment == environment)
+        if not include_closed:
+            q = q.where(UnaccountedToken.status == OPEN)
+        return list(s.scalars(q.order_by(UnaccountedToken.id)))
+
+
+def _open(environment: str, credential: str) -> Any:
+    return (
+        (_TABLE.c.environment == environment)
+        & (_TABLE.c.credential == credential)
+        & (_TABLE.c.status == OPEN)
+    )
+
+
+def _close(
+    journal: Journal, conn: Connection, where: Any, status: str, why: str, actor: str
+) -> int:
+    rows = conn.execute(
+        select(_TABLE.c.id, _TABLE.c.environment, _TABLE.c.credential, _TABLE.c.fingerprint)
+        .where(where)
+    ).all()
+    if not rows:
+        return 0
+    now = utcnow()
+    conn.execute(
+        update(_TABLE)
+        .where(_TABLE.c.id.in_([r[0] for r in rows]))
+        .values(status=status, closed_at=now, closed_by=actor[:200], resolution=why)
+    )
+    per_credential: dict[tuple[str, str], int] = {}
+    for entry_id, env, cred, fingerprint in rows:
+        per_credential[(env, cred)] = per_credential.get((env, cred), 0) + 1
+        journal.audit_in(
+            conn,
+            actor=actor,
+            action=f"token.unaccounted_{status}",
+            outcome=status,
+            environment=env,
+            credential=cred,
+            fingerprint=fingerprint,
+            unaccounted_id=entry_id,
+            resolution=why,
+        )
+    for (env, cred), count in per_credential.items():
+        _count(journal, conn, env, cred, -count)
+    return len(rows)
+
+
+def _count(journal: Journal, conn: Connection, environment: str, credential: str, by: int) -> None:
+    ins = journal.dialect_insert(_STATE).values(
+        environment=environment, credential=credential, unaccounted=max(by, 0)
+    )
+    conn.execute(
+        ins.on_conflict_do_update(
+            index_elements=[_STATE.c.environment, _STATE.c.credential],
+            set_={"unaccounted": func.max(_STATE.c.unaccounted + by, 0)}
+            if conn.dialect.name == "sqlite"
+            else {"unaccounted": func.greatest(_STATE.c.unaccounted + by, 0)},
+        )
+    )
+
+
+def close(
+    journal: Journal,
+    conn: Connection,
+    ids: Sequence[int],
+    why: str,
+    actor: str,
+    status: str = RESOLVED,
+) -> int:
+    """Close these entries (those still open) in ``conn``'s transaction."""
+    where = _TABLE.c.id.in_(list(ids)) & (_TABLE.c.status == OPEN)
+    return _close(journal, conn, where, status, why, actor)
