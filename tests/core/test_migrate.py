@@ -352,3 +352,43 @@ def test_the_runbooks_copy_from_sqlite_to_postgresql_works(tmp_path: Path, pg_ur
         assert state is not None and state.current_version_id == "v1"
     finally:
         new.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("sqlite:///{tmp}/afile/journal.db", "is a file, not a folder"),
+        ("sqlite:///{tmp}/corrupt.db", "not a SQLite database"),
+        ("sqlite:///{tmp}/a/folder/that/is/new/journal.db", None),
+    ],
+    ids=["below-a-file", "corrupt", "new-folders"],
+)
+def test_journal_problems_are_clear_errors_on_the_command_line(
+    tmp_path: Path, url: str, expected: str | None
+) -> None:
+    # each ended as "internal error ... this is a bug" (exit 70) or a bare DatabaseError before
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "corrupt.db").write_bytes(b"garbage" * 1000)
+    config = tmp_path / "rotator.toml"
+    config.write_text(
+        f'[journal]\nurl = "{url.format(tmp=tmp_path)}"\n'
+        '[environments.prod]\nsealing_key = { env = "MIG_SEAL" }\n'
+        '[environments.prod.makini]\nclient_id = "c"\nclient_secret_env = "MIG_SECRET"\n'
+        '[[environments.prod.backends]]\ntype = "memory"\n'
+        '[[environments.prod.credentials]]\nname = "a"\nconnection_id = "conn-a"\n'
+    )
+    env = {**os.environ, "ROTATOR_CONFIG": str(config)}
+    for command in (["plan"], ["status"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "rotator", *command],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
+        if expected is None:
+            assert proc.returncode in (0, 3), proc.stderr  # works (status: 3, no token yet)
+        else:
+            assert proc.returncode not in (0, 70) and expected in proc.stderr, proc.stderr
+            assert "journal" in proc.stderr and "next:" in proc.stderr
