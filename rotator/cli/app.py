@@ -497,6 +497,8 @@ from rotator.cli.keys import keys_app  # noqa: E402 - registered after the root 
 
 app.add_typer(keys_app, name="keys")
 
+from rotator.cli import journal as _db_and_unaccounted  # noqa: E402, F401 - registers them
+from rotator.cli import ops as _sync_and_doctor  # noqa: E402, F401 - registers them
 from rotator.cli.revoke import revoke_command  # noqa: E402 - registered after the app exists
 
 app.command("revoke")(revoke_command)
