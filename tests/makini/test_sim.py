@@ -293,6 +293,17 @@ def test_fail_next_and_when_it_strikes(api: Api, sim: SimServer) -> None:
     assert sim.options.fail_next == []
 
 
+def test_fail_only_aims_the_scripted_failures_at_one_route(api: Api, sim: SimServer) -> None:
+    # a CLI process authenticates before it issues: the failure must skip that request
+    sim.set(fail_only="POST /api/system/connections/{id}/token", fail_next=[502])
+    assert api.grant(grant_type="client_credentials").status_code == 200
+    assert api.current("eyJx").status_code == 401  # not a 502 either
+    lost = api.issue("c1")  # processed, then the answer was lost
+    assert lost.status_code == 502 and len(sim.tokens("c1", kind="access")) == 1
+    assert api.issue("c1").status_code == 200
+    assert sim.options.fail_next == []
+
+
 def test_error_rate_is_reproducible_with_a_seed(api: Api, sim: SimServer) -> None:
     def run() -> list[int]:
         sim.set(error_rate=0.5, seed=None)
