@@ -53,9 +53,12 @@ class RevokeContext:
         *,
         old: StoredVersion | None = None,
         fresh: bool = False,
+        last: bool = False,
     ) -> None:
         """``old``: the revoked version's tokens when the caller has read them; ``fresh``: the
-        row was just written with its first attempt to get a token counted."""
+        row was just written with its first attempt to get a token counted; ``last``: nothing
+        follows the revoke under the lease, so its last record gives the lease back with it
+        (a crash right after that record leaves no stalled lease behind)."""
         self.engine = engine
         self.journal = engine.journal
         self.rt = rt
@@ -67,6 +70,7 @@ class RevokeContext:
         self.request_ids: list[str | None] = []
         self._old = old
         self._fresh = fresh
+        self._last = last
         self._replacement: StoredVersion | None = None
         self._retried = False
         self._kill_started: float | None = None
@@ -369,10 +373,12 @@ class RevokeContext:
         note: str | None = None,
         lost: unaccounted.Lost | None = None,
         after: Callable[[Any, Rotation], None] | None = None,
+        release: bool = False,
     ) -> Rotation:
         """Record a step (with the record, pending notes and a pending replacement) atomically
         with the credential's state and the audit entries, under the revoke's lease (with an
-        unaccounted token to report, and more work of the same transaction)."""
+        unaccounted token to report, and more work of the same transaction); ``release``: the
+        lease is given back with it."""
         if note:
             self._note(note)
         audits = []
@@ -398,8 +404,11 @@ class RevokeContext:
             state=state,
             audits=[{**base, **a} for a in audits],
             lease=self.lease.key,
+            release=release,
             after=_with_lost(self.journal, lost, after),
         )
+        if release:
+            self.engine.leases.drop(self.lease)  # no heartbeat for a lease given back
         faults.checkpoint(self.row.step, self.cred.name)
         return self.row
 

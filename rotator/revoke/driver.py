@@ -485,6 +485,7 @@ class CredentialRevoke(RevokeContext):
                 "reason": self.row.reason,
                 "report": report.as_dict(),
             },
+            release=self._last,
         )
 
     # stopping ----------------------------------------------------------------------------------
