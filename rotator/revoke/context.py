@@ -170,7 +170,6 @@ class RevokeContext:
         current one, the old one)."""
         if self._fresh:
             self._fresh = False  # the row was written with this first attempt counted
-            self._asked_at = self.row.asked_at or utcnow()
         else:
             lost = None
             if self.row.asked_at is not None:
@@ -185,10 +184,12 @@ class RevokeContext:
                     "revoke) and before it recorded the answer: if the request reached Makini, "
                     "a token was issued that no backend holds",
                 )
-            self._asked_at = utcnow()
             self.row = await self._commit(
-                {"attempts": self.row.attempts + 1, "asked_at": self._asked_at}, lost=lost
+                {"attempts": self.row.attempts + 1, "asked_at": utcnow()}, lost=lost
             )
+        # stamped after every unaccounted entry recorded so far: the request goes out after
+        # them all (where Makini kills older tokens on issue, a token it brings kills theirs)
+        self._asked_at = utcnow()
         sources: list[Secret] = []
         if method == "refresh":
             current = None
