@@ -800,6 +800,7 @@ class RotationEngine:
             return None
         asked_at = d.asked_at
         lifetime = tokens.expires_at - asked_at if tokens.expires_at else None
+        late = timedelta(seconds=d.rt.settings.makini.timeout_s)
 
         def settle(conn: Connection, row: Rotation) -> None:
             unaccounted.after_issue(
@@ -809,6 +810,7 @@ class RotationEngine:
                 row.credential,
                 asked_at=asked_at,
                 lifetime=lifetime,
+                late=late,
                 invalidates=invalidates,
                 actor=row.actor,
             )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import structlog
@@ -346,6 +347,7 @@ class RevokeContext:
         asked_at = self._asked_at
         expires = issued.tokens.expires_at
         lifetime = expires - asked_at if expires else None
+        late = timedelta(seconds=self.rt.settings.makini.timeout_s)
 
         def settle(conn: Any, row: Rotation) -> None:
             unaccounted.after_issue(
@@ -355,6 +357,7 @@ class RevokeContext:
                 row.credential,
                 asked_at=asked_at,
                 lifetime=lifetime,
+                late=late,
                 invalidates=invalidates is True,
                 actor=row.actor,
             )
