@@ -364,6 +364,21 @@ class RevokeContext:
 
         return settle
 
+    def _resolve_disconnected(self) -> Callable[[Any, Rotation], None]:
+        """Where the revoke disconnected the connection, every token of it died: the
+        credential's unaccounted tokens too (resolved in the kill's transaction)."""
+        why = (
+            f"the connection {self.cred.connection_id} was disconnected at Makini by emergency "
+            f"revoke {self.row.id[:8]}: every token of it died"
+        )
+
+        def resolve(conn: Any, row: Rotation) -> None:
+            unaccounted.resolve_all(
+                self.journal, conn, row.environment, row.credential, why, row.actor
+            )
+
+        return resolve
+
     def _note(self, note: str) -> None:
         self.report.notes.append(note)
         self._pending_notes.append(note)
