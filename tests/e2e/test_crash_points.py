@@ -122,24 +122,29 @@ def test_sigkill_at_every_point_of_retire_and_revoke_then_resume(
     rig.ok("rotate", "prod", *names)
     before = {n: rig.current(n) for n in names}
 
+    # revoke-purged is recorded only when the confirmation cannot reach Makini: the revoke is
+    # killed right after its purge, and its resume, during an outage, is killed there (once
+    # the first kill's lease has expired: meanwhile the other points are killed)
+    purged = revoke["revoke-purged"]
+    why = ("--reason", "crash at revoke-purged", "--yes")
+    rig.killed("revoke-purge-effect", purged, "revoke", "prod", purged, *why)
+    first_killed = time.monotonic()
     # the retire (a rotation: with a grace period of 0 s it retires the old version at once)
     # and the emergency revoke, each killed at its point, one after the other (at once, their
     # heartbeats starve on a busy machine and a lease of 1 s expires under a live worker)
     for point, name in retire.items():
         rig.killed(point, name, "rotate", "prod", name)
     rig.ok("rotate", "prod", "r-none")
-    for point, name in revoke.items():
-        at = "revoke-purge-effect" if point == "revoke-purged" else point
-        rig.killed(at, name, "revoke", "prod", name, "--reason", f"crash at {point}", "--yes")
-    rig.ok("revoke", "prod", "v-none", "--reason", "no crash", "--yes")
-    time.sleep(LEASE_EXPIRY_S)
-    # revoke-purged is recorded only when the confirmation cannot reach Makini: a resume of
-    # the revoke killed after its purge, during an outage, records it and is killed there
+    time.sleep(max(0.0, first_killed + LEASE_EXPIRY_S - time.monotonic()))
     sim.set(outage_s=60)
-    name = revoke["revoke-purged"]
-    rig.killed("revoke-purged", name, "revoke", "prod", name, "--resume", "--json")
+    rig.killed("revoke-purged", purged, "revoke", "prod", purged, "--resume", "--json")
     sim.set(outage_s=0)
-    time.sleep(LEASE_EXPIRY_S)
+    for point, name in revoke.items():
+        if point != "revoke-purged":
+            why = ("--reason", f"crash at {point}", "--yes")
+            rig.killed(point, name, "revoke", "prod", name, *why)
+    rig.ok("revoke", "prod", "v-none", "--reason", "no crash", "--yes")
+    time.sleep(LEASE_EXPIRY_S)  # the last killed worker's lease expires
 
     # the resumes: `revoke --resume` for half the revokes, run-due for everything else
     points = list(revoke)

@@ -1,0 +1,102 @@
+"""The ledger of tokens Makini may have issued that nobody holds: when an entry closes.
+
+An entry must never close while its token may still be live (that would hide it), and must
+close once it surely is dead (else ``rotator status`` exits 3 for nothing, for ever)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from rotator import unaccounted
+from rotator.journal import Journal
+from rotator.model import utcnow
+
+LIFETIME = timedelta(days=30)
+LATE = timedelta(seconds=10)
+
+
+@pytest.fixture
+def journal(tmp_path: Path) -> Iterator[Journal]:
+    j = Journal(f"sqlite:///{tmp_path / 'journal.db'}")
+    yield j
+    j.close()
+
+
+def _record(journal: Journal, cred: str = "a") -> int:
+    lost = unaccounted.Lost(
+        environment="prod",
+        credential=cred,
+        connection_id=f"conn-{cred}",
+        rotation_id=None,
+        asked_at=utcnow() - timedelta(minutes=5),
+        cause="the answer was lost",
+    )
+    return journal.transaction("test", lambda c: unaccounted.record(journal, c, lost, actor="t"))
+
+
+def _after_issue(
+    journal: Journal, *, invalidates: bool, asked_at: datetime | None = None
+) -> None:
+    when = asked_at or utcnow()
+    journal.transaction(
+        "test",
+        lambda c: unaccounted.after_issue(
+            journal, c, "prod", "a", asked_at=when, lifetime=LIFETIME, late=LATE,
+            invalidates=invalidates, actor="rotator",
+        ),
+    )
+
+
+def _open_count(journal: Journal, cred: str = "a") -> int:
+    state = journal.state("prod", cred)
+    assert state is not None
+    return state.unaccounted
+
+
+def test_the_latest_expiry_counts_from_when_the_answer_was_known_lost(journal: Journal) -> None:
+    entry = _record(journal)
+    _after_issue(journal, invalidates=False)
+    [row] = unaccounted.entries(journal)
+    # asked 5 minutes before it was recorded: a token issued late in that request lives
+    # until recorded_at + lifetime at the latest (plus a request timeout), not asked_at's
+    assert row.id == entry and row.live_until == row.recorded_at + LATE + LIFETIME
+    assert unaccounted.expire(journal, row.live_until - timedelta(seconds=1)) == 0
+    assert _open_count(journal) == 1
+
+    assert unaccounted.expire(journal, row.live_until + timedelta(seconds=1)) == 1
+
+    [row] = unaccounted.entries(journal, include_closed=True)
+    assert row.status == unaccounted.RESOLVED and row.resolution == unaccounted.EXPIRED
+    assert _open_count(journal) == 0
+    [audited] = journal.audit_entries(action="token.unaccounted_resolved")
+    assert audited.as_dict()["detail"]["unaccounted_id"] == entry
+
+
+def test_an_issue_kills_only_the_tokens_asked_for_before_it(journal: Journal) -> None:
+    first = _record(journal)
+    between = utcnow()
+    second = _record(journal)
+
+    _after_issue(journal, invalidates=True, asked_at=between)
+
+    status = {r.id: r.status for r in unaccounted.entries(journal, include_closed=True)}
+    assert status == {first: unaccounted.RESOLVED, second: unaccounted.OPEN}
+    assert _open_count(journal) == 1
+
+
+def test_a_disconnect_resolves_every_entry_of_its_credential_only(journal: Journal) -> None:
+    mine = [_record(journal), _record(journal)]
+    other = _record(journal, "b")
+
+    journal.transaction(
+        "test",
+        lambda c: unaccounted.resolve_all(journal, c, "prod", "a", "disconnected", "t"),
+    )
+
+    status = {r.id: r.status for r in unaccounted.entries(journal, include_closed=True)}
+    assert status == {**dict.fromkeys(mine, unaccounted.RESOLVED), other: unaccounted.OPEN}
+    assert (_open_count(journal), _open_count(journal, "b")) == (0, 1)
