@@ -13,7 +13,12 @@ import pytest
 
 from rotator import unaccounted
 from rotator.journal import Journal
+from rotator.makini import SimServer
+from rotator.makini.client import Issued
 from rotator.model import utcnow
+from tests.core.conftest import Factory, current
+
+REVOKE_PATH = "/api/system/tokens/revoke"
 
 LIFETIME = timedelta(days=30)
 LATE = timedelta(seconds=10)
@@ -100,3 +105,50 @@ def test_a_disconnect_resolves_every_entry_of_its_credential_only(journal: Journ
     status = {r.id: r.status for r in unaccounted.entries(journal, include_closed=True)}
     assert status == {**dict.fromkeys(mine, unaccounted.RESOLVED), other: unaccounted.OPEN}
     assert (_open_count(journal), _open_count(journal, "b")) == (0, 1)
+
+
+@pytest.mark.parametrize("revoke_path", [True, False], ids=["revoke-path", "no-revoke-path"])
+async def test_a_token_that_arrives_after_the_lease_was_lost(
+    make_runtime: Factory, sim: SimServer, monkeypatch: pytest.MonkeyPatch, revoke_path: bool
+) -> None:
+    """The worker was paused while Makini issued its token, and another took its lease over:
+    the journal refuses to record the token. It is revoked where Makini allows, and reported
+    by its fingerprint either way, never dropped."""
+    sim.set(issue_invalidates_previous=False, revoke_endpoint=revoke_path)
+    makini: dict[str, object] = {"issue_invalidates_previous": False}
+    if revoke_path:
+        makini["revoke_path"] = REVOKE_PATH
+    runtime = make_runtime(makini=makini)
+    await runtime.engine.rotate("prod", "a", reason="t", actor="t")
+    [held, _] = current(runtime)
+    assert held is not None
+    rt = runtime.environments["prod"]
+    real_issue = rt.makini.issue_token
+
+    async def issue_while_the_lease_is_taken(connection_id: str) -> Issued:
+        issued = await real_issue(connection_id)
+        runtime.journal.steal("prod/a", "another-worker")
+        return issued
+
+    monkeypatch.setattr(rt.makini, "issue_token", issue_while_the_lease_is_taken)
+    result = await runtime.engine.rotate("prod", "a", reason="t", actor="t")
+
+    assert result.outcome == "deferred" and "lease" in (result.error or "")
+    assert [v.version_id if v else None for v in current(runtime)] == [held.version_id] * 2
+    [entry] = unaccounted.entries(runtime.journal, include_closed=True)
+    view = sim.token(entry.fingerprint or "")
+    assert view is not None and view["connection_id"] == "conn-a"
+    assert entry.live_until is not None
+    # Makini's expiry as it stated it (a Unix timestamp in whole seconds)
+    assert entry.live_until == datetime.fromisoformat(view["expires_at"]).replace(microsecond=0)
+    assert "arrived after this worker lost the credential's lease" in entry.cause
+    state = runtime.journal.state("prod", "a")
+    assert state is not None
+    if revoke_path:
+        assert view["status"] == "revoked" and entry.status == unaccounted.RESOLVED
+        assert state.unaccounted == 0
+    else:
+        assert view["status"] == "active" and entry.status == unaccounted.OPEN
+        assert state.unaccounted == 1
+    opened = runtime.journal.audit_entries(action="token.unaccounted")
+    assert [e.fingerprint for e in opened] == [entry.fingerprint]
