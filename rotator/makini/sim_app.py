@@ -125,6 +125,7 @@ class SimApp:
             state = self.state
             opts = state.options
             request_id = uuid.uuid4().hex
+            state.received[key] += 1
             try:
                 if opts.latency_ms:
                     await asyncio.sleep(opts.latency_ms / 1000)
@@ -309,7 +310,14 @@ class SimApp:
         routes: dict[str, dict[str, int]] = {}
         for (key, status), count in sorted(self.state.stats.items()):
             routes.setdefault(key, {})[str(status)] = count
-        return JSONResponse({"total": sum(self.state.stats.values()), "routes": routes})
+        return JSONResponse(
+            {
+                "total": sum(self.state.stats.values()),
+                "routes": routes,
+                # on arrival, before latency and faults: a test sees a request in flight
+                "received": dict(sorted(self.state.received.items())),
+            }
+        )
 
 
 def patched(state: SimState, changes: dict[str, Any]) -> SimOptions:

@@ -191,6 +191,7 @@ class SimState:
         self.by_fingerprint: dict[str, Token] = {}
         self.codes: dict[str, LinkCode] = {}
         self.stats: Counter[tuple[str, int]] = Counter()
+        self.received: Counter[str] = Counter()  # API requests by route, counted on arrival
         self.windows: dict[str, tuple[int, int]] = {}  # connection → (minute, count)
 
     def set_options(self, options: SimOptions) -> None:

@@ -6,6 +6,7 @@ import base64
 import json
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -375,6 +376,21 @@ def test_stats(api: Api, sim: SimServer) -> None:
     assert routes["POST /link/token"] == {"200": 1}
     assert routes["POST /api/system/connections/{id}/token"] == {"200": 1}
     assert routes["GET /api/integrations/current"] == {"401": 1}
+
+
+def test_stats_count_a_request_on_arrival(api: Api, sim: SimServer) -> None:
+    api.admin  # noqa: B018 (authenticate first)
+    sim.set(latency_ms=500)
+    route = "POST /api/system/connections/{id}/token"
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(api.issue, "c1")
+        deadline = time.monotonic() + 5
+        while sim.stats()["received"].get(route) != 1:  # in flight: received, not answered
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert route not in sim.stats()["routes"] and not answer.done()
+        assert answer.result(timeout=5).status_code == 200
+    assert sim.stats()["routes"][route] == {"200": 1}
 
 
 def test_server_lifecycle() -> None:
