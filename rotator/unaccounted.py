@@ -11,8 +11,9 @@ An entry is closed
 
 * *resolved* by the rotator: where Makini kills a connection's older tokens when it issues a new
   one, once a token was issued for the connection after the entry was recorded; once its latest
-  possible expiry has passed (``live_until``, set from the lifetime of the next token issued);
-  when an emergency revoke disconnected the connection;
+  possible expiry has passed (``live_until``, set from the lifetime of the next token issued;
+  checked at each later issue for the credential and by ``rotator unaccounted list``); when an
+  emergency revoke disconnected the connection;
 * *acknowledged* by a person (``rotator unaccounted ack``), who has dealt with it at Makini
   (for example by disconnecting the connection, or by accepting that it expires).
 
