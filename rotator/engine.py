@@ -703,7 +703,6 @@ class RotationEngine:
         """
         if rot.sealed is not None:
             return await self._commit(d, rot, {"step": Step.ISSUED, "asked_at": None})
-        now = utcnow()
         if not d.fresh:
             lost = None
             if rot.asked_at is not None:  # the last request's answer was never recorded
@@ -716,9 +715,12 @@ class RotationEngine:
                     "Makini, a token was issued that no backend holds",
                 )
             rot = await self._commit(
-                d, rot, {"attempts": rot.attempts + 1, "asked_at": now}, lost=lost
+                d, rot, {"attempts": rot.attempts + 1, "asked_at": utcnow()}, lost=lost
             )
-        d.asked_at = rot.asked_at or now
+        # stamped after every unaccounted entry recorded so far (the one just recorded too):
+        # the request goes out after them all, so where Makini kills older tokens on issue, a
+        # token it brings kills theirs
+        d.asked_at = utcnow()
         try:
             issued = await self._ask_makini(d, rot)
         except MakiniRejected as exc:
@@ -795,6 +797,7 @@ class RotationEngine:
             return None
         asked_at = d.asked_at
         lifetime = tokens.expires_at - asked_at if tokens.expires_at else None
+        late = timedelta(seconds=d.rt.settings.makini.timeout_s)
 
         def settle(conn: Connection, row: Rotation) -> None:
             unaccounted.after_issue(
@@ -804,6 +807,7 @@ class RotationEngine:
                 row.credential,
                 asked_at=asked_at,
                 lifetime=lifetime,
+                late=late,
                 invalidates=invalidates,
                 actor=row.actor,
             )

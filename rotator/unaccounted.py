@@ -11,8 +11,9 @@ An entry is closed
 
 * *resolved* by the rotator: where Makini kills a connection's older tokens when it issues a new
   one, once a token was issued for the connection after the entry was recorded; once its latest
-  possible expiry has passed (``live_until``, set from the lifetime of the next token issued);
-  when an emergency revoke disconnected the connection;
+  possible expiry has passed (``live_until``, set from the lifetime of the next token issued;
+  checked at each later issue for the credential and by ``rotator unaccounted list``); when an
+  emergency revoke disconnected the connection;
 * *acknowledged* by a person (``rotator unaccounted ack``), who has dealt with it at Makini
   (for example by disconnecting the connection, or by accepting that it expires).
 
@@ -152,12 +153,20 @@ def after_issue(
     *,
     asked_at: datetime,
     lifetime: timedelta | None,
+    late: timedelta = timedelta(0),
     invalidates: bool,
     actor: str,
 ) -> None:
     """A token was issued for the credential by a request sent at ``asked_at``: where Makini
     kills older tokens on issue, every entry recorded before that is resolved; otherwise the
-    new token's lifetime bounds how long an earlier one can live."""
+    new token's lifetime bounds how long an earlier one can live, and entries past that bound
+    are resolved.
+
+    An entry's token was issued, if at all, before its answer was known lost (when the entry
+    was recorded), or at most ``late`` after (the request timeout: a gateway that gave up may
+    leave Makini finishing the request): its latest expiry is ``recorded_at + late +
+    lifetime``. Never earlier: an entry resolved before its token expired would hide a live
+    token. (Anchored on ``asked_at`` it would be early by however long the request took.)"""
     where = _open(environment, credential)
     if invalidates:
         _close(
@@ -168,16 +177,18 @@ def after_issue(
             "Makini killed it: issuing a newer token for the connection kills the older ones",
             actor,
         )
-    elif lifetime is not None and lifetime > timedelta(0):
+        return
+    if lifetime is not None and lifetime > timedelta(0):
         rows = conn.execute(
-            select(_TABLE.c.id, _TABLE.c.asked_at).where(where, _TABLE.c.live_until.is_(None))
+            select(_TABLE.c.id, _TABLE.c.recorded_at).where(where, _TABLE.c.live_until.is_(None))
         ).all()
-        for entry_id, entry_asked in rows:
+        for entry_id, recorded_at in rows:
             conn.execute(
                 update(_TABLE)
                 .where(_TABLE.c.id == entry_id)
-                .values(live_until=entry_asked + lifetime)
+                .values(live_until=recorded_at + late + lifetime)
             )
+    _close(journal, conn, where & (_TABLE.c.live_until < utcnow()), RESOLVED, EXPIRED, actor)
 
 
 def resolve_all(
@@ -187,16 +198,16 @@ def resolve_all(
     return _close(journal, conn, _open(environment, credential), RESOLVED, why, actor)
 
 
+EXPIRED = "expired: its latest possible expiry has passed"
+
+
 def expire(journal: Journal, now: datetime | None = None) -> int:
     """Resolve the open entries whose token has surely expired; how many."""
     moment = now or utcnow()
     where = (_TABLE.c.status == OPEN) & (_TABLE.c.live_until < moment)
     return journal.transaction(
         "resolve expired unaccounted tokens",
-        lambda conn: _close(
-            journal, conn, where, RESOLVED, "expired: its latest possible expiry has passed",
-            "rotator",
-        ),
+        lambda conn: _close(journal, conn, where, RESOLVED, EXPIRED, "rotator"),
     )
 
 

@@ -86,7 +86,8 @@ def unaccounted_list(
     json_out: JsonOpt = False,
 ) -> None:
     """Tokens Makini may have issued that no backend holds: what was asked, when, for which
-    connection, why the answer was lost, and until when such a token can live."""
+    connection, why the answer was lost, and until when such a token can live (an entry past
+    that is resolved as expired first)."""
     from rotator import unaccounted
     from rotator.journal import Journal
 
@@ -95,6 +96,7 @@ def unaccounted_list(
         cfg.environment(environment)
     journal = Journal.open(cfg.journal)
     try:
+        unaccounted.expire(journal)
         rows = unaccounted.entries(journal, environment, include_closed=closed)
     finally:
         journal.close()

@@ -1,7 +1,8 @@
 """The simulator's HTTP surface: the Makini API routes and the ``/_sim/`` inspection routes.
 
 API routes go through fault injection in this order: latency, outage (503 with Retry-After),
-scripted (``fail_next``) or random (``error_rate``: 500, 502 or 503) errors, the handler, then
+scripted (``fail_next``) or random (``error_rate``: 500, 502 or 503) errors (on every route, or
+on the one ``fail_only`` names), the handler, then
 ``garbage`` (a processed request answered 200 with a non-JSON body). A 502 or 504 is answered
 *after* the request was processed, so it loses a token that was issued; any other fault comes
 before processing. ``/_sim/`` routes are never faulty, never slow, and never show a token
@@ -124,6 +125,7 @@ class SimApp:
             state = self.state
             opts = state.options
             request_id = uuid.uuid4().hex
+            state.received[key] += 1
             try:
                 if opts.latency_ms:
                     await asyncio.sleep(opts.latency_ms / 1000)
@@ -132,7 +134,9 @@ class SimApp:
                     raise ApiError(503, "SERVICE_UNAVAILABLE", "Makini is under maintenance.",
                                    retry_after_s=math.ceil(opts.outage_until - now))
                 fault = None
-                if opts.fail_next:
+                if opts.fail_only is not None and opts.fail_only != key:
+                    pass  # the scripted and random faults strike another route
+                elif opts.fail_next:
                     fault = opts.fail_next.pop(0)
                 elif opts.error_rate and state.rng.random() < opts.error_rate:
                     fault = state.rng.choice((500, 502, 503))
@@ -306,7 +310,14 @@ class SimApp:
         routes: dict[str, dict[str, int]] = {}
         for (key, status), count in sorted(self.state.stats.items()):
             routes.setdefault(key, {})[str(status)] = count
-        return JSONResponse({"total": sum(self.state.stats.values()), "routes": routes})
+        return JSONResponse(
+            {
+                "total": sum(self.state.stats.values()),
+                "routes": routes,
+                # on arrival, before latency and faults: a test sees a request in flight
+                "received": dict(sorted(self.state.received.items())),
+            }
+        )
 
 
 def patched(state: SimState, changes: dict[str, Any]) -> SimOptions:

@@ -73,6 +73,11 @@ class SimOptions(BaseModel):
         description="Statuses the next API requests answer with, one each, in order "
         "(502 and 504 after processing the request, any other before).",
     )
+    fail_only: str | None = Field(
+        default=None,
+        description="The one API route fail_next and error_rate strike, named as /_sim/stats "
+        "names it (e.g. 'POST /api/system/connections/{id}/token'); None: every API route.",
+    )
     garbage: bool = False
     revoke_endpoint: bool = False
     clock_offset_s: float = Field(default=0.0, description="Added to the real clock (tests).")
@@ -186,6 +191,7 @@ class SimState:
         self.by_fingerprint: dict[str, Token] = {}
         self.codes: dict[str, LinkCode] = {}
         self.stats: Counter[tuple[str, int]] = Counter()
+        self.received: Counter[str] = Counter()  # API requests by route, counted on arrival
         self.windows: dict[str, tuple[int, int]] = {}  # connection → (minute, count)
 
     def set_options(self, options: SimOptions) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import structlog
@@ -53,9 +54,12 @@ class RevokeContext:
         *,
         old: StoredVersion | None = None,
         fresh: bool = False,
+        last: bool = False,
     ) -> None:
         """``old``: the revoked version's tokens when the caller has read them; ``fresh``: the
-        row was just written with its first attempt to get a token counted."""
+        row was just written with its first attempt to get a token counted; ``last``: nothing
+        follows the revoke under the lease, so its last record gives the lease back with it
+        (a crash right after that record leaves no stalled lease behind)."""
         self.engine = engine
         self.journal = engine.journal
         self.rt = rt
@@ -67,6 +71,7 @@ class RevokeContext:
         self.request_ids: list[str | None] = []
         self._old = old
         self._fresh = fresh
+        self._last = last
         self._replacement: StoredVersion | None = None
         self._retried = False
         self._kill_started: float | None = None
@@ -166,7 +171,6 @@ class RevokeContext:
         current one, the old one)."""
         if self._fresh:
             self._fresh = False  # the row was written with this first attempt counted
-            self._asked_at = self.row.asked_at or utcnow()
         else:
             lost = None
             if self.row.asked_at is not None:
@@ -181,10 +185,12 @@ class RevokeContext:
                     "revoke) and before it recorded the answer: if the request reached Makini, "
                     "a token was issued that no backend holds",
                 )
-            self._asked_at = utcnow()
             self.row = await self._commit(
-                {"attempts": self.row.attempts + 1, "asked_at": self._asked_at}, lost=lost
+                {"attempts": self.row.attempts + 1, "asked_at": utcnow()}, lost=lost
             )
+        # stamped after every unaccounted entry recorded so far: the request goes out after
+        # them all (where Makini kills older tokens on issue, a token it brings kills theirs)
+        self._asked_at = utcnow()
         sources: list[Secret] = []
         if method == "refresh":
             current = None
@@ -341,6 +347,7 @@ class RevokeContext:
         asked_at = self._asked_at
         expires = issued.tokens.expires_at
         lifetime = expires - asked_at if expires else None
+        late = timedelta(seconds=self.rt.settings.makini.timeout_s)
 
         def settle(conn: Any, row: Rotation) -> None:
             unaccounted.after_issue(
@@ -350,11 +357,27 @@ class RevokeContext:
                 row.credential,
                 asked_at=asked_at,
                 lifetime=lifetime,
+                late=late,
                 invalidates=invalidates is True,
                 actor=row.actor,
             )
 
         return settle
+
+    def _resolve_disconnected(self) -> Callable[[Any, Rotation], None]:
+        """Where the revoke disconnected the connection, every token of it died: the
+        credential's unaccounted tokens too (resolved in the kill's transaction)."""
+        why = (
+            f"the connection {self.cred.connection_id} was disconnected at Makini by emergency "
+            f"revoke {self.row.id[:8]}: every token of it died"
+        )
+
+        def resolve(conn: Any, row: Rotation) -> None:
+            unaccounted.resolve_all(
+                self.journal, conn, row.environment, row.credential, why, row.actor
+            )
+
+        return resolve
 
     def _note(self, note: str) -> None:
         self.report.notes.append(note)
@@ -369,10 +392,12 @@ class RevokeContext:
         note: str | None = None,
         lost: unaccounted.Lost | None = None,
         after: Callable[[Any, Rotation], None] | None = None,
+        release: bool = False,
     ) -> Rotation:
         """Record a step (with the record, pending notes and a pending replacement) atomically
         with the credential's state and the audit entries, under the revoke's lease (with an
-        unaccounted token to report, and more work of the same transaction)."""
+        unaccounted token to report, and more work of the same transaction); ``release``: the
+        lease is given back with it."""
         if note:
             self._note(note)
         audits = []
@@ -398,8 +423,11 @@ class RevokeContext:
             state=state,
             audits=[{**base, **a} for a in audits],
             lease=self.lease.key,
+            release=release,
             after=_with_lost(self.journal, lost, after),
         )
+        if release:
+            self.engine.leases.drop(self.lease)  # no heartbeat for a lease given back
         faults.checkpoint(self.row.step, self.cred.name)
         return self.row
 

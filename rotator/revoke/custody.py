@@ -152,11 +152,12 @@ def commit(
     state: dict[str, Any] | None = None,
     audits: Sequence[dict[str, Any]] = (),
     lease: LeaseKey | None = None,
+    release: bool = False,
     after: Callable[[Connection, Rotation], None] | None = None,
 ) -> Rotation:
     """Record a revoke's step with the credential's state and any number of audit entries,
     atomically, if the revoke still holds the credential's lease, and return the row as
-    recorded (nothing else writes its row)."""
+    recorded (nothing else writes its row). ``release``: give the lease back with it."""
     return journal.commit_step(
-        row.id, values, state=state, audits=audits, lease=lease, after=after
+        row.id, values, state=state, audits=audits, lease=lease, release=release, after=after
     )

@@ -139,9 +139,11 @@ class CredentialRevoke(RevokeContext):
         faults.checkpoint("revoke-kill-effect", self.cred.name)
         values: dict[str, Any] = {"step": RevokeStep.KILLED, "invalidated_old": dead}
         state = None
+        resolve = None
         if self.record.disconnected:
             values["sealed"] = None  # whatever the kill issued died with the connection
             state = {"attention": disconnected_attention(self.rt.name, self.cred)}
+            resolve = self._resolve_disconnected()  # and every token nobody holds
         audit = {
             "action": "revoke.killed",
             "outcome": "success" if dead else "old_token_alive",
@@ -161,7 +163,7 @@ class CredentialRevoke(RevokeContext):
             # says the same again
             self._pending.append((values, state, audit))
             return await self._replace()
-        return await self._commit(values, state=state, audit=audit)
+        return await self._commit(values, state=state, audit=audit, after=resolve)
 
     async def _disconnect(self, old: StoredVersion) -> bool:
         try:
@@ -485,6 +487,7 @@ class CredentialRevoke(RevokeContext):
                 "reason": self.row.reason,
                 "report": report.as_dict(),
             },
+            release=self._last,
         )
 
     # stopping ----------------------------------------------------------------------------------

@@ -119,7 +119,15 @@ class Revoker:
                     row, old = begun
                     fresh = row.attempts > 0
                     await CredentialRevoke(
-                        self.engine, rt, cred, row, lease, report, old=old, fresh=fresh
+                        self.engine,
+                        rt,
+                        cred,
+                        row,
+                        lease,
+                        report,
+                        old=old,
+                        fresh=fresh,
+                        last=True,  # nothing follows it under the lease
                     ).run()
             if req.resume or report.resumed:
                 await self._orphans(rt, cred, req.actor or "revoke --resume", report)
@@ -378,7 +386,7 @@ async def resume_held(
     rt = engine.runtime(env)
     cred = rt.settings.credential(name, env)
     report = CredentialReport(env, name, resumed=True)
-    await CredentialRevoke(engine, rt, cred, row, lease, report).run()
+    await CredentialRevoke(engine, rt, cred, row, lease, report, last=True).run()
     outcome = {"revoked": "revoked", "incomplete": "deferred", "busy": "busy"}.get(
         report.outcome, "failed"
     )

@@ -6,6 +6,7 @@ import base64
 import json
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -293,6 +294,17 @@ def test_fail_next_and_when_it_strikes(api: Api, sim: SimServer) -> None:
     assert sim.options.fail_next == []
 
 
+def test_fail_only_aims_the_scripted_failures_at_one_route(api: Api, sim: SimServer) -> None:
+    # a CLI process authenticates before it issues: the failure must skip that request
+    sim.set(fail_only="POST /api/system/connections/{id}/token", fail_next=[502])
+    assert api.grant(grant_type="client_credentials").status_code == 200
+    assert api.current("eyJx").status_code == 401  # not a 502 either
+    lost = api.issue("c1")  # processed, then the answer was lost
+    assert lost.status_code == 502 and len(sim.tokens("c1", kind="access")) == 1
+    assert api.issue("c1").status_code == 200
+    assert sim.options.fail_next == []
+
+
 def test_error_rate_is_reproducible_with_a_seed(api: Api, sim: SimServer) -> None:
     def run() -> list[int]:
         sim.set(error_rate=0.5, seed=None)
@@ -364,6 +376,21 @@ def test_stats(api: Api, sim: SimServer) -> None:
     assert routes["POST /link/token"] == {"200": 1}
     assert routes["POST /api/system/connections/{id}/token"] == {"200": 1}
     assert routes["GET /api/integrations/current"] == {"401": 1}
+
+
+def test_stats_count_a_request_on_arrival(api: Api, sim: SimServer) -> None:
+    api.admin  # noqa: B018 (authenticate first)
+    sim.set(latency_ms=500)
+    route = "POST /api/system/connections/{id}/token"
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(api.issue, "c1")
+        deadline = time.monotonic() + 5
+        while sim.stats()["received"].get(route) != 1:  # in flight: received, not answered
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert route not in sim.stats()["routes"] and not answer.done()
+        assert answer.result(timeout=5).status_code == 200
+    assert sim.stats()["routes"][route] == {"200": 1}
 
 
 def test_server_lifecycle() -> None:
