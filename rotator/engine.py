@@ -206,6 +206,9 @@ class _Drive:
     """The rotation's new version, as issued or unsealed by this drive."""
     asked_at: datetime | None = None
     """When this drive asked Makini for the token it received."""
+    request: datetime | None = None
+    """The ``asked_at`` stamped on the row for the request in flight: with the rotation, what
+    names the request in ``unaccounted_tokens``."""
     unaccounted: int = 0
     """Open unaccounted tokens of the credential (see :mod:`rotator.unaccounted`)."""
     released: asyncio.Task[None] | None = None
@@ -721,6 +724,7 @@ class RotationEngine:
         # the request goes out after them all, so where Makini kills older tokens on issue, a
         # token it brings kills theirs
         d.asked_at = utcnow()
+        d.request = rot.asked_at
         try:
             issued = await self._ask_makini(d, rot)
         except MakiniRejected as exc:
@@ -731,7 +735,7 @@ class RotationEngine:
                 lost = self._lost(
                     d,
                     rot,
-                    d.asked_at,
+                    d.request or d.asked_at,
                     f"Makini may have issued a token that was not received ({exc.message})",
                     request_id=exc.request_id,
                 )
@@ -825,7 +829,7 @@ class RotationEngine:
             credential=d.cred.name,
             connection_id=d.cred.connection_id,
             rotation_id=rot.id,
-            asked_at=d.asked_at or utcnow(),
+            asked_at=d.request or d.asked_at or utcnow(),
             cause="Makini's answer arrived after this worker lost the credential's lease (it was "
             "paused or cut off for longer than journal.lock_ttl), so the token was not stored",
             fingerprint=tokens.access.fingerprint,

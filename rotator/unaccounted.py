@@ -106,8 +106,24 @@ class Lost:
 
 def record(journal: Journal, conn: Connection, lost: Lost, *, actor: str) -> int:
     """Add an open entry, count it on the credential's state and audit it (in ``conn``'s
-    transaction). Returns the entry's id."""
+    transaction). Returns the entry's id.
+
+    A request is named by its rotation and the ``asked_at`` stamped on the rotation's row
+    before it was sent: a request already recorded is not recorded twice (a resume and the late
+    answer of the same request, two resumes of one rotation), and the late answer, which names
+    its token, closes the blind entry a resume recorded for it."""
     now = utcnow()
+    same_request = (
+        (_TABLE.c.rotation_id == lost.rotation_id) & (_TABLE.c.asked_at == lost.asked_at)
+        if lost.rotation_id is not None
+        else None
+    )
+    if same_request is not None:
+        known = conn.execute(
+            select(_TABLE.c.id, _TABLE.c.fingerprint).where(same_request).order_by(_TABLE.c.id)
+        ).all()
+        if known and (lost.fingerprint is None or any(fp for _, fp in known)):
+            return int(known[0][0])
     entry_id = conn.execute(
         _TABLE.insert()
         .values(
@@ -142,6 +158,16 @@ def record(journal: Journal, conn: Connection, lost: Lost, *, actor: str) -> int
         cause=lost.cause,
         live_until=lost.live_until,
     )
+    if same_request is not None and lost.fingerprint is not None:
+        blind = same_request & _TABLE.c.fingerprint.is_(None) & (_TABLE.c.status == OPEN)
+        _close(
+            journal,
+            conn,
+            blind,
+            RESOLVED,
+            f"its answer arrived after all: entry {entry_id} names the token",
+            actor,
+        )
     return int(entry_id)
 
 

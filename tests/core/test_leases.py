@@ -111,15 +111,20 @@ async def test_a_holder_that_lost_its_lease_writes_nothing_and_reports_its_token
     assert len(versions) == 2 and {v.version_id for v in versions} == {winner.current_version_id}
     assert versions[0].tokens.access.fingerprint in active(sim)
     # the paused holder's token: recorded as unaccounted with its fingerprint, never stored
-    entries = unaccounted.entries(other.journal, "prod")
-    late_ones = [e for e in entries if e.fingerprint is not None]
-    assert len(late_ones) == 1
-    assert late_ones[0].fingerprint != versions[0].tokens.access.fingerprint
-    assert late_ones[0].live_until is not None
-    # and the resume recorded the request it found unanswered (the paused one's)
-    assert any(e.fingerprint is None for e in entries)
+    [entry] = unaccounted.entries(other.journal, "prod")
+    assert entry.fingerprint is not None and entry.live_until is not None
+    assert entry.fingerprint != versions[0].tokens.access.fingerprint
+    # the taker's resume had recorded that request blind; the late answer named its token
+    # and closed that entry: one request, one open entry
+    [blind] = [
+        e
+        for e in unaccounted.entries(other.journal, "prod", include_closed=True)
+        if e.fingerprint is None
+    ]
+    assert blind.status == unaccounted.RESOLVED and blind.asked_at == entry.asked_at
+    assert f"entry {entry.id} names the token" in (blind.resolution or "")
     state = other.journal.state("prod", "a")
-    assert state is not None and state.unaccounted == len(entries)
+    assert state is not None and state.unaccounted == 1
 
 
 async def test_the_journal_refuses_a_write_under_a_lease_that_is_not_held(
