@@ -186,6 +186,9 @@ class SimState:
         self.by_fingerprint: dict[str, Token] = {}
         self.codes: dict[str, LinkCode] = {}
         self.stats: Counter[tuple[str, int]] = Counter()
+        self.inflight: Counter[tuple[str, str | None]] = Counter()
+        """API requests being answered now, by route and connection id (where the path has
+        one): a test can stop a client while its request is inside Makini."""
         self.windows: dict[str, tuple[int, int]] = {}  # connection → (minute, count)
 
     def set_options(self, options: SimOptions) -> None:
