@@ -7,17 +7,21 @@ simulator kills a connection's old token when it issues a new one (and the confi
 so), and 100 in ``keeps``, whose simulator keeps old tokens alive and whose configuration leaves
 ``issue_invalidates_previous`` unset (the engine probes). Each environment writes to two file
 backends, one folder each, shared by every replica. In the middle of the first wave one replica
-is killed with SIGKILL while it has requests for new tokens in flight at Makini, and another
-gets SIGTERM. Two new replicas replace them (as Kubernetes restarts a pod), and a second wave
-comes on schedule (``interval``, no jitter) with another ``run-due`` overlapping it; then every
-replica gets SIGTERM.
+is killed with SIGKILL while Makini is answering its requests for new tokens in ``kills``, and
+another gets SIGTERM. Two new replicas replace them (as Kubernetes restarts a pod), the second
+wave comes on schedule (``interval``, no jitter) with another ``run-due`` overlapping it, and
+one of the new replicas is killed while Makini answers its requests in ``keeps``; then every
+replica left gets SIGTERM.
 
 What must hold (DESIGN.md, "The rotation protocol" and "State and scale"):
 
 * exactly once per due period: per connection, the tokens Makini issued are the rotations due
-  (two) plus, at most, one per unaccounted entry of that connection; an extra token exists only
-  where such an entry says so, and entries exist exactly for the requests the killed replica had
-  in flight. Where Makini kills older tokens the extra one is dead and its entry resolved;
+  (two each) plus the extra tokens of requests whose answer a kill lost; an extra token exists
+  only where an unaccounted entry of its connection says so (at most one per entry: an entry is
+  also written for a request the process had not sent yet), entries exist exactly for the
+  requests the killed replicas left unanswered, and each request Makini was answering at a kill
+  made exactly one. Where Makini kills older tokens the extra one is dead and its entry
+  resolved; where it keeps them, alive and its entry open (a true alarm);
 * every current token is active at Makini and belongs to its connection, both backends of its
   environment hold it as current, and it is the version the journal names;
 * no false alarm: no credential has ``attention``, ``rotator status`` is healthy for every
@@ -25,8 +29,9 @@ What must hold (DESIGN.md, "The rotation protocol" and "State and scale"):
   holds: a true alarm), no rollback or failure in the audit log, no lease left behind;
 * every replica started (answered ``/healthz``); SIGTERM drains and exits 0, logging
   ``serve.stopping`` and ``serve.stopped``, with no traceback;
-* the killed replica's credentials are served an active token again (through a surviving
+* the killed replicas' credentials are served an active token again (through a surviving
   replica's API) well within 30 s of the kill (``journal.lock_ttl`` is 5 s, the tick 1 s);
+  where Makini keeps old tokens, they are served an active one all along;
 * no token value appears in any process's output.
 """
 
@@ -118,10 +123,14 @@ class Fleet:
         blocks = [CONFIG_HEAD.format(journal=journal_url, ttl=LOCK_TTL_S)]
         for env in ENVS:
             secret = f"fleet-{env}-secret"
-            sim = Simulator(
-                folder, env, f"fleet-{env}:{secret}", invalidates=env == "kills",
-                latency_ms=LATENCY_MS,
-            )
+            try:
+                sim = Simulator(
+                    folder, env, f"fleet-{env}:{secret}", invalidates=env == "kills",
+                    latency_ms=LATENCY_MS,
+                )
+            except BaseException:
+                self.close()
+                raise
             self.sims[env] = sim
             upper = env.upper()
             for var in ("SEAL", "FILE_A", "FILE_B"):
