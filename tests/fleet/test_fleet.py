@@ -314,6 +314,19 @@ def test_replicas_and_run_due_rotate_each_credential_once_per_due_period(fleet: 
 
         first_kill = Kill(fleet, db, replicas["r0"], "kills", lambda: promoted() >= 20)
         replicas["r1"].signal(signal.SIGTERM)
+        r1_owner = f"{socket.gethostname()[:60]}:{replicas['r1'].pid}:%"
+        r1_held = db.rows("SELECT name FROM locks WHERE owner LIKE %s", r1_owner)
+        assert r1_held
+        # the drain gives every lease back at once: gone before any could have expired (each
+        # was renewed within the last third of lock_ttl before the SIGTERM)
+        wait_until(
+            "r1 to give its leases back",
+            lambda: not db.rows("SELECT name FROM locks WHERE owner LIKE %s", r1_owner),
+            LOCK_TTL_S * 2 / 3,
+            every_s=0.02,
+        )
+        drained_s = time.monotonic() - first_kill.at
+        stopped_cleanly(replicas["r1"])
 
         # the dead replica's credentials have no token yet: each is served one, active, after
         # its lease expired and another replica resumed its rotation
@@ -329,12 +342,12 @@ def test_replicas_and_run_due_rotate_each_credential_once_per_due_period(fleet: 
         wait_until("the killed replica's credentials to be served", all_served,
                    RECOVERY_BOUND_S + 10, every_s=0.1)
         recovery_s = max(recovered.values())
-        print(f"\nwave 1: r0 killed holding {len(first_kill.held)} leases, "
+        print(f"\nwave 1: r1 gave back {len(r1_held)} leases {drained_s:.1f} s after the kill; "
+              f"r0 killed holding {len(first_kill.held)} leases, "
               f"{len(first_kill.lost)} requests inside Makini; all served an active token "
               f"{recovery_s:.1f} s after the kill (lock_ttl {LOCK_TTL_S} s, tick 1 s)")
         assert recovery_s < RECOVERY_BOUND_S
 
-        stopped_cleanly(replicas["r1"])
         assert first_run.wait(120) == 0, first_run.stderr()[-3000:]
         assert "Traceback" not in first_run.stderr()
 
