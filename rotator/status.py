@@ -39,8 +39,11 @@ class CredentialStatus:
     open_revoke: str | None = None
     """the step at which an unfinished emergency revoke stopped"""
     stalled_lease: str | None = None
-    """the credential's lease is held by a holder that stopped renewing it (it crashed or was
-    stopped): what, by whom, since when"""
+    """work on the credential is due, and its lease is held by a holder that stopped renewing
+    it (it crashed or was stopped mid-drive): what, by whom, since when. An expired lease on a
+    credential with nothing due holds up nothing (the next worker takes it at once) and is not
+    reported: a holder killed after promoting, or while finding a credential already done,
+    leaves one that nobody takes over until the credential is next due."""
     unaccounted: int = 0
     """open entries of tokens Makini may have issued that no backend holds"""
 
@@ -149,7 +152,9 @@ async def collect(runtime: Runtime, environment: str | None = None) -> list[Cred
                 backends=held,
                 stale_readers=stale.get((item.environment, item.credential), ()),
                 open_revoke=_revoke_step(revokes, item.environment, item.credential),
-                stalled_lease=_stalled(stalled, item.environment, item.credential, now),
+                stalled_lease=_stalled(stalled, item.environment, item.credential, now)
+                if item.is_due
+                else None,
                 unaccounted=state.unaccounted if state else 0,
             )
         )

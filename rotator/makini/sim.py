@@ -165,6 +165,11 @@ class SimServer:
         body = {"id": connection_id, **({"client_id": client_id} if client_id else {})}
         self._call("POST", "/_sim/connections", json=body)
 
+    def inflight(self) -> list[dict[str, Any]]:
+        """The API requests being answered right now: route, connection id, count."""
+        result: list[dict[str, Any]] = self._call("GET", "/_sim/inflight")
+        return result
+
     def stats(self) -> dict[str, Any]:
         result: dict[str, Any] = self._call("GET", "/_sim/stats")
         return result

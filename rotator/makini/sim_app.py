@@ -113,6 +113,7 @@ class SimApp:
             Route("/_sim/options", self.sim_options, methods=["GET", "PATCH"]),
             Route("/_sim/reset", self.sim_reset, methods=["POST"]),
             Route("/_sim/stats", self.sim_stats, methods=["GET"]),
+            Route("/_sim/inflight", self.sim_inflight, methods=["GET"]),
             Route("/_sim/webhooks/send", send_webhooks, methods=["POST"]),
             Route("/{path:path}", api("unmatched", self.unmatched), methods=_ALL_METHODS),
         ]
@@ -126,6 +127,8 @@ class SimApp:
             opts = state.options
             request_id = uuid.uuid4().hex
             state.received[key] += 1
+            busy = (key, request.path_params.get("id"))
+            state.inflight[busy] += 1
             try:
                 if opts.latency_ms:
                     await asyncio.sleep(opts.latency_ms / 1000)
@@ -149,6 +152,10 @@ class SimApp:
                     response = Response(_GARBAGE, 200, media_type="text/html")
             except ApiError as err:
                 response = self._error(err, request_id)
+            finally:
+                state.inflight[busy] -= 1
+                if state.inflight[busy] <= 0:
+                    del state.inflight[busy]
             response.headers[opts.request_id_header] = request_id
             state.stats[(key, response.status_code)] += 1
             return response
@@ -305,6 +312,16 @@ class SimApp:
             except ValidationError as exc:
                 return JSONResponse({"error": str(exc)}, 422)
         return JSONResponse({"ok": True})
+
+    async def sim_inflight(self, request: Request) -> Response:
+        """The API requests being answered right now (inside the latency, or the handler)."""
+        views = [
+            {"route": route, "connection_id": conn, "count": count}
+            for (route, conn), count in sorted(
+                self.state.inflight.items(), key=lambda item: (item[0][0], item[0][1] or "")
+            )
+        ]
+        return JSONResponse(views)
 
     async def sim_stats(self, request: Request) -> Response:
         routes: dict[str, dict[str, int]] = {}

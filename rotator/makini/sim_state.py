@@ -192,6 +192,9 @@ class SimState:
         self.codes: dict[str, LinkCode] = {}
         self.stats: Counter[tuple[str, int]] = Counter()
         self.received: Counter[str] = Counter()  # API requests by route, counted on arrival
+        self.inflight: Counter[tuple[str, str | None]] = Counter()
+        """API requests being answered now, by route and connection id (where the path has
+        one): a test can stop a client while its request is inside Makini."""
         self.windows: dict[str, tuple[int, int]] = {}  # connection → (minute, count)
 
     def set_options(self, options: SimOptions) -> None:
