@@ -402,12 +402,19 @@ class RotationEngine:
         actor: str,
         progress: Callable[[RotationResult], None] | None = None,
     ) -> list[RotationResult]:
-        """Drive many credentials concurrently, ``concurrency`` at once."""
+        """Drive many credentials concurrently: ``concurrency`` at once, and at most each
+        environment's ``makini.max_concurrency`` of one environment (a drive has one Makini
+        call in flight at a time, so none waits for a connection after its request was
+        recorded as sent)."""
         work = await self._pinned(list(items))
         gate = asyncio.Semaphore(self.concurrency)
+        per_env = {
+            env: asyncio.Semaphore(rt.settings.makini.max_concurrency)
+            for env, rt in self.environments.items()
+        }
 
         async def one(item: Work) -> RotationResult:
-            async with gate:
+            async with per_env[item.environment], gate:
                 result, released = await self._rotate(item, actor)
             if progress:
                 progress(result)

@@ -289,3 +289,35 @@ async def test_a_failing_journal_is_each_credentials_failure_not_a_crash(
     assert [(r.credential, r.outcome) for r in results] == [("a", "failed"), ("b", "failed")]
     assert all("journal" in (r.error or "") for r in results)
     assert runtime.engine.active == 0
+
+
+async def test_no_more_requests_are_recorded_as_sent_than_makini_may_take(
+    make_runtime: Factory, sim: SimServer
+) -> None:
+    # makini.max_concurrency below scheduler.concurrency: drives used to record their request
+    # for a token as sent (asked_at) and then queue for one of the client's connections, so a
+    # kill reported tokens for requests that never left the process
+    names = [f"c{i}" for i in range(8)]
+    runtime = make_runtime(
+        [{"name": n, "connection_id": f"conn-{n}"} for n in names],
+        makini={"max_concurrency": 2},
+    )
+    sim.set(latency_ms=150)
+    peak = 0
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            rows = await asyncio.to_thread(runtime.journal.open_rotations, "prod")
+            peak = max(peak, sum(r.asked_at is not None for r in rows))
+            await asyncio.sleep(0.01)
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        results = await runtime.engine.rotate_many(
+            [Work("prod", n, "t", forced=True) for n in names], actor="t"
+        )
+    finally:
+        watcher.cancel()
+    assert {r.outcome for r in results} == {"rotated"}
+    assert 1 <= peak <= 2
