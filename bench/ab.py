@@ -5,8 +5,10 @@
 The older commit is checked out as a git worktree (``.ab/<rev>``, reused across runs); each round
 runs the benchmark script of that worktree on its code, then this checkout's script on this
 code (alternating which goes first), with this checkout's virtual environment: the worktree's
-modules come first on ``PYTHONPATH``. Each run's output is printed whole, labelled; compare the
-figures round by round (machine load moves both alike within a round).
+modules come first on ``PYTHONPATH``. ``--same-script`` runs this checkout's script on both
+codes instead (when the benchmark itself changed, and its script runs on the older code too).
+Each run's output is printed whole, labelled; compare the figures round by round (machine load
+moves both alike within a round).
 """
 
 from __future__ import annotations
@@ -41,11 +43,11 @@ def worktree(rev: str) -> Path:
     return path
 
 
-def run(label: str, tree: Path, script: str, args: list[str]) -> None:
+def run(label: str, tree: Path, script: Path, args: list[str]) -> None:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     started = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, str(tree / "bench" / script), *args],
+        [sys.executable, str(script), *args],
         cwd=tree,
         env=env,
         capture_output=True,
@@ -64,6 +66,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before", required=True, help="the older commit (A)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--same-script", action="store_true", help="run this checkout's script on both codes"
+    )
     parser.add_argument("script", help="a script of bench/, e.g. bench_rotation.py")
     parser.add_argument("args", nargs=argparse.REMAINDER)
     options = parser.parse_args()
@@ -74,7 +79,9 @@ def main() -> None:
         if n % 2:
             pair.reverse()
         for label, tree in pair:
-            run(f"round {n + 1} {label}", tree, options.script, args)
+            script_tree = ROOT if options.same_script else tree
+            script = script_tree / "bench" / options.script
+            run(f"round {n + 1} {label}", tree, script, args)
 
 
 if __name__ == "__main__":

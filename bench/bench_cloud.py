@@ -405,6 +405,14 @@ def main() -> None:
                 "keyvault": keyvault.pid,
                 "makini-sim": sim.pid,
             }
+            # the journal (its schema) is made once, beforehand: not what a run repeats
+            subprocess.run(
+                [sys.executable, "-m", "rotator", "--config", str(config), "plan", "--json"],
+                env=env,
+                cwd=folder,
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
             rounds = []
             for label, retire in (
                 ("first tokens (issue, seal, stage x3, verify, promote x3)", False),

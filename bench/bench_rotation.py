@@ -64,6 +64,20 @@ def write_config(
     return path
 
 
+def create_journal(config: Path, env: dict[str, str]) -> float:
+    """Make the journal (its schema) with `rotator plan`, outside the timed runs: a journal is
+    made once, and every later run-due opens it as it is. Returns the seconds it took."""
+    start = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "rotator", "--config", str(config), "plan", "--json"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        check=True,
+        cwd=config.parent,
+    )
+    return time.perf_counter() - start
+
+
 def run_due(config: Path, env: dict[str, str]) -> dict[str, float]:
     """One `rotator run-due`: wall and CPU seconds, peak memory, processes, exit code."""
     start = time.perf_counter()
@@ -126,6 +140,7 @@ def main() -> None:
                 f"per call, concurrency {args.concurrency}, processes {args.processes}, "
                 "file backend, SQLite journal"
             )
+            made = create_journal(config, env)
             bound1 = asyncio.run(calls_alone(url, args.credentials, args.concurrency, "bound-1"))
             first = run_due(config, env)
             time.sleep(1.2)  # interval 1s: every credential is due again
@@ -147,6 +162,7 @@ def main() -> None:
                 print(
                     f"    Makini calls alone {bound:6.2f} s   ratio {run['secs'] / bound:4.2f}x"
                 )
+            print(f"  (the journal was made beforehand, untimed: `rotator plan` took {made:.2f} s)")
 
 
 if __name__ == "__main__":
