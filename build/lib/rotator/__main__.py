@@ -1,3 +1,0 @@
-from rotator.cli import main
-
-main()
