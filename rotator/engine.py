@@ -806,24 +806,13 @@ class RotationEngine:
         tokens (nothing, and no statement, when it has none)."""
         if d.unaccounted <= 0 or d.asked_at is None:
             return None
-        asked_at = d.asked_at
-        lifetime = tokens.expires_at - asked_at if tokens.expires_at else None
-        late = timedelta(seconds=d.rt.settings.makini.timeout_s)
-
-        def settle(conn: Connection, row: Rotation) -> None:
-            unaccounted.after_issue(
-                self.journal,
-                conn,
-                row.environment,
-                row.credential,
-                asked_at=asked_at,
-                lifetime=lifetime,
-                late=late,
-                invalidates=invalidates,
-                actor=row.actor,
-            )
-
-        return settle
+        return unaccounted.settle_hook(
+            self.journal,
+            asked_at=d.asked_at,
+            expires_at=tokens.expires_at,
+            late=timedelta(seconds=d.rt.settings.makini.timeout_s),
+            invalidates=invalidates,
+        )
 
     async def _account_late_token(self, d: _Drive, rot: Rotation, version: StoredVersion) -> None:
         """This drive received a token after it lost the lease (it was paused or cut off

@@ -22,7 +22,7 @@ Entries never hold a token; one received late is named by its fingerprint.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -169,6 +169,38 @@ def record(journal: Journal, conn: Connection, lost: Lost, *, actor: str) -> int
             actor,
         )
     return int(entry_id)
+
+
+Hook = Callable[[Connection, Any], None]
+"""More work of a journal transaction that records a step: ``hook(conn, row)``."""
+
+
+def settle_hook(
+    journal: Journal,
+    *,
+    asked_at: datetime,
+    expires_at: datetime | None,
+    late: timedelta,
+    invalidates: bool,
+) -> Hook:
+    """What the step that records a token issued by a request sent at ``asked_at`` does, in its
+    own transaction, for the credential's open entries (see :func:`after_issue`)."""
+    lifetime = expires_at - asked_at if expires_at else None
+
+    def settle(conn: Connection, row: Any) -> None:
+        after_issue(
+            journal,
+            conn,
+            row.environment,
+            row.credential,
+            asked_at=asked_at,
+            lifetime=lifetime,
+            late=late,
+            invalidates=invalidates,
+            actor=row.actor,
+        )
+
+    return settle
 
 
 def after_issue(

@@ -344,25 +344,13 @@ class RevokeContext:
         invalidates = self.rt.settings.makini.issue_invalidates_previous
         if (self._unaccounted <= 0 and invalidates is not True) or self._asked_at is None:
             return None
-        asked_at = self._asked_at
-        expires = issued.tokens.expires_at
-        lifetime = expires - asked_at if expires else None
-        late = timedelta(seconds=self.rt.settings.makini.timeout_s)
-
-        def settle(conn: Any, row: Rotation) -> None:
-            unaccounted.after_issue(
-                self.journal,
-                conn,
-                row.environment,
-                row.credential,
-                asked_at=asked_at,
-                lifetime=lifetime,
-                late=late,
-                invalidates=invalidates is True,
-                actor=row.actor,
-            )
-
-        return settle
+        return unaccounted.settle_hook(
+            self.journal,
+            asked_at=self._asked_at,
+            expires_at=issued.tokens.expires_at,
+            late=timedelta(seconds=self.rt.settings.makini.timeout_s),
+            invalidates=invalidates is True,
+        )
 
     def _resolve_disconnected(self) -> Callable[[Any, Rotation], None]:
         """Where the revoke disconnected the connection, every token of it died: the
