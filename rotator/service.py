@@ -59,14 +59,56 @@ async def rotate_work(
     runtime: Runtime,
     work: Sequence[Work],
     progress: Callable[[RotationResult], None] | None = None,
+    *,
+    wait_busy: bool = False,
 ) -> list[RotationResult]:
+    """Drive ``work``. ``wait_busy`` (``run-due``): a credential found busy is driven again
+    once its lease is given back or expires (at most ``journal.lock_ttl``), so that a run right
+    after a crash (a Job's retry pod) resumes the crashed run's rotations instead of leaving
+    them to the next scheduled run; one a live holder keeps renewing stays busy."""
     if not work:
         return []
     log.info("run_due.start", due=len(work))
-    results = await runtime.engine.rotate_many(work, actor="scheduler", progress=progress)
+    engine = runtime.engine
+    first = progress
+    if wait_busy and progress is not None:
+        first = lambda r: None if r.outcome == "busy" else progress(r)  # noqa: E731
+    results = await engine.rotate_many(work, actor="scheduler", progress=first)
+    busy = [i for i, r in enumerate(results) if r.outcome == "busy"]
+    if wait_busy and busy and not engine.stopping:
+        freed = await _until_free(runtime, [work[i] for i in busy])
+        retry = [work[i] for i in busy if work[i] in freed]
+        again = iter(await engine.rotate_many(retry, actor="scheduler", progress=progress))
+        for i in busy:
+            if work[i] in freed:
+                results[i] = next(again)
+            elif progress is not None:
+                progress(results[i])
     failed = [r for r in results if not r.ok]
     log.info("run_due.done", due=len(work), failed=len(failed))
     return results
+
+
+async def _until_free(runtime: Runtime, work: Sequence[Work]) -> set[Work]:
+    """Wait until each credential's lease is given back or has expired, for at most a little
+    over ``journal.lock_ttl``: the work whose lease is free by then."""
+    journal = runtime.journal
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + journal.lock_ttl.total_seconds() * 1.1 + 0.5
+    waiting = set(work)
+    free: set[Work] = set()
+    log.info("run_due.waiting_for_leases", credentials=len(waiting))
+    while waiting and loop.time() < deadline and not runtime.engine.stopping:
+        for w in list(waiting):
+            holder = await asyncio.to_thread(
+                journal.lock_holder, f"{w.environment}/{w.credential}"
+            )
+            if holder is None:
+                waiting.discard(w)
+                free.add(w)
+        if waiting:
+            await asyncio.sleep(0.25)
+    return free
 
 
 class Stopper:

@@ -134,7 +134,7 @@ def run_due(
             if processes > 1 and stopper.signalled is None:
                 return work, processes, []  # forked once this runtime is closed
             with render.progress(json_out) as tick:
-                return work, 1, await rotate_work(rt, work, tick)
+                return work, 1, await rotate_work(rt, work, tick, wait_busy=True)
 
     work, processes, results = _run(_with_runtime, cfg, plan_or_rotate, env)
     if processes > 1:
@@ -157,7 +157,7 @@ def _rotate_share(env: list[str] | None) -> Callable[..., None]:
 
         async def work(rt: Any) -> list[Any]:
             async with Stopper(rt, cfg.scheduler.drain.total_seconds()):
-                return await rotate_work(rt, share, report)
+                return await rotate_work(rt, share, report, wait_busy=True)
 
         guarded(lambda: _run(_with_runtime, cfg, work, env))
 

@@ -342,3 +342,25 @@ def test_status_names_a_credential_whose_lease_holder_stopped_and_the_next_run_r
     healthy = rotator("status")
     assert healthy.returncode == 0, healthy.stderr
     assert "STALLED" not in healthy.stderr
+
+
+def test_a_run_right_after_a_crash_resumes_its_rotations_instead_of_calling_them_busy(
+    tmp_path: Path, sim: SimServer
+) -> None:
+    # a CronJob's retry pod starts at once after the killed one: before, it found the leases
+    # still live, reported the credentials "busy", exited 0, and left them (serving a token
+    # Makini had killed) until the next scheduled run
+    rotator = Rotator(tmp_path, sim)
+    config = rotator.config.read_text()
+    rotator.config.write_text(config.replace('lock_ttl = "1s"', 'lock_ttl = "3s"'))
+    killed = rotator("rotate", "prod", "a", "b", env={"ROTATOR_FAULT_KILL_AFTER": "issued"})
+    assert killed.returncode == -signal.SIGKILL
+    resumed = rotator("--log-level", "info", "run-due", "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "run_due.waiting_for_leases" in resumed.stderr  # it waited for the killed run's
+    outcomes = {
+        (r["environment"], r["credential"]): r["outcome"] for r in json.loads(resumed.stdout)
+    }
+    assert outcomes[("prod", "a")] == "rotated", outcomes
+    for name, conn in (("a", "a"), ("b", "b")):
+        assert active(sim, f"conn-e2e-{conn}") == {fingerprint(rotator.token("prod", name))}
