@@ -6,7 +6,9 @@ The older commit is checked out as a git worktree (``.ab/<rev>``, reused across 
 runs the benchmark script of that worktree on its code, then this checkout's script on this
 code (alternating which goes first), with this checkout's virtual environment: the worktree's
 modules come first on ``PYTHONPATH``. ``--same-script`` runs this checkout's script on both
-codes instead (when the benchmark itself changed, and its script runs on the older code too).
+codes instead (when the benchmark itself changed, and its script runs on the older code too):
+it is copied into the worktree's ``bench/``, so that a script that finds the repository from its
+own path finds the older one.
 Each run's output is printed whole, labelled; compare the figures round by round (machine load
 moves both alike within a round).
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -79,8 +82,9 @@ def main() -> None:
         if n % 2:
             pair.reverse()
         for label, tree in pair:
-            script_tree = ROOT if options.same_script else tree
-            script = script_tree / "bench" / options.script
+            script = tree / "bench" / options.script
+            if options.same_script and tree != ROOT:
+                shutil.copy2(ROOT / "bench" / options.script, script)
             run(f"round {n + 1} {label}", tree, script, args)
 
 
