@@ -26,6 +26,16 @@ SIM_PORT = int(os.environ.get("ROTATOR_DEV_SIM_PORT", "8765"))
 API_PORT = int(os.environ.get("ROTATOR_DEV_API_PORT", "8080"))
 
 
+def _die_with_this_process() -> None:
+    """In a child, before it runs: SIGTERM when ``make run`` dies, however it dies (a kill -9
+    would otherwise leave serve and the simulator holding the ports). Linux only."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def _port_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         return s.connect_ex(("127.0.0.1", port)) != 0
@@ -57,13 +67,19 @@ def main() -> None:
     env["ROTATOR_CONFIG"] = str(CONFIG)
     rotator = [sys.executable, "-m", "rotator"]
     sim = subprocess.Popen(
-        [*rotator, "makini-sim", "--port", str(SIM_PORT)], env=env, start_new_session=True
+        [*rotator, "makini-sim", "--port", str(SIM_PORT)],
+        env=env,
+        start_new_session=True,
+        preexec_fn=_die_with_this_process,  # safe: this process has one thread
     )
     serve: subprocess.Popen[bytes] | None = None
     try:
         _wait_http(f"http://127.0.0.1:{SIM_PORT}/_sim/connections", sim, "Makini simulator")
         serve = subprocess.Popen(
-            [*rotator, "serve", "--port", str(API_PORT)], env=env, start_new_session=True
+            [*rotator, "serve", "--port", str(API_PORT)],
+            env=env,
+            start_new_session=True,
+            preexec_fn=_die_with_this_process,  # safe: this process has one thread
         )
         _wait_http(f"http://127.0.0.1:{API_PORT}/healthz", serve, "rotator")
         shown = CONFIG.relative_to(REPO) if CONFIG.is_relative_to(REPO) else CONFIG

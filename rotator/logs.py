@@ -14,6 +14,7 @@ nothing, not even a traceback uvicorn logs for an exception that reached it, is 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import sys
@@ -55,6 +56,27 @@ def _logger_name(
     return event
 
 
+class _SafeWriter(structlog.WriteLogger):
+    """structlog's writer, minus the exception when stderr is gone (a closed pipe: the
+    process that read it died). A log line must never stop what it reports on, least of all
+    a shutdown: the line is dropped."""
+
+    def msg(self, message: str) -> None:
+        with contextlib.suppress(OSError, ValueError):  # BrokenPipeError, a closed file
+            super().msg(message)
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+
+class _SafeWriterFactory:
+    def __init__(self, file: Any) -> None:
+        self._file = file
+
+    def __call__(self, *args: Any) -> _SafeWriter:
+        return _SafeWriter(self._file)
+
+
 def configure(level: str = "info", fmt: str = "console") -> None:
     lvl = getattr(logging, level.upper(), logging.INFO)
     renderer: Any = (
@@ -74,7 +96,7 @@ def configure(level: str = "info", fmt: str = "console") -> None:
         ],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
         # one write per line: processes sharing stderr (run-due's workers) never split a line
-        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
+        logger_factory=_SafeWriterFactory(sys.stderr),
         cache_logger_on_first_use=False,
     )
     # the standard library's records: rendered by the same processors (masking included); an

@@ -147,15 +147,15 @@ class Stopper:
                 task.cancel()
             return
         self.signalled = sig
+        if self.on_stop is not None:
+            self.on_stop()
+        self._start_drain()  # before anything that could fail, such as a log line
         log.info(
             "stopping",
             signal=signal.Signals(sig).name,
             drain_s=self.drain_s,
             in_flight=self.runtime.engine.active,
         )
-        if self.on_stop is not None:
-            self.on_stop()
-        self._start_drain()
 
     def _start_drain(self) -> asyncio.Task[int]:
         if self._drain is None:

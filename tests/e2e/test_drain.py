@@ -191,3 +191,75 @@ def test_ctrl_c_on_make_run_stops_both_without_a_traceback(
         assert [r.step for r in journal.open_rotations()] == []
     finally:
         journal.close()
+
+
+def test_serve_drains_and_exits_even_when_its_stderr_is_gone(
+    tmp_path: Path, sim: SimServer
+) -> None:
+    # whatever read serve's output died (make run killed hard): writing the "stopping" log
+    # line raised BrokenPipeError inside the signal handler, the drain never started, and
+    # serve kept running, holding its port, for ever
+    cli = serve_cli(tmp_path, sim, drain="5s", count=2)
+    port = free_port()
+    proc = subprocess.Popen(
+        cli.argv("serve", "--port", str(port)),
+        env=cli.env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for("serve", lambda: listening(port))
+        assert proc.stdout is not None
+        proc.stdout.close()  # the reader is gone
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        assert not listening(port)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_make_run_killed_hard_takes_its_children_with_it(
+    tmp_path: Path, sim_server: SimServer
+) -> None:
+    # a kill -9 of make run used to leave serve and the simulator running, holding the ports
+    sim_port, api_port = free_port(), free_port()
+    config = tmp_path / "config" / "local.toml"
+    config.parent.mkdir()
+    config.write_text((REPO / "config" / "local.toml").read_text().replace("8765", str(sim_port)))
+    env = {
+        **os.environ,
+        "ROTATOR_DEV_CONFIG": str(config),
+        "ROTATOR_DEV_SIM_PORT": str(sim_port),
+        "ROTATOR_DEV_API_PORT": str(api_port),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rotator.devrun"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for("make run", lambda: listening(api_port), timeout=60)
+        proc.kill()
+        proc.wait()
+        wait_for("serve to stop", lambda: not listening(api_port), timeout=30)
+        wait_for(
+            "the simulator to stop",
+            lambda: not _answers(f"http://127.0.0.1:{sim_port}/_sim/stats"),
+            timeout=30,
+        )
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _answers(url: str) -> bool:
+    try:
+        httpx.get(url, timeout=1)
+    except httpx.HTTPError:
+        return False
+    return True
