@@ -211,6 +211,10 @@ class _Drive:
     names the request in ``unaccounted_tokens``."""
     unaccounted: int = 0
     """Open unaccounted tokens of the credential (see :mod:`rotator.unaccounted`)."""
+    holder_gone_by: datetime | None = None
+    """Where this drive took the lease over from a holder that stopped renewing it: by when that
+    holder was gone (it renews every third of the lease, so it missed the renewal due two
+    thirds of a lease before the expiry)."""
     released: asyncio.Task[None] | None = None
     """The lease's release, once submitted (see ``RotationEngine._release``)."""
     lease_returned: bool = False
@@ -509,6 +513,8 @@ class RotationEngine:
                     env, name, "nothing", rotation_id=rot.id if rot else None, detail=why
                 )
             d.unaccounted = start.state.unaccounted if start.state else 0
+            if start.expired_holder is not None:
+                d.holder_gone_by = start.expired_holder - self.journal.lock_ttl * 2 / 3
             if action == "rotate" and rot is not None and rot.step in (
                 Step.PROMOTED, Step.RETIRING
             ):
@@ -714,9 +720,8 @@ class RotationEngine:
         if rot.sealed is not None:
             return await self._commit(d, rot, {"step": Step.ISSUED, "asked_at": None})
         if not d.fresh:
-            lost = None
             if rot.asked_at is not None:  # the last request's answer was never recorded
-                lost = self._lost(
+                unanswered = self._lost(
                     d,
                     rot,
                     rot.asked_at,
@@ -724,9 +729,12 @@ class RotationEngine:
                     "for a token and before it recorded the answer: if the request reached "
                     "Makini, a token was issued that no backend holds",
                 )
-            rot = await self._commit(
-                d, rot, {"attempts": rot.attempts + 1, "asked_at": utcnow()}, lost=lost
-            )
+                rot = await self._commit(d, rot, {"asked_at": None}, lost=unanswered)
+                await unaccounted.outlast(
+                    d.rt.settings.makini, unanswered.asked_at, gone_by=d.holder_gone_by
+                )
+                await self._fence(d)
+            rot = await self._commit(d, rot, {"attempts": rot.attempts + 1, "asked_at": utcnow()})
         # stamped after every unaccounted entry recorded so far (the one just recorded too):
         # the request goes out after them all, so where Makini kills older tokens on issue, a
         # token it brings kills theirs

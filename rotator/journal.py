@@ -713,6 +713,9 @@ class DriveStart:
     revoke: Rotation | None = None
     rotation: Rotation | None = None
     state: CredentialState | None = None
+    expired_holder: datetime | None = None
+    """When the lease this drive took over had expired: its holder stopped renewing it (a
+    crash), rather than giving it back. ``None`` when it was free or given back."""
 
 
 def _lease_params(lease: LeaseKey) -> dict[str, Any]:
@@ -1031,15 +1034,20 @@ class Journal:
         the lease is another's)."""
 
         def work(conn: Connection) -> DriveStart:
+            before = self._q.lock.first(conn, {"p_name": lease[0]})
             if not self._acquire(conn, lease[0], lease[1], None):
                 return DriveStart(False)
             params = {"p_env": environment, "p_cred": credential}
             state = self._q.state.first(conn, params)
+            expired = None
+            if before is not None and before["owner"] != lease[1]:
+                expired = before["expires_at"]  # it was free to take: it had expired
             return DriveStart(
                 True,
                 revoke=_maybe_rotation(self._q.open_revoke.first(conn, params)),
                 rotation=_maybe_rotation(self._q.open_rotation.first(conn, params)),
                 state=None if state is None else _instance(CredentialState, state),
+                expired_holder=expired,
             )
 
         return self._run("take a lock", work)

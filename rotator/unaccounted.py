@@ -22,6 +22,7 @@ Entries never hold a token; one received late is named by its fingerprint.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -33,6 +34,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from rotator.journal import Base, CredentialState, Journal, UTCDateTime
 from rotator.model import utcnow
+from rotator.settings import MakiniSettings
 
 OPEN, RESOLVED, ACKNOWLEDGED = "open", "resolved", "acknowledged"
 
@@ -169,6 +171,33 @@ def record(journal: Journal, conn: Connection, lost: Lost, *, actor: str) -> int
             actor,
         )
     return int(entry_id)
+
+
+async def outlast(
+    makini: MakiniSettings, asked_at: datetime, *, gone_by: datetime | None = None
+) -> float:
+    """Before asking Makini again after a request whose answer was lost: wait until that request
+    is surely over, at most one request timeout from now. Where Makini kills older tokens on
+    issue, a lost request Makini answers late would otherwise kill the token asked for next,
+    and the entry would be resolved on the false premise that the newer token killed it. Not
+    where Makini keeps old tokens.
+
+    The request is over one timeout after its client gave up on it: after its last attempt
+    (``asked_at`` plus the retry budget), or after the asking process was gone (``gone_by``:
+    a crashed holder, whose lease showed when it stopped renewing). A drain that gave the lease
+    back leaves no such bound: then the full timeout. Returns the seconds waited."""
+    if makini.issue_invalidates_previous is False:
+        return 0.0
+    timeout = timedelta(seconds=makini.timeout_s)
+    now = utcnow()
+    over = asked_at + timedelta(seconds=makini.retry.total_timeout_s) + timeout
+    if gone_by is not None:
+        over = min(over, gone_by + timeout)
+    until = min(over, now + timeout)
+    delay = (until - now).total_seconds()
+    if delay > 0:
+        await asyncio.sleep(delay)
+    return max(delay, 0.0)
 
 
 Hook = Callable[[Connection, Any], None]

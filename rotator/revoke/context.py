@@ -172,21 +172,23 @@ class RevokeContext:
         if self._fresh:
             self._fresh = False  # the row was written with this first attempt counted
         else:
-            lost = None
             if self.row.asked_at is not None:
                 self._note(
                     "an earlier attempt to get a new token got no answer; if Makini issued one "
                     "then, it was never received (issuing again kills it where issuing "
                     "invalidates)"
                 )
-                lost = self._lost(
+                unanswered = self._lost(
                     self.row.asked_at,
                     "the rotator stopped after it asked Makini for a token (for an emergency "
                     "revoke) and before it recorded the answer: if the request reached Makini, "
                     "a token was issued that no backend holds",
                 )
+                self.row = await self._commit({"asked_at": None}, lost=unanswered)
+                await unaccounted.outlast(self.rt.settings.makini, unanswered.asked_at)
+                await self._fence()
             self.row = await self._commit(
-                {"attempts": self.row.attempts + 1, "asked_at": utcnow()}, lost=lost
+                {"attempts": self.row.attempts + 1, "asked_at": utcnow()}
             )
         # stamped after every unaccounted entry recorded so far: the request goes out after
         # them all (where Makini kills older tokens on issue, a token it brings kills theirs)

@@ -152,3 +152,29 @@ async def test_a_token_that_arrives_after_the_lease_was_lost(
         assert state.unaccounted == 1
     opened = runtime.journal.audit_entries(action="token.unaccounted")
     assert [e.fingerprint for e in opened] == [entry.fingerprint]
+
+
+async def test_a_new_request_waits_out_a_lost_one_only_where_it_could_still_land() -> None:
+    # a lost request Makini answers late would kill the token asked for next (where issuing
+    # kills older tokens): the next request waits until the lost one is surely over, at most
+    # one request timeout, and not at all where the lost one is long over
+    from rotator.settings import MakiniSettings
+
+    def makini(invalidates: bool | None) -> MakiniSettings:
+        return MakiniSettings(
+            client_id="c",
+            client_secret_env="X",
+            timeout_s=0.3,
+            retry={"total_timeout_s": 1},  # type: ignore[arg-type]
+            issue_invalidates_previous=invalidates,
+        )
+
+    now = utcnow()
+    long_ago = now - timedelta(minutes=5)
+    assert await unaccounted.outlast(makini(False), now) == 0  # old tokens stay: no harm
+    assert await unaccounted.outlast(makini(True), long_ago) == 0  # retries long over
+    # a crashed holder gone well over a timeout ago: over, however recent its request
+    assert await unaccounted.outlast(makini(None), now, gone_by=long_ago) == 0
+    # a drain gave the lease back a moment ago: the full timeout
+    waited = await unaccounted.outlast(makini(True), utcnow())
+    assert 0.25 < waited <= 0.3
