@@ -10,7 +10,6 @@ import hashlib
 import hmac
 import json
 import socket
-import time
 from pathlib import Path
 
 import httpx
@@ -21,6 +20,7 @@ from rotator.keys import create_key
 from rotator.makini import SimServer
 from tests.api.conftest import WEBHOOK_SECRETS, LogTrap, bearer, connection
 from tests.cli import RotatorCli
+from tests.wait import until
 
 CONFIG = """
 [journal]
@@ -83,16 +83,15 @@ async def test_serve_answers_hostile_bodies_and_logs_only_structlog_json(
     stderr = ""
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
-            deadline = time.monotonic() + 30
-            while True:
+
+            async def started() -> bool:
                 assert proc.poll() is None, proc.communicate()
                 try:
-                    if (await http.get("/healthz")).status_code == 200:
-                        break
+                    return (await http.get("/healthz")).status_code == 200
                 except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, "rotator serve did not start"
-                await asyncio.sleep(0.05)
+                    return False
+
+            await until("rotator serve to start", started)
 
             body = deep()
             signature = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
@@ -128,4 +127,3 @@ async def test_serve_answers_hostile_bodies_and_logs_only_structlog_json(
     [warning] = [r for r in records if r.get("logger") == "uvicorn.error"]
     assert warning["level"] == "warning" and warning["event"] == "Invalid HTTP request received."
     assert any(r.get("event") == "serve.started" for r in records)
-

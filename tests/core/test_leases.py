@@ -13,6 +13,7 @@ from rotator.makini import SimServer
 from rotator.model import utcnow
 from rotator.service import due_work, rotate_work
 from tests.core.conftest import Factory, active, current
+from tests.wait import issuing, until
 
 
 def issued(sim: SimServer, connection: str = "conn-a") -> int:
@@ -79,7 +80,14 @@ async def test_the_heartbeat_keeps_a_lease_past_its_ttl(
     holder, other = make_runtime(lock_ttl="1s"), make_runtime(lock_ttl="1s")
     sim.set(latency_ms=1600)  # the issue alone outlasts the 1 s lease
     drive = asyncio.ensure_future(holder.engine.rotate("prod", "a", reason="t", actor="t"))
-    await asyncio.sleep(1.3)
+    taken = await until("the drive's lease", lambda: holder.journal.lock_holder("prod/a"))
+    first_expiry = taken.expires_at
+
+    def renewed_past_its_first_expiry() -> bool:
+        lease = holder.journal.lock_holder("prod/a")
+        return lease is not None and lease.expires_at > first_expiry and utcnow() > first_expiry
+
+    await until("the lease to outlive its first expiry", renewed_past_its_first_expiry)
     [busy] = await other.engine.rotate_many([Work("prod", "a", "no token yet")], actor="tick")
     assert busy.outcome == "busy"
     result = await drive
@@ -97,9 +105,9 @@ async def test_a_holder_that_lost_its_lease_writes_nothing_and_reports_its_token
     paused, other = make_runtime(lock_ttl="1s"), make_runtime(lock_ttl="1s")
     sim.set(latency_ms=1500)
     drive = asyncio.ensure_future(paused.engine.rotate("prod", "a", reason="t", actor="t"))
-    await asyncio.sleep(0.4)  # its issue request is on the wire
+    await until("its request for a token inside Makini", lambda: asyncio.to_thread(issuing, sim))
     await paused.engine.leases.aclose()  # paused: no heartbeat any more
-    await asyncio.sleep(1.2)  # the lease expires
+    await until("its lease to expire", lambda: other.journal.lock_holder("prod/a") is None)
     sim.set(latency_ms=0)
     [taken] = await other.engine.rotate_many([Work("prod", "a", "resume")], actor="tick")
     assert taken.outcome == "rotated", taken

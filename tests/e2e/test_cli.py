@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from rotator.crypto import generate_key
 from rotator.makini import SimServer
 from rotator.model import fingerprint
 from tests.cli import RotatorCli
+from tests.wait import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -30,6 +30,7 @@ base_url = "{url}"
 client_id = "test-prod"
 client_secret_env = "E2E_PROD_SECRET"
 retry = {{ max_attempts = 2, base_delay_s = 0.01, max_delay_s = 0.05, total_timeout_s = 2 }}
+timeout_s = 3
 {makini_extra}
 [environments.prod.schedule]
 interval = "1h"
@@ -128,7 +129,6 @@ def test_sigkill_after_each_step_then_run_due_completes(
 
     killed = rotator("rotate", "prod", "a", env={"ROTATOR_FAULT_KILL_AFTER": f"{step}:a"})
     assert killed.returncode == -signal.SIGKILL
-    time.sleep(1.1)  # the dead worker's lease (lock_ttl = 1s) expires
 
     plan = json.loads(rotator("plan", "--json").stdout)
     item = next(i for i in plan if i["environment"] == "prod" and i["credential"] == "a")
@@ -174,8 +174,7 @@ def test_run_due_in_worker_processes_and_one_killed(tmp_path: Path, sim: SimServ
     assert [e["processes"] for e in events if e["event"] == "run_due.processes"] == [2]
     assert sorted(e["due"] for e in events if e["event"] == "run_due.start") == [1, 2]
 
-    time.sleep(1.1)  # the killed worker's lease (lock_ttl = 1s) expires
-    second = rotator(*logged, "run-due", "--json")
+    second = rotator(*logged, "run-due", "--json")  # it waits for the killed worker's lease
     assert second.returncode == 0, second.stderr
     assert [(r["credential"], r["outcome"]) for r in json.loads(second.stdout)] == [
         ("b", "rotated")
@@ -200,14 +199,13 @@ def test_sigterm_to_run_due_drains_its_workers(tmp_path: Path, sim: SimServer) -
     rotator.config.write_text(config.replace('lock_ttl = "1s"', 'lock_ttl = "1h"'))
     proc = rotator.start("--log-level", "info", "run-due", "--json")
     children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
-    workers: list[int] = []
-    for _ in range(200):
-        workers = [int(p) for p in children.read_text().split()] if children.exists() else []
-        if len(workers) == 2:
-            break
-        time.sleep(0.05)
-    assert len(workers) == 2
-    time.sleep(0.5)  # the workers are in their first Makini calls
+
+    def forked() -> list[int]:
+        found = [int(p) for p in children.read_text().split()] if children.exists() else []
+        return found if len(found) == 2 else []
+
+    workers: list[int] = wait_until("run-due's two workers", forked, timeout_s=10)
+    wait_until("the workers' first Makini calls", sim.inflight)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 0, stderr
@@ -328,12 +326,14 @@ def test_status_names_a_credential_whose_lease_holder_stopped_and_the_next_run_r
     rotator.config.write_text(config.replace('lock_ttl = "1s"', 'lock_ttl = "3s"'))
     killed = rotator("rotate", "prod", "a", env={"ROTATOR_FAULT_KILL_AFTER": "issued:a"})
     assert killed.returncode == -signal.SIGKILL
-    time.sleep(2.2)  # two heartbeats missed
-    stalled = rotator("status", "prod")
+    # once the dead holder has missed its heartbeats (well before its 3 s lease expires)
+    stalled = wait_until(
+        "status to name the stalled lease",
+        lambda: next((p for p in [rotator("status", "prod")] if "STALLED" in p.stderr), None),
+    )
     assert stalled.returncode == 3, stalled.stderr
-    assert "STALLED" in stalled.stderr and "prod/a" in stalled.stderr
-    time.sleep(1.0)  # the lease expired
-    resumed = rotator("run-due", "--json")
+    assert "prod/a" in stalled.stderr
+    resumed = rotator("run-due", "--json")  # it waits for the dead holder's lease itself
     assert resumed.returncode == 0, resumed.stderr
     outcomes = {
         (r["environment"], r["credential"]): r["outcome"] for r in json.loads(resumed.stdout)

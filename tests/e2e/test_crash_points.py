@@ -22,7 +22,6 @@ Which points a run passes depends on the mode (``rotator/faults.py`` lists them 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ import pytest
 from rotator.makini import SimServer
 from rotator.model import StoredVersion
 from tests.e2e.rig import MODES, Mode, Rig, fingerprints, values
+from tests.wait import lease_free, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -58,7 +58,6 @@ REVOKE_POINTS: dict[str, tuple[str, ...]] = {
         "revoke-done",
     ),
 }
-LEASE_EXPIRY_S = 1.1  # lock_ttl = "1s": a killed holder's lease is free again after this
 
 
 def _key(mode: Mode) -> str:
@@ -128,14 +127,16 @@ def test_sigkill_at_every_point_of_retire_and_revoke_then_resume(
     purged = revoke["revoke-purged"]
     why = ("--reason", "crash at revoke-purged", "--yes")
     rig.killed("revoke-purge-effect", purged, "revoke", "prod", purged, *why)
-    first_killed = time.monotonic()
+    journal = f"sqlite:///{rig.dir / 'journal.db'}"
     # the retire (a rotation: with a grace period of 0 s it retires the old version at once)
     # and the emergency revoke, each killed at its point, one after the other (at once, their
     # heartbeats starve on a busy machine and a lease of 1 s expires under a live worker)
     for point, name in retire.items():
         rig.killed(point, name, "rotate", "prod", name)
     rig.ok("rotate", "prod", "r-none")
-    time.sleep(max(0.0, first_killed + LEASE_EXPIRY_S - time.monotonic()))
+    wait_until(
+        "the first killed revoke's lease to expire", lambda: lease_free(journal, f"prod/{purged}")
+    )
     sim.set(outage_s=60)
     rig.killed("revoke-purged", purged, "revoke", "prod", purged, "--resume", "--json")
     sim.set(outage_s=0)
@@ -144,7 +145,8 @@ def test_sigkill_at_every_point_of_retire_and_revoke_then_resume(
             why = ("--reason", f"crash at {point}", "--yes")
             rig.killed(point, name, "revoke", "prod", name, *why)
     rig.ok("revoke", "prod", "v-none", "--reason", "no crash", "--yes")
-    time.sleep(LEASE_EXPIRY_S)  # the last killed worker's lease expires
+    leases = [f"prod/{n}" for n in revoke.values()]
+    wait_until("the killed revokes' leases to expire", lambda: lease_free(journal, *leases))
 
     # the resumes: `revoke --resume` for half the revokes, run-due for everything else
     points = list(revoke)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -18,6 +19,7 @@ from rotator.crypto import generate_key
 from rotator.journal import Journal
 from rotator.makini import SimServer
 from tests.cli import RotatorCli
+from tests.wait import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -63,18 +65,30 @@ def serve_cli(tmp_path: Path, sim: SimServer, *, drain: str, count: int) -> Rota
     return RotatorCli(tmp_path, text, env)
 
 
+def make_run(tmp_path: Path, **popen: Any) -> tuple[subprocess.Popen[str], int, int]:
+    """`make run` (rotator.devrun) on a copy of config/local.toml with ports of its own:
+    (the process, the simulator's port, the API's port)."""
+    sim_port, api_port = free_port(), free_port()
+    config = tmp_path / "config" / "local.toml"
+    config.parent.mkdir()
+    config.write_text((REPO / "config" / "local.toml").read_text().replace("8765", str(sim_port)))
+    env = {
+        **os.environ,
+        "ROTATOR_DEV_CONFIG": str(config),
+        "ROTATOR_DEV_SIM_PORT": str(sim_port),
+        "ROTATOR_DEV_API_PORT": str(api_port),
+    }
+    proc: subprocess.Popen[str] = subprocess.Popen(
+        [sys.executable, "-m", "rotator.devrun"], env=env, cwd=tmp_path, text=True, **popen
+    )
+    return proc, sim_port, api_port
+
+
 def listening(port: int) -> bool:
     try:
         return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
-
-
-def wait_for(what: str, check: object, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -87,10 +101,10 @@ def test_serve_drains_on_a_signal_and_gives_its_leases_back(
     cli = serve_cli(tmp_path, sim, drain="10s", count=6)
     port = free_port()
     proc = cli.start("--log-format", "json", "serve", "--port", str(port))
-    wait_for("serve", lambda: listening(port))
+    wait_until("serve", lambda: listening(port))
     journal = Journal(f"sqlite:///{tmp_path / 'journal.db'}", migrate="off")
     try:
-        wait_for("a rotation in flight", lambda: len(sim.tokens(kind="access")) >= 1)
+        wait_until("a rotation in flight", lambda: len(sim.tokens(kind="access")) >= 1)
         proc.send_signal(sig)
         _, stderr = proc.communicate(timeout=60)
         assert proc.returncode == 0, stderr[-3000:]
@@ -112,19 +126,20 @@ def test_serve_drains_on_a_signal_and_gives_its_leases_back(
     assert status.returncode == 0, status.stderr
 
 
-def test_a_second_signal_cuts_the_drain_short(
-    tmp_path: Path, sim: SimServer
-) -> None:
+def test_a_second_signal_cuts_the_drain_short(tmp_path: Path, sim: SimServer) -> None:
     sim.set(latency_ms=3000)  # each call takes 3 s: the drain would wait
     cli = serve_cli(tmp_path, sim, drain="30s", count=2)
     port = free_port()
     proc = cli.start("--log-format", "json", "serve", "--port", str(port))
-    wait_for("serve", lambda: listening(port))
+    wait_until("serve", lambda: listening(port))
     journal = Journal(f"sqlite:///{tmp_path / 'journal.db'}", migrate="off")
     try:
-        wait_for("a drive in flight", lambda: journal.locks() != [], timeout=30)
+        wait_until("a drive in flight", lambda: journal.locks() != [], timeout_s=30)
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
+        assert proc.stderr is not None
+        for line in proc.stderr:  # the first signal has started the drain
+            if '"event": "stopping"' in line:
+                break
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=30)
@@ -146,24 +161,10 @@ def test_ctrl_c_on_make_run_stops_both_without_a_traceback(
 ) -> None:
     # `make run`'s Ctrl-C reaches the whole terminal group. Before: about 60 lines of an
     # APScheduler job's CancelledError, and a rotation left open.
-    sim_port, api_port = free_port(), free_port()
-    config = tmp_path / "config" / "local.toml"
-    config.parent.mkdir()
-    text = (REPO / "config" / "local.toml").read_text().replace("8765", str(sim_port))
-    config.write_text(text)
-    env = {
-        **os.environ,
-        "ROTATOR_DEV_CONFIG": str(config),
-        "ROTATOR_DEV_SIM_PORT": str(sim_port),
-        "ROTATOR_DEV_API_PORT": str(api_port),
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rotator.devrun"],
-        env=env,
-        cwd=tmp_path,
+    proc, sim_port, _ = make_run(
+        tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        text=True,
         start_new_session=True,  # its own group, as a terminal's foreground job
     )
     try:
@@ -176,7 +177,7 @@ def test_ctrl_c_on_make_run_stops_both_without_a_traceback(
                 return False
             return len(http.json()) >= 4
 
-        wait_for("the first rotations", rotated, timeout=60)
+        wait_until("the first rotations", rotated, timeout_s=60)
         os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
         output, _ = proc.communicate(timeout=90)
     finally:
@@ -209,10 +210,9 @@ def test_serve_drains_and_exits_even_when_its_stderr_is_gone(
         stderr=subprocess.STDOUT,
     )
     try:
-        wait_for("serve", lambda: listening(port))
+        wait_until("serve", lambda: listening(port))
         assert proc.stdout is not None
         proc.stdout.close()  # the reader is gone
-        time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
         assert not listening(port)
@@ -225,32 +225,18 @@ def test_make_run_killed_hard_takes_its_children_with_it(
     tmp_path: Path, sim_server: SimServer
 ) -> None:
     # a kill -9 of make run used to leave serve and the simulator running, holding the ports
-    sim_port, api_port = free_port(), free_port()
-    config = tmp_path / "config" / "local.toml"
-    config.parent.mkdir()
-    config.write_text((REPO / "config" / "local.toml").read_text().replace("8765", str(sim_port)))
-    env = {
-        **os.environ,
-        "ROTATOR_DEV_CONFIG": str(config),
-        "ROTATOR_DEV_SIM_PORT": str(sim_port),
-        "ROTATOR_DEV_API_PORT": str(api_port),
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rotator.devrun"],
-        env=env,
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    proc, sim_port, api_port = make_run(
+        tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        wait_for("make run", lambda: listening(api_port), timeout=60)
+        wait_until("make run", lambda: listening(api_port), timeout_s=60)
         proc.kill()
         proc.wait()
-        wait_for("serve to stop", lambda: not listening(api_port), timeout=30)
-        wait_for(
+        wait_until("serve to stop", lambda: not listening(api_port), timeout_s=30)
+        wait_until(
             "the simulator to stop",
             lambda: not _answers(f"http://127.0.0.1:{sim_port}/_sim/stats"),
-            timeout=30,
+            timeout_s=30,
         )
     finally:
         if proc.poll() is None:

@@ -12,7 +12,6 @@ against the simulator:
 
 from __future__ import annotations
 
-import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -22,23 +21,14 @@ import pytest
 from rotator.makini import SimServer
 from rotator.model import StoredVersion, utcnow
 from tests.e2e.rig import KILLED, MODES, A, B, Mode, Rig, fingerprints, values
+from tests.wait import ISSUE_ROUTE, wait_until
 
 pytestmark = pytest.mark.e2e
-
-ISSUE_ROUTE = "POST /api/system/connections/{id}/token"
-LEASE_EXPIRY_S = 1.1
 
 
 def _received(sim: SimServer, route: str) -> int:
     """Requests of ``route`` the simulator received (answered or not yet)."""
     return int(sim.stats()["received"].get(route, 0))
-
-
-def _wait(what: str, done: Any, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not done():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def _at(text: str) -> datetime:
@@ -62,18 +52,16 @@ def test_a_token_request_in_flight_at_a_sigkill(tmp_path: Path, sim: SimServer, 
     started = utcnow()
     worker = rig.start("rotate", "prod", "a")
     # killed while Makini works on its request for a token, which Makini then completes
-    _wait("the request for a token", lambda: _received(sim, ISSUE_ROUTE) > asked)
+    wait_until("the request for a token", lambda: _received(sim, ISSUE_ROUTE) > asked)
     worker.kill()
     out, err = worker.communicate(timeout=30)
     rig.outputs.append(out + err)
     assert worker.returncode == KILLED
-    _wait("Makini to issue the token", lambda: _not_held(rig, "a", first) != [])
+    wait_until("Makini to issue the token", lambda: _not_held(rig, "a", first) != [])
     sim.set(latency_ms=0)
     [lost] = _not_held(rig, "a", first)
     assert lost["status"] == "active"  # a live token of the connection that nobody holds
-    time.sleep(LEASE_EXPIRY_S)  # the killed worker's lease expires
-
-    rig.ok("run-due", "--env", "prod")
+    rig.ok("run-due", "--env", "prod")  # it waits for the killed worker's lease itself
 
     current = rig.current("a")
     [entry] = rig.unaccounted(closed=True)
@@ -105,7 +93,12 @@ def test_a_token_request_in_flight_at_a_sigkill(tmp_path: Path, sim: SimServer, 
         assert "UNACCOUNTED TOKENS prod/a: 1 token(s) Makini may have issued" in human.stderr
 
         rig.ok(
-            "unaccounted", "ack", "prod", str(entry["id"]), "--reason", "disconnected, INC-7",
+            "unaccounted",
+            "ack",
+            "prod",
+            str(entry["id"]),
+            "--reason",
+            "disconnected, INC-7",
             env={"USER": "ops-alice", "LOGNAME": "ops-alice"},
         )
 

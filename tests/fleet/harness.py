@@ -18,23 +18,13 @@ from typing import Any
 import httpx
 import psycopg
 
+from tests.wait import wait_until
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def wait_until(what: str, check: Any, timeout_s: float, every_s: float = 0.05) -> Any:
-    """Poll ``check()`` until it returns something truthy; fail with ``what`` after the timeout."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        found = check()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(every_s)
 
 
 class Proc:

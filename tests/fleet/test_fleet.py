@@ -55,7 +55,8 @@ from rotator.crypto import KeySource, generate_key
 from rotator.journal import Journal
 from rotator.keys import create_key
 from rotator.model import Stage, fingerprint
-from tests.fleet.harness import Db, Proc, Simulator, free_port, wait_until
+from tests.fleet.harness import Db, Proc, Simulator, free_port
+from tests.wait import wait_until
 
 pytestmark = [pytest.mark.postgres, pytest.mark.e2e]
 
@@ -124,7 +125,10 @@ class Fleet:
             secret = f"fleet-{env}-secret"
             try:
                 sim = Simulator(
-                    folder, env, f"fleet-{env}:{secret}", invalidates=env == "kills",
+                    folder,
+                    env,
+                    f"fleet-{env}:{secret}",
+                    invalidates=env == "kills",
                     latency_ms=LATENCY_MS,
                 )
             except BaseException:
@@ -243,13 +247,15 @@ class Kill:
             }
             return inside if len(inside) >= 2 else set()
 
-        inside = wait_until(f"{proc.name} to ask Makini for tokens in {env}", inside_makini, 90,
-                            every_s=0.01)
+        inside = wait_until(
+            f"{proc.name} to ask Makini for tokens in {env}", inside_makini, 90, every_s=0.01
+        )
         proc.signal(signal.SIGKILL)
         self.at = time.monotonic()
         assert proc.wait(10) == -signal.SIGKILL
-        self.held = {str(r[0]) for r in db.rows("SELECT name FROM locks WHERE owner LIKE %s",
-                                                owner)}
+        self.held = {
+            str(r[0]) for r in db.rows("SELECT name FROM locks WHERE owner LIKE %s", owner)
+        }
         self.asked = {f"{e}/{c}" for e, c in db.rows(ASKING, owner)}
         self.lost = inside & self.asked
         """Requests Makini received and whose answer the victim never recorded: each made a
@@ -338,13 +344,19 @@ def test_replicas_and_run_due_rotate_each_credential_once_per_due_period(fleet: 
                     recovered[name] = time.monotonic() - first_kill.at
             return set(recovered) == first_kill.held
 
-        wait_until("the killed replica's credentials to be served", all_served,
-                   RECOVERY_BOUND_S + 10, every_s=0.1)
+        wait_until(
+            "the killed replica's credentials to be served",
+            all_served,
+            RECOVERY_BOUND_S + 10,
+            every_s=0.1,
+        )
         recovery_s = max(recovered.values())
-        print(f"\nwave 1: r1 gave back {len(r1_held)} leases {drained_s:.1f} s after the kill; "
-              f"r0 killed holding {len(first_kill.held)} leases, "
-              f"{len(first_kill.lost)} requests inside Makini; all served an active token "
-              f"{recovery_s:.1f} s after the kill (lock_ttl {LOCK_TTL_S} s, tick 1 s)")
+        print(
+            f"\nwave 1: r1 gave back {len(r1_held)} leases {drained_s:.1f} s after the kill; "
+            f"r0 killed holding {len(first_kill.held)} leases, "
+            f"{len(first_kill.lost)} requests inside Makini; all served an active token "
+            f"{recovery_s:.1f} s after the kill (lock_ttl {LOCK_TTL_S} s, tick 1 s)"
+        )
         assert recovery_s < RECOVERY_BOUND_S
 
         assert first_run.wait(120) == 0, first_run.stderr()[-3000:]
@@ -357,12 +369,17 @@ def test_replicas_and_run_due_rotate_each_credential_once_per_due_period(fleet: 
             )
             return {(e, c) for e, c, done, total in rows if done == total == count}
 
-        wait_until("every credential's first token", lambda: len(rotations_done(1)) == 2 * PER_ENV,
-                   60, every_s=0.2)
+        wait_until(
+            "every credential's first token",
+            lambda: len(rotations_done(1)) == 2 * PER_ENV,
+            60,
+            every_s=0.2,
+        )
         first = {
             (e, c): at
-            for e, c, at in db.rows("SELECT environment, credential, rotated_at "
-                                    "FROM credential_state")
+            for e, c, at in db.rows(
+                "SELECT environment, credential, rotated_at FROM credential_state"
+            )
         }
         print(f"wave 1 settled at {time.monotonic() - began:.1f} s")
 
@@ -380,8 +397,13 @@ def test_replicas_and_run_due_rotate_each_credential_once_per_due_period(fleet: 
         replicas["r4"] = fleet.serve("r4")
         for name in ("r3", "r4"):
             fleet.healthy(name, replicas[name])
-        earliest_due = min(first.values()) + timedelta(seconds=INTERVAL_S)
-        time.sleep(max(0.0, (earliest_due - datetime.now(UTC)).total_seconds()))
+        # as soon as the replicas start the second wave (the first credentials fall due), a
+        # run-due overlaps it
+        wait_until(
+            "the second wave to start",
+            lambda: db.rows("SELECT count(*) FROM rotations")[0][0] > 2 * PER_ENV,
+            timeout_s=INTERVAL_S + 30,
+        )
         second_run = fleet.start("run-due-2", "run-due", "--json")
 
         def keeps_in_wave() -> bool:
@@ -410,8 +432,9 @@ def test_replicas_and_run_due_rotate_each_credential_once_per_due_period(fleet: 
             served_again()
             return len(rotations_done(2)) == 2 * PER_ENV
 
-        wait_until("every credential's second rotation", second_wave_done, INTERVAL_S + 60,
-                   every_s=0.2)
+        wait_until(
+            "every credential's second rotation", second_wave_done, INTERVAL_S + 60, every_s=0.2
+        )
         wait_until("the killed replica's credentials to be served", served_again, 10)
         assert all(s < RECOVERY_BOUND_S for s in back.values()), back
         for name in ("r2", "r4"):
@@ -421,9 +444,11 @@ def test_replicas_and_run_due_rotate_each_credential_once_per_due_period(fleet: 
             stopped_cleanly(replicas[name])
         assert second_run.wait(120) == 0, second_run.stderr()[-3000:]
         assert "Traceback" not in second_run.stderr()
-        print(f"wave 2: r3 killed holding {len(second_kill.held)} leases, "
-              f"{len(second_kill.lost)} requests inside Makini; fleet stopped at "
-              f"{time.monotonic() - began:.1f} s")
+        print(
+            f"wave 2: r3 killed holding {len(second_kill.held)} leases, "
+            f"{len(second_kill.lost)} requests inside Makini; fleet stopped at "
+            f"{time.monotonic() - began:.1f} s"
+        )
 
         # --- exactly once per due period -----------------------------------------------------
         rotations: dict[tuple[str, str], list[tuple[Any, ...]]] = {}
@@ -525,8 +550,11 @@ def test_replicas_and_run_due_rotate_each_credential_once_per_due_period(fleet: 
         log = json.loads(audit.stdout())
         actions = {e["action"] for e in log}
         assert actions <= {
-            "rotation.promoted", "rotation.retired", "key.created",
-            "token.unaccounted", "token.unaccounted_resolved",
+            "rotation.promoted",
+            "rotation.retired",
+            "key.created",
+            "token.unaccounted",
+            "token.unaccounted_resolved",
         }, actions
         assert not [e for e in log if e["outcome"] in ("failed", "rolled_back", "error")]
         assert sum(e["action"] == "rotation.promoted" for e in log) == 4 * PER_ENV

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import pytest
 from rotator.crypto import generate_key
 from rotator.makini import SimServer
 from tests.cli import RotatorCli
+from tests.wait import lease_free, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -70,7 +70,9 @@ def test_only_a_lease_that_holds_up_due_work_is_stalled(tmp_path: Path, sim: Sim
     for name, step in (("a", "promoted"), ("b", "issued")):
         killed = rotator("rotate", "prod", name, env={"ROTATOR_FAULT_KILL_AFTER": f"{step}:{name}"})
         assert killed.returncode == -signal.SIGKILL
-    time.sleep(1.2)  # both leases expire, and stay in the journal
+    # both leases expire (and stay in the journal: nobody takes them over)
+    url = f"sqlite:///{tmp_path / 'journal.db'}"
+    wait_until("the killed holders' leases to expire", lambda: lease_free(url, "prod/a", "prod/b"))
 
     proc = rotator("status", "--json")
     rows: dict[str, dict[str, Any]] = {r["credential"]: r for r in json.loads(proc.stdout)}

@@ -15,6 +15,7 @@ import pytest
 from rotator.makini import SimOptions, SimServer, link_code
 from rotator.makini.sim import create_app
 from rotator.model import fingerprint
+from tests.wait import wait_until
 
 CLIENTS = {"test-prod": "test-prod-secret", "test-dev": "test-dev-secret"}
 
@@ -386,10 +387,9 @@ def test_stats_count_a_request_on_arrival(api: Api, sim: SimServer) -> None:
     route = "POST /api/system/connections/{id}/token"
     with ThreadPoolExecutor(1) as pool:
         answer = pool.submit(api.issue, "c1")
-        deadline = time.monotonic() + 5
-        while sim.stats()["received"].get(route) != 1:  # in flight: received, not answered
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_until(  # in flight: received, not answered
+            "the request to arrive", lambda: sim.stats()["received"].get(route) == 1, 5
+        )
         assert route not in sim.stats()["routes"] and not answer.done()
         assert answer.result(timeout=5).status_code == 200
     assert sim.stats()["routes"][route] == {"200": 1}

@@ -1,0 +1,56 @@
+"""Waiting for an event (a lease given back or expired, a request inside Makini, a log line),
+never for a guessed length of time. Each polls what it waits for and fails with what it was."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from typing import Any
+
+from rotator.journal import Journal
+
+ISSUE_ROUTE = "POST /api/system/connections/{id}/token"
+"""The simulator's route of a request for a connection token (``SimServer.inflight()``)."""
+
+
+def wait_until(what: str, check: Any, timeout_s: float = 30.0, every_s: float = 0.05) -> Any:
+    """Poll ``check()`` until it returns something truthy (returned); fail naming ``what``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = check()
+        if found:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(every_s)
+
+
+async def until(what: str, check: Any, timeout_s: float = 30.0, every_s: float = 0.02) -> Any:
+    """:func:`wait_until` in a coroutine (``check`` may be a coroutine function)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        found = check()
+        if inspect.isawaitable(found):
+            found = await found
+        if found:
+            return found
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        await asyncio.sleep(every_s)
+
+
+def lease_free(journal_url: str, *names: str) -> bool:
+    """No live holder has any of these credential leases (``env/name``): each was given back,
+    or its holder stopped renewing it and it expired."""
+    journal = Journal(journal_url, migrate="off")
+    try:
+        return all(journal.lock_holder(name) is None for name in names)
+    finally:
+        journal.close()
+
+
+def issuing(sim: Any) -> bool:
+    """Makini (the simulator) is answering a request for a connection token right now."""
+    return any(r["route"] == ISSUE_ROUTE for r in sim.inflight())
