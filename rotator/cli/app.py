@@ -76,7 +76,7 @@ def actor() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
-def _config(path: Path | None = None, *, service: bool = False) -> Config:
+def command_config(path: Path | None = None, *, service: bool = False) -> Config:
     """Load the configuration and set up logs. One-shot commands a person types log warnings
     and errors only (their tables say the rest) unless --log-level asks for more."""
     cfg = load_config(path or state.config_path)
@@ -87,14 +87,14 @@ def _config(path: Path | None = None, *, service: bool = False) -> Config:
     return cfg
 
 
-def _run(fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
+def run_command(fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
     # What is loaded by now (modules, settings) lives as long as the command: keep the
     # collector's full passes from walking it again and again (0.2 s of a 1,000-credential run)
     gc.freeze()
     return asyncio.run(fn(*args))
 
 
-async def _with_runtime(
+async def with_runtime(
     cfg: Config, work: Callable[[Any], Awaitable[T]], only: list[str] | None = None
 ) -> T:
     from rotator.runtime import Runtime
@@ -119,7 +119,7 @@ def run_due(
     use more than one core (scheduler.processes)."""
     from rotator import workers
 
-    cfg = _config(service=True)
+    cfg = command_config(service=True)
     for name in env or []:
         cfg.environment(name)
 
@@ -136,7 +136,7 @@ def run_due(
             with render.progress(json_out) as tick:
                 return work, 1, await rotate_work(rt, work, tick, wait_busy=True)
 
-    work, processes, results = _run(_with_runtime, cfg, plan_or_rotate, env)
+    work, processes, results = run_command(with_runtime, cfg, plan_or_rotate, env)
     if processes > 1:
         with (
             workers.Shares(cfg, work, processes, _rotate_share(env)) as shares,
@@ -159,7 +159,7 @@ def _rotate_share(env: list[str] | None) -> Callable[..., None]:
             async with Stopper(rt, cfg.scheduler.drain.total_seconds()):
                 return await rotate_work(rt, share, report, wait_busy=True)
 
-        guarded(lambda: _run(_with_runtime, cfg, work, env))
+        guarded(lambda: run_command(with_runtime, cfg, work, env))
 
     return rotate
 
@@ -172,7 +172,7 @@ def rotate(
     json_out: JsonOpt = False,
 ) -> None:
     """Rotate credentials now, whatever the schedule says."""
-    cfg = _config()
+    cfg = command_config()
     env = cfg.environment(environment)
     for n in name:
         env.credential(n, environment)
@@ -189,7 +189,7 @@ def rotate(
                 )
             )
 
-    results = _run(_with_runtime, cfg, work, [environment])
+    results = run_command(with_runtime, cfg, work, [environment])
     render.results(results, json_out)
     if any(not r.ok for r in results):
         raise typer.Exit(1)
@@ -202,7 +202,7 @@ def verify(
     json_out: JsonOpt = False,
 ) -> None:
     """Check the current tokens with Makini (accepted, and for the right connection)."""
-    cfg = _config()
+    cfg = command_config()
     env = cfg.environment(environment)
     names = [env.credential(name, environment).name] if name else [c.name for c in env.credentials]
 
@@ -213,7 +213,7 @@ def verify(
 
         return list(await asyncio.gather(*(one(n) for n in names)))
 
-    rows = _run(_with_runtime, cfg, work, [environment])
+    rows = run_command(with_runtime, cfg, work, [environment])
     render.verify(environment, rows, json_out)
     if not all(ok for _, ok, _ in rows):
         raise typer.Exit(1)
@@ -229,7 +229,7 @@ def status(
 ) -> None:
     """Each credential: current version, token age, expiry, next rotation, last outcome, and
     whether every backend holds the same current version."""
-    cfg = _config()
+    cfg = command_config()
     if environment:
         cfg.environment(environment)
 
@@ -238,7 +238,7 @@ def status(
 
         return await collect(rt, environment)
 
-    rows = _run(_with_runtime, cfg, work, [environment] if environment else None)
+    rows = run_command(with_runtime, cfg, work, [environment] if environment else None)
     render.status(rows, json_out)
     if any(not r.healthy for r in rows):
         raise typer.Exit(3)
@@ -254,7 +254,7 @@ def get(
     ] = "access_token",
 ) -> None:
     """Print the current access token of a credential (for scripts). Reads the primary backend."""
-    cfg = _config()
+    cfg = command_config()
     cfg.environment(environment).credential(name, environment)
     if field not in ("access_token", "refresh_token", "json"):
         raise ConfigError(
@@ -266,7 +266,7 @@ def get(
         stage = Stage.PREVIOUS if previous else Stage.CURRENT
         return await asyncio.to_thread(primary.read, name, stage)
 
-    version = _run(_with_runtime, cfg, work, [environment])
+    version = run_command(with_runtime, cfg, work, [environment])
     if version is None:
         raise NotFound(
             f"{environment}/{name} has no {'previous' if previous else 'current'} token",
@@ -289,7 +289,7 @@ def plan(
     json_out: JsonOpt = False,
 ) -> None:
     """What is due and what would happen, changing nothing."""
-    cfg = _config()
+    cfg = command_config()
     if environment:
         cfg.environment(environment)
     from rotator.journal import Journal
@@ -314,7 +314,7 @@ def audit(
     json_out: JsonOpt = False,
 ) -> None:
     """The audit log, newest first."""
-    cfg = _config()
+    cfg = command_config()
     from rotator.journal import Journal
 
     journal = Journal.open(cfg.journal)
@@ -391,7 +391,7 @@ def import_pair(
     """Store a token pair obtained outside the rotator (Makini Link) as the current version.
     Reads JSON {"access_token", "refresh_token", "expires_in"|"expires_at"} from stdin; the
     token is verified with Makini first."""
-    cfg = _config()
+    cfg = command_config()
     cfg.environment(environment).credential(name, environment)
     raw = sys.stdin.read()
     tokens = _parse_pair(raw)
@@ -401,7 +401,7 @@ def import_pair(
             await rt.engine.import_pair(environment, name, tokens, actor=actor(), reason=reason)
         )
 
-    version = _run(_with_runtime, cfg, work, [environment])
+    version = run_command(with_runtime, cfg, work, [environment])
     render.console.print(f"imported {environment}/{name} as version {version}")
 
 
@@ -445,7 +445,7 @@ def serve(
     tls_key: Annotated[Path | None, typer.Option(help="PEM private key of --tls-cert.")] = None,
 ) -> None:
     """Run the scheduler (rotate on schedule, resume, retire) until stopped."""
-    cfg = _config(service=True)
+    cfg = command_config(service=True)
     from rotator.service import serve as run_service
 
     if (tls_cert is None) != (tls_key is None):

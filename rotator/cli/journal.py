@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from rotator.cli import render
-from rotator.cli.app import JsonOpt, _config, actor, app
+from rotator.cli.app import JsonOpt, actor, app, command_config
 from rotator.errors import ConfigError, NotFound
 
 db_app = typer.Typer(
@@ -31,7 +31,7 @@ def db_current(json_out: JsonOpt = False) -> None:
     from rotator import migrate
     from rotator.journal import Journal
 
-    cfg = _config()
+    cfg = command_config()
     journal = Journal(cfg.journal.url, migrate="off")
     try:
         found = migrate.state(journal.engine, journal.where)
@@ -63,7 +63,7 @@ def db_upgrade() -> None:
     from rotator import migrate
     from rotator.journal import Journal
 
-    cfg = _config()
+    cfg = command_config()
     journal = Journal(cfg.journal.url, migrate="off")
     try:
         before, after = migrate.upgrade(journal.engine, journal.where, journal.migrate_lock)
@@ -91,7 +91,7 @@ def unaccounted_list(
     from rotator import unaccounted
     from rotator.journal import Journal
 
-    cfg = _config()
+    cfg = command_config()
     if environment:
         cfg.environment(environment)
     journal = Journal.open(cfg.journal)
@@ -142,7 +142,7 @@ def unaccounted_ack(
     from rotator import unaccounted
     from rotator.journal import Journal
 
-    cfg = _config()
+    cfg = command_config()
     cfg.environment(environment)
     if not reason.strip():
         raise ConfigError(

@@ -25,9 +25,9 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output."
 
 
 def _with_journal(work: Callable[[Config, Journal], T]) -> T:
-    from rotator.cli.app import _config
+    from rotator.cli.app import command_config
 
-    cfg = _config()
+    cfg = command_config()
     journal = Journal.open(cfg.journal)
     try:
         return work(cfg, journal)

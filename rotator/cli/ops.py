@@ -9,7 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from rotator.cli import render
-from rotator.cli.app import JsonOpt, _config, _run, _with_runtime, actor, app
+from rotator.cli.app import JsonOpt, actor, app, command_config, run_command, with_runtime
 
 
 @app.command()
@@ -20,7 +20,7 @@ def sync(
 ) -> None:
     """Repair backends that drifted from the journal: each backend of ENV is made to hold the
     journal's current version as current (copied from a backend that holds it). Deletes nothing."""
-    cfg = _config()
+    cfg = command_config()
     cfg.environment(environment)
 
     async def work(rt: Any) -> list[Any]:
@@ -28,7 +28,7 @@ def sync(
 
         return await run_sync(rt, environment, dry_run=dry_run, actor=actor())
 
-    changes = _run(_with_runtime, cfg, work, [environment])
+    changes = run_command(with_runtime, cfg, work, [environment])
     if json_out:
         render._json([c.as_dict() for c in changes])
     else:
@@ -57,7 +57,7 @@ def doctor(
 ) -> None:
     """Check each backend online: reachable, and the identity in use may write, read, make
     unreadable and delete in its own environment's location (with a throwaway credential)."""
-    cfg = _config()
+    cfg = command_config()
     if environment:
         cfg.environment(environment)
 
@@ -66,7 +66,7 @@ def doctor(
 
         return await probe(rt, environment)
 
-    results = _run(_with_runtime, cfg, work, [environment] if environment else None)
+    results = run_command(with_runtime, cfg, work, [environment] if environment else None)
     if json_out:
         render._json([r.as_dict() for r in results])
     else:

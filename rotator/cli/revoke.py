@@ -68,7 +68,7 @@ def revoke_command(
     Pre-empts any rotation in flight. Prints the plan and asks first (--all: type the
     environment's name); --dry-run changes nothing. Exits 1 if anything could not be done or
     confirmed, naming what to do next."""
-    from rotator.cli.app import _config, _run, _with_runtime, actor
+    from rotator.cli.app import actor, command_config, run_command, with_runtime
 
     if strategy is not None and strategy not in STRATEGIES:
         raise ConfigError(f"unknown --strategy {strategy!r}", hint=f"use {', '.join(STRATEGIES)}")
@@ -84,7 +84,7 @@ def revoke_command(
         resume=resume,
     )
     req.validate()
-    cfg = _config()
+    cfg = command_config()
     env = cfg.environment(environment)
     for n in req.names:
         env.credential(n, environment)
@@ -103,7 +103,7 @@ def revoke_command(
         with progress(len(plans), quiet=json_out) as tick:
             return plans, await revoker.run(req, plans, tick)
 
-    plans, reports = _run(_with_runtime, cfg, work, [environment])
+    plans, reports = run_command(with_runtime, cfg, work, [environment])
     if reports is None:
         if json_out:
             _json(
