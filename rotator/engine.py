@@ -257,7 +257,7 @@ class RotationEngine:
         self.active = 0
         """Drives in progress (the drain waits for them)."""
         self.stopping = False
-        """Set by :meth:`stop`: no drive starts, drives in flight park at their next step."""
+        """Set by :meth:`stop`: no drive starts, nor a new rotation; drives in flight go on."""
         self._driving: set[asyncio.Task[Any]] = set()
 
     @property
@@ -357,9 +357,7 @@ class RotationEngine:
         if cancelled:
             await asyncio.wait(cancelled)
         await self.leases.aclose()
-        held = [lease.owner for lease in self.leases.held]
-        for lease in self.leases.held:
-            self.leases.drop(lease)
+        held = self.leases.forget_all()
         if held:
             try:
                 await self._journal(self.journal.release_many, held)
@@ -521,7 +519,7 @@ class RotationEngine:
                 rot = await self._retire(d, rot, early=rot.step == Step.PROMOTED)
                 rot = None
             if rot is None:
-                self._park_if_stopping(d, None)
+                self._park_if_stopping(d)
                 rot = await self._begin(d, work.reason, actor)
                 d.fresh = True
             return await self._advance(d, rot)
@@ -566,17 +564,15 @@ class RotationEngine:
                 dead = await self._old_is_dead(d, rot)
                 with contextlib.suppress(LockBusy):  # lost meanwhile: the holder reports
                     await self._journal(self._record_failure, d, rot, exc, dead)
-        if isinstance(exc, Stopping):
-            log.info("rotation.parked", environment=env, credential=name, step=rot and rot.step)
+        parked = isinstance(exc, Stopping)
+        step = rot.step if rot else None
+        if parked:
+            log.info("rotation.parked", environment=env, credential=name, step=step)
         else:
             log.warning(
-                "rotation.stopped",
-                environment=env,
-                credential=name,
-                step=rot.step if rot else None,
-                error=exc.message,
+                "rotation.stopped", environment=env, credential=name, step=step, error=exc.message
             )
-        if isinstance(exc, Stopping):
+        if parked:
             outcome = "parked"
         elif rot is not None and rot.is_open:
             outcome = "deferred"
@@ -588,9 +584,9 @@ class RotationEngine:
             outcome,
             rotation_id=rot.id if rot else None,
             version_id=rot.version_id if rot else None,
-            step=rot.step if rot else None,
-            error=None if isinstance(exc, Stopping) else exc.message,
-            detail=exc.message if isinstance(exc, Stopping) else None,
+            step=step,
+            error=None if parked else exc.message,
+            detail=exc.message if parked else None,
         )
 
     async def _resume_revoke(self, d: _Drive, row: Rotation) -> RotationResult:
@@ -627,10 +623,11 @@ class RotationEngine:
             )
         self.journal.set_state(rot.environment, rot.credential, lease=d.lease.key, **values)
 
-    def _park_if_stopping(self, d: _Drive, rot: Rotation | None) -> None:
+    def _park_if_stopping(self, d: _Drive) -> None:
+        """Before a new rotation starts: not once the process is stopping."""
         if self.stopping:
             raise Stopping(
-                f"the process is stopping: parked at {rot.step if rot else 'start'}",
+                "the process is stopping: no new rotation started",
                 where=d.where,
                 hint="nothing to do: another replica or the next run resumes it at once",
             )

@@ -82,6 +82,11 @@ class LeaseKeeper:
     def drop(self, lease: Lease) -> None:
         self._held.pop(lease.owner, None)
 
+    def forget_all(self) -> list[str]:
+        """Stop keeping every lease; their holders' names (to give them back in the journal)."""
+        owners, self._held = list(self._held), {}
+        return owners
+
     async def check(self, lease: Lease, where: str) -> None:
         """Raise LeaseLost unless ``lease`` is still this drive's, for an outside write."""
         if not lease.lost and time.monotonic() - lease.confirmed_at >= self.ttl_s * 2 / 3:
