@@ -550,14 +550,14 @@ async def test_run_due_workers_store_into_all_three_backends(
 ) -> None:
     # run-due's forked workers (exactly what `rotator run-due` forks) each build their own AWS,
     # Vault and Azure clients after the fork, and rotate their share into all three
-    from rotator.cli.app import _rotate_share
+    from rotator.cli.rotating import rotate_share
     from rotator.service import due_work
     from rotator.workers import Shares
 
     runtime = fanout.runtime()
     work = await due_work(runtime)
     assert sorted(w.credential for w in work) == sorted(CREDENTIALS)
-    with Shares(runtime.config, work, 2, _rotate_share(None)) as shares:
+    with Shares(runtime.config, work, 2, rotate_share(None)) as shares:
         results = {r.credential: r for r in shares.gather(None)}
     assert {r.outcome for r in results.values()} == {"rotated"}, results
     backends = list(by_name(runtime).values())
