@@ -32,7 +32,7 @@ from rotator.api.app import ApiApp
 from rotator.keys import create_key
 from rotator.makini import SimServer
 from rotator.runtime import Runtime
-from tests.conftest import environment, make_config
+from tests.factories import Runtimes, environment, make_config
 
 ENVS: dict[str, list[str]] = {"prod": ["alpha", "beta"], "dev": ["alpha", "gamma"]}
 """Two environments; ``alpha`` is a name in both (a dev key must still never read prod's)."""
@@ -215,7 +215,9 @@ def namespace() -> str:
 
 
 @pytest.fixture
-async def serve(tmp_path: Path, sim: SimServer, namespace: str) -> AsyncIterator[Factory]:
+async def serve(
+    tmp_path: Path, sim: SimServer, namespace: str, runtimes: Runtimes
+) -> AsyncIterator[Factory]:
     """``await serve(journal_url=None, api={...}, ...)`` → a started API (stopped at the end).
     Several calls with the same journal URL are replicas sharing the journal and backends."""
     opened: list[Served] = []
@@ -236,7 +238,7 @@ async def serve(tmp_path: Path, sim: SimServer, namespace: str) -> AsyncIterator
             api_environments(sim.url, namespace, makini=makini, schedule=schedule),
             **top,
         )
-        runtime = Runtime.open(config)
+        runtime = runtimes.open(config)
         served = start_server_thread(runtime) if threaded else await start_server(runtime)
         opened.append(served)
         return served
@@ -244,7 +246,6 @@ async def serve(tmp_path: Path, sim: SimServer, namespace: str) -> AsyncIterator
     yield make
     for served in reversed(opened):
         await stop_server(served)
-        await served.runtime.aclose()
 
 
 @dataclass

@@ -11,7 +11,7 @@ import pytest
 from rotator.makini import SimServer
 from rotator.model import Stage, StoredVersion
 from rotator.runtime import Runtime
-from tests.conftest import environment, make_config
+from tests.factories import environment, make_config
 
 Factory = Callable[..., Runtime]
 

@@ -33,7 +33,7 @@ from rotator.repair import PROBE_CREDENTIAL, probe, sync
 from rotator.runtime import Runtime
 from rotator.service import run_due_once
 from rotator.status import CredentialStatus, collect
-from tests.conftest import environment, make_config
+from tests.factories import Runtimes, environment, make_config
 from tests.servers.aws_server import MotoServer
 from tests.servers.keyvault_emulator import KeyVaultEmulator
 from tests.servers.openbao_server import OpenBaoServer
@@ -150,7 +150,7 @@ class Fanout:
     openbao: OpenBaoServer
     keyvault: KeyVaultEmulator
     prefix: str
-    opened: list[Runtime] = field(default_factory=list)
+    runtimes: Runtimes
     clients: list[Any] = field(default_factory=list)
 
     def backend_tables(self, vault_url: str) -> list[dict[str, Any]]:
@@ -201,9 +201,7 @@ class Fanout:
             envs,
             scheduler={"retry_after_failure": "0s", "concurrency": 8},
         )
-        runtime = Runtime.open(config)
-        self.opened.append(runtime)
-        return runtime
+        return self.runtimes.open(config)
 
     def direct_vault(self) -> VaultBackend:
         """The Vault replica's location, reached without the gate (to look behind it)."""
@@ -225,6 +223,7 @@ async def fanout(
     keyvault: KeyVaultEmulator,
     unique_prefix: str,
     monkeypatch: pytest.MonkeyPatch,
+    runtimes: Runtimes,
 ) -> AsyncIterator[Fanout]:
     monkeypatch.setenv("VAULT_TOKEN", openbao.root_token)
 
@@ -232,10 +231,8 @@ async def fanout(
         return keyvault.credential()
 
     monkeypatch.setattr(azure_module, "credential_factory", credential)
-    made = Fanout(tmp_path, sim, moto_server, openbao, keyvault, unique_prefix)
+    made = Fanout(tmp_path, sim, moto_server, openbao, keyvault, unique_prefix, runtimes)
     yield made
-    for runtime in made.opened:
-        await runtime.aclose()
     for client in made.clients:
         client.adapter.close()
 
