@@ -20,6 +20,16 @@ pytest_plugins = ["tests.servers.plugin"]
 PG_ADMIN_URL = os.environ.get("ROTATOR_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
 
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    """The random order's seed, also under ``-q`` (which hides pytest-randomly's header line):
+    a failure that depends on the order is reproduced with that seed."""
+    seed = config.getoption("randomly_seed", default=None)
+    if isinstance(seed, int) and config.pluginmanager.hasplugin("randomly"):
+        terminalreporter.write_line(
+            f"tests ran in random order: repeat it with -p randomly --randomly-seed={seed}"
+        )
+
+
 @pytest.fixture(autouse=True)
 def _fresh_memory_backends() -> Iterator[None]:
     reset_memory_backends()
