@@ -22,6 +22,7 @@ from typing import Any
 import structlog
 import uvicorn
 
+from rotator import signals
 from rotator.engine import RotationResult, Work
 from rotator.errors import ConfigError
 from rotator.model import utcnow
@@ -136,6 +137,9 @@ class Stopper:
             for sig in self.SIGNALS:
                 loop.add_signal_handler(sig, self._on_signal, sig)
                 self._installed.append(sig)
+            held = signals.take()  # a signal that came before these handlers: drain at once
+            if held is not None:
+                self._on_signal(held)
         return self
 
     def _on_signal(self, sig: int) -> None:
