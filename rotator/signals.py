@@ -1,9 +1,8 @@
 """A stop signal that arrives before its handler is ready is kept, not fatal.
 
 A forked ``run-due`` worker opens its runtime before :class:`rotator.service.Stopper` installs
-the drain's handlers; a SIGTERM passed on in that window used to kill it outright (the run
-then reported its share as lost and exited 1). :func:`hold` keeps such a signal; the Stopper
-:func:`take` s it on entry and drains at once: nothing was started, so the share is parked.
+the drain's handlers. :func:`hold` keeps a SIGTERM passed on in that window; the Stopper
+:func:`take` s it on entry and drains at once, so the share is parked, not lost.
 """
 
 from __future__ import annotations
