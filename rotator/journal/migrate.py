@@ -117,21 +117,23 @@ def upgrade(engine: Engine, where: str, lock_file: str | None) -> tuple[str | No
                 before = revision(conn)
                 _refuse_newer(SchemaState(before), where)
                 if before != HEAD:
-                    _alembic_upgrade(conn)
+                    run_scripts(conn)
                     log.info("journal.migrated", journal=where, before=before, after=HEAD)
         finally:
             conn.info.pop(WRITER_FLAG, None)
     return before, HEAD
 
 
-def _alembic_upgrade(conn: Connection) -> None:
+def run_scripts(conn: Connection, target: str = HEAD) -> None:
+    """Run the migration scripts up to ``target`` on ``conn``, in its transaction, without the
+    lock and the checks of :func:`upgrade` (which is what a process uses)."""
     from alembic import command
     from alembic.config import Config
 
     config = Config()
     config.set_main_option("script_location", str(SCRIPTS))
     config.attributes["connection"] = conn
-    command.upgrade(config, HEAD)
+    command.upgrade(config, target)
 
 
 def _refuse_newer(found: SchemaState, where: str) -> None:
