@@ -81,6 +81,7 @@ _LOCKS = cast(Table, Lock.__table__)
 _STATES = cast(Table, CredentialState.__table__)
 _AUDIT = cast(Table, AuditEntry.__table__)
 
+
 def joined_session(conn: Connection) -> Session:
     """An ORM session inside the transaction ``conn`` is in (its work in a savepoint)."""
     return Session(bind=conn, join_transaction_mode="create_savepoint", expire_on_commit=False)

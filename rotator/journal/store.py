@@ -77,7 +77,6 @@ def _maybe_rotation(row: Mapping[str, Any] | None) -> Rotation | None:
     return None if row is None else _instance(Rotation, row)
 
 
-
 def redact_url(url: str) -> str:
     """The URL without its password, for messages."""
     try:
@@ -116,7 +115,6 @@ def _lost(lease: LeaseKey) -> LeaseLost:
         where=lease[0],
         hint="nothing to do: the worker that holds the lease resumes from the last step",
     )
-
 
 
 class Journal:
