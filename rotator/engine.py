@@ -58,8 +58,7 @@ from rotator.errors import (
     RotatorError,
     Stopping,
 )
-from rotator.journal import DriveStart, Journal, Rotation, Step
-from rotator.leases import Lease, LeaseKeeper
+from rotator.journal import DriveStart, Journal, Lease, LeaseKeeper, Rotation, Step
 from rotator.makini import MakiniClient
 from rotator.model import Stage, StoredVersion, TokenPair, new_version_id, utcnow
 from rotator.schedule import plan_credential
@@ -644,7 +643,7 @@ class RotationEngine:
             rot = await steps[rot.step](d, rot)
             promoted_now = promoted_now or rot.step == Step.PROMOTED
             faults.checkpoint(rot.step, d.cred.name)
-        outcome = {Step.ROLLED_BACK: "rolled_back", Step.FAILED: "failed"}.get(rot.step)
+        outcome = rot.step if rot.step in (Step.ROLLED_BACK, Step.FAILED) else None
         if rot.step == Step.RETIRING or (
             rot.step == Step.PROMOTED
             and rot.retire_after is not None

@@ -28,63 +28,15 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Index, Integer, String, Table, Text, func, select, update
+from sqlalchemy import Table, func, select, update
 from sqlalchemy.engine import Connection
-from sqlalchemy.orm import Mapped, mapped_column
 
-from rotator.journal import Base, CredentialState, Journal, UTCDateTime
+from rotator.journal import CredentialState, Journal
+from rotator.journal.schema import UnaccountedToken
 from rotator.model import utcnow
 from rotator.settings import MakiniSettings
 
 OPEN, RESOLVED, ACKNOWLEDGED = "open", "resolved", "acknowledged"
-
-
-class UnaccountedToken(Base):
-    __tablename__ = "unaccounted_tokens"
-    __table_args__ = (
-        Index("ix_unaccounted_tokens_open", "environment", "credential", "status"),
-    )
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    environment: Mapped[str] = mapped_column(String(64))
-    credential: Mapped[str] = mapped_column(String(64))
-    connection_id: Mapped[str] = mapped_column(String(200))
-    rotation_id: Mapped[str | None] = mapped_column(String(36))
-    asked_at: Mapped[datetime] = mapped_column(UTCDateTime)
-    """When the request was sent (at the latest)."""
-    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime)
-    cause: Mapped[str] = mapped_column(Text)
-    request_id: Mapped[str | None] = mapped_column(String(200))
-    fingerprint: Mapped[str | None] = mapped_column(String(64))
-    """The token's fingerprint, where it was received (too late to be recorded)."""
-    live_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    """By when the token has expired at the latest, where known."""
-    status: Mapped[str] = mapped_column(String(16))
-    closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    closed_by: Mapped[str | None] = mapped_column(String(200))
-    resolution: Mapped[str | None] = mapped_column(Text)
-
-    def as_dict(self) -> dict[str, Any]:
-        def iso(at: datetime | None) -> str | None:
-            return at.isoformat() if at else None
-
-        return {
-            "id": self.id,
-            "environment": self.environment,
-            "credential": self.credential,
-            "connection_id": self.connection_id,
-            "rotation_id": self.rotation_id,
-            "asked_at": iso(self.asked_at),
-            "recorded_at": iso(self.recorded_at),
-            "cause": self.cause,
-            "request_id": self.request_id,
-            "fingerprint": self.fingerprint,
-            "live_until": iso(self.live_until),
-            "status": self.status,
-            "closed_at": iso(self.closed_at),
-            "closed_by": self.closed_by,
-            "resolution": self.resolution,
-        }
 
 
 _TABLE = cast(Table, UnaccountedToken.__table__)

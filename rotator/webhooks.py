@@ -30,13 +30,13 @@ from json import JSONDecodeError
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from sqlalchemy import Integer, String, Text, UniqueConstraint, or_, select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Mapped, mapped_column
 
 from rotator.api.jsonbody import loads
 from rotator.errors import JournalError, MakiniError, NotFound
-from rotator.journal import Base, Journal, UTCDateTime
+from rotator.journal import Journal
+from rotator.journal.schema import WebhookEvent
 from rotator.model import utcnow
 
 if TYPE_CHECKING:
@@ -48,25 +48,6 @@ log = structlog.get_logger("rotator.webhooks")
 PENDING, WORKING, DONE, IGNORED, FAILED = "pending", "working", "done", "ignored", "failed"
 _CLAIM_LEASE = timedelta(minutes=5)
 MAX_ATTEMPTS = 5
-
-
-class WebhookEvent(Base):
-    __tablename__ = "webhook_events"
-    __table_args__ = (UniqueConstraint("environment", "webhook_id", name="uq_webhook_id"),)
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    environment: Mapped[str] = mapped_column(String(64), index=True)
-    webhook_id: Mapped[str] = mapped_column(String(200))
-    event_type: Mapped[str] = mapped_column(String(200), default="")
-    connection_id: Mapped[str | None] = mapped_column(String(200))
-    occurred_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    received_at: Mapped[datetime] = mapped_column(UTCDateTime)
-    payload: Mapped[str] = mapped_column(Text)
-    status: Mapped[str] = mapped_column(String(16), index=True, default=PENDING)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    processed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    outcome: Mapped[str | None] = mapped_column(Text)
 
 
 # --- the signature ---------------------------------------------------------------------------

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from sqlalchemy import Integer, String, insert, select
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy import insert, select
 
-from rotator.journal import Base, CredentialState, Journal, UTCDateTime
+from rotator.journal import CredentialState, Journal
+from rotator.journal.schema import TokenDrop
 from rotator.keys import KeyIndex
 from rotator.model import utcnow
 
@@ -35,18 +34,6 @@ log = structlog.get_logger("rotator.api.feed")
 
 CHANNEL = "rotator_changes"
 PG_SAFETY_POLL_S = 5.0
-
-
-class TokenDrop(Base):
-    """A version that must not be served any more (emergency revoke)."""
-
-    __tablename__ = "token_drops"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    environment: Mapped[str] = mapped_column(String(64))
-    credential: Mapped[str] = mapped_column(String(64))
-    version_id: Mapped[str] = mapped_column(String(36))
-    at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
 def publish_drop(journal: Journal, env: str, cred: str, version_id: str) -> None:

@@ -28,8 +28,7 @@ app.add_typer(unaccounted_app, name="unaccounted")
 @db_app.command("current")
 def db_current(json_out: JsonOpt = False) -> None:
     """The journal's schema revision and this release's; exits 1 unless they are the same."""
-    from rotator import migrate
-    from rotator.journal import Journal
+    from rotator.journal import Journal, migrate
 
     cfg = command_config()
     journal = Journal(cfg.journal.url, migrate="off")
@@ -60,8 +59,7 @@ def db_upgrade() -> None:
     """Migrate the journal to this release's schema (safe while other replicas run or start:
     one process migrates at a time, under a lock). Run it before a rollout when
     journal.migrate = "manual"."""
-    from rotator import migrate
-    from rotator.journal import Journal
+    from rotator.journal import Journal, migrate
 
     cfg = command_config()
     journal = Journal(cfg.journal.url, migrate="off")

@@ -21,8 +21,7 @@ from rotator.errors import (
     MakiniRejected,
     RotationError,
 )
-from rotator.journal import Journal, Rotation
-from rotator.leases import Lease
+from rotator.journal import Journal, Lease, Rotation
 from rotator.makini import MakiniClient
 from rotator.makini.client import Issued
 from rotator.model import Secret, StoredVersion, utcnow

@@ -60,7 +60,7 @@ def begin(
             rot.error = f"superseded by emergency revoke {row.id}"
             rot.finished_at = now
             s.add(
-                journal._audit_row(
+                journal.audit_row(
                     actor=row.actor,
                     action="rotation.superseded",
                     outcome="superseded",
@@ -77,7 +77,7 @@ def begin(
         row.notes = json.dumps([record.to_note()])
         s.add(row)
         audit = {**audit, "superseded": [p.info.id for p in preempted]}
-        s.add(journal._audit_row(environment=env, credential=cred, **audit))
+        s.add(journal.audit_row(environment=env, credential=cred, **audit))
     return preempted
 
 

@@ -13,8 +13,7 @@ import structlog
 
 from rotator.engine import EnvironmentRuntime, RotationEngine, RotationResult, unseal
 from rotator.errors import NotFound, RotatorError
-from rotator.journal import Rotation, Step
-from rotator.leases import Lease
+from rotator.journal import Lease, Rotation, Step
 from rotator.logs import mask
 from rotator.model import Stage, StoredVersion, new_version_id, utcnow
 from rotator.settings import CredentialSettings
