@@ -31,7 +31,7 @@ import httpx
 
 from rotator.crypto import generate_key
 from rotator.journal import Journal
-from rotator.makini import SimOptions, SimServer
+from rotator.makini.sim import SimOptions, SimServer
 
 CLIENT, SECRET = "bench-prod", "bench-prod-secret"
 CRED = "bench-token"

@@ -125,7 +125,7 @@ SIM_CLIENTS = {
 
 @pytest.fixture(scope="session")
 def sim_server() -> Iterator[Any]:
-    from rotator.makini import SimOptions, SimServer
+    from rotator.makini.sim import SimOptions, SimServer
 
     with SimServer(SimOptions(clients=SIM_CLIENTS)) as server:
         yield server
@@ -134,7 +134,7 @@ def sim_server() -> Iterator[Any]:
 @pytest.fixture
 def sim(sim_server: Any) -> Any:
     """The session's simulator, reset to defaults for this test."""
-    from rotator.makini import SimOptions
+    from rotator.makini.sim import SimOptions
 
     sim_server.reset(SimOptions(clients=SIM_CLIENTS))
     return sim_server

@@ -15,7 +15,7 @@ from rotator.client import (
     TokenDenied,
     TokenUnavailable,
 )
-from rotator.makini import SimServer
+from rotator.makini.sim import SimServer
 from tests.api.conftest import Factory, LogTrap, bearer, connection, make_keys, stop_server
 
 

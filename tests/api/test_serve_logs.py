@@ -17,7 +17,7 @@ import httpx
 from rotator.crypto import generate_key
 from rotator.journal import Journal
 from rotator.keys import create_key
-from rotator.makini import SimServer
+from rotator.makini.sim import SimServer
 from tests.api.conftest import WEBHOOK_SECRETS, LogTrap, bearer, connection
 from tests.cli import RotatorCli
 from tests.wait import until

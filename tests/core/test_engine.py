@@ -11,7 +11,7 @@ from rotator import faults
 from rotator.engine import Work
 from rotator.errors import BackendUnavailable
 from rotator.journal import Step
-from rotator.makini import SimServer
+from rotator.makini.sim import SimServer
 from rotator.model import Stage, StoredVersion
 from tests.core.conftest import Factory, active, current
 

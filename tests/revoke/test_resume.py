@@ -8,7 +8,7 @@ import pytest
 from backends.memory import MemoryBackend
 from rotator import faults
 from rotator.errors import BackendUnavailable
-from rotator.makini import SimServer
+from rotator.makini.sim import SimServer
 from rotator.model import StoredVersion, utcnow
 from rotator.revoke import RevokeStep
 from rotator.schedule import RESUME, plan
