@@ -64,7 +64,6 @@ from backends._common import (
     ownership_tags,
     render_template,
     require,
-    scrub,
 )
 from backends.base import NAME_PATTERN, Backend, BackendSettings, Capabilities
 from rotator.errors import (
@@ -78,6 +77,7 @@ from rotator.errors import (
 )
 from rotator.model import MANAGED_BY, Stage, StoredVersion, VersionInfo
 from rotator.places import Place, canonical_url
+from rotator.scrub import scrub
 
 LABELS: dict[Stage, str] = {
     Stage.CURRENT: "AWSCURRENT",

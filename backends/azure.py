@@ -61,7 +61,6 @@ from backends._common import (
     render_template,
     require,
     resolve_stages,
-    scrub,
 )
 from backends.base import NAME_PATTERN, Backend, BackendSettings, Capabilities
 from rotator.errors import (
@@ -75,6 +74,7 @@ from rotator.errors import (
 )
 from rotator.model import MANAGED_BY, Stage, StoredVersion, VersionInfo
 from rotator.places import Place, canonical_url
+from rotator.scrub import scrub
 
 TAG_VERSION = "makini-rotator:version"
 TAG_STAGED = "makini-rotator:staged"

@@ -71,7 +71,6 @@ from backends._common import (
     render_template,
     require,
     resolve_stages,
-    scrub,
 )
 from backends.base import NAME_PATTERN, Backend, BackendSettings, Capabilities
 from rotator.errors import (
@@ -84,6 +83,7 @@ from rotator.errors import (
 )
 from rotator.model import Stage, StoredVersion, VersionInfo
 from rotator.places import Place, canonical_url, segments
+from rotator.scrub import scrub
 
 KEY_VERSION = "makini-rotator:version:"
 KEY_PROMOTED = "makini-rotator:promoted:"

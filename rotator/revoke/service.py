@@ -15,8 +15,8 @@ from rotator.engine import EnvironmentRuntime, RotationEngine, RotationResult, u
 from rotator.errors import NotFound, RotatorError
 from rotator.journal import Rotation, Step
 from rotator.leases import Lease
-from rotator.logs import mask
 from rotator.model import Stage, StoredVersion, new_version_id, utcnow
+from rotator.scrub import mask
 from rotator.settings import CredentialSettings
 
 from . import custody, kill, planner
