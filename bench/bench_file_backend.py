@@ -20,9 +20,9 @@ from pathlib import Path
 
 from backends.base import Backend
 from backends.file import FileBackend, FileSettings
-from backends.memory import MemoryBackend, MemorySettings
 from rotator.crypto import KeySource, generate_key
 from rotator.model import Secret, Stage, StoredVersion, TokenPair, new_version_id
+from tests.fakes.memory import MemoryBackend, MemorySettings
 
 ENV = "bench"
 KEY_ENV = "ROTATOR_BENCH_FILE_KEY"

@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
-from backends.memory import reset_memory_backends
+import backends
 from rotator.crypto import generate_key
 from rotator.settings import Config, parse_config
+from tests.fakes.memory import MemoryStores, backend_class
 
 pytest_plugins = ["tests.servers.plugin"]
 
@@ -21,10 +22,12 @@ PG_ADMIN_URL = os.environ.get("ROTATOR_TEST_PG", "postgresql://postgres@127.0.0.
 
 
 @pytest.fixture(autouse=True)
-def _fresh_memory_backends() -> Iterator[None]:
-    reset_memory_backends()
-    yield
-    reset_memory_backends()
+def memory_stores() -> Iterator[MemoryStores]:
+    """``type = "memory"`` in this test: the fake (no installed backend), on its own stores."""
+    stores = MemoryStores()
+    backends.register(backend_class(stores))
+    yield stores
+    backends.unregister("memory")
 
 
 @pytest.fixture

@@ -34,8 +34,9 @@ base_url = "{url}"
 client_id = "test-prod"
 client_secret_env = "SERVE_LOGS_MAKINI"
 [[environments.prod.backends]]
-type = "memory"
-namespace = "serve-logs"
+type = "file"
+path = "files"
+key = {{ file = "files.key", generate = true }}
 [[environments.prod.credentials]]
 name = "alpha"
 connection_id = "{alpha}"
