@@ -12,10 +12,11 @@ Two kinds of error are tried again, each by one mechanism:
   ``stamina`` under one of the policies below; the caller names the one exception that means
   "look again", and maps it to the project's error if the policy runs out.
 
-The first try runs outside the retry machinery: the usual case, no race, costs nothing extra.
-A try again is logged at debug level (``backends.retry``); stamina's own reporting (a warning
-per retry, a Prometheus counter in the default registry) is replaced by that, for the process,
-when this module is imported: stamina's hooks are process-wide.
+The first try runs outside the retry machinery: the usual case, no race, costs nothing extra
+(stamina is not even imported until a first try fails). A try again is logged at debug level
+(``backends.retry``); stamina's own reporting (a warning per retry, a Prometheus counter in the
+default registry) is replaced by that, for the process, when stamina is first used here:
+stamina's hooks are process-wide.
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from functools import cache
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import stamina
-from stamina.instrumentation import RetryDetails, set_on_retry_hooks
+if TYPE_CHECKING:
+    from stamina.instrumentation import RetryDetails
 
 T = TypeVar("T")
 Errors = type[Exception] | tuple[type[Exception], ...]
@@ -41,7 +44,12 @@ def _report(details: RetryDetails) -> None:
     )
 
 
-set_on_retry_hooks([_report])
+@cache
+def _stamina() -> ModuleType:
+    import stamina
+
+    stamina.instrumentation.set_on_retry_hooks([_report])
+    return stamina
 
 
 @dataclass(frozen=True)
@@ -70,14 +78,15 @@ class Retry:
         except on:
             if self.attempts == 1:
                 raise
-        caller = stamina.RetryingCaller(
+        caller = _stamina().RetryingCaller(
             attempts=None if self.attempts is None else self.attempts - 1,
             timeout=self.timeout_s,
             wait_initial=self.wait_initial_s,
             wait_max=self.wait_max_s,
             wait_jitter=self.wait_jitter_s,
         )
-        return caller.on(on)(fn)
+        result: T = caller.on(on)(fn)
+        return result
 
 
 CONFLICT = Retry(attempts=8, timeout_s=None)
