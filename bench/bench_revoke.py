@@ -10,7 +10,7 @@ Printed: for one credential, p50/p99/max of ``--runs`` revokes (plan + run, as t
 the admin API do) and the median of each part; for ``--all``, the wall time over
 ``--credentials`` credentials at the configured concurrency.
 
-    .venv/bin/python bench/bench_revoke.py [--runs 50] [--credentials 1000] [--latency-ms 20]
+    .venv/bin/python -m bench.bench_revoke [--runs 50] [--credentials 1000] [--latency-ms 20]
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from simulator import makini_calls_alone, simulator
-
+from bench.simulator import makini_calls_alone, simulator
 from rotator import logs
 from rotator.crypto import generate_key
 from rotator.engine import Work

@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
-from backends.memory import reset_memory_backends
+import backends
 from rotator.crypto import generate_key
 from rotator.settings import Config, parse_config
+from tests.fakes.memory import MemoryStores, backend_class
 
 pytest_plugins = ["tests.servers.plugin"]
 
@@ -21,10 +22,12 @@ PG_ADMIN_URL = os.environ.get("ROTATOR_TEST_PG", "postgresql://postgres@127.0.0.
 
 
 @pytest.fixture(autouse=True)
-def _fresh_memory_backends() -> Iterator[None]:
-    reset_memory_backends()
-    yield
-    reset_memory_backends()
+def memory_stores() -> Iterator[MemoryStores]:
+    """``type = "memory"`` in this test: the fake (no installed backend), on its own stores."""
+    stores = MemoryStores()
+    backends.register(backend_class(stores))
+    yield stores
+    backends.unregister("memory")
 
 
 @pytest.fixture
@@ -125,7 +128,7 @@ SIM_CLIENTS = {
 
 @pytest.fixture(scope="session")
 def sim_server() -> Iterator[Any]:
-    from rotator.makini import SimOptions, SimServer
+    from rotator.makini.sim import SimOptions, SimServer
 
     with SimServer(SimOptions(clients=SIM_CLIENTS)) as server:
         yield server
@@ -134,7 +137,7 @@ def sim_server() -> Iterator[Any]:
 @pytest.fixture
 def sim(sim_server: Any) -> Any:
     """The session's simulator, reset to defaults for this test."""
-    from rotator.makini import SimOptions
+    from rotator.makini.sim import SimOptions
 
     sim_server.reset(SimOptions(clients=SIM_CLIENTS))
     return sim_server

@@ -24,7 +24,7 @@ from rotator.api.routing import api_router
 from rotator.api.state import ApiState
 from rotator.errors import ConfigError, NotFound, RotatorError
 from rotator.keys import KeyInfo
-from rotator.logs import mask
+from rotator.scrub import mask
 from rotator.settings import ENV_NAME_PATTERN
 
 # Patterns are documented but checked by the handlers: the key decides first (the guard, and

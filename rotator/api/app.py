@@ -18,7 +18,7 @@ from rotator.api.limits import BodyLimit
 from rotator.api.state import ApiState
 from rotator.api.tokens import TokenRoutes
 from rotator.readers import write_batch
-from rotator.webhooks import WebhookWorker
+from rotator.webhooks.queue import WebhookWorker
 
 if TYPE_CHECKING:
     from rotator.runtime import Runtime

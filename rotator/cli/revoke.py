@@ -14,8 +14,8 @@ from rich.table import Table
 from rotator.cli import render
 from rotator.cli.render import console, err
 from rotator.errors import ConfigError
-from rotator.logs import mask
 from rotator.revoke import STRATEGIES, CredentialPlan, CredentialReport, RevokeRequest
+from rotator.scrub import mask
 
 EXIT_REFUSED = 2
 EXIT_INCOMPLETE = 1

@@ -14,8 +14,8 @@ import structlog
 from rotator.engine import EnvironmentRuntime, RotationEngine, RotationResult, unseal
 from rotator.errors import NotFound, RotatorError
 from rotator.journal import Lease, Rotation, Step
-from rotator.logs import mask
 from rotator.model import Stage, StoredVersion, new_version_id, utcnow
+from rotator.scrub import mask
 from rotator.settings import CredentialSettings
 
 from . import custody, kill, planner

@@ -28,7 +28,7 @@ from rotator import logs
 from rotator.api import build_app
 from rotator.api.app import ApiApp
 from rotator.keys import create_key
-from rotator.makini import SimServer
+from rotator.makini.sim import SimServer
 from rotator.runtime import Runtime
 from tests.conftest import environment, make_config
 

@@ -6,14 +6,14 @@ import asyncio
 
 import pytest
 
-from backends.memory import MemoryBackend
 from rotator import faults
 from rotator.engine import Work
 from rotator.errors import BackendUnavailable
 from rotator.journal import Step
-from rotator.makini import SimServer
+from rotator.makini.sim import SimServer
 from rotator.model import Stage, StoredVersion
 from tests.core.conftest import Factory, active, current
+from tests.fakes.memory import MemoryBackend
 
 
 async def test_first_rotation_stores_a_verified_token_everywhere(
@@ -205,7 +205,7 @@ async def test_a_backend_down_never_promotes_a_partial_version(
     await runtime.engine.rotate("prod", "a", reason="t", actor="t")
     [before, _] = current(runtime)
     rt = runtime.environments["prod"]
-    flaky = Flaky(rt.backends[0].settings, "prod")
+    flaky = Flaky(rt.backends[0].settings, "prod", stores=rt.backends[0].stores)
     rt.backends[0] = flaky
     result = await runtime.engine.rotate("prod", "a", reason="t", actor="t")
     assert result.outcome == "deferred" and result.step == Step.ISSUED

@@ -11,7 +11,7 @@ from rotator import unaccounted
 from rotator.engine import Work
 from rotator.errors import LeaseLost
 from rotator.journal import LeaseKeeper, Rotation, Step
-from rotator.makini import SimServer
+from rotator.makini.sim import SimServer
 from rotator.model import utcnow
 from rotator.service import due_work, rotate_work
 from tests.clock import FakeClock

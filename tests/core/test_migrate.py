@@ -215,7 +215,8 @@ def test_db_current_and_upgrade_from_the_command_line(tmp_path: Path) -> None:
         '[journal]\nurl = "sqlite:///journal.db"\nmigrate = "manual"\n'
         '[environments.prod]\nsealing_key = { env = "MIG_SEAL" }\n'
         '[environments.prod.makini]\nclient_id = "c"\nclient_secret_env = "MIG_SECRET"\n'
-        '[[environments.prod.backends]]\ntype = "memory"\n'
+        '[[environments.prod.backends]]\ntype = "file"\npath = "files"\n'
+        'key = { file = "files.key", generate = true }\n'
     )
     _upgrade_to(f"sqlite:///{tmp_path / 'journal.db'}", "0001")
     env = {**os.environ, "ROTATOR_CONFIG": str(tmp_path / "rotator.toml")}
@@ -390,7 +391,8 @@ def test_journal_problems_are_clear_errors_on_the_command_line(
         f'[journal]\nurl = "{url.format(tmp=tmp_path)}"\n'
         '[environments.prod]\nsealing_key = { env = "MIG_SEAL" }\n'
         '[environments.prod.makini]\nclient_id = "c"\nclient_secret_env = "MIG_SECRET"\n'
-        '[[environments.prod.backends]]\ntype = "memory"\n'
+        '[[environments.prod.backends]]\ntype = "file"\npath = "files"\n'
+        'key = { file = "files.key", generate = true }\n'
         '[[environments.prod.credentials]]\nname = "a"\nconnection_id = "conn-a"\n'
     )
     env = {**os.environ, "ROTATOR_CONFIG": str(config)}

@@ -13,8 +13,8 @@ import pytest
 
 from rotator import unaccounted
 from rotator.journal import Journal
-from rotator.makini import SimServer
 from rotator.makini.client import Issued
+from rotator.makini.sim import SimServer
 from rotator.model import utcnow
 from tests.core.conftest import Factory, current
 

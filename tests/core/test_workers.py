@@ -20,7 +20,7 @@ import structlog
 from rotator import logs, signals
 from rotator.engine import RotationResult, Work
 from rotator.errors import RotatorError
-from rotator.makini import SimServer
+from rotator.makini.sim import SimServer
 from rotator.service import Stopper
 from rotator.settings import Config, parse_config
 from rotator.workers import Shares, process_count, share_of, usable_cpus

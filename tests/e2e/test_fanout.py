@@ -27,7 +27,7 @@ import backends.azure as azure_module
 from backends.base import Backend
 from backends.vault import VaultBackend, VaultSettings
 from rotator.engine import RotationResult, Work
-from rotator.makini import SimServer
+from rotator.makini.sim import SimServer
 from rotator.model import Stage, StoredVersion
 from rotator.repair import PROBE_CREDENTIAL, probe, sync
 from rotator.runtime import Runtime

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from rotator.makini import SimServer
+from rotator.makini.sim import SimServer
 from rotator.model import Stage, StoredVersion
 from rotator.revoke import CredentialReport, Revoker, RevokeRequest
 from rotator.runtime import Runtime

@@ -18,7 +18,7 @@ import pytest
 from rotator import faults
 from rotator.errors import LockBusy
 from rotator.journal import Rotation, Step
-from rotator.makini import SimServer
+from rotator.makini.sim import SimServer
 from rotator.revoke import CredentialReport
 from rotator.runtime import Runtime
 from tests.revoke.conftest import Factory, current, readable_anywhere, revoke, status_of

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from rotator.journal import Rotation
-from rotator.makini import SimServer
+from rotator.makini.sim import SimServer
 from rotator.model import Stage, utcnow
 from rotator.revoke import Revoker, RevokeRequest, RevokeStep
 from rotator.runtime import Runtime

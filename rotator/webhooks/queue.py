@@ -1,7 +1,7 @@
-"""Makini webhooks: signature check, the journal queue, and the worker that processes it.
+"""Makini webhooks: the journal queue, and the worker that processes it.
 
-The receiver (``rotator.api.webhooks``) checks the HMAC-SHA256 of the raw body in constant time
-(base64 or hex, Makini's docs disagree), then :func:`enqueue` stores the event once per id and
+The receiver (``rotator.api.webhooks``) checks the signature
+(:mod:`rotator.webhooks.signature`), then :func:`enqueue` stores the event once per id and
 the receiver answers 200 at once. :class:`WebhookWorker` takes queued events, oldest event
 timestamp first, and acts:
 
@@ -19,11 +19,8 @@ else the SHA-256 of the raw body, so identical redeliveries dedupe. A header id 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import fnmatch
 import hashlib
-import hmac
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from json import JSONDecodeError
@@ -48,41 +45,6 @@ log = structlog.get_logger("rotator.webhooks")
 PENDING, WORKING, DONE, IGNORED, FAILED = "pending", "working", "done", "ignored", "failed"
 _CLAIM_LEASE = timedelta(minutes=5)
 MAX_ATTEMPTS = 5
-
-
-# --- the signature ---------------------------------------------------------------------------
-
-
-def sign(secret: bytes, body: bytes, encoding: str = "base64") -> str:
-    """The signature Makini sends: HMAC-SHA256 of the raw body, base64 or hex."""
-    digest = hmac.new(secret, body, hashlib.sha256).digest()
-    return digest.hex() if encoding == "hex" else base64.b64encode(digest).decode()
-
-
-def _decode(signature: str) -> bytes | None:
-    value = signature.strip().removeprefix("sha256=")
-    if len(value) == 64:
-        try:
-            return bytes.fromhex(value)
-        except ValueError:
-            return None
-    padded = value + "=" * (-len(value) % 4)
-    for altchars in (None, b"-_"):
-        try:
-            raw = base64.b64decode(padded, altchars=altchars, validate=True)
-        except (binascii.Error, ValueError):
-            continue
-        return raw if len(raw) == 32 else None
-    return None
-
-
-def signature_valid(secret: bytes, body: bytes, signature: str | None) -> bool:
-    """Constant-time check of a hex or base64 (standard or URL-safe) HMAC-SHA256 signature."""
-    if not signature or len(signature) > 200:
-        return False
-    given = _decode(signature)
-    expected = hmac.new(secret, body, hashlib.sha256).digest()
-    return hmac.compare_digest(expected, given if given is not None else b"\0" * 32)
 
 
 # --- the payload -----------------------------------------------------------------------------
