@@ -13,8 +13,7 @@ from typing import Any
 import structlog
 
 from backends.base import Backend
-from rotator import faults, unaccounted
-from rotator.engine import EnvironmentRuntime, RotationEngine, journal_aad, unseal
+from rotator import faults
 from rotator.errors import (
     BackendError,
     MakiniError,
@@ -26,6 +25,10 @@ from rotator.leases import Lease
 from rotator.makini import MakiniClient
 from rotator.makini.client import Issued
 from rotator.model import Secret, StoredVersion, utcnow
+from rotator.rotation import unaccounted
+from rotator.rotation.engine import RotationEngine
+from rotator.rotation.environment import EnvironmentRuntime
+from rotator.rotation.sealing import seal, unseal
 from rotator.settings import CredentialSettings
 
 from . import custody, kill
@@ -103,7 +106,7 @@ class RevokeContext:
         for s in reversed(self.record.superseded):
             if s.id == self.record.adopted:
                 continue
-            rot = await self.engine._journal(self.journal.rotation, s.id)
+            rot = await self.engine.worker.journal(self.journal.rotation, s.id)
             if rot is not None and rot.sealed is not None:
                 out.append((rot.id, self._unseal(rot)))
         return out
@@ -120,7 +123,7 @@ class RevokeContext:
             f"adopted the token {version.tokens.access.short} of pre-empted rotation "
             f"{rotation_id[:8]} as the replacement"
         )
-        self.row = await self.engine._journal(
+        self.row = await self.engine.worker.journal(
             custody.adopt,
             self.journal,
             self.lease.key,
@@ -130,7 +133,7 @@ class RevokeContext:
             step,
             note,
         )
-        await self.engine._journal(
+        await self.engine.worker.journal(
             self.journal.audit,
             actor=self.row.actor,
             action="revoke.adopted",
@@ -151,7 +154,7 @@ class RevokeContext:
         rows = []
         for s in self.record.superseded:
             if s.id != self.record.adopted:
-                rot = await self.engine._journal(self.journal.rotation, s.id)
+                rot = await self.engine.worker.journal(self.journal.rotation, s.id)
                 if rot is not None and rot.sealed is not None:
                     rows.append(rot)
         await account_for(
@@ -187,9 +190,7 @@ class RevokeContext:
                 self.row = await self._commit({"asked_at": None}, lost=unanswered)
                 await unaccounted.outlast(self.rt.settings.makini, unanswered.asked_at)
                 await self._fence()
-            self.row = await self._commit(
-                {"attempts": self.row.attempts + 1, "asked_at": utcnow()}
-            )
+            self.row = await self._commit({"attempts": self.row.attempts + 1, "asked_at": utcnow()})
         # stamped after every unaccounted entry recorded so far: the request goes out after
         # them all (where Makini kills older tokens on issue, a token it brings kills theirs)
         self._asked_at = utcnow()
@@ -197,7 +198,7 @@ class RevokeContext:
         if method == "refresh":
             current = None
             if self.record.current_version is not None:
-                current = await self.engine._io(
+                current = await self.engine.worker.call(
                     read_by_id, self.rt.backends, self.cred.name, self.record.current_version
                 )
             for v in [*(c for _, c in candidates), current, self._old]:
@@ -233,13 +234,10 @@ class RevokeContext:
         version = StoredVersion(
             self.rt.name, self.cred.name, vid, issued.tokens, created_at=utcnow()
         )
-        sealed = self.rt.sealer.seal(
-            version.to_json().encode(), journal_aad(self.rt.name, self.cred.name, vid)
-        )
         row = await self._commit(
             {
                 "step": step,
-                "sealed": sealed,
+                "sealed": seal(self.rt, version),
                 "fingerprint": issued.tokens.access.fingerprint,
                 "expires_at": issued.tokens.expires_at,
                 "asked_at": None,
@@ -262,14 +260,14 @@ class RevokeContext:
         return self._replacement if self.row.sealed is not None else None
 
     def _unseal(self, row: Rotation) -> StoredVersion:
-        return unseal(self.rt, self.cred, row)
+        return unseal(self.rt, row)
 
     async def _replacement_version(self) -> StoredVersion | None:
         if self.record.replaced is None:
             return None
         if self._replacement is not None and self._replacement.version_id == self.record.replaced:
             return self._replacement
-        return await self.engine._io(
+        return await self.engine.worker.call(
             read_by_id, self.rt.backends, self.cred.name, self.record.replaced
         )
 
@@ -277,7 +275,9 @@ class RevokeContext:
         """The old (revoked) version's tokens, from whichever backend still has them."""
         if self._old is None:
             vid = self.row.old_version_id or ""
-            self._old = await self.engine._io(read_by_id, self.rt.backends, self.cred.name, vid)
+            self._old = await self.engine.worker.call(
+                read_by_id, self.rt.backends, self.cred.name, vid
+            )
         return self._old
 
     async def _target(self) -> StoredVersion:
@@ -311,7 +311,7 @@ class RevokeContext:
             entry = self.report.backend(b.name)
             started = time.monotonic()
             try:
-                entry.actions.append(await self.engine._io(fn, b))
+                entry.actions.append(await self.engine.worker.call(fn, b))
             except BackendError as exc:
                 entry.errors.append(exc.message)
                 return exc
@@ -323,8 +323,7 @@ class RevokeContext:
         return {b.name: r for b, r in zip(backends, results, strict=True) if r is not None}
 
     async def _fence(self) -> None:
-        """Stop unless this revoke still holds the lease (see :mod:`rotator.leases`)."""
-        await self.engine.leases.check(self.lease, self.where)
+        await self.engine.fence(self.lease, self.where)
 
     def _lost(
         self, asked_at: Any, cause: str, *, request_id: str | None = None
@@ -405,7 +404,7 @@ class RevokeContext:
             audits.append(audit)
         base = {"actor": self.row.actor, "request_ids": list(self.request_ids)}
         values = {**values, "notes": self.record.notes_with(self.row, *self._flush_notes())}
-        self.row = await self.engine._journal(
+        self.row = await self.engine.worker.journal(
             custody.commit,
             self.journal,
             self.row,

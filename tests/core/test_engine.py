@@ -8,11 +8,12 @@ import pytest
 
 from backends.memory import MemoryBackend
 from rotator import faults
-from rotator.engine import Work
 from rotator.errors import BackendUnavailable
 from rotator.journal import Step
 from rotator.makini import SimServer
 from rotator.model import Stage, StoredVersion
+from rotator.rotation.importing import import_pair
+from rotator.rotation.work import Work
 from tests.core.conftest import Factory, active, current
 
 
@@ -252,7 +253,7 @@ async def test_refresh_method_needs_a_bootstrap_then_refreshes(
     rt = runtime.environments["prod"]
     code = sim.link_code("conn-r", client_id="test-prod")
     issued = await rt.makini.exchange_code(code, "http://localhost/cb")
-    await runtime.engine.import_pair("prod", "r", issued.tokens, actor="t", reason="bootstrap")
+    await import_pair(runtime.engine, "prod", "r", issued.tokens, actor="t", reason="bootstrap")
     result = await runtime.engine.rotate("prod", "r", reason="t", actor="t")
     assert result.outcome == "rotated", result
     [v, _] = current(runtime, "r")

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import asyncio
 
-from rotator import unaccounted
-from rotator.engine import Work
 from rotator.errors import LeaseLost
 from rotator.journal import Rotation, Step
 from rotator.makini import SimServer
 from rotator.model import utcnow
+from rotator.rotation import unaccounted
+from rotator.rotation.work import Work
 from rotator.service import due_work, rotate_work
 from tests.core.conftest import Factory, active, current
 from tests.wait import issuing, until

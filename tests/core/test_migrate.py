@@ -24,7 +24,7 @@ def _all_models() -> None:
     import rotator.api.feed
     import rotator.keys
     import rotator.readers
-    import rotator.unaccounted
+    import rotator.rotation.unaccounted
     import rotator.webhooks  # noqa: F401
 
 
