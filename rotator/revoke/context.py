@@ -20,11 +20,11 @@ from rotator.errors import (
     MakiniRejected,
     RotationError,
 )
-from rotator.journal import Journal, Rotation
+from rotator.journal import Rotation
 from rotator.leases import Lease
 from rotator.makini import MakiniClient
 from rotator.makini.client import Issued
-from rotator.model import Secret, StoredVersion, utcnow
+from rotator.model import Secret, StoredVersion
 from rotator.rotation import unaccounted
 from rotator.rotation.engine import RotationEngine
 from rotator.rotation.environment import EnvironmentRuntime
@@ -188,12 +188,16 @@ class RevokeContext:
                     "a token was issued that no backend holds",
                 )
                 self.row = await self._commit({"asked_at": None}, lost=unanswered)
-                await unaccounted.outlast(self.rt.settings.makini, unanswered.asked_at)
+                await unaccounted.outlast(
+                    self.rt.settings.makini, unanswered.asked_at, clock=self.engine.clock
+                )
                 await self._fence()
-            self.row = await self._commit({"attempts": self.row.attempts + 1, "asked_at": utcnow()})
+            self.row = await self._commit(
+                {"attempts": self.row.attempts + 1, "asked_at": self.engine.clock.now()}
+            )
         # stamped after every unaccounted entry recorded so far: the request goes out after
         # them all (where Makini kills older tokens on issue, a token it brings kills theirs)
-        self._asked_at = utcnow()
+        self._asked_at = self.engine.clock.now()
         sources: list[Secret] = []
         if method == "refresh":
             current = None
@@ -218,7 +222,7 @@ class RevokeContext:
                     f"request id {exc.request_id or 'unknown'})"
                 )
                 lost = self._lost(
-                    self._asked_at or utcnow(),
+                    self._asked_at or self.engine.clock.now(),
                     f"Makini may have issued a token that was not received ({exc.message})",
                     request_id=exc.request_id,
                 )
@@ -232,7 +236,7 @@ class RevokeContext:
     async def _seal(self, issued: Issued, step: str) -> Rotation:
         vid = self.row.version_id
         version = StoredVersion(
-            self.rt.name, self.cred.name, vid, issued.tokens, created_at=utcnow()
+            self.rt.name, self.cred.name, vid, issued.tokens, created_at=self.engine.clock.now()
         )
         row = await self._commit(
             {
@@ -351,6 +355,7 @@ class RevokeContext:
             expires_at=issued.tokens.expires_at,
             late=timedelta(seconds=self.rt.settings.makini.timeout_s),
             invalidates=invalidates is True,
+            clock=self.engine.clock,
         )
 
     def _resolve_disconnected(self) -> Callable[[Any, Rotation], None]:
@@ -363,7 +368,13 @@ class RevokeContext:
 
         def resolve(conn: Any, row: Rotation) -> None:
             unaccounted.resolve_all(
-                self.journal, conn, row.environment, row.credential, why, row.actor
+                self.journal,
+                conn,
+                row.environment,
+                row.credential,
+                why,
+                row.actor,
+                clock=self.engine.clock,
             )
 
         return resolve
@@ -413,7 +424,7 @@ class RevokeContext:
             audits=[{**base, **a} for a in audits],
             lease=self.lease.key,
             release=release,
-            after=_with_lost(self.journal, lost, after),
+            after=unaccounted.recording(self.journal, lost, after, clock=self.engine.clock),
         )
         if release:
             self.engine.leases.drop(self.lease)  # no heartbeat for a lease given back
@@ -423,19 +434,3 @@ class RevokeContext:
     def _flush_notes(self) -> list[str]:
         notes, self._pending_notes = self._pending_notes, []
         return notes
-
-
-def _with_lost(
-    journal: Journal,
-    lost: unaccounted.Lost | None,
-    after: Callable[[Any, Rotation], None] | None,
-) -> Callable[[Any, Rotation], None] | None:
-    if lost is None:
-        return after
-
-    def hook(conn: Any, row: Rotation) -> None:
-        unaccounted.record(journal, conn, lost, actor=row.actor)
-        if after is not None:
-            after(conn, row)
-
-    return hook

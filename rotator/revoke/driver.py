@@ -27,7 +27,7 @@ from rotator.errors import (
     RotatorError,
 )
 from rotator.journal import Rotation, Step
-from rotator.model import Stage, StoredVersion, new_version_id, utcnow
+from rotator.model import Stage, StoredVersion, new_version_id
 from rotator.rotation.drops import record_drop
 
 from . import kill
@@ -153,7 +153,7 @@ class CredentialRevoke(RevokeContext):
             "method": self.record.method,
             "old_token_dead": dead,
             "disconnected": self.record.disconnected,
-            "at": utcnow().isoformat(),
+            "at": self.engine.clock.now().isoformat(),
         }
         self.report.old_dead = dead
         self.report.disconnected = self.record.disconnected
@@ -281,7 +281,7 @@ class CredentialRevoke(RevokeContext):
         """The replacement is current everywhere: tell the readers, and keep the state and
         audit entry for the next commit (the purge follows at once; a crash before that commit
         resumes at *killed*, and every step from there is idempotent)."""
-        now = utcnow()
+        now = self.engine.clock.now()
         state: dict[str, Any] = {"last_attempt_at": now}
         audit: dict[str, Any] = {"action": "revoke.replaced", "outcome": "success"}
         if version is not None:
@@ -452,7 +452,7 @@ class CredentialRevoke(RevokeContext):
         report.outcome = "revoked" if old_dead else "unconfirmed"
         report.error = error
         report.step = RevokeStep.DONE
-        now = utcnow()
+        now = self.engine.clock.now()
         return await self._commit(
             {
                 "step": RevokeStep.DONE,
@@ -506,7 +506,7 @@ class CredentialRevoke(RevokeContext):
                     "attention": attention,
                     "last_outcome": REVOKE_INCOMPLETE,
                     "last_error": exc.message,
-                    "last_attempt_at": utcnow(),
+                    "last_attempt_at": self.engine.clock.now(),
                 },
                 audit={
                     "action": "revoke.stopped",

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 
 from rotator.journal import Rotation
-from rotator.model import utcnow
 from rotator.rotation.engine import RotationEngine
 from rotator.rotation.environment import EnvironmentRuntime
 from rotator.rotation.schedule import human
@@ -74,8 +73,9 @@ async def _plan_resume(
     if row is not None:
         base.open_revoke = row.id
         base.target_version = row.old_version_id
+        age = human(engine.clock.now() - row.started_at)
         base.why = (
-            f"revoke {row.id[:8]} by {row.actor} ({human(utcnow() - row.started_at)} ago) "
+            f"revoke {row.id[:8]} by {row.actor} ({age} ago) "
             f"stopped at {row.step}" + (f": {row.error}" if row.error else "")
         )
     if orphans:

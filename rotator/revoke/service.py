@@ -15,7 +15,7 @@ from rotator.errors import NotFound, RotatorError
 from rotator.journal import Rotation, Step
 from rotator.leases import Lease
 from rotator.logs import mask
-from rotator.model import Stage, StoredVersion, new_version_id, utcnow
+from rotator.model import Stage, StoredVersion, new_version_id
 from rotator.rotation.engine import RotationEngine
 from rotator.rotation.environment import EnvironmentRuntime
 from rotator.rotation.sealing import unseal
@@ -203,7 +203,7 @@ class Revoker:
         )
         strategy = req.strategy or cred.revoke_strategy
         method, escalate, notes = kill.resolve(strategy, cred, rt.settings.makini, has_refresh)
-        now = utcnow()
+        now = self.engine.clock.now()
         row = Rotation(
             id=str(uuid.uuid4()),
             environment=rt.name,
@@ -346,7 +346,7 @@ class Revoker:
             await self.engine.worker.call(b.stage_pending, version)
             await self.engine.worker.call(b.promote, cred.name, version.version_id)
             entry.actions.append(f"stored {version.version_id[:13]} (a late token) as current")
-        now = utcnow()
+        now = self.engine.clock.now()
         note = (
             f"the token {version.tokens.access.short} Makini issued to pre-empted rotation "
             f"{rot.id[:8]} after the revoke works while the stored one does not: it is current now"

@@ -603,7 +603,10 @@ class RotationEngine:
                 )
                 rot = await self._commit(d, rot, {"asked_at": None}, lost=unanswered)
                 await unaccounted.outlast(
-                    d.rt.settings.makini, unanswered.asked_at, gone_by=d.holder_gone_by
+                    d.rt.settings.makini,
+                    unanswered.asked_at,
+                    gone_by=d.holder_gone_by,
+                    clock=self.clock,
                 )
                 await self._fence(d)
             rot = await self._commit(
@@ -694,6 +697,7 @@ class RotationEngine:
             expires_at=tokens.expires_at,
             late=timedelta(seconds=d.rt.settings.makini.timeout_s),
             invalidates=invalidates,
+            clock=self.clock,
         )
 
     async def _account_late_token(self, d: _Drive, rot: Rotation, version: StoredVersion) -> None:
@@ -715,7 +719,7 @@ class RotationEngine:
         )
 
         def report(conn: Connection) -> None:
-            entry = unaccounted.record(self.journal, conn, lost, actor=rot.actor)
+            entry = unaccounted.record(self.journal, conn, lost, actor=rot.actor, clock=self.clock)
             if revoked:
                 unaccounted.close(
                     self.journal,
@@ -723,6 +727,7 @@ class RotationEngine:
                     [entry],
                     "revoked at makini.revoke_path as soon as it arrived",
                     rot.actor,
+                    clock=self.clock,
                 )
 
         try:
@@ -749,14 +754,7 @@ class RotationEngine:
     ) -> Rotation:
         """Record a step of ``rot`` under the drive's lease (with an unaccounted token to
         report, and more work of the same transaction)."""
-        hook = after
-        if lost is not None:
-
-            def hook(conn: Connection, row: Rotation) -> None:
-                unaccounted.record(self.journal, conn, lost, actor=row.actor)
-                if after is not None:
-                    after(conn, row)
-
+        hook = unaccounted.recording(self.journal, lost, after, clock=self.clock)
         return await self.worker.journal(
             self.journal.commit_step, rot.id, values, lease=d.lease.key, after=hook, **kw
         )
