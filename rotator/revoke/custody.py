@@ -59,25 +59,24 @@ def begin(
             rot.step = Step.SUPERSEDED
             rot.error = f"superseded by emergency revoke {row.id}"
             rot.finished_at = now
-            s.add(
-                journal._audit_row(
-                    actor=row.actor,
-                    action="rotation.superseded",
-                    outcome="superseded",
-                    environment=env,
-                    credential=cred,
-                    version_id=rot.version_id,
-                    fingerprint=rot.fingerprint,
-                    revoke_id=row.id,
-                    step=info.step,
-                    holds_token=rot.sealed is not None,
-                )
+            journal.audit_in(
+                s.connection(),
+                actor=row.actor,
+                action="rotation.superseded",
+                outcome="superseded",
+                environment=env,
+                credential=cred,
+                version_id=rot.version_id,
+                fingerprint=rot.fingerprint,
+                revoke_id=row.id,
+                step=info.step,
+                holds_token=rot.sealed is not None,
             )
         record.superseded = [p.info for p in preempted]
         row.notes = json.dumps([record.to_note()])
         s.add(row)
         audit = {**audit, "superseded": [p.info.id for p in preempted]}
-        s.add(journal._audit_row(environment=env, credential=cred, **audit))
+        journal.audit_in(s.connection(), environment=env, credential=cred, **audit)
     return preempted
 
 
