@@ -322,3 +322,24 @@ async def test_no_more_requests_are_recorded_as_sent_than_makini_may_take(
         watcher.cancel()
     assert {r.outcome for r in results} == {"rotated"}
     assert 1 <= peak <= 2
+
+
+async def test_an_import_is_journaled_like_any_change(
+    make_runtime: Factory, sim: SimServer
+) -> None:
+    runtime = make_runtime()
+    before = await runtime.engine.rotate("prod", "a", reason="t", actor="t")
+    rt = runtime.environments["prod"]
+    issued = await rt.makini.issue_token("conn-a")
+    version = await import_pair(runtime.engine, "prod", "a", issued.tokens, actor="t", reason="x")
+    [row] = [r for r in runtime.journal.rotations("prod") if r.kind == "import"]
+    assert (row.step, row.version_id, row.old_version_id) == (
+        Step.DONE,
+        version,
+        before.version_id,
+    )
+    assert row.sealed is None and row.actor == "t" and row.reason == "x"
+    assert all(v is not None and v.version_id == version for v in current(runtime))
+    state = runtime.journal.state("prod", "a")
+    assert state is not None and state.last_outcome == "imported"
+    assert len(runtime.journal.audit_entries(action="credential.imported")) == 1
