@@ -3,16 +3,24 @@ every replica's feed reads them (``rotator.api.feed``), wherever the revoke ran.
 
 from __future__ import annotations
 
-from sqlalchemy import insert
+from sqlalchemy import column, insert, table
 
-# lead: import TokenDrop from rotator.journal.schema once the tables have moved there
-from rotator.api.feed import TokenDrop
-from rotator.journal import Journal
+from rotator.journal import Journal, UTCDateTime
 from rotator.model import utcnow
+
+# lead: use TokenDrop from rotator.journal.schema once the tables have moved there (the table
+# is declared in rotator.api.feed today, which the core may not import)
+_TOKEN_DROPS = table(
+    "token_drops",
+    column("environment"),
+    column("credential"),
+    column("version_id"),
+    column("at", UTCDateTime()),
+)
 
 
 def record_drop(journal: Journal, env: str, cred: str, version_id: str) -> None:
     """Record a dropped version in the journal, for every replica's feed (blocking; journal
     work only)."""
     row = {"environment": env, "credential": cred, "version_id": version_id, "at": utcnow()}
-    journal.execute("record a revoked version", insert(TokenDrop), row)
+    journal.execute("record a revoked version", insert(_TOKEN_DROPS), row)
