@@ -199,13 +199,14 @@ def _azure_credential() -> None:
 def work_rotate(config_path: Path) -> dict[str, Any]:
     """One ``run-due`` in this process: every credential is due."""
     from rotator import logs
-    from rotator.runtime import Runtime
+    from rotator.revoke import resume_held
+    from rotator.rotation.runtime import Runtime
     from rotator.service import run_due_once
     from rotator.settings import load_config
 
     logs.configure("warning")
     _azure_credential()
-    runtime = Runtime.open(load_config(config_path))
+    runtime = Runtime.open(load_config(config_path), resume_revoke=resume_held)
 
     async def run() -> tuple[float, dict[str, int]]:
         try:

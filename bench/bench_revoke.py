@@ -27,9 +27,9 @@ from typing import Any
 from bench.simulator import makini_calls_alone, simulator
 from rotator import logs
 from rotator.crypto import generate_key
-from rotator.engine import Work
-from rotator.revoke import CredentialReport, Revoker, RevokeRequest
-from rotator.runtime import Runtime
+from rotator.revoke import CredentialReport, Revoker, RevokeRequest, resume_held
+from rotator.rotation.runtime import Runtime
+from rotator.rotation.work import Work
 from rotator.settings import parse_config
 
 CLIENT, SECRET = "bench-prod", "bench-prod-secret"
@@ -88,7 +88,7 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def single(folder: Path, url: str, runs: int) -> None:
-    runtime = Runtime.open(config(folder / "single", url, 1, 32))
+    runtime = Runtime.open(config(folder / "single", url, 1, 32), resume_revoke=resume_held)
     try:
         await runtime.engine.rotate("prod", "c00000", reason="bench", actor="bench")
         revoker = Revoker(runtime.engine)
@@ -118,7 +118,9 @@ async def single(folder: Path, url: str, runs: int) -> None:
 
 
 async def bulk(folder: Path, url: str, count: int, concurrency: int) -> None:
-    runtime = Runtime.open(config(folder / "bulk", url, count, concurrency))
+    runtime = Runtime.open(
+        config(folder / "bulk", url, count, concurrency), resume_revoke=resume_held
+    )
     try:
         started = time.perf_counter()
         results = await runtime.engine.rotate_many(

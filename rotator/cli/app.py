@@ -97,9 +97,10 @@ def run_command(fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
 async def with_runtime(
     cfg: Config, work: Callable[[Any], Awaitable[T]], only: list[str] | None = None
 ) -> T:
-    from rotator.runtime import Runtime
+    from rotator.revoke import resume_held
+    from rotator.rotation.runtime import Runtime
 
-    runtime = Runtime.open(cfg, only=only)
+    runtime = Runtime.open(cfg, only=only, resume_revoke=resume_held)
     try:
         return await work(runtime)
     finally:
@@ -117,7 +118,7 @@ def run_due(
     """Rotate, resume and retire whatever is due now, then exit (non-zero if anything failed).
     Made for a Kubernetes CronJob with concurrencyPolicy Forbid. A large run forks workers to
     use more than one core (scheduler.processes)."""
-    from rotator import workers
+    from rotator.rotation import workers
 
     cfg = command_config(service=True)
     for name in env or []:
@@ -178,7 +179,7 @@ def rotate(
         env.credential(n, environment)
 
     async def work(rt: Any) -> list[Any]:
-        from rotator.engine import Work
+        from rotator.rotation.work import Work
 
         with render.progress(json_out or len(name) < 3) as tick:
             return list(
@@ -205,10 +206,11 @@ def verify(
     cfg = command_config()
     env = cfg.environment(environment)
     names = [env.credential(name, environment).name] if name else [c.name for c in env.credentials]
+    from rotator.rotation.queries import verify_current
 
     async def work(rt: Any) -> list[tuple[str, bool, str]]:
         async def one(n: str) -> tuple[str, bool, str]:
-            ok, detail = await rt.engine.verify_current(environment, n)
+            ok, detail = await verify_current(rt.engine, environment, n)
             return n, ok, detail
 
         return list(await asyncio.gather(*(one(n) for n in names)))
@@ -234,7 +236,7 @@ def status(
         cfg.environment(environment)
 
     async def work(rt: Any) -> list[Any]:
-        from rotator.status import collect
+        from rotator.rotation.status import collect
 
         return await collect(rt, environment)
 
@@ -293,7 +295,7 @@ def plan(
     if environment:
         cfg.environment(environment)
     from rotator.journal import Journal
-    from rotator.schedule import plan as make_plan
+    from rotator.rotation.schedule import plan as make_plan
 
     journal = Journal.open(cfg.journal)
     try:
@@ -395,10 +397,11 @@ def import_pair(
     cfg.environment(environment).credential(name, environment)
     raw = sys.stdin.read()
     tokens = _parse_pair(raw)
+    from rotator.rotation.importing import import_pair as store_pair
 
     async def work(rt: Any) -> str:
         return str(
-            await rt.engine.import_pair(environment, name, tokens, actor=actor(), reason=reason)
+            await store_pair(rt.engine, environment, name, tokens, actor=actor(), reason=reason)
         )
 
     version = run_command(with_runtime, cfg, work, [environment])

@@ -86,8 +86,8 @@ def unaccounted_list(
     """Tokens Makini may have issued that no backend holds: what was asked, when, for which
     connection, why the answer was lost, and until when such a token can live (an entry past
     that is resolved as expired first)."""
-    from rotator import unaccounted
     from rotator.journal import Journal
+    from rotator.rotation import unaccounted
 
     cfg = command_config()
     if environment:
@@ -137,8 +137,8 @@ def unaccounted_ack(
     reason: Annotated[str, typer.Option(help="Recorded in the audit log.")] = "",
 ) -> None:
     """Acknowledge open entries once dealt with (audited with your name and the reason)."""
-    from rotator import unaccounted
     from rotator.journal import Journal
+    from rotator.rotation import unaccounted
 
     cfg = command_config()
     cfg.environment(environment)

@@ -24,7 +24,7 @@ def sync(
     cfg.environment(environment)
 
     async def work(rt: Any) -> list[Any]:
-        from rotator.repair import sync as run_sync
+        from rotator.rotation.repair import sync as run_sync
 
         return await run_sync(rt, environment, dry_run=dry_run, actor=actor())
 
@@ -62,7 +62,7 @@ def doctor(
         cfg.environment(environment)
 
     async def work(rt: Any) -> list[Any]:
-        from rotator.repair import probe
+        from rotator.rotation.repair import probe
 
         return await probe(rt, environment)
 

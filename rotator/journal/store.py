@@ -33,7 +33,7 @@ from sqlalchemy.orm.instrumentation import manager_of_class
 from sqlalchemy.sql.schema import ScalarElementColumnDefault
 
 from rotator.clock import SYSTEM, Clock
-from rotator.errors import ConfigError, JournalError, LeaseLost, LockBusy
+from rotator.errors import ConfigError, JournalError, LeaseLost, Superseded
 from rotator.journal import migrate as migrations
 from rotator.journal._sqlite import (
     Prepared,
@@ -445,8 +445,8 @@ class Journal:
             raise JournalError(f"rotation {rotation_id} is not in the journal", where=self.where)
         return row
 
-    def _superseded(self, row: Rotation) -> LockBusy:
-        return LockBusy(
+    def _superseded(self, row: Rotation) -> Superseded:
+        return Superseded(
             f"rotation {row.id} was superseded by an emergency revoke; this worker stops",
             where=f"{row.environment}/{row.credential}",
             hint="nothing to do: the revoke accounts for this rotation and its token",

@@ -37,7 +37,7 @@ from rotator.journal.schema import WebhookEvent
 from rotator.model import utcnow
 
 if TYPE_CHECKING:
-    from rotator.engine import RotationEngine
+    from rotator.rotation.engine import RotationEngine
     from rotator.settings import Config, WebhookSettings
 
 log = structlog.get_logger("rotator.webhooks")
@@ -265,8 +265,10 @@ class WebhookWorker:
         return IGNORED, "event type needs no action"
 
     async def _verify(self, env: str, cred: str) -> tuple[bool, str]:
+        from rotator.rotation.queries import verify_current
+
         try:
-            return await self.engine.verify_current(env, cred)
+            return await verify_current(self.engine, env, cred)
         except (MakiniError, NotFound) as exc:
             return False, exc.message
 

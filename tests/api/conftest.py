@@ -29,7 +29,8 @@ from rotator.api import build_app
 from rotator.api.app import ApiApp
 from rotator.keys import create_key
 from rotator.makini.sim import SimServer
-from rotator.runtime import Runtime
+from rotator.revoke import resume_held
+from rotator.rotation.runtime import Runtime
 from tests.conftest import environment, make_config
 
 ENVS: dict[str, list[str]] = {"prod": ["alpha", "beta"], "dev": ["alpha", "gamma"]}
@@ -226,7 +227,7 @@ async def serve(tmp_path: Path, sim: SimServer, namespace: str) -> AsyncIterator
             api_environments(sim.url, namespace, makini=makini, schedule=schedule),
             **top,
         )
-        runtime = Runtime.open(config)
+        runtime = Runtime.open(config, resume_revoke=resume_held)
         served = start_server_thread(runtime) if threaded else await start_server(runtime)
         opened.append(served)
         return served

@@ -7,12 +7,12 @@ import asyncio
 
 import pytest
 
-from rotator import unaccounted
-from rotator.engine import Work
 from rotator.errors import LeaseLost
 from rotator.journal import LeaseKeeper, Rotation, Step
 from rotator.makini.sim import SimServer
 from rotator.model import utcnow
+from rotator.rotation import unaccounted
+from rotator.rotation.work import Work
 from rotator.service import due_work, rotate_work
 from tests.clock import FakeClock
 from tests.core.conftest import Factory, active, current

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from rotator.makini.sim import SimServer
 from rotator.model import Stage
-from rotator.repair import probe, sync
+from rotator.rotation.repair import probe, sync
 from tests.core.conftest import Factory, current
 
 

@@ -18,12 +18,12 @@ import pytest
 import structlog
 
 from rotator import logs, signals
-from rotator.engine import RotationResult, Work
 from rotator.errors import RotatorError
 from rotator.makini.sim import SimServer
+from rotator.rotation.work import RotationResult, Work
+from rotator.rotation.workers import Shares, process_count, share_of, usable_cpus
 from rotator.service import Stopper
 from rotator.settings import Config, parse_config
-from rotator.workers import Shares, process_count, share_of, usable_cpus
 from tests.core.conftest import Factory
 from tests.wait import wait_until
 
@@ -144,7 +144,7 @@ def test_auto_forks_at_most_four_whatever_the_node(monkeypatch: pytest.MonkeyPat
     # a pod without a CPU limit sees its node's 64 CPUs: 64 workers would not fit its memory
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(64)))
     assert usable_cpus(Path("/nonexistent/cpu.max")) == 64
-    monkeypatch.setattr("rotator.workers.usable_cpus", lambda: 64)
+    monkeypatch.setattr("rotator.rotation.workers.usable_cpus", lambda: 64)
     assert process_count("auto", 100_000, 32) == 4
     assert process_count(8, 100_000, 32) == 8  # a number is taken as it is
 

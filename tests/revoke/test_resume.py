@@ -10,9 +10,9 @@ from rotator.errors import BackendUnavailable
 from rotator.makini.sim import SimServer
 from rotator.model import StoredVersion, utcnow
 from rotator.revoke import RevokeStep
-from rotator.schedule import RESUME, plan
+from rotator.rotation.schedule import RESUME, plan
+from rotator.rotation.status import collect
 from rotator.service import run_due_once
-from rotator.status import collect
 from tests.fakes.memory import MemoryBackend
 from tests.revoke.conftest import Factory, current, readable_anywhere, revoke, status_of
 

@@ -30,8 +30,8 @@ from typing import Any, Literal
 import structlog
 
 from rotator import signals
-from rotator.engine import RotationResult, Work
 from rotator.errors import RotatorError
+from rotator.rotation.work import Outcome, RotationResult, Work
 from rotator.settings import Config
 
 log = structlog.get_logger("rotator.workers")
@@ -226,7 +226,7 @@ def _report_lost(
     log.error("run_due.worker_lost", pid=proc.pid, exit=how, unreported=len(missing))
     for w in missing:
         results[(w.environment, w.credential)] = RotationResult(
-            w.environment, w.credential, "failed", error=error
+            w.environment, w.credential, Outcome.FAILED, error=error
         )
 
 
