@@ -29,10 +29,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
-	$(BIN)/python bench/bench_rotation.py
-	$(BIN)/python bench/bench_cloud.py
-	$(BIN)/python bench/bench_revoke.py
-	$(BIN)/python bench/bench_api.py
+	$(BIN)/python -m bench.bench_rotation
+	$(BIN)/python -m bench.bench_cloud
+	$(BIN)/python -m bench.bench_revoke
+	$(BIN)/python -m bench.bench_api
 
 clean:
 	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache

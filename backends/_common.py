@@ -8,8 +8,8 @@ only speaks its vendor's API:
 * parsing a stored document back into a :class:`~rotator.model.StoredVersion`, refusing one that
   names another environment, credential or version (:meth:`Target.parse`);
 * name templates with an ``{environment}`` placeholder (:func:`render_template`);
-* scrubbing vendor text before it goes into an error message (:func:`scrub`), and running vendor
-  calls under a mapper that turns their exceptions into the project's tree (:meth:`Target.calling`);
+* running vendor calls under a mapper that turns their exceptions into the project's tree
+  (:meth:`Target.calling`; vendor text goes through :func:`rotator.scrub.scrub` first);
 * importing an optional dependency with a "pip install" hint (:func:`require`);
 * for stores without staging labels (Vault, Key Vault): deriving the stages from per-version
   records that each operation writes for its own version only (:func:`resolve_stages`).
@@ -87,28 +87,6 @@ def check_template(template: str) -> str:
 def ownership_tags(environment: str) -> dict[str, str]:
     """The tags (or custom metadata) every secret the rotator creates carries."""
     return {TAG_MANAGED_BY: MANAGED_BY, TAG_ENVIRONMENT: environment}
-
-
-_SCRUB = [
-    (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+"), r"\1 [redacted]"),
-    (re.compile(r"\beyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"), "[redacted-jwt]"),
-    (re.compile(r"\b(hv[sbr]|s|b|r)\.[A-Za-z0-9_-]{20,}"), "[redacted-token]"),
-    (re.compile(r"\b(AKIA|ASIA)[A-Z0-9]{16}\b"), "[redacted-key-id]"),
-    (
-        re.compile(r'(?i)("?(?:access_token|refresh_token|token|secret|password|value)"?\s*[:=]\s*)'
-                   r'("[^"]*"|[^\s,;}]+)'),
-        r"\1[redacted]",
-    ),
-    (re.compile(r"(?i)(x-vault-token|authorization)(['\"]?\s*[:=]\s*)\S+"), r"\1\2[redacted]"),
-]
-
-
-def scrub(text: object, limit: int = 300) -> str:
-    """Vendor text made safe for an error message: no token-like strings, one line, bounded."""
-    out = " ".join(str(text).split())
-    for pattern, replacement in _SCRUB:
-        out = pattern.sub(replacement, out)
-    return out if len(out) <= limit else out[: limit - 3] + "..."
 
 
 @dataclass(frozen=True)

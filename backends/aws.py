@@ -41,10 +41,8 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import random
 import re
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -64,9 +62,9 @@ from backends._common import (
     ownership_tags,
     render_template,
     require,
-    scrub,
 )
 from backends.base import NAME_PATTERN, Backend, BackendSettings, Capabilities
+from backends.retry import CONFLICT, LABEL_RACE, botocore_retries
 from rotator.errors import (
     BackendConflict,
     BackendError,
@@ -78,6 +76,7 @@ from rotator.errors import (
 )
 from rotator.model import MANAGED_BY, Stage, StoredVersion, VersionInfo
 from rotator.places import Place, canonical_url
+from rotator.scrub import scrub
 
 LABELS: dict[Stage, str] = {
     Stage.CURRENT: "AWSCURRENT",
@@ -90,7 +89,6 @@ PLACEHOLDER_VALUE = '{"managed_by":"makini-rotator","placeholder":true}'
 _PLACEHOLDER_NS = uuid.UUID("5b0e3f0c-8f5e-4a43-9b0c-6d1a7f2f7e11")
 _IDS_PER_TAG = 11  # 11 x 22 characters + 10 spaces <= 256, the tag value limit
 _MAX_RETIRED_TAGS = 40  # of the 50 tags AWS allows, leaving room for the operator's own
-_LABEL_ATTEMPTS = 12
 _REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$")
 _SECRET_NAME = re.compile(r"^[A-Za-z0-9/_+=.@-]*$")
 
@@ -321,6 +319,16 @@ class _LabelMoved(BackendConflict):
     """A staging label was not where this writer saw it: another writer moved it."""
 
 
+class _Unconfirmed(BackendConflict):
+    """Written, not yet seen in a fresh read (another writer may have overwritten it)."""
+
+
+RELOOK = CONFLICT.with_attempts(3)
+"""Reads by label: ``describe_secret``, then the version under the label it named."""
+RETAG = CONFLICT.with_attempts(5)
+"""Recording a retired version in the tags, read back until it is there."""
+
+
 def _retired_tag_key(index: int) -> str:
     return TAG_RETIRED if index == 0 else f"{TAG_RETIRED}:{index + 1}"
 
@@ -400,7 +408,7 @@ class AwsBackend(Backend):
                 config = require("botocore.config", "aws").Config(
                     connect_timeout=self._cfg.timeout_s,
                     read_timeout=self._cfg.timeout_s,
-                    retries={"total_max_attempts": self._cfg.max_attempts, "mode": "standard"},
+                    retries=botocore_retries(self._cfg.max_attempts),
                     user_agent_extra="makini-rotator",
                     # the engine calls a backend from up to `scheduler.concurrency` threads;
                     # botocore's default pool of 10 would reconnect for the rest
@@ -489,16 +497,9 @@ class AwsBackend(Backend):
         """Run a label-moving step again, on fresh state, while other writers move labels.
 
         ``update_secret_version_stage`` names the version a label is taken from and fails when
-        the label is no longer there: a check-and-set on labels. Backoff is short and jittered.
+        the label is no longer there: a check-and-set on labels.
         """
-        for attempt in range(_LABEL_ATTEMPTS):
-            try:
-                step()
-                return
-            except _LabelMoved:
-                if attempt == _LABEL_ATTEMPTS - 1:
-                    raise
-                time.sleep(random.uniform(0, 0.005 * (attempt + 1)))
+        LABEL_RACE.call(_LabelMoved, step)
 
     def _put_placeholder(self, remote: _Remote, where: str, current: bool) -> None:
         stages = [EMPTY_LABEL, LABELS[Stage.CURRENT]] if current else [EMPTY_LABEL]
@@ -540,6 +541,14 @@ class AwsBackend(Backend):
             return self._call("get_secret_value", where, SecretId=remote.name, **kwargs)
         except NotFound:
             return None
+
+    def _get_labelled(self, remote: _Remote, where: str, **kwargs: Any) -> dict[str, Any] | None:
+        """:meth:`_get` of a version named with its label: :class:`_LabelMoved` when the label
+        is no longer on it (moved since ``describe_secret``)."""
+        try:
+            return self._get(remote, where, **kwargs)
+        except BackendConflict as exc:
+            raise self._target.error(_LabelMoved, exc.message, where=where) from exc
 
     # the interface ----------------------------------------------------------------------
 
@@ -607,30 +616,33 @@ class AwsBackend(Backend):
     def read(self, credential: str, stage: Stage = Stage.CURRENT) -> StoredVersion | None:
         where = self._where(credential)
         label = LABELS[Stage(stage)]
-        for _attempt in range(3):
+
+        def look() -> StoredVersion | None:
             remote = self._owned(credential)
             if remote is None:
                 return None
             holder = remote.holder(label)
             if holder is None or holder == remote.placeholder or holder in remote.retired:
                 return None
-            try:
-                got = self._get(remote, where, VersionId=holder, VersionStage=label)
-            except BackendConflict:
-                continue  # the label moved between the two calls: look again
+            got = self._get_labelled(remote, where, VersionId=holder, VersionStage=label)
             if got is None:
-                continue
+                raise self._target.error(_LabelMoved, "the version went away", where=where)
             return self._target.parse(got.get("SecretString"), where=where,
                                       credential=credential, version_id=holder,
                                       stage=Stage(stage))
-        return None
+
+        try:  # the label moved between the two calls: look again
+            return RELOOK.call(_LabelMoved, look)
+        except _LabelMoved:
+            return None
 
     def read_version(self, credential: str, version_id: str) -> StoredVersion | None:
         where = self._where(credential)
         vid = _canonical(version_id)
         if vid is None:
             return None
-        for _attempt in range(3):
+
+        def look(vid: str) -> StoredVersion | None:
             remote = self._owned(credential)
             if remote is None or vid == remote.placeholder or vid in remote.retired:
                 return None
@@ -638,15 +650,16 @@ class AwsBackend(Backend):
             kwargs: dict[str, Any] = {"VersionId": vid}
             if stage is not None:
                 kwargs["VersionStage"] = LABELS[stage]
-            try:
-                got = self._get(remote, where, **kwargs)
-            except BackendConflict:
-                continue
+            got = self._get_labelled(remote, where, **kwargs)
             if got is None:
                 return None
             return self._target.parse(got.get("SecretString"), where=where,
                                       credential=credential, version_id=vid, stage=stage)
-        return None
+
+        try:  # its label moved between the two calls: look again
+            return RELOOK.call(_LabelMoved, lambda: look(vid))
+        except _LabelMoved:
+            return None
 
     def versions(self, credential: str) -> list[VersionInfo]:
         where = self._where(credential)
@@ -695,7 +708,8 @@ class AwsBackend(Backend):
     def _record_retired(self, credential: str, vid: str, held: set[str], where: str) -> None:
         """Add ``vid`` to the retired tags, dropping ids AWS no longer holds; re-read to make
         sure a concurrent writer did not overwrite it."""
-        for _attempt in range(5):
+
+        def record() -> None:
             remote = self._owned(credential)
             if remote is None or vid in remote.retired:
                 return
@@ -714,8 +728,13 @@ class AwsBackend(Backend):
                        Tags=[{"Key": k, "Value": v} for k, v in wanted.items()])
             if stale:
                 self._call("untag_resource", where, SecretId=remote.name, TagKeys=stale)
-        raise self._target.error(BackendConflict, "could not record the retired version: "
-                                 "another writer keeps changing the tags", where=where)
+            raise self._target.error(_Unconfirmed, "could not record the retired version: "
+                                     "another writer keeps changing the tags", where=where)
+
+        try:
+            RETAG.call(_Unconfirmed, record)
+        except _Unconfirmed as exc:
+            raise self._target.error(BackendConflict, exc.message, where=where) from None
 
     def delete(self, credential: str) -> None:
         where = self._where(credential)

@@ -61,9 +61,9 @@ from backends._common import (
     render_template,
     require,
     resolve_stages,
-    scrub,
 )
 from backends.base import NAME_PATTERN, Backend, BackendSettings, Capabilities
+from backends.retry import SETTLING, azure_retries
 from rotator.errors import (
     BackendConflict,
     BackendError,
@@ -75,6 +75,7 @@ from rotator.errors import (
 )
 from rotator.model import MANAGED_BY, Stage, StoredVersion, VersionInfo
 from rotator.places import Place, canonical_url
+from rotator.scrub import scrub
 
 TAG_VERSION = "makini-rotator:version"
 TAG_STAGED = "makini-rotator:staged"
@@ -295,7 +296,7 @@ class AzureBackend(Backend):
                         self._own_credential = True
                     kwargs: dict[str, Any] = {
                         "verify_challenge_resource": self._cfg.verify_challenge_resource,
-                        "retry_total": self._cfg.retry_total,
+                        **azure_retries(self._cfg.retry_total),
                         "connection_timeout": self._cfg.timeout_s,
                         "read_timeout": self._cfg.timeout_s,
                     }
@@ -465,21 +466,17 @@ class AzureBackend(Backend):
             self._purge(name, where)
 
     def _purge(self, name: str, where: str) -> None:
-        deadline = time.monotonic() + self._cfg.delete_timeout_s
-        delay = 0.02
-        while True:
-            try:
-                self._call(where, "purge_deleted_secret", name)
-                return
-            except (NotFound, BackendConflict):  # deletion still in progress
-                if time.monotonic() + delay > deadline:
-                    raise self._target.error(
-                        BackendUnavailable,
-                        f"Key Vault did not finish deleting in {self._cfg.delete_timeout_s} s",
-                        where=where, hint="delete again later: it purges what is left",
-                    ) from None
-                time.sleep(delay)
-                delay = min(delay * 2, 1.0)
+        try:  # NotFound, BackendConflict: the deletion is still in progress
+            SETTLING.with_timeout(self._cfg.delete_timeout_s).call(
+                (NotFound, BackendConflict),
+                lambda: self._call(where, "purge_deleted_secret", name),
+            )
+        except (NotFound, BackendConflict):
+            raise self._target.error(
+                BackendUnavailable,
+                f"Key Vault did not finish deleting in {self._cfg.delete_timeout_s} s",
+                where=where, hint="delete again later: it purges what is left",
+            ) from None
 
     def _list(self) -> Iterator[Any]:
         client = self._client()

@@ -52,13 +52,13 @@ import secrets
 import shutil
 import stat
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, NoReturn, overload
 
 from backends.base import NAME_PATTERN, Backend, BackendSettings, Capabilities
+from backends.retry import LOCK
 from rotator.crypto import MAGIC, KeyRing, KeySource
 from rotator.errors import (
     BackendConflict,
@@ -712,23 +712,18 @@ class FileBackend(Backend):
                 os.close(fd)  # releases the flock
 
     def _flock(self, fd: int, lock_path: Path) -> None:
-        deadline = time.monotonic() + self.lock_timeout_s
-        delay = 0.0005
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise self._error(
-                        BackendUnavailable,
-                        f"another process has held the lock {lock_path} for more than "
-                        f"{self.lock_timeout_s:g} s",
-                        where=str(lock_path),
-                        hint="check for a stuck rotator process on this host",
-                    ) from None
-                time.sleep(delay)
-                delay = min(delay * 2, 0.02)
+        try:
+            LOCK.with_timeout(self.lock_timeout_s).call(
+                BlockingIOError, lambda: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            )
+        except BlockingIOError:
+            raise self._error(
+                BackendUnavailable,
+                f"another process has held the lock {lock_path} for more than "
+                f"{self.lock_timeout_s:g} s",
+                where=str(lock_path),
+                hint="check for a stuck rotator process on this host",
+            ) from None
 
     # ------------------------------------------------------------------ files
 

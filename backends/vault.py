@@ -71,9 +71,9 @@ from backends._common import (
     render_template,
     require,
     resolve_stages,
-    scrub,
 )
 from backends.base import NAME_PATTERN, Backend, BackendSettings, Capabilities
+from backends.retry import CONFLICT
 from rotator.errors import (
     BackendConflict,
     BackendError,
@@ -84,6 +84,7 @@ from rotator.errors import (
 )
 from rotator.model import Stage, StoredVersion, VersionInfo
 from rotator.places import Place, canonical_url, segments
+from rotator.scrub import scrub
 
 KEY_VERSION = "makini-rotator:version:"
 KEY_PROMOTED = "makini-rotator:promoted:"
@@ -541,7 +542,10 @@ class VaultBackend(Backend):
                                            custom_metadata=ownership_tags(self.environment),
                                            mount_point=self._cfg.mount)
             meta = self._owned(credential) or _Meta(0, {}, ownership_tags(self.environment))
-        for _attempt in range(8):
+
+        def write() -> None:
+            nonlocal meta
+            assert meta is not None
             state = self._state(credential, meta)
             assert state is not None
             if state.kv_of(vid) is not None:  # written before (perhaps its record was lost)
@@ -558,12 +562,17 @@ class VaultBackend(Backend):
                 if meta is None:
                     raise self._target.error(BackendConflict, "the secret was deleted while "
                                              "being written", where=where) from None
-                continue
+                raise
             n = int(answer["data"]["version"])
             self._patch(credential, state.patch({f"{KEY_VERSION}{n}": vid}, newest=n))
-            return
-        raise self._target.error(BackendConflict, "gave up writing after eight check-and-set "
-                                 "conflicts with other writers", where=where)
+
+        try:
+            CONFLICT.call(CasMismatch, write)
+        except CasMismatch:
+            raise self._target.error(
+                BackendConflict, f"gave up writing after {CONFLICT.attempts} check-and-set "
+                "conflicts with other writers", where=where,
+            ) from None
 
     def promote(self, credential: str, version_id: str) -> None:
         state = self._state(credential)

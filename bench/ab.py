@@ -1,6 +1,6 @@
 """A/B: one benchmark on an older commit and on this checkout, interleaved, in one run.
 
-    .venv/bin/python bench/ab.py --before REV [--rounds 3] -- bench_rotation.py [ARGS...]
+    .venv/bin/python -m bench.ab --before REV [--rounds 3] -- bench_rotation.py [ARGS...]
 
 The older commit is checked out as a git worktree (``.ab/<rev>``, reused across runs); each round
 runs the benchmark script of that worktree on its code, then this checkout's script on this
@@ -46,11 +46,20 @@ def worktree(rev: str) -> Path:
     return path
 
 
-def run(label: str, tree: Path, script: Path, args: list[str]) -> None:
+def command(tree: Path, script: Path, copied: bool) -> list[str]:
+    """How ``tree`` runs its benchmark ``script``: as a module of the package ``bench`` (run from
+    the tree's root), or as a file in a commit from before ``bench`` was a package. A script
+    copied from this checkout is this checkout's kind."""
+    if copied or (tree / "bench" / "__init__.py").exists():
+        return [sys.executable, "-m", f"bench.{script.stem}"]
+    return [sys.executable, str(script)]
+
+
+def run(label: str, tree: Path, argv: list[str], args: list[str]) -> None:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     started = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, str(script), *args],
+        [*argv, *args],
         cwd=tree,
         env=env,
         capture_output=True,
@@ -83,9 +92,10 @@ def main() -> None:
             pair.reverse()
         for label, tree in pair:
             script = tree / "bench" / options.script
-            if options.same_script and tree != ROOT:
+            copied = options.same_script and tree != ROOT
+            if copied:
                 shutil.copy2(ROOT / "bench" / options.script, script)
-            run(f"round {n + 1} {label}", tree, script, args)
+            run(f"round {n + 1} {label}", tree, command(tree, script, copied), args)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ generator (wrk), the same connections and threads, in the same run. Then promoti
 how long after a promotion is recorded a long-polling reader has the new token.
 
     apt-get install -y wrk     # once
-    .venv/bin/python bench/bench_api.py [--duration 10] [--connections 32] [--threads 2]
+    .venv/bin/python -m bench.bench_api [--duration 10] [--connections 32] [--threads 2]
 
 Client and servers share the machine's cores: compare the ratio, not absolute figures across
 runs. Targets: rotator ≥ 2x OpenBao requests/s, rotator p99 < 5 ms, promotion → served < 50 ms.
@@ -31,7 +31,7 @@ import httpx
 
 from rotator.crypto import generate_key
 from rotator.journal import Journal
-from rotator.makini import SimOptions, SimServer
+from rotator.makini.sim import SimOptions, SimServer
 
 CLIENT, SECRET = "bench-prod", "bench-prod-secret"
 CRED = "bench-token"

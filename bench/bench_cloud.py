@@ -17,7 +17,7 @@ with as many worker threads as the engine, made directly on the backends: no eng
 sealing or Makini. The goal is a ratio of at most 1.5x. Printed: wall time of the measured section
 and of the whole process, ratio, peak RSS of the process, and the machine's load (``uptime``).
 
-    .venv/bin/python bench/bench_cloud.py [--credentials 1000] [--concurrency 32]
+    .venv/bin/python -m bench.bench_cloud [--credentials 1000] [--concurrency 32]
         [--latency-ms 0]
 
 The rotation runs the engine in-process (``rotator.service.run_due_once`` on a runtime opened
@@ -46,11 +46,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # the servers live in tests/servers
-    sys.path.insert(0, str(ROOT))
+from bench.simulator import start_simulator
 
-from simulator import start_simulator  # noqa: E402 - after the path set-up
+ROOT = Path(__file__).resolve().parents[1]
+"""The repository: each child process runs this module from it (``python -m``)."""
 
 CLIENT, SECRET = "bench-prod", "bench-prod-secret"
 ENV = "prod"
@@ -84,7 +83,8 @@ def serve_keyvault(folder: str) -> None:
 
 def child_server(args: list[str]) -> tuple[subprocess.Popen[str], dict[str, str]]:
     proc = subprocess.Popen(
-        [sys.executable, __file__, *args],
+        [sys.executable, "-m", "bench.bench_cloud", *args],
+        cwd=ROOT,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -199,13 +199,14 @@ def _azure_credential() -> None:
 def work_rotate(config_path: Path) -> dict[str, Any]:
     """One ``run-due`` in this process: every credential is due."""
     from rotator import logs
-    from rotator.runtime import Runtime
+    from rotator.revoke import resume_held
+    from rotator.rotation.runtime import Runtime
     from rotator.service import run_due_once
     from rotator.settings import load_config
 
     logs.configure("warning")
     _azure_credential()
-    runtime = Runtime.open(load_config(config_path))
+    runtime = Runtime.open(load_config(config_path), resume_revoke=resume_held)
 
     async def run() -> tuple[float, dict[str, int]]:
         try:
@@ -298,13 +299,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measure(args: list[str], env: dict[str, str], cwd: Path, servers: dict[str, int]) -> Measured:
+def measure(args: list[str], env: dict[str, str], servers: dict[str, int]) -> Measured:
     before = {name: cpu_seconds(pid) for name, pid in servers.items()}
     start = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, __file__, *args],
+        # from the repository (python -m); the configuration's paths are relative to its folder
+        [sys.executable, "-m", "bench.bench_cloud", *args],
         env=env,
-        cwd=cwd,
+        cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -419,8 +421,8 @@ def main() -> None:
                 ("rotation (the above + retire: make unreadable x3)", True),
             ):
                 extra = ["--retire"] if retire else []
-                bound = measure(["--worker", "bound", *common, *extra], env, folder, pids)
-                run = measure(["--worker", "rotate", *common], env, folder, pids)
+                bound = measure(["--worker", "bound", *common, *extra], env, pids)
+                run = measure(["--worker", "rotate", *common], env, pids)
                 rounds.append((label, run, bound, load()))
                 time.sleep(1.1)  # interval 1s: every credential is due again
             for label, run, bound, when in rounds:

@@ -3,7 +3,7 @@
 Prints, per backend: a rotation's backend work (stage + promote + make the old one unreadable),
 a read of the current version, and ``versions()``; once in a small environment and once with
 many other credentials and a long history, to show that a write costs one credential's files,
-not the environment's. Run: ``python bench/bench_file_backend.py [--quick]``. Absolute figures
+not the environment's. Run: ``python -m bench.bench_file_backend [--quick]``. Absolute figures
 depend on the disk (every write is fsynced); compare the rows of one run.
 """
 
@@ -20,9 +20,9 @@ from pathlib import Path
 
 from backends.base import Backend
 from backends.file import FileBackend, FileSettings
-from backends.memory import MemoryBackend, MemorySettings
 from rotator.crypto import KeySource, generate_key
 from rotator.model import Secret, Stage, StoredVersion, TokenPair, new_version_id
+from tests.fakes.memory import MemoryBackend, MemorySettings
 
 ENV = "bench"
 KEY_ENV = "ROTATOR_BENCH_FILE_KEY"

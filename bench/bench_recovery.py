@@ -24,7 +24,7 @@ Printed per trial and over every credential of every trial (p50, max), beside th
 ``journal.lock_ttl`` and ``scheduler.tick``, which bound it: a lease is renewed every third of
 lock_ttl, so it expires at most lock_ttl after the kill, and B looks on its next tick.
 
-    .venv/bin/python bench/bench_recovery.py [--credentials 300] [--latency-ms 20] \
+    .venv/bin/python -m bench.bench_recovery [--credentials 300] [--latency-ms 20] \
         [--trials 5] [--lock-ttl 15] [--tick 10] [--interval 20] [--concurrency 32]
 
 Needs the PostgreSQL server on 127.0.0.1:5432 (``ROTATOR_BENCH_PG`` to use another: an admin
@@ -52,8 +52,8 @@ from typing import TypeVar
 
 import httpx
 import psycopg
-from simulator import simulator
 
+from bench.simulator import simulator
 from rotator.crypto import generate_key
 from rotator.journal import Journal
 from rotator.keys import create_key

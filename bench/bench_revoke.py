@@ -10,7 +10,7 @@ Printed: for one credential, p50/p99/max of ``--runs`` revokes (plan + run, as t
 the admin API do) and the median of each part; for ``--all``, the wall time over
 ``--credentials`` credentials at the configured concurrency.
 
-    .venv/bin/python bench/bench_revoke.py [--runs 50] [--credentials 1000] [--latency-ms 20]
+    .venv/bin/python -m bench.bench_revoke [--runs 50] [--credentials 1000] [--latency-ms 20]
 """
 
 from __future__ import annotations
@@ -24,13 +24,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from simulator import makini_calls_alone, simulator
-
+from bench.simulator import makini_calls_alone, simulator
 from rotator import logs
 from rotator.crypto import generate_key
-from rotator.engine import Work
-from rotator.revoke import CredentialReport, Revoker, RevokeRequest
-from rotator.runtime import Runtime
+from rotator.revoke import CredentialReport, Revoker, RevokeRequest, resume_held
+from rotator.rotation.runtime import Runtime
+from rotator.rotation.work import Work
 from rotator.settings import parse_config
 
 CLIENT, SECRET = "bench-prod", "bench-prod-secret"
@@ -89,7 +88,7 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def single(folder: Path, url: str, runs: int) -> None:
-    runtime = Runtime.open(config(folder / "single", url, 1, 32))
+    runtime = Runtime.open(config(folder / "single", url, 1, 32), resume_revoke=resume_held)
     try:
         await runtime.engine.rotate("prod", "c00000", reason="bench", actor="bench")
         revoker = Revoker(runtime.engine)
@@ -119,7 +118,9 @@ async def single(folder: Path, url: str, runs: int) -> None:
 
 
 async def bulk(folder: Path, url: str, count: int, concurrency: int) -> None:
-    runtime = Runtime.open(config(folder / "bulk", url, count, concurrency))
+    runtime = Runtime.open(
+        config(folder / "bulk", url, count, concurrency), resume_revoke=resume_held
+    )
     try:
         started = time.perf_counter()
         results = await runtime.engine.rotate_many(

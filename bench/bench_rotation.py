@@ -5,7 +5,7 @@ as a subprocess on the file backend and a SQLite journal, exactly as a CronJob w
 wall time and peak memory of each run, and the same run's lower bound: the Makini calls alone
 (admin auth, issue, verify per credential) made with the same concurrency by the same client.
 
-    .venv/bin/python bench/bench_rotation.py [--credentials 1000] [--latency-ms 20]
+    .venv/bin/python -m bench.bench_rotation [--credentials 1000] [--latency-ms 20]
 """
 
 from __future__ import annotations
@@ -19,9 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from memory import TreeMemory
-from simulator import makini_calls_alone, simulator
-
+from bench.memory import TreeMemory
+from bench.simulator import makini_calls_alone, simulator
 from rotator import logs
 from rotator.crypto import generate_key
 

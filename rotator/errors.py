@@ -11,6 +11,7 @@ vendor exception. No message ever contains a token: messages name things by fing
     ├── JournalError                 the journal database failed
     │   └── LockBusy                 another worker holds the credential
     │       ├── LeaseLost            this worker's lease expired or was taken: it writes nothing
+    │       ├── Superseded           an emergency revoke took the rotation over: it stops
     │       └── Stopping             the process is draining (SIGTERM): the work is parked
     ├── RotationError                a rotation could not complete (carries the rotation id)
     ├── MakiniError                  the Makini API (status, code, request id)
@@ -88,6 +89,12 @@ class LeaseLost(LockBusy):
     """The journal refused a write (or a fence refused an outside write) because this worker
     no longer holds the credential's lease: another worker resumes from the last journaled
     step."""
+
+
+class Superseded(LockBusy):
+    """An emergency revoke took the credential over and superseded this rotation: the journal
+    refuses the rotation's further writes (keeping a token it still receives, sealed) and the
+    revoke accounts for it."""
 
 
 class Stopping(LockBusy):

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
-from sqlalchemy import String, Text, func, select
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy import func, select
 
 from rotator.errors import ConfigError, NotFound
-from rotator.journal import Base, Journal, UTCDateTime
+from rotator.journal import Journal
+from rotator.journal.schema import ReaderKey
 from rotator.model import utcnow
 
 KeyKind = Literal["reader", "admin"]
@@ -33,22 +33,6 @@ _PREFIX: dict[str, KeyKind] = {"mrk": "reader", "mra": "admin"}
 _ID_LEN = 12
 _SECRET_START = 4 + _ID_LEN + 1
 _ID_CHARS = frozenset("0123456789abcdef")
-
-
-class ReaderKey(Base):
-    __tablename__ = "reader_keys"
-
-    key_id: Mapped[str] = mapped_column(String(16), primary_key=True)
-    name: Mapped[str] = mapped_column(String(100), index=True)
-    environment: Mapped[str] = mapped_column(String(64), index=True)
-    kind: Mapped[str] = mapped_column(String(16))
-    credentials: Mapped[str | None] = mapped_column(Text)
-    """JSON list of credential names, or NULL for every credential of the environment."""
-    secret_hash: Mapped[str] = mapped_column(String(64))
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
-    created_by: Mapped[str] = mapped_column(String(200), default="")
-    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    changed_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
 
 
 @dataclass(frozen=True)

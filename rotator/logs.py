@@ -1,9 +1,9 @@
 """Structured logs (structlog), to stderr, console or JSON.
 
 Tokens never reach a log call (they travel inside :class:`~rotator.model.Secret`, which prints
-as a fingerprint). As a second line of defence a processor masks anything shaped like a JWT, a
-bearer header or an API key of this service in every string value before it is rendered,
-exception text included.
+as a fingerprint). As a second line of defence a processor masks anything token-shaped
+(:func:`rotator.scrub.mask`) in every string value before it is rendered, exception text
+included.
 
 The standard library's loggers (uvicorn, starlette, httpx, ...) write through the same
 processors: the root handler renders their records with structlog (same format, same masking,
@@ -16,23 +16,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import sys
 from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
 
-_JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
-_BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]{8,}")
-_API_KEY = re.compile(r"\b(mr[ak]_[0-9a-f]{12}_)[A-Za-z0-9_-]+")
-"""a key of this API (``rotator.keys``): its id stays readable"""
+from rotator.scrub import mask
+
 UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi")
-
-
-def mask(text: str) -> str:
-    text = _BEARER.sub(r"\1[masked]", _JWT.sub("[masked-token]", text))
-    return _API_KEY.sub(r"\1[masked]", text)
 
 
 def _mask_values(

@@ -19,8 +19,8 @@ from rotator.model import utcnow
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-    from rotator.engine import RotationResult
     from rotator.journal import Journal
+    from rotator.rotation.work import RotationResult
     from rotator.settings import Config
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

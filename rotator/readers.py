@@ -16,27 +16,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Integer, String, select
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy import select
 
-from rotator.journal import Base, Journal, Step, UTCDateTime
-from rotator.keys import ReaderKey
+from rotator.journal import Journal, Step
+from rotator.journal.schema import ReaderKey, ReaderRead
 from rotator.model import utcnow
 from rotator.settings import Config
-
-
-class ReaderRead(Base):
-    __tablename__ = "reader_reads"
-
-    key_id: Mapped[str] = mapped_column(String(16), primary_key=True)
-    environment: Mapped[str] = mapped_column(String(64), primary_key=True)
-    credential: Mapped[str] = mapped_column(String(64), primary_key=True)
-    version_id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    key_name: Mapped[str] = mapped_column(String(100))
-    first_at: Mapped[datetime] = mapped_column(UTCDateTime)
-    last_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
-    count: Mapped[int] = mapped_column(Integer, default=0)
-
 
 ReadKey = tuple[str, str, str, str]
 """(key id, environment, credential, version id)"""

@@ -1,9 +1,9 @@
 """Long-running and one-shot modes: ``rotator serve`` and ``rotator run-due``.
 
-Both ask :func:`rotator.schedule.plan` what is due and hand it to the engine, which decides again
-under each credential's lease; ``serve`` does so on every scheduler tick (APScheduler, one job,
-never two ticks at once) while it serves the HTTP API. On SIGTERM or Ctrl-C both drain
-(:class:`Stopper`): no new work, what is in flight finishes or parks within
+Both ask :func:`rotator.rotation.schedule.plan` what is due and hand it to the engine, which
+decides again under each credential's lease; ``serve`` does so on every scheduler tick
+(APScheduler, one job, never two ticks at once) while it serves the HTTP API. On SIGTERM or
+Ctrl-C both drain (:class:`Stopper`): no new work, what is in flight finishes or parks within
 ``scheduler.drain``, every lease goes back at once, exit 0.
 """
 
@@ -21,11 +21,13 @@ from pathlib import Path
 import structlog
 import uvicorn
 
+from rotator import signals
 from rotator.clock import SYSTEM, Clock
-from rotator.engine import RotationResult, Work
 from rotator.errors import ConfigError
-from rotator.runtime import Runtime
-from rotator.schedule import plan
+from rotator.revoke import resume_held
+from rotator.rotation.runtime import Runtime
+from rotator.rotation.schedule import plan
+from rotator.rotation.work import RotationResult, Work
 from rotator.settings import Config
 
 log = structlog.get_logger("rotator.service")
@@ -138,6 +140,9 @@ class Stopper:
             for sig in self.SIGNALS:
                 loop.add_signal_handler(sig, self._on_signal, sig)
                 self._installed.append(sig)
+            held = signals.take()  # a signal that came before these handlers: drain at once
+            if held is not None:
+                self._on_signal(held)
         return self
 
     def _on_signal(self, sig: int) -> None:
@@ -223,7 +228,7 @@ async def serve(
 
     from rotator.api import build_app
 
-    runtime = Runtime.open(config)
+    runtime = Runtime.open(config, resume_revoke=resume_held)
     scheduler = AsyncIOScheduler(timezone=UTC)
     ticking: set[asyncio.Task[None]] = set()
 

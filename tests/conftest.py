@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
-from backends.memory import reset_memory_backends
+import backends
 from tests.factories import Runtimes
+from tests.fakes.memory import MemoryStores, backend_class
 
 pytest_plugins = ["tests.servers.plugin"]
 
@@ -31,10 +32,12 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
 
 
 @pytest.fixture(autouse=True)
-def _fresh_memory_backends() -> Iterator[None]:
-    reset_memory_backends()
-    yield
-    reset_memory_backends()
+def memory_stores() -> Iterator[MemoryStores]:
+    """``type = "memory"`` in this test: the fake (no installed backend), on its own stores."""
+    stores = MemoryStores()
+    backends.register(backend_class(stores))
+    yield stores
+    backends.unregister("memory")
 
 
 @pytest.fixture
@@ -102,7 +105,7 @@ SIM_CLIENTS = {
 
 @pytest.fixture(scope="session")
 def sim_server() -> Iterator[Any]:
-    from rotator.makini import SimOptions, SimServer
+    from rotator.makini.sim import SimOptions, SimServer
 
     with SimServer(SimOptions(clients=SIM_CLIENTS)) as server:
         yield server
@@ -111,7 +114,7 @@ def sim_server() -> Iterator[Any]:
 @pytest.fixture
 def sim(sim_server: Any) -> Any:
     """The session's simulator, reset to defaults for this test."""
-    from rotator.makini import SimOptions
+    from rotator.makini.sim import SimOptions
 
     sim_server.reset(SimOptions(clients=SIM_CLIENTS))
     return sim_server

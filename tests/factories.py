@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from rotator.crypto import generate_key
-from rotator.runtime import Runtime
+from rotator.revoke import resume_held
+from rotator.rotation.runtime import Runtime
 from rotator.settings import Config, parse_config
 
 DEFAULT_SCHEDULE = {"interval": "1h", "grace_period": "0s"}
@@ -150,7 +151,8 @@ class Runtimes:
         self.opened: list[Runtime] = []
 
     def open(self, config: Config) -> Runtime:
-        runtime = Runtime.open(config)
+        """The runtime of ``config``, as production opens it (held revokes resumed)."""
+        runtime = Runtime.open(config, resume_revoke=resume_held)
         self.opened.append(runtime)
         return runtime
 

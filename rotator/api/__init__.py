@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from rotator.api.app import ApiApp
-    from rotator.runtime import Runtime
+    from rotator.rotation.runtime import Runtime
 
 
 def build_app(runtime: Runtime) -> ApiApp:

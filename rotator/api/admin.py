@@ -20,8 +20,8 @@ from rotator.api.routing import api_router
 from rotator.api.state import ApiState
 from rotator.errors import ConfigError, NotFound, RotatorError
 from rotator.keys import KeyInfo
-from rotator.logs import mask
 from rotator.revoke import revoke_from_api
+from rotator.scrub import mask
 from rotator.settings import ENV_NAME_PATTERN
 
 # Patterns are documented but checked by the handlers: the key decides first (the guard, and

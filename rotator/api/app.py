@@ -18,10 +18,10 @@ from rotator.api.limits import BodyLimit
 from rotator.api.state import ApiState
 from rotator.api.tokens import TokenRoutes
 from rotator.readers import write_batch
-from rotator.webhooks import WebhookWorker
+from rotator.webhooks.queue import WebhookWorker
 
 if TYPE_CHECKING:
-    from rotator.runtime import Runtime
+    from rotator.rotation.runtime import Runtime
 
 log = structlog.get_logger("rotator.api")
 
@@ -92,9 +92,9 @@ def build_app(runtime: Runtime) -> ApiApp:
         state.cache.bind(asyncio.get_running_loop())
         await asyncio.to_thread(feed.start)
         engine = runtime.engine
-        engine.listeners.append(state.cache.on_promoted)
-        engine.revoke_listeners.append(state.cache.on_revoked)
-        engine.result_listeners.append(state.metrics.rotation)
+        engine.events.promoted.subscribe(state.cache.on_promoted)
+        engine.events.revoked.subscribe(state.cache.on_revoked)
+        engine.events.result.subscribe(state.metrics.rotation)
 
         async def drain_webhooks() -> None:
             while await worker.run_once():
@@ -127,9 +127,9 @@ def build_app(runtime: Runtime) -> ApiApp:
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-            engine.listeners.remove(state.cache.on_promoted)
-            engine.revoke_listeners.remove(state.cache.on_revoked)
-            engine.result_listeners.remove(state.metrics.rotation)
+            engine.events.promoted.unsubscribe(state.cache.on_promoted)
+            engine.events.revoked.unsubscribe(state.cache.on_revoked)
+            engine.events.result.unsubscribe(state.metrics.rotation)
             with contextlib.suppress(Exception):
                 await app.flush_reads()
 

@@ -3,14 +3,15 @@
 One entry per credential: the current version with its response body already rendered, so a
 read is a dict lookup and one ``send``. Entries change in three ways:
 
-* **promotion in this process**: :meth:`TokenCache.on_promoted` is an engine listener; the new
-  value is served from the moment the engine calls it (no backend read);
+* **promotion in this process**: :meth:`TokenCache.on_promoted` listens to the engine's
+  ``promoted`` events; the new value is served from the moment the engine publishes it (no
+  backend read);
 * **promotion elsewhere** (another replica, ``rotator run-due``): the replica feed sees the
   journal's current version change and calls :meth:`TokenCache.reload`;
-* **emergency revoke**: :meth:`TokenCache.on_revoked` is an engine revoke listener;
-  :meth:`TokenCache.drop` (this process) or :func:`drop_everywhere` (every process on the
-  journal, from anywhere) make a version unservable at once, even if a backend still labels it
-  current: reads answer 503 ``token_revoked`` until the replacement is promoted.
+* **emergency revoke**: :meth:`TokenCache.on_revoked` listens to the engine's ``revoked``
+  events; :meth:`TokenCache.drop` (this process) or :func:`drop_everywhere` (every process on
+  the journal, from anywhere) make a version unservable at once, even if a backend still labels
+  it current: reads answer 503 ``token_revoked`` until the replacement is promoted.
 
 A miss reads the environment's primary backend on a worker thread, one load per credential at
 a time. Entries only move forward: versions are time-ordered ids, so a slow load never replaces
@@ -30,13 +31,14 @@ from typing import TYPE_CHECKING
 import structlog
 
 from rotator.model import Stage, StoredVersion, utcnow
+from rotator.rotation.drops import record_drop
 
 if TYPE_CHECKING:
     from collections.abc import Callable
     from datetime import datetime
 
     from rotator.journal import Journal
-    from rotator.runtime import Runtime
+    from rotator.rotation.runtime import Runtime
 
 log = structlog.get_logger("rotator.api.cache")
 
@@ -126,7 +128,7 @@ class TokenCache:
         return True
 
     def on_promoted(self, env: str, cred: str, version: StoredVersion) -> None:
-        """Engine promotion listener: serve the new version at once."""
+        """Promoted-event listener: serve the new version at once."""
         if env in self.runtime.environments:
             self.put(render(version, utcnow()))
 
@@ -139,25 +141,9 @@ class TokenCache:
                 del self.entries[(env, cred)]
 
     def on_revoked(self, env: str, cred: str, version_id: str) -> None:
-        """Engine revoke listener: unservable here at once, and recorded in the journal so
-        that the other replicas drop it too (within a second)."""
+        """Revoked-event listener: unservable here at once (the revoke recorded the drop in the
+        journal, for the other replicas)."""
         self.drop(env, cred, version_id)
-        from rotator.api.feed import publish_drop
-
-        journal = self.runtime.journal
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            publish_drop(journal, env, cred, version_id)
-            return
-        task = loop.create_task(asyncio.to_thread(publish_drop, journal, env, cred, version_id))
-        self._tasks.add(task)
-        task.add_done_callback(self._published)
-
-    def _published(self, task: asyncio.Future[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("cache.drop_not_published", error=type(task.exception()).__name__)
 
     def _wake(self, key: CacheKey) -> None:
         loop = self.loop
@@ -277,12 +263,7 @@ class TokenCache:
 def drop_everywhere(journal: Journal, env: str, cred: str, version_id: str) -> None:
     """Make ``version_id`` unservable in every API process on ``journal``: at once in this
     process, within a second in the others (the replica feed reads the drop from the journal).
-
-    For the emergency revoke, from any process (serve, CLI): blocking, and it touches nothing
-    but the journal and the caches: the revoke runs it as journal work (``engine._journal``).
-    """
+    Blocking; it touches nothing but the journal and the caches."""
     for cache in list(_CACHES):
         cache.drop(env, cred, version_id)
-    from rotator.api.feed import publish_drop
-
-    publish_drop(journal, env, cred, version_id)
+    record_drop(journal, env, cred, version_id)

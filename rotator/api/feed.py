@@ -2,8 +2,8 @@
 
 Three things are watched: the current version of every credential (the journal's
 ``credential_state.current_version_id``, written by whichever process promoted), revoked
-versions (``token_drops``, written by :func:`publish_drop`), and reader keys (created or
-revoked by ``rotator keys``).
+versions (``token_drops``, written by :func:`rotator.rotation.drops.record_drop`), and reader
+keys (created or revoked by ``rotator keys``).
 
 * **SQLite**: the feed polls those (a few small queries) every ``api.replica_poll``.
 * **PostgreSQL**: triggers on the three tables ``NOTIFY rotator_changes``; the feed ``LISTEN``s
@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from sqlalchemy import Integer, String, insert, select
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy import select
 
-from rotator.journal import Base, CredentialState, Journal, UTCDateTime
+from rotator.journal import CredentialState, Journal
+from rotator.journal.schema import TokenDrop
 from rotator.keys import KeyIndex
-from rotator.model import utcnow
 
 if TYPE_CHECKING:
     from rotator.api.cache import TokenCache
@@ -35,24 +33,6 @@ log = structlog.get_logger("rotator.api.feed")
 
 CHANNEL = "rotator_changes"
 PG_SAFETY_POLL_S = 5.0
-
-
-class TokenDrop(Base):
-    """A version that must not be served any more (emergency revoke)."""
-
-    __tablename__ = "token_drops"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    environment: Mapped[str] = mapped_column(String(64))
-    credential: Mapped[str] = mapped_column(String(64))
-    version_id: Mapped[str] = mapped_column(String(36))
-    at: Mapped[datetime] = mapped_column(UTCDateTime)
-
-
-def publish_drop(journal: Journal, env: str, cred: str, version_id: str) -> None:
-    """Record a dropped version in the journal, for every replica's feed."""
-    row = {"environment": env, "credential": cred, "version_id": version_id, "at": utcnow()}
-    journal.execute("record a revoked version", insert(TokenDrop), row)
 
 
 class ReplicaFeed:

@@ -12,7 +12,7 @@ from rotator.metrics import Metrics
 from rotator.readers import ReadRecorder
 
 if TYPE_CHECKING:
-    from rotator.runtime import Runtime
+    from rotator.rotation.runtime import Runtime
     from rotator.settings import ApiSettings
 
 

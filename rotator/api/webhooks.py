@@ -23,7 +23,8 @@ from rotator.api.routing import api_router
 from rotator.api.state import ApiState
 from rotator.errors import RotatorError
 from rotator.settings import ENV_NAME_PATTERN
-from rotator.webhooks import enqueue, parse_event, signature_valid
+from rotator.webhooks.queue import enqueue, parse_event
+from rotator.webhooks.signature import signature_valid
 
 log = structlog.get_logger("rotator.api.webhooks")
 

@@ -25,7 +25,7 @@ from rotator.model import Secret, TokenPair
 from rotator.settings import load_config
 
 if TYPE_CHECKING:
-    from rotator.runtime import Runtime
+    from rotator.rotation.runtime import Runtime
 
 config_app = typer.Typer(help="Validate the configuration.", no_args_is_help=True)
 
@@ -95,7 +95,9 @@ def import_pair(
     tokens = _parse_pair(raw)
 
     async def work(rt: Runtime) -> str:
-        return await rt.engine.import_pair(environment, name, tokens, actor=actor(), reason=reason)
+        from rotator.rotation.importing import import_pair as store_pair
+
+        return await store_pair(rt.engine, environment, name, tokens, actor=actor(), reason=reason)
 
     version = run_command(with_runtime(cfg, work, [environment]))
     render.console.print(f"imported {environment}/{name} as version {version}")

@@ -22,7 +22,7 @@ from rotator.settings import Config, load_config
 
 if TYPE_CHECKING:
     from rotator.journal import Journal
-    from rotator.runtime import Runtime
+    from rotator.rotation.runtime import Runtime
 
 T = TypeVar("T")
 
@@ -92,9 +92,10 @@ async def with_runtime(
     cfg: Config, work: Callable[[Runtime], Awaitable[T]], only: list[str] | None = None
 ) -> T:
     """Open the runtime of every environment (or ``only`` those), run ``work`` on it, close it."""
-    from rotator.runtime import Runtime
+    from rotator.revoke import resume_held
+    from rotator.rotation.runtime import Runtime
 
-    runtime = Runtime.open(cfg, only=only)
+    runtime = Runtime.open(cfg, only=only, resume_revoke=resume_held)
     try:
         return await work(runtime)
     finally:

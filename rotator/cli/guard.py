@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from rotator.errors import RotatorError
-from rotator.logs import mask
+from rotator.scrub import mask
 
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 

@@ -26,8 +26,7 @@ unaccounted_app = typer.Typer(
 @db_app.command("current")
 def db_current(json_out: JsonOpt = False) -> None:
     """The journal's schema revision and this release's; exits 1 unless they are the same."""
-    from rotator import migrate
-    from rotator.journal import Journal
+    from rotator.journal import Journal, migrate
 
     cfg = command_config()
     journal = Journal(cfg.journal.url, migrate="off")
@@ -58,8 +57,7 @@ def db_upgrade() -> None:
     """Migrate the journal to this release's schema (safe while other replicas run or start:
     one process migrates at a time, under a lock). Run it before a rollout when
     journal.migrate = "manual"."""
-    from rotator import migrate
-    from rotator.journal import Journal
+    from rotator.journal import Journal, migrate
 
     cfg = command_config()
     journal = Journal(cfg.journal.url, migrate="off")
@@ -86,7 +84,7 @@ def unaccounted_list(
     """Tokens Makini may have issued that no backend holds: what was asked, when, for which
     connection, why the answer was lost, and until when such a token can live (an entry past
     that is resolved as expired first)."""
-    from rotator import unaccounted
+    from rotator.rotation import unaccounted
 
     cfg = command_config()
     if environment:
@@ -133,7 +131,7 @@ def unaccounted_ack(
     reason: Annotated[str, typer.Option(help="Recorded in the audit log.")] = "",
 ) -> None:
     """Acknowledge open entries once dealt with (audited with your name and the reason)."""
-    from rotator import unaccounted
+    from rotator.rotation import unaccounted
 
     cfg = command_config()
     cfg.environment(environment)

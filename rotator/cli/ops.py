@@ -12,8 +12,8 @@ from rotator.cli import render
 from rotator.cli.context import JsonOpt, actor, command_config, run_command, with_runtime
 
 if TYPE_CHECKING:
-    from rotator.repair import ProbeResult, SyncChange
-    from rotator.runtime import Runtime
+    from rotator.rotation.repair import ProbeResult, SyncChange
+    from rotator.rotation.runtime import Runtime
 
 
 def sync(
@@ -27,7 +27,7 @@ def sync(
     cfg.environment(environment)
 
     async def work(rt: Runtime) -> list[SyncChange]:
-        from rotator.repair import sync as run_sync
+        from rotator.rotation.repair import sync as run_sync
 
         return await run_sync(rt, environment, dry_run=dry_run, actor=actor())
 
@@ -64,7 +64,7 @@ def doctor(
         cfg.environment(environment)
 
     async def work(rt: Runtime) -> list[ProbeResult]:
-        from rotator.repair import probe
+        from rotator.rotation.repair import probe
 
         return await probe(rt, environment)
 

@@ -20,8 +20,8 @@ from rotator.errors import ConfigError, NotFound
 from rotator.model import Stage, StoredVersion
 
 if TYPE_CHECKING:
-    from rotator.runtime import Runtime
-    from rotator.status import CredentialStatus
+    from rotator.rotation.runtime import Runtime
+    from rotator.rotation.status import CredentialStatus
 
 
 def status(
@@ -35,7 +35,7 @@ def status(
         cfg.environment(environment)
 
     async def work(rt: Runtime) -> list[CredentialStatus]:
-        from rotator.status import collect
+        from rotator.rotation.status import collect
 
         return await collect(rt, environment)
 
@@ -91,7 +91,7 @@ def plan(
     cfg = command_config()
     if environment:
         cfg.environment(environment)
-    from rotator.schedule import plan as make_plan
+    from rotator.rotation.schedule import plan as make_plan
 
     with open_journal(cfg) as journal:
         items = make_plan(

@@ -14,10 +14,10 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from rotator.engine import RotationResult
 from rotator.model import utcnow
-from rotator.schedule import PlanItem, human
-from rotator.status import CredentialStatus
+from rotator.rotation.schedule import PlanItem, human
+from rotator.rotation.status import CredentialStatus
+from rotator.rotation.work import RotationResult
 
 console = Console(highlight=False)
 err = Console(stderr=True, highlight=False)

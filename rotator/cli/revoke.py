@@ -15,11 +15,11 @@ from rotator.cli import render
 from rotator.cli.context import JsonOpt, actor, command_config, run_command, with_runtime
 from rotator.cli.render import console, err
 from rotator.errors import ConfigError
-from rotator.logs import mask
 from rotator.revoke import STRATEGIES, CredentialPlan, CredentialReport, RevokeRequest
+from rotator.scrub import mask
 
 if TYPE_CHECKING:
-    from rotator.runtime import Runtime
+    from rotator.rotation.runtime import Runtime
 
 EXIT_REFUSED = 2
 EXIT_INCOMPLETE = 1

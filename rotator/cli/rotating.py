@@ -12,12 +12,12 @@ import typer
 from rotator.cli import render
 from rotator.cli.context import JsonOpt, actor, command_config, run_command, with_runtime
 from rotator.cli.guard import guarded
-from rotator.engine import RotationResult, Work
+from rotator.rotation.work import RotationResult, Work
 from rotator.settings import Config
 
 if TYPE_CHECKING:
-    from rotator.runtime import Runtime
-    from rotator.workers import Rotate
+    from rotator.rotation.runtime import Runtime
+    from rotator.rotation.workers import Rotate
 
 
 def run_due(
@@ -27,7 +27,7 @@ def run_due(
     """Rotate, resume and retire whatever is due now, then exit (non-zero if anything failed).
     Made for a Kubernetes CronJob with concurrencyPolicy Forbid. A large run forks workers to
     use more than one core (scheduler.processes)."""
-    from rotator import workers
+    from rotator.rotation import workers
 
     cfg = command_config(service=True)
     for name in env or []:
@@ -114,8 +114,10 @@ def verify(
     names = [env.credential(name, environment).name] if name else [c.name for c in env.credentials]
 
     async def work(rt: Runtime) -> list[tuple[str, bool, str]]:
+        from rotator.rotation.queries import verify_current
+
         async def one(n: str) -> tuple[str, bool, str]:
-            ok, detail = await rt.engine.verify_current(environment, n)
+            ok, detail = await verify_current(rt.engine, environment, n)
             return n, ok, detail
 
         return list(await asyncio.gather(*(one(n) for n in names)))

@@ -48,7 +48,7 @@ def makini_sim(
     ] = None,
 ) -> None:
     """Run the bundled Makini simulator (for local runs, tests and benchmarks)."""
-    from rotator.makini import SimOptions, serve_simulator
+    from rotator.makini.sim import SimOptions, serve_simulator
 
     options: dict[str, Any] = {
         "issue_invalidates_previous": issue_invalidates,

@@ -6,7 +6,7 @@ message and a request id wherever they commonly sit: at the top level, under ``e
 start with a code (``AUTHENTICATION_FAILED: ...``).
 
 No raw body ever reaches a message: only the code, the type and a truncated message in which
-anything that looks like a token is masked (see :func:`scrub`).
+anything that looks like a token is masked (:func:`rotator.scrub.scrub`).
 
 Each mapping also says whether Makini *may have processed* the request. For a request that
 creates a token, a failure after processing is *ambiguous*: a token may have been issued and not
@@ -38,13 +38,10 @@ from rotator.errors import (
     RateLimited,
     ServerError,
 )
+from rotator.scrub import scrub
 
 MESSAGE_LIMIT = 160
 _FIELD_LIMIT = 64
-_MASK = "[masked]"
-# a JWT or a JWT-ish fragment, and any long opaque run that could be a token
-_JWT = re.compile(r"eyJ[A-Za-z0-9_\-]*(?:\.[A-Za-z0-9_\-]*){0,2}")
-_OPAQUE = re.compile(r"[A-Za-z0-9_\-+=~]{40,}")
 _PLAIN_CODE = re.compile(r"^\s*([A-Z][A-Z0-9_]{2,63})\s*:")
 
 _CODE_KEYS = ("code", "errorcode", "errorkey")
@@ -72,17 +69,6 @@ _HINTS: dict[type[MakiniError], str] = {
     "certificate (SSL_CERT_FILE or SSL_CERT_DIR name a CA bundle)",
     MakiniProtocolError: "Makini's answer was not as expected; check makini.base_url",
 }
-
-
-def scrub(text: str, secrets: Iterable[str] = (), limit: int = MESSAGE_LIMIT) -> str:
-    """``text`` with known secrets and anything token-like masked, on one line, truncated."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, _MASK)
-    text = _JWT.sub(_MASK, text)
-    text = _OPAQUE.sub(_MASK, text)
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 @dataclass(frozen=True)
@@ -166,9 +152,9 @@ def parse_error_body(
                 message = error
         body_id = _find(places, _REQUEST_ID_KEYS)
         return ErrorBody(
-            code=scrub(code, secrets, _FIELD_LIMIT) if code else None,
-            type=(t := _find(places, _TYPE_KEYS)) and scrub(t, secrets, _FIELD_LIMIT),
-            message=scrub(message, secrets) if message else None,
+            code=scrub(code, secrets, limit=_FIELD_LIMIT) if code else None,
+            type=(t := _find(places, _TYPE_KEYS)) and scrub(t, secrets, limit=_FIELD_LIMIT),
+            message=scrub(message, secrets, limit=MESSAGE_LIMIT) if message else None,
             request_id=header_id or (body_id[:_FIELD_LIMIT] if body_id else None),
         )
     text = content.decode("utf-8", "replace").strip() if content else ""
@@ -179,7 +165,7 @@ def parse_error_body(
     looks_html = first.lstrip().startswith("<")
     return ErrorBody(
         code=match.group(1) if match else None,
-        message=scrub(first, secrets) if first and not looks_html else None,
+        message=scrub(first, secrets, limit=MESSAGE_LIMIT) if first and not looks_html else None,
         request_id=header_id,
     )
 
@@ -291,7 +277,7 @@ def error_from_exception(
             exc.response, what=what, where=where, idempotent=idempotent, now=now, secrets=secrets
         )
     cls, maybe_processed, description = _exception_class(exc)
-    reason = scrub(str(exc), secrets) or type(exc).__name__
+    reason = scrub(exc, secrets, limit=MESSAGE_LIMIT) or type(exc).__name__
     return cls(
         f"{what}: {description} ({type(exc).__name__}: {reason})",
         where=where,

@@ -12,7 +12,7 @@ more than one environment), in this order:
 2. **replace**: verify the replacement and make it current in every backend, with no grace
    period (unless ``--no-replace``; a token the kill produced is stored anyway).
 3. **purge**: make the old version unreadable in every backend, tell readers' caches
-   (``RotationEngine.revoke_listeners``), drop every sealed copy from the journal.
+   (the engine's ``revoked`` events), drop every sealed copy from the journal.
 4. **confirm**: the old token gets 401 from Makini; report per backend what was done and how
    long each part took, to the audit log.
 

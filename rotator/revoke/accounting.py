@@ -3,8 +3,10 @@ revoked, or reported), so none is ever lost silently."""
 
 from __future__ import annotations
 
-from rotator.engine import EnvironmentRuntime, RotationEngine, unseal
 from rotator.journal import Rotation
+from rotator.rotation.engine import RotationEngine
+from rotator.rotation.environment import EnvironmentRuntime
+from rotator.rotation.sealing import unseal
 from rotator.settings import CredentialSettings
 
 from . import custody, kill
@@ -40,7 +42,7 @@ async def account_for(
     Raises MakiniError when Makini cannot say whether a token is dead (the token stays sealed).
     """
     for rot in rows:
-        version = unseal(rt, cred, rot)
+        version = unseal(rt, rot)
         token = version.tokens.access
         dead = disconnected or await kill.rejected(rt.makini, token, cred.connection_id)
         if not dead and await kill.revoke_pair(rt.makini, version.tokens):
@@ -54,8 +56,8 @@ async def account_for(
                 f"Makini until it expires ({expiry}); it is stored nowhere"
             )
             report.next(note)
-        await engine._journal(custody.drop, engine.journal, rot.id, note)
-        await engine._journal(
+        await engine.worker.journal(custody.drop, engine.journal, rot.id, note)
+        await engine.worker.journal(
             engine.journal.audit,
             actor=actor,
             action="revoke.token_accounted",

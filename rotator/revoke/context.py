@@ -5,6 +5,7 @@ and the lease). The steps themselves are in :mod:`rotator.revoke.driver`."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -13,19 +14,21 @@ from typing import Any
 import structlog
 
 from backends.base import Backend
-from rotator import faults, unaccounted
-from rotator.engine import EnvironmentRuntime, RotationEngine, journal_aad, unseal
+from rotator import faults
 from rotator.errors import (
     BackendError,
     MakiniError,
     MakiniRejected,
     RotationError,
 )
-from rotator.journal import Journal, Rotation
-from rotator.leases import Lease
+from rotator.journal import Lease, Rotation
 from rotator.makini import MakiniClient
 from rotator.makini.client import Issued
-from rotator.model import Secret, StoredVersion, utcnow
+from rotator.model import Secret, StoredVersion
+from rotator.rotation import unaccounted
+from rotator.rotation.engine import RotationEngine
+from rotator.rotation.environment import EnvironmentRuntime
+from rotator.rotation.sealing import seal, unseal
 from rotator.settings import CredentialSettings
 
 from . import custody, kill
@@ -49,6 +52,7 @@ class RevokeContext:
         rt: EnvironmentRuntime,
         cred: CredentialSettings,
         row: Rotation,
+        record: Record,
         lease: Lease,
         report: CredentialReport,
         *,
@@ -65,7 +69,8 @@ class RevokeContext:
         self.rt = rt
         self.cred = cred
         self.row = row
-        self.record = Record.of(row)
+        self.record = record
+        self._recorded = record.to_dict()
         self.lease = lease
         self.report = report
         self.request_ids: list[str | None] = []
@@ -103,7 +108,7 @@ class RevokeContext:
         for s in reversed(self.record.superseded):
             if s.id == self.record.adopted:
                 continue
-            rot = await self.engine._journal(self.journal.rotation, s.id)
+            rot = await self.engine.worker.journal(self.journal.rotation, s.id)
             if rot is not None and rot.sealed is not None:
                 out.append((rot.id, self._unseal(rot)))
         return out
@@ -120,7 +125,7 @@ class RevokeContext:
             f"adopted the token {version.tokens.access.short} of pre-empted rotation "
             f"{rotation_id[:8]} as the replacement"
         )
-        self.row = await self.engine._journal(
+        self.row = await self.engine.worker.journal(
             custody.adopt,
             self.journal,
             self.lease.key,
@@ -130,7 +135,7 @@ class RevokeContext:
             step,
             note,
         )
-        await self.engine._journal(
+        await self.engine.worker.journal(
             self.journal.audit,
             actor=self.row.actor,
             action="revoke.adopted",
@@ -151,7 +156,7 @@ class RevokeContext:
         rows = []
         for s in self.record.superseded:
             if s.id != self.record.adopted:
-                rot = await self.engine._journal(self.journal.rotation, s.id)
+                rot = await self.engine.worker.journal(self.journal.rotation, s.id)
                 if rot is not None and rot.sealed is not None:
                     rows.append(rot)
         await account_for(
@@ -185,19 +190,21 @@ class RevokeContext:
                     "a token was issued that no backend holds",
                 )
                 self.row = await self._commit({"asked_at": None}, lost=unanswered)
-                await unaccounted.outlast(self.rt.settings.makini, unanswered.asked_at)
+                await unaccounted.outlast(
+                    self.rt.settings.makini, unanswered.asked_at, clock=self.engine.clock
+                )
                 await self._fence()
             self.row = await self._commit(
-                {"attempts": self.row.attempts + 1, "asked_at": utcnow()}
+                {"attempts": self.row.attempts + 1, "asked_at": self.engine.clock.now()}
             )
         # stamped after every unaccounted entry recorded so far: the request goes out after
         # them all (where Makini kills older tokens on issue, a token it brings kills theirs)
-        self._asked_at = utcnow()
+        self._asked_at = self.engine.clock.now()
         sources: list[Secret] = []
         if method == "refresh":
             current = None
             if self.record.current_version is not None:
-                current = await self.engine._io(
+                current = await self.engine.worker.call(
                     read_by_id, self.rt.backends, self.cred.name, self.record.current_version
                 )
             for v in [*(c for _, c in candidates), current, self._old]:
@@ -217,7 +224,7 @@ class RevokeContext:
                     f"request id {exc.request_id or 'unknown'})"
                 )
                 lost = self._lost(
-                    self._asked_at or utcnow(),
+                    self._asked_at or self.engine.clock.now(),
                     f"Makini may have issued a token that was not received ({exc.message})",
                     request_id=exc.request_id,
                 )
@@ -231,15 +238,12 @@ class RevokeContext:
     async def _seal(self, issued: Issued, step: str) -> Rotation:
         vid = self.row.version_id
         version = StoredVersion(
-            self.rt.name, self.cred.name, vid, issued.tokens, created_at=utcnow()
-        )
-        sealed = self.rt.sealer.seal(
-            version.to_json().encode(), journal_aad(self.rt.name, self.cred.name, vid)
+            self.rt.name, self.cred.name, vid, issued.tokens, created_at=self.engine.clock.now()
         )
         row = await self._commit(
             {
                 "step": step,
-                "sealed": sealed,
+                "sealed": seal(self.rt, version),
                 "fingerprint": issued.tokens.access.fingerprint,
                 "expires_at": issued.tokens.expires_at,
                 "asked_at": None,
@@ -262,14 +266,14 @@ class RevokeContext:
         return self._replacement if self.row.sealed is not None else None
 
     def _unseal(self, row: Rotation) -> StoredVersion:
-        return unseal(self.rt, self.cred, row)
+        return unseal(self.rt, row)
 
     async def _replacement_version(self) -> StoredVersion | None:
         if self.record.replaced is None:
             return None
         if self._replacement is not None and self._replacement.version_id == self.record.replaced:
             return self._replacement
-        return await self.engine._io(
+        return await self.engine.worker.call(
             read_by_id, self.rt.backends, self.cred.name, self.record.replaced
         )
 
@@ -277,7 +281,9 @@ class RevokeContext:
         """The old (revoked) version's tokens, from whichever backend still has them."""
         if self._old is None:
             vid = self.row.old_version_id or ""
-            self._old = await self.engine._io(read_by_id, self.rt.backends, self.cred.name, vid)
+            self._old = await self.engine.worker.call(
+                read_by_id, self.rt.backends, self.cred.name, vid
+            )
         return self._old
 
     async def _target(self) -> StoredVersion:
@@ -311,7 +317,7 @@ class RevokeContext:
             entry = self.report.backend(b.name)
             started = time.monotonic()
             try:
-                entry.actions.append(await self.engine._io(fn, b))
+                entry.actions.append(await self.engine.worker.call(fn, b))
             except BackendError as exc:
                 entry.errors.append(exc.message)
                 return exc
@@ -323,8 +329,7 @@ class RevokeContext:
         return {b.name: r for b, r in zip(backends, results, strict=True) if r is not None}
 
     async def _fence(self) -> None:
-        """Stop unless this revoke still holds the lease (see :mod:`rotator.leases`)."""
-        await self.engine.leases.check(self.lease, self.where)
+        await self.engine.fence(self.lease, self.where)
 
     def _lost(
         self, asked_at: Any, cause: str, *, request_id: str | None = None
@@ -352,6 +357,7 @@ class RevokeContext:
             expires_at=issued.tokens.expires_at,
             late=timedelta(seconds=self.rt.settings.makini.timeout_s),
             invalidates=invalidates is True,
+            clock=self.engine.clock,
         )
 
     def _resolve_disconnected(self) -> Callable[[Any, Rotation], None]:
@@ -364,7 +370,13 @@ class RevokeContext:
 
         def resolve(conn: Any, row: Rotation) -> None:
             unaccounted.resolve_all(
-                self.journal, conn, row.environment, row.credential, why, row.actor
+                self.journal,
+                conn,
+                row.environment,
+                row.credential,
+                why,
+                row.actor,
+                clock=self.engine.clock,
             )
 
         return resolve
@@ -404,8 +416,11 @@ class RevokeContext:
         if audit is not None:
             audits.append(audit)
         base = {"actor": self.row.actor, "request_ids": list(self.request_ids)}
-        values = {**values, "notes": self.record.notes_with(self.row, *self._flush_notes())}
-        self.row = await self.engine._journal(
+        notes = self._flush_notes()
+        if notes:
+            values = {**values, "notes": json.dumps([*self.row.note_list(), *notes])}
+        record = self.record.to_dict()
+        self.row = await self.engine.worker.journal(
             custody.commit,
             self.journal,
             self.row,
@@ -414,8 +429,14 @@ class RevokeContext:
             audits=[{**base, **a} for a in audits],
             lease=self.lease.key,
             release=release,
-            after=_with_lost(self.journal, lost, after),
+            after=unaccounted.recording(
+                self.journal,
+                lost,
+                custody.with_record(self.journal, record, self._recorded, after),
+                clock=self.engine.clock,
+            ),
         )
+        self._recorded = record
         if release:
             self.engine.leases.drop(self.lease)  # no heartbeat for a lease given back
         faults.checkpoint(self.row.step, self.cred.name)
@@ -424,19 +445,3 @@ class RevokeContext:
     def _flush_notes(self) -> list[str]:
         notes, self._pending_notes = self._pending_notes, []
         return notes
-
-
-def _with_lost(
-    journal: Journal,
-    lost: unaccounted.Lost | None,
-    after: Callable[[Any, Rotation], None] | None,
-) -> Callable[[Any, Rotation], None] | None:
-    if lost is None:
-        return after
-
-    def hook(conn: Any, row: Rotation) -> None:
-        unaccounted.record(journal, conn, lost, actor=row.actor)
-        if after is not None:
-            after(conn, row)
-
-    return hook

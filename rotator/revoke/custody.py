@@ -20,7 +20,6 @@ from sqlalchemy.engine import Connection
 
 from rotator.errors import RotationError
 from rotator.journal import Journal, LeaseKey, Rotation, Step
-from rotator.model import utcnow
 
 from .model import KIND, Preempted, Record, Superseded
 
@@ -44,7 +43,7 @@ def begin(
     Each superseded rotation keeps its sealed token (if it has one) until the revoke adopts or
     kills it. Returns what was superseded, as it stood.
     """
-    now = utcnow()
+    now = journal.clock.now()
     env, cred = row.environment, row.credential
     with journal.session("start a revoke") as s:
         journal.require(s.connection(), lease)
@@ -59,25 +58,25 @@ def begin(
             rot.step = Step.SUPERSEDED
             rot.error = f"superseded by emergency revoke {row.id}"
             rot.finished_at = now
-            s.add(
-                journal._audit_row(
-                    actor=row.actor,
-                    action="rotation.superseded",
-                    outcome="superseded",
-                    environment=env,
-                    credential=cred,
-                    version_id=rot.version_id,
-                    fingerprint=rot.fingerprint,
-                    revoke_id=row.id,
-                    step=info.step,
-                    holds_token=rot.sealed is not None,
-                )
+            journal.audit_in(
+                s.connection(),
+                actor=row.actor,
+                action="rotation.superseded",
+                outcome="superseded",
+                environment=env,
+                credential=cred,
+                version_id=rot.version_id,
+                fingerprint=rot.fingerprint,
+                revoke_id=row.id,
+                step=info.step,
+                holds_token=rot.sealed is not None,
             )
         record.superseded = [p.info for p in preempted]
-        row.notes = json.dumps([record.to_note()])
         s.add(row)
+        s.flush()  # the row first: its record refers to it
+        journal.revoke_record_in(s.connection(), row.id, record.to_dict())
         audit = {**audit, "superseded": [p.info.id for p in preempted]}
-        s.add(journal._audit_row(environment=env, credential=cred, **audit))
+        journal.audit_in(s.connection(), environment=env, credential=cred, **audit)
     return preempted
 
 
@@ -95,7 +94,7 @@ def adopt(
     The sealed copy moves as it is: it was sealed for its version id, which the revoke's row
     takes over. Raises RotationError when the rotation no longer holds a token.
     """
-    now = utcnow()
+    now = journal.clock.now()
     with journal.session("adopt a pre-empted rotation's token") as s:
         journal.require(s.connection(), lease)
         s.execute(
@@ -114,9 +113,29 @@ def adopt(
         rev.expires_at = rot.expires_at
         rev.step = step
         record.adopted = rotation_id
-        rev.notes = record.notes_with(rev, note)
+        rev.notes = json.dumps([*rev.note_list(), note])
+        journal.revoke_record_in(s.connection(), revoke_id, record.to_dict())
         rot.notes = json.dumps([*rot.note_list(), f"its token was adopted by revoke {revoke_id}"])
     return rev
+
+
+def with_record(
+    journal: Journal,
+    record: dict[str, Any],
+    recorded: dict[str, Any],
+    after: Callable[[Connection, Rotation], None] | None,
+) -> Callable[[Connection, Rotation], None] | None:
+    """``after`` (if any), preceded in the same transaction by a new version of the revoke's
+    record where it changed since ``recorded``."""
+    if record == recorded:
+        return after
+
+    def hook(conn: Connection, row: Rotation) -> None:
+        journal.revoke_record_in(conn, row.id, record)
+        if after is not None:
+            after(conn, row)
+
+    return hook
 
 
 def drop(journal: Journal, rotation_id: str, note: str) -> None:

@@ -27,7 +27,8 @@ from rotator.errors import (
     RotatorError,
 )
 from rotator.journal import Rotation, Step
-from rotator.model import Stage, StoredVersion, new_version_id, utcnow
+from rotator.model import Stage, StoredVersion, new_version_id
+from rotator.rotation.drops import record_drop
 
 from . import kill
 from .accounting import disconnected_attention
@@ -152,7 +153,7 @@ class CredentialRevoke(RevokeContext):
             "method": self.record.method,
             "old_token_dead": dead,
             "disconnected": self.record.disconnected,
-            "at": utcnow().isoformat(),
+            "at": self.engine.clock.now().isoformat(),
         }
         self.report.old_dead = dead
         self.report.disconnected = self.record.disconnected
@@ -280,7 +281,7 @@ class CredentialRevoke(RevokeContext):
         """The replacement is current everywhere: tell the readers, and keep the state and
         audit entry for the next commit (the purge follows at once; a crash before that commit
         resumes at *killed*, and every step from there is idempotent)."""
-        now = utcnow()
+        now = self.engine.clock.now()
         state: dict[str, Any] = {"last_attempt_at": now}
         audit: dict[str, Any] = {"action": "revoke.replaced", "outcome": "success"}
         if version is not None:
@@ -307,20 +308,16 @@ class CredentialRevoke(RevokeContext):
         if version is not None:
             self.report.replacement_version = version.version_id
             self.report.replacement_fingerprint = version.tokens.access.short
-            for listener in self.engine.listeners:
-                try:
-                    listener(self.rt.name, self.cred.name, version.with_stage(Stage.CURRENT))
-                except Exception:
-                    log.exception(
-                        "listener.failed", environment=self.rt.name, credential=self.cred.name
-                    )
+            current = version.with_stage(Stage.CURRENT)
+            self.engine.events.promoted.publish(self.rt.name, self.cred.name, current)
 
     # step 3 ------------------------------------------------------------------------------------
 
     async def _purge(self) -> Rotation:
         """Make the old version unreadable in every backend, with every version a pre-empted
         rotation left behind and the former current version where it was replaced; tell the
-        readers' caches at once (``revoke_listeners``); drop every sealed copy from the journal.
+        readers' caches at once (the engine's ``revoked`` events); drop every sealed copy from
+        the journal.
 
         The replacement is re-asserted as current afterwards: a pre-empted worker's last write
         may have labelled its own version current meanwhile. Raises BackendError after trying
@@ -371,22 +368,12 @@ class CredentialRevoke(RevokeContext):
             return "made unreadable: " + ", ".join(v[:13] for v in vids)
 
         failed = await self._on_backends(backends, purge)
-        from rotator.api.cache import drop_everywhere
-
         for vid in vids:
             # every serving replica on this journal stops serving it, wherever this revoke runs
-            await self.engine._journal(
-                drop_everywhere, self.engine.journal, self.rt.name, self.cred.name, vid
+            await self.engine.worker.journal(
+                record_drop, self.engine.journal, self.rt.name, self.cred.name, vid
             )
-            for listener in self.engine.revoke_listeners:
-                try:
-                    listener(self.rt.name, self.cred.name, vid)
-                except Exception:
-                    log.exception(
-                        "revoke_listener.failed",
-                        environment=self.rt.name,
-                        credential=self.cred.name,
-                    )
+            self.engine.events.revoked.publish(self.rt.name, self.cred.name, vid)
         if failed and not best_effort:
             raise next(iter(failed.values()))
 
@@ -465,7 +452,7 @@ class CredentialRevoke(RevokeContext):
         report.outcome = "revoked" if old_dead else "unconfirmed"
         report.error = error
         report.step = RevokeStep.DONE
-        now = utcnow()
+        now = self.engine.clock.now()
         return await self._commit(
             {
                 "step": RevokeStep.DONE,
@@ -519,7 +506,7 @@ class CredentialRevoke(RevokeContext):
                     "attention": attention,
                     "last_outcome": REVOKE_INCOMPLETE,
                     "last_error": exc.message,
-                    "last_attempt_at": utcnow(),
+                    "last_attempt_at": self.engine.clock.now(),
                 },
                 audit={
                     "action": "revoke.stopped",

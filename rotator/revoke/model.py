@@ -4,12 +4,12 @@ what it keeps in the journal while it runs (:class:`Record`) and what it reports
 
 from __future__ import annotations
 
-import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from rotator.errors import ConfigError
-from rotator.journal import Rotation
+from rotator.journal import Journal
 
 Strategy = Literal["issue", "refresh", "disconnect", "auto"]
 KillMethod = Literal["issue", "refresh", "revoke_path", "disconnect"]
@@ -104,8 +104,8 @@ class Preempted:
 
 @dataclass
 class Record:
-    """The revoke's own state, kept in the journal row (the first note) so a resume in
-    another process continues with the same decisions."""
+    """The revoke's own decisions, kept in the journal (``revoke_records``, a new version with
+    each step that changes them) so a resume in another process continues with the same."""
 
     strategy: str
     method: str
@@ -118,24 +118,23 @@ class Record:
     disconnected: bool = False
     replaced: str | None = None
 
-    PREFIX = "revoke-record "
-
-    def to_note(self) -> str:
-        return self.PREFIX + json.dumps(asdict(self), separators=(",", ":"))
+    def to_dict(self) -> dict[str, Any]:
+        """The record as the journal's ``revoke_records`` table takes it."""
+        return asdict(self)
 
     @classmethod
-    def of(cls, row: Rotation) -> Record:
-        for note in row.note_list():
-            if isinstance(note, str) and note.startswith(cls.PREFIX):
-                data = json.loads(note.removeprefix(cls.PREFIX))
-                data["superseded"] = [Superseded(**s) for s in data.get("superseded", [])]
-                return cls(**data)
-        raise ValueError(f"revoke {row.id} carries no record")
+    def from_dict(cls, data: Mapping[str, Any]) -> Record:
+        fields = dict(data)
+        fields["superseded"] = [Superseded(**s) for s in fields.get("superseded") or []]
+        return cls(**fields)
 
-    def notes_with(self, row: Rotation, *extra: str) -> str:
-        """The row's notes with this record in first place and ``extra`` appended."""
-        rest = [n for n in row.note_list() if not str(n).startswith(self.PREFIX)]
-        return json.dumps([self.to_note(), *rest, *extra])
+    @classmethod
+    def latest(cls, journal: Journal, revoke_id: str) -> Record:
+        """The revoke's decisions as last recorded (blocking; journal work only)."""
+        versions = journal.revoke_records(revoke_id)
+        if not versions:
+            raise ValueError(f"revoke {revoke_id} carries no record")
+        return cls.from_dict(versions[-1])
 
 
 @dataclass

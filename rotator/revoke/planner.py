@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import asyncio
 
-from rotator.engine import EnvironmentRuntime, RotationEngine
 from rotator.journal import Rotation
-from rotator.model import utcnow
-from rotator.schedule import human
+from rotator.rotation.engine import RotationEngine
+from rotator.rotation.environment import EnvironmentRuntime
+from rotator.rotation.schedule import human
 from rotator.settings import CredentialSettings
 
 from . import custody, kill
@@ -30,14 +30,17 @@ async def plan(
     if req.resume:
         if not names:
             open_names = {
-                r.credential for r in await engine._journal(engine.journal.open_revokes, rt.name)
+                r.credential
+                for r in await engine.worker.journal(engine.journal.open_revokes, rt.name)
             }
             creds = [c for c in rt.settings.credentials if c.name in open_names]
         return list(await asyncio.gather(*(_plan_resume(engine, rt, c) for c in creds)))
     # what is open in the journal, read once for the whole environment
-    revokes = {r.credential for r in await engine._journal(engine.journal.open_revokes, rt.name)}
+    revokes = {
+        r.credential for r in await engine.worker.journal(engine.journal.open_revokes, rt.name)
+    }
     rotations = {
-        r.credential: r for r in await engine._journal(engine.journal.open_rotations, rt.name)
+        r.credential: r for r in await engine.worker.journal(engine.journal.open_rotations, rt.name)
     }
     return list(
         await asyncio.gather(
@@ -62,16 +65,17 @@ async def _plan_resume(
     base = CredentialPlan(
         rt.name, cred.name, cred.connection_id, "resume", backends=[b.name for b in rt.backends]
     )
-    row = await engine._journal(engine.journal.open_revoke, rt.name, cred.name)
-    orphans = await engine._journal(custody.orphans, engine.journal, rt.name, cred.name)
+    row = await engine.worker.journal(engine.journal.open_revoke, rt.name, cred.name)
+    orphans = await engine.worker.journal(custody.orphans, engine.journal, rt.name, cred.name)
     if row is None and not orphans:
         base.action, base.why = "skip", "no unfinished revoke"
         return base
     if row is not None:
         base.open_revoke = row.id
         base.target_version = row.old_version_id
+        age = human(engine.clock.now() - row.started_at)
         base.why = (
-            f"revoke {row.id[:8]} by {row.actor} ({human(utcnow() - row.started_at)} ago) "
+            f"revoke {row.id[:8]} by {row.actor} ({age} ago) "
             f"stopped at {row.step}" + (f": {row.error}" if row.error else "")
         )
     if orphans:
@@ -105,7 +109,7 @@ async def plan_one(
         resumed = await _plan_resume(engine, rt, cred)
         resumed.notes.insert(0, "an unfinished revoke of this credential is finished instead")
         return resumed
-    target = await engine._io(resolve_target, rt.backends, cred.name, req.version)
+    target = await engine.worker.call(resolve_target, rt.backends, cred.name, req.version)
     p.current_version = target.current.version_id if target.current else None
     if target.version is None:
         p.action, p.why = "skip", f"nothing to revoke: {target.missing}"
@@ -167,7 +171,7 @@ async def _plan_preemption(
     rot: Rotation,
     p: CredentialPlan,
 ) -> None:
-    holder = await engine._read(engine.journal.lock_holder, f"{rt.name}/{cred.name}")
+    holder = await engine.worker.read(engine.journal.lock_holder, f"{rt.name}/{cred.name}")
     p.preempts = f"rotation {rot.id[:8]} at step {rot.step}" + (
         " (running in another worker: its lease is taken over)" if holder is not None else ""
     )

@@ -11,12 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from rotator.engine import EnvironmentRuntime, RotationEngine, RotationResult, unseal
 from rotator.errors import NotFound, RotatorError
-from rotator.journal import Rotation, Step
-from rotator.leases import Lease
-from rotator.logs import mask
-from rotator.model import Stage, StoredVersion, new_version_id, utcnow
+from rotator.journal import Lease, Rotation, Step
+from rotator.model import Stage, StoredVersion, new_version_id
+from rotator.rotation.engine import RotationEngine
+from rotator.rotation.environment import EnvironmentRuntime
+from rotator.rotation.sealing import unseal
+from rotator.rotation.work import Outcome, RotationResult
+from rotator.scrub import mask
 from rotator.settings import CredentialSettings
 
 from . import custody, kill, planner
@@ -34,7 +36,7 @@ from .model import (
 from .reads import first_readable, read_by_id, resolve_target
 
 if TYPE_CHECKING:
-    from rotator.runtime import Runtime
+    from rotator.rotation.runtime import Runtime
 
 log = structlog.get_logger("rotator.revoke")
 
@@ -81,11 +83,8 @@ class Revoker:
                 progress(report)
             return report
 
-        self.engine.active += 1
-        try:
+        with self.engine.working():
             return list(await asyncio.gather(*(one(p) for p in plans)))
-        finally:
-            self.engine.active -= 1
 
     async def run_one(
         self, rt: EnvironmentRuntime, req: RevokeRequest, p: CredentialPlan
@@ -109,10 +108,11 @@ class Revoker:
             return report
         self.engine.leases.add(lease)
         try:
-            row = await self.engine._journal(self.journal.open_revoke, rt.name, cred.name)
+            row = await self.engine.worker.journal(self.journal.open_revoke, rt.name, cred.name)
             if row is not None:
                 report.resumed = True
-                await CredentialRevoke(self.engine, rt, cred, row, lease, report).run()
+                record = await recorded(self.engine, row)
+                await CredentialRevoke(self.engine, rt, cred, row, record, lease, report).run()
             elif p.action == "revoke":
                 begun = await self._begin(rt, cred, req, p, stolen, report, lease)
                 if begun is not None:
@@ -123,6 +123,7 @@ class Revoker:
                         rt,
                         cred,
                         row,
+                        await recorded(self.engine, row),
                         lease,
                         report,
                         old=old,
@@ -148,28 +149,26 @@ class Revoker:
             )
         finally:
             self.engine.leases.drop(lease)
-            await self.engine._journal(self.journal.release, *lease.key)
+            await self.engine.worker.journal(self.journal.release, *lease.key)
             report.timings.setdefault("total_s", time.monotonic() - started)
         return report
 
-    async def _take_lease(
-        self, lease: Lease, report: CredentialReport
-    ) -> tuple[bool, str | None]:
+    async def _take_lease(self, lease: Lease, report: CredentialReport) -> tuple[bool, str | None]:
         """Take the lease, from a rotation in flight if need be: (taken, the previous live
         holder it was taken from). Not taken when another worker drives an unfinished revoke
         of the credential (``report`` says so)."""
         lock, owner = lease.key
-        if await self.engine._journal(self.journal.acquire, lock, owner):
+        if await self.engine.worker.journal(self.journal.acquire, lock, owner):
             return True, None
         env, name = lock.split("/", 1)
-        if await self.engine._journal(self.journal.open_revoke, env, name) is not None:
-            holder = await self.engine._read(self.journal.lock_holder, lock)
+        if await self.engine.worker.journal(self.journal.open_revoke, env, name) is not None:
+            holder = await self.engine.worker.read(self.journal.lock_holder, lock)
             until = holder.expires_at.isoformat(timespec="seconds") if holder else "?"
             report.outcome = "busy"
             report.error = "another worker is driving this credential's unfinished revoke"
             report.next(f"wait for it (its lease runs until {until}), then `rotator status`")
             return False, None
-        stolen = await self.engine._journal(self.journal.steal, lock, owner)
+        stolen = await self.engine.worker.journal(self.journal.steal, lock, owner)
         if stolen is not None:
             log.warning("revoke.preempted_worker", environment=env, credential=name, worker=stolen)
         return True, stolen
@@ -186,10 +185,12 @@ class Revoker:
     ) -> tuple[Rotation, StoredVersion] | None:
         """Write the revoke's row and supersede the rotations in flight (one transaction), then
         give a pre-empted worker whose issue request is on the wire time to receive its token."""
-        target = await self.engine._io(resolve_target, rt.backends, cred.name, req.version)
+        target = await self.engine.worker.call(resolve_target, rt.backends, cred.name, req.version)
         old = target.version
         if old is None or old.version_id != p.target_version:
-            old = await self.engine._io(read_by_id, rt.backends, cred.name, p.target_version or "")
+            old = await self.engine.worker.call(
+                read_by_id, rt.backends, cred.name, p.target_version or ""
+            )
         if old is None:
             report.outcome = "failed"
             report.error = f"the planned version {p.target_version} is no longer readable anywhere"
@@ -203,7 +204,7 @@ class Revoker:
         )
         strategy = req.strategy or cred.revoke_strategy
         method, escalate, notes = kill.resolve(strategy, cred, rt.settings.makini, has_refresh)
-        now = utcnow()
+        now = self.engine.clock.now()
         row = Rotation(
             id=str(uuid.uuid4()),
             environment=rt.name,
@@ -229,7 +230,7 @@ class Revoker:
             target_stage=stage,
             current_version=target.current.version_id if target.current else None,
         )
-        preempted = await self.engine._journal(
+        preempted = await self.engine.worker.journal(
             custody.begin,
             self.journal,
             lease.key,
@@ -284,8 +285,8 @@ class Revoker:
         deadline = time.monotonic() + rt.settings.makini.timeout_s + 1.0
         for x in waiting:
             while time.monotonic() < deadline:
-                rot = await self.engine._journal(self.journal.rotation, x.info.id)
-                state = await self.engine._journal(
+                rot = await self.engine.worker.journal(self.journal.rotation, x.info.id)
+                state = await self.engine.worker.journal(
                     self.journal.state, rt.name, rot.credential if rot else ""
                 )
                 if rot is None or rot.sealed is not None:
@@ -305,11 +306,13 @@ class Revoker:
         journal kept them sealed on the superseded rotations' rows). One that still works
         becomes current where the stored current token no longer works (its late issue killed
         it); otherwise it is killed where Makini allows, or reported."""
-        orphans = await self.engine._journal(custody.orphans, self.journal, rt.name, cred.name)
+        orphans = await self.engine.worker.journal(
+            custody.orphans, self.journal, rt.name, cred.name
+        )
         for rot in orphans:
-            version = unseal(rt, cred, rot)
+            version = unseal(rt, rot)
             if not await kill.rejected(rt.makini, version.tokens.access, cred.connection_id):
-                stored = await self.engine._io(
+                stored = await self.engine.worker.call(
                     first_readable, rt.backends, lambda b: b.read(cred.name, Stage.CURRENT)
                 )
                 if stored is None or await kill.rejected(
@@ -320,9 +323,11 @@ class Revoker:
             await account_for(
                 self.engine, rt, cred, [rot], actor=actor, disconnected=False, report=report
             )
-        state = await self.engine._journal(self.journal.state, rt.name, cred.name)
+        state = await self.engine.worker.journal(self.journal.state, rt.name, cred.name)
         if state is not None and state.attention and "pre-empted rotation" in state.attention:
-            await self.engine._journal(self.journal.set_state, rt.name, cred.name, attention=None)
+            await self.engine.worker.journal(
+                self.journal.set_state, rt.name, cred.name, attention=None
+            )
         if orphans and not report.revoke_id:
             report.outcome = "unconfirmed" if report.next_steps else "revoked"
 
@@ -339,15 +344,15 @@ class Revoker:
         copy. Raises BackendError (the token stays sealed for the next resume)."""
         for b in rt.backends:
             entry = report.backend(b.name)
-            await self.engine._io(b.stage_pending, version)
-            await self.engine._io(b.promote, cred.name, version.version_id)
+            await self.engine.worker.call(b.stage_pending, version)
+            await self.engine.worker.call(b.promote, cred.name, version.version_id)
             entry.actions.append(f"stored {version.version_id[:13]} (a late token) as current")
-        now = utcnow()
+        now = self.engine.clock.now()
         note = (
             f"the token {version.tokens.access.short} Makini issued to pre-empted rotation "
             f"{rot.id[:8]} after the revoke works while the stored one does not: it is current now"
         )
-        await self.engine._journal(
+        await self.engine.worker.journal(
             self.journal.set_state,
             rt.name,
             cred.name,
@@ -356,8 +361,8 @@ class Revoker:
             expires_at=version.tokens.expires_at,
             rotated_at=now,
         )
-        await self.engine._journal(custody.drop, self.journal, rot.id, note)
-        await self.engine._journal(
+        await self.engine.worker.journal(custody.drop, self.journal, rot.id, note)
+        await self.engine.worker.journal(
             self.journal.audit,
             actor=actor,
             action="revoke.late_token_adopted",
@@ -368,14 +373,15 @@ class Revoker:
             fingerprint=version.tokens.access.fingerprint,
             rotation_id=rot.id,
         )
-        for listener in self.engine.listeners:
-            try:
-                listener(rt.name, cred.name, version.with_stage(Stage.CURRENT))
-            except Exception:
-                log.exception("listener.failed", environment=rt.name, credential=cred.name)
+        self.engine.events.promoted.publish(rt.name, cred.name, version.with_stage(Stage.CURRENT))
         report.notes.append(note)
         report.replacement_version = version.version_id
         report.replacement_fingerprint = version.tokens.access.short
+
+
+async def recorded(engine: RotationEngine, row: Rotation) -> Record:
+    """The decisions the revoke ``row`` recorded last."""
+    return await engine.worker.read(Record.latest, engine.journal, row.id)
 
 
 async def resume_held(
@@ -386,10 +392,13 @@ async def resume_held(
     rt = engine.runtime(env)
     cred = rt.settings.credential(name, env)
     report = CredentialReport(env, name, resumed=True)
-    await CredentialRevoke(engine, rt, cred, row, lease, report, last=True).run()
-    outcome = {"revoked": "revoked", "incomplete": "deferred", "busy": "busy"}.get(
-        report.outcome, "failed"
-    )
+    record = await recorded(engine, row)
+    await CredentialRevoke(engine, rt, cred, row, record, lease, report, last=True).run()
+    outcome = {
+        "revoked": Outcome.REVOKED,
+        "incomplete": Outcome.DEFERRED,
+        "busy": Outcome.BUSY,
+    }.get(report.outcome, Outcome.FAILED)
     return RotationResult(
         env,
         name,

@@ -30,8 +30,8 @@ from rotator import logs
 from rotator.api import build_app
 from rotator.api.app import ApiApp
 from rotator.keys import create_key
-from rotator.makini import SimServer
-from rotator.runtime import Runtime
+from rotator.makini.sim import SimServer
+from rotator.rotation.runtime import Runtime
 from tests.factories import Runtimes, environment, make_config
 
 ENVS: dict[str, list[str]] = {"prod": ["alpha", "beta"], "dev": ["alpha", "gamma"]}

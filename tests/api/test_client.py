@@ -15,8 +15,27 @@ from rotator.client import (
     TokenDenied,
     TokenUnavailable,
 )
-from rotator.makini import SimServer
+from rotator.makini.sim import SimServer
 from tests.api.conftest import Factory, LogTrap, bearer, connection, make_keys, stop_server
+from tests.isolation import REPO, import_alone
+
+SERVER_DEPENDENCIES = (
+    "pydantic", "pydantic_settings", "sqlalchemy", "alembic", "fastapi", "starlette", "uvicorn",
+    "boto3", "botocore", "hvac", "azure", "structlog", "typer", "rich", "prometheus_client",
+    "cryptography", "apscheduler", "stamina", "backends",
+)
+
+
+def test_the_client_imports_without_the_server_dependencies() -> None:
+    loaded = import_alone("rotator.client", refuse=SERVER_DEPENDENCIES)
+    ours = {m for m in loaded if m.split(".")[0] == "rotator"}
+    assert ours == {"rotator", "rotator.client"}
+    assert "httpx" in loaded
+
+
+def test_the_client_distribution_ships_this_very_module() -> None:
+    shipped = REPO / "clients" / "python" / "rotator" / "client.py"
+    assert shipped.resolve() == REPO / "rotator" / "client.py"
 
 
 class Counter:

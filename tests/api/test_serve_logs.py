@@ -17,7 +17,7 @@ import httpx
 from rotator.crypto import generate_key
 from rotator.journal import Journal
 from rotator.keys import create_key
-from rotator.makini import SimServer
+from rotator.makini.sim import SimServer
 from tests.api.conftest import WEBHOOK_SECRETS, LogTrap, bearer, connection
 from tests.cli import RotatorCli
 from tests.wait import until
@@ -34,8 +34,9 @@ base_url = "{url}"
 client_id = "test-prod"
 client_secret_env = "SERVE_LOGS_MAKINI"
 [[environments.prod.backends]]
-type = "memory"
-namespace = "serve-logs"
+type = "file"
+path = "files"
+key = {{ file = "files.key", generate = true }}
 [[environments.prod.credentials]]
 name = "alpha"
 connection_id = "{alpha}"

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import trustme
 
-from rotator.makini import SimServer
+from rotator.makini.sim import SimServer
 from rotator.service import serve as run_service
 from tests.api.conftest import api_environments
 from tests.factories import make_config

@@ -12,8 +12,10 @@ from typing import Any
 import httpx
 from sqlalchemy import select
 
-from rotator.makini import SimServer
-from rotator.webhooks import DONE, IGNORED, WebhookEvent, parse_event, signature_valid
+from rotator.journal.schema import WebhookEvent
+from rotator.makini.sim import SimServer
+from rotator.webhooks.queue import DONE, IGNORED, parse_event
+from rotator.webhooks.signature import signature_valid
 from tests.api.conftest import WEBHOOK_SECRETS, Factory, Served, connection, wait_for
 
 SECRET = WEBHOOK_SECRETS["prod"].encode()

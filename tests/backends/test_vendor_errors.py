@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from backends._common import Mapper, Target, VersionRecord, resolve_stages, scrub
+from backends._common import Mapper, Target, VersionRecord, resolve_stages
 from backends.aws import map_aws_error
 from backends.azure import map_azure_error
 from backends.vault import CasMismatch, map_vault_error
@@ -34,6 +34,7 @@ from rotator.errors import (
     RotatorError,
 )
 from rotator.model import Stage
+from rotator.scrub import scrub
 
 TARGET = Target("store", "https://store.example/makini/prod/", "prod")
 WHERE = TARGET.location + "acme-sap"

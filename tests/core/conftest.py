@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 
-from rotator.makini import SimServer
+from rotator.makini.sim import SimServer
 from rotator.model import Stage, StoredVersion
-from rotator.runtime import Runtime
+from rotator.revoke import resume_held
+from rotator.rotation.runtime import Runtime
 from tests.factories import environment, make_config
 
 Factory = Callable[..., Runtime]
@@ -53,7 +54,9 @@ async def make_runtime(tmp_path: Path, sim: SimServer) -> AsyncIterator[Factory]
         }
         url = journal_url or f"sqlite:///{tmp_path / 'journal.db'}"
         journal = {"url": url, **({"lock_ttl": lock_ttl} if lock_ttl else {})}
-        runtime = Runtime.open(make_config(tmp_path, url, envs, journal=journal))
+        runtime = Runtime.open(
+            make_config(tmp_path, url, envs, journal=journal), resume_revoke=resume_held
+        )
         opened.append(runtime)
         return runtime
 

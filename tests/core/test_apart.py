@@ -11,7 +11,7 @@ import pytest
 
 from rotator.crypto import generate_key
 from rotator.errors import ConfigError
-from rotator.runtime import Runtime
+from rotator.rotation.runtime import Runtime
 from rotator.settings import Config, load_config
 
 TEMPLATE = """

@@ -6,14 +6,15 @@ import asyncio
 
 import pytest
 
-from backends.memory import MemoryBackend
 from rotator import faults
-from rotator.engine import Work
 from rotator.errors import BackendUnavailable
 from rotator.journal import Step
-from rotator.makini import SimServer
+from rotator.makini.sim import SimServer
 from rotator.model import Stage, StoredVersion
+from rotator.rotation.importing import import_pair
+from rotator.rotation.work import Work
 from tests.core.conftest import Factory, active, current
+from tests.fakes.memory import MemoryBackend
 
 
 async def test_first_rotation_stores_a_verified_token_everywhere(
@@ -205,7 +206,7 @@ async def test_a_backend_down_never_promotes_a_partial_version(
     await runtime.engine.rotate("prod", "a", reason="t", actor="t")
     [before, _] = current(runtime)
     rt = runtime.environments["prod"]
-    flaky = Flaky(rt.backends[0].settings, "prod")
+    flaky = Flaky(rt.backends[0].settings, "prod", stores=rt.backends[0].stores)
     rt.backends[0] = flaky
     result = await runtime.engine.rotate("prod", "a", reason="t", actor="t")
     assert result.outcome == "deferred" and result.step == Step.ISSUED
@@ -252,7 +253,7 @@ async def test_refresh_method_needs_a_bootstrap_then_refreshes(
     rt = runtime.environments["prod"]
     code = sim.link_code("conn-r", client_id="test-prod")
     issued = await rt.makini.exchange_code(code, "http://localhost/cb")
-    await runtime.engine.import_pair("prod", "r", issued.tokens, actor="t", reason="bootstrap")
+    await import_pair(runtime.engine, "prod", "r", issued.tokens, actor="t", reason="bootstrap")
     result = await runtime.engine.rotate("prod", "r", reason="t", actor="t")
     assert result.outcome == "rotated", result
     [v, _] = current(runtime, "r")
@@ -321,3 +322,24 @@ async def test_no_more_requests_are_recorded_as_sent_than_makini_may_take(
         watcher.cancel()
     assert {r.outcome for r in results} == {"rotated"}
     assert 1 <= peak <= 2
+
+
+async def test_an_import_is_journaled_like_any_change(
+    make_runtime: Factory, sim: SimServer
+) -> None:
+    runtime = make_runtime()
+    before = await runtime.engine.rotate("prod", "a", reason="t", actor="t")
+    rt = runtime.environments["prod"]
+    issued = await rt.makini.issue_token("conn-a")
+    version = await import_pair(runtime.engine, "prod", "a", issued.tokens, actor="t", reason="x")
+    [row] = [r for r in runtime.journal.rotations("prod") if r.kind == "import"]
+    assert (row.step, row.version_id, row.old_version_id) == (
+        Step.DONE,
+        version,
+        before.version_id,
+    )
+    assert row.sealed is None and row.actor == "t" and row.reason == "x"
+    assert all(v is not None and v.version_id == version for v in current(runtime))
+    state = runtime.journal.state("prod", "a")
+    assert state is not None and state.last_outcome == "imported"
+    assert len(runtime.journal.audit_entries(action="credential.imported")) == 1

@@ -17,6 +17,7 @@ import pytest
 from rotator.errors import ConfigError, JournalError
 from rotator.journal import CredentialState, Journal, Rotation, Step
 from rotator.model import utcnow
+from tests.clock import FakeClock
 
 
 def _rotation(env: str = "prod", cred: str = "a") -> Rotation:
@@ -38,7 +39,8 @@ def _rotation(env: str = "prod", cred: str = "a") -> Rotation:
 
 
 def test_lease_is_exclusive_and_expires(journal_url: str) -> None:
-    journal = Journal(journal_url)
+    clock = FakeClock()
+    journal = Journal(journal_url, clock=clock)
     assert journal.acquire("prod/a", "w1", timedelta(seconds=30))
     assert not journal.acquire("prod/a", "w2", timedelta(seconds=30))
     assert journal.acquire("prod/a", "w1")  # re-entrant for its owner
@@ -47,7 +49,7 @@ def test_lease_is_exclusive_and_expires(journal_url: str) -> None:
     assert not journal.acquire("prod/a", "w2")
     journal.release("prod/a", "w1")
     assert journal.acquire("prod/a", "w2", timedelta(milliseconds=1))
-    time.sleep(0.01)
+    clock.advance(0.01)
     assert journal.acquire("prod/a", "w3")  # w2's lease expired: a crashed holder
     assert not journal.renew("prod/a", "w2")  # and w2 learns it lost the lease
     journal.close()
@@ -198,7 +200,7 @@ def test_a_failing_work_in_a_batch_undoes_only_its_own_writes(tmp_path: Path) ->
             journal._acquire(conn, "prod/bad", "me", None)  # type: ignore[arg-type]
             raise RuntimeError("boom")
 
-        journal._run("test", work)
+        journal.transaction("test", work)
 
     first = [journal.submit(lambda n=n: journal.acquire(f"prod/ok{n}", "me")) for n in range(3)]
     failing = journal.submit(half_then_fail)

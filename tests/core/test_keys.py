@@ -35,7 +35,9 @@ sealing_key = {{ env = "KEYS_DEV_SEAL" }}
 client_id = "d"
 client_secret_env = "KEYS_D_SECRET"
 [[environments.dev.backends]]
-type = "memory"
+type = "file"
+path = "dev-files"
+key = {{ file = "dev-file.key", generate = true }}
 """
 
 

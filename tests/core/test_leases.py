@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 
-from rotator import unaccounted
-from rotator.engine import Work
+import pytest
+
 from rotator.errors import LeaseLost
-from rotator.journal import Rotation, Step
-from rotator.makini import SimServer
+from rotator.journal import LeaseKeeper, Rotation, Step
+from rotator.makini.sim import SimServer
 from rotator.model import utcnow
+from rotator.rotation import unaccounted
+from rotator.rotation.work import Work
 from rotator.service import due_work, rotate_work
+from tests.clock import FakeClock
 from tests.core.conftest import Factory, active, current
 from tests.wait import issuing, until
 
@@ -175,3 +178,30 @@ async def test_the_journal_refuses_a_write_under_a_lease_that_is_not_held(
     assert found is not None and found.step == Step.ISSUED and found.note_list() == []
     state = journal.state("prod", "a")
     assert state is None or state.attention is None
+
+
+async def test_a_lease_is_confirmed_again_only_once_two_thirds_of_its_ttl_passed() -> None:
+    # the keeper measures on the clock it is given: time moves when the test says so
+    clock = FakeClock()
+    asked: list[str] = []
+
+    async def renew(owners: list[str]) -> set[str]:
+        return set(owners)
+
+    async def renew_one(name: str, owner: str) -> bool:
+        asked.append(owner)
+        return owner != "lost"
+
+    keeper = LeaseKeeper(3.0, renew, renew_one, clock=clock)
+    lease = keeper.new("prod/a", "holder")
+    clock.advance(1.9)
+    await keeper.check(lease, "prod/a")
+    assert asked == []  # confirmed less than two thirds of the ttl ago
+    clock.advance(0.2)
+    await keeper.check(lease, "prod/a")
+    assert asked == ["holder"] and lease.confirmed_at == clock.monotonic()
+    gone = keeper.new("prod/b", "lost")
+    clock.advance(2.0)
+    with pytest.raises(LeaseLost):
+        await keeper.check(gone, "prod/b")
+    assert gone.lost

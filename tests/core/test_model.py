@@ -8,8 +8,8 @@ import pytest
 
 from rotator.crypto import KeyRing, KeySource, generate_key
 from rotator.errors import ConfigError, CryptoError
-from rotator.logs import mask
 from rotator.model import Secret, StoredVersion, TokenPair, fingerprint, new_version_id
+from rotator.scrub import mask
 
 TOKEN = "eyJ0eXAiOiJKV1QiLCJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ0ZXN0In0.c2lnbmF0dXJl"
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rotator.makini import SimServer
+from rotator.makini.sim import SimServer
 from rotator.model import Stage
-from rotator.repair import probe, sync
+from rotator.rotation.repair import probe, sync
 from tests.core.conftest import Factory, current
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from rotator.journal import Journal, Rotation, Step
-from rotator.schedule import RESUME, RETIRE, ROTATE, WAIT, plan
+from rotator.rotation.schedule import RESUME, RETIRE, ROTATE, WAIT, plan
 from tests.factories import environment, make_config
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)  # a Friday

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rotator.makini import SimServer
-from rotator.runtime import Runtime
+from rotator.makini.sim import SimServer
+from rotator.rotation.runtime import Runtime
 from rotator.service import due_work, run_due_once
 from tests.clock import FakeClock
 from tests.factories import Runtimes, credentials, environment, make_config

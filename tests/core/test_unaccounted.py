@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from rotator import unaccounted
 from rotator.journal import Journal
-from rotator.makini import SimServer
 from rotator.makini.client import Issued
+from rotator.makini.sim import SimServer
 from rotator.model import utcnow
+from rotator.rotation import unaccounted
 from tests.core.conftest import Factory, current
 
 REVOKE_PATH = "/api/system/tokens/revoke"

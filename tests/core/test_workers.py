@@ -17,22 +17,26 @@ from pathlib import Path
 import pytest
 import structlog
 
-from rotator import logs
-from rotator.engine import RotationResult, Work
+from rotator import logs, signals
 from rotator.errors import RotatorError
-from rotator.makini import SimServer
+from rotator.makini.sim import SimServer
+from rotator.rotation.work import RotationResult, Work
+from rotator.rotation.workers import Shares, process_count, share_of, usable_cpus
+from rotator.service import Stopper
 from rotator.settings import Config, parse_config
-from rotator.workers import Shares, process_count, share_of, usable_cpus
 from tests.core.conftest import Factory
+from tests.wait import wait_until
 
 WORK: list[Work] = [Work("prod", f"c{i}", "scheduled", forced=True) for i in range(7)]
 
 
-def config(tmp_path: Path, concurrency: int = 32, makini: int = 32) -> Config:
+def config(
+    tmp_path: Path, concurrency: int = 32, makini: int = 32, drain: str = "20s"
+) -> Config:
     return parse_config(
         {
             "journal": {"url": f"sqlite:///{tmp_path}/journal.db"},
-            "scheduler": {"concurrency": concurrency, "processes": 2},
+            "scheduler": {"concurrency": concurrency, "processes": 2, "drain": drain},
             "environments": {
                 "prod": {
                     "sealing_key": {"env": "UNUSED_SEAL"},
@@ -107,14 +111,17 @@ def test_work_a_worker_did_not_report_is_failed_with_how_it_ended(tmp_path: Path
         assert "run-due` resumes" in (results[name].error or "")
 
 
-def record_pid_then_sleep(cfg: Config, _share: Sequence[Work], _report: Report) -> None:
+def record_pid_then_wait(cfg: Config, _share: Sequence[Work], _report: Report) -> None:
+    """A worker that never gets to drain: told to stop, it stops as a real run would."""
     (cfg.base_dir / f"worker-{os.getpid()}").touch()
-    time.sleep(60)
+    deadline = time.monotonic() + 60
+    while signals.take() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def test_leaving_early_stops_the_workers(tmp_path: Path) -> None:
     started = time.monotonic()
-    with Shares(config(tmp_path), WORK, 2, record_pid_then_sleep):
+    with Shares(config(tmp_path), WORK, 2, record_pid_then_wait):
         while len(list(tmp_path.glob("worker-*"))) < 2:
             assert time.monotonic() - started < 10
             time.sleep(0.02)
@@ -137,7 +144,7 @@ def test_auto_forks_at_most_four_whatever_the_node(monkeypatch: pytest.MonkeyPat
     # a pod without a CPU limit sees its node's 64 CPUs: 64 workers would not fit its memory
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(64)))
     assert usable_cpus(Path("/nonexistent/cpu.max")) == 64
-    monkeypatch.setattr("rotator.workers.usable_cpus", lambda: 64)
+    monkeypatch.setattr("rotator.rotation.workers.usable_cpus", lambda: 64)
     assert process_count("auto", 100_000, 32) == 4
     assert process_count(8, 100_000, 32) == 8  # a number is taken as it is
 
@@ -219,3 +226,39 @@ async def test_workers_rotate_on_either_journal(
         assert states[("prod", result.credential)].current_version_id == result.version_id
         live = sim.tokens(f"conn-{result.credential}", kind="access", status="active")
         assert [t["fingerprint"] for t in live] == [stored.tokens.access.fingerprint]
+
+
+def record_pid_then_hang(cfg: Config, _share: Sequence[Work], _report: Report) -> None:
+    (cfg.base_dir / f"worker-{os.getpid()}").touch()
+    time.sleep(600)  # stuck (a journal that never answers): it cannot drain
+
+
+def test_a_worker_that_cannot_drain_is_killed_after_the_drain(tmp_path: Path) -> None:
+    with Shares(config(tmp_path, drain="0s"), WORK, 2, record_pid_then_hang):
+        wait_until("both workers", lambda: len(list(tmp_path.glob("worker-*"))) == 2)
+        left = time.monotonic()
+    # SIGTERM first, then, the drain (0 s here) and 5 s later, SIGKILL: not the 600 s it would
+    # otherwise take
+    assert time.monotonic() - left < 60
+    for path in tmp_path.glob("worker-*"):
+        with pytest.raises(ProcessLookupError):  # killed and reaped
+            os.kill(int(path.name.removeprefix("worker-")), 0)
+
+
+async def test_a_stop_signal_before_the_drain_is_ready_is_kept_for_it(
+    make_runtime: Factory,
+) -> None:
+    # a run-due worker is told to stop while it still opens its runtime: the signal is kept
+    # (it used to kill the worker, whose share the run then reported as lost, exiting 1)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        signals.hold(signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        runtime = make_runtime()
+        async with Stopper(runtime, 1) as stopper:
+            assert stopper.signalled == signal.SIGTERM
+            result = await runtime.engine.rotate("prod", "a", actor="test", reason="test")
+        assert result.outcome == "parked"
+        assert signals.take() is None  # taken once
+    finally:
+        signal.signal(signal.SIGTERM, previous)

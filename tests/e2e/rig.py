@@ -21,7 +21,7 @@ from typing import Any
 
 import backends
 from rotator.crypto import generate_key
-from rotator.makini import SimServer
+from rotator.makini.sim import SimServer
 from rotator.model import StoredVersion, fingerprint
 from rotator.settings import load_config
 from tests.cli import RotatorCli

@@ -12,7 +12,7 @@ import pytest
 
 from rotator.crypto import generate_key
 from rotator.journal import Journal
-from rotator.makini import SimServer
+from rotator.makini.sim import SimServer
 from rotator.model import fingerprint
 from tests.cli import RotatorCli
 from tests.factories import SHORT_RETRY, config_toml, credentials, environment_table, file_backend

@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from rotator.makini import SimServer
+from rotator.makini.sim import SimServer
 from rotator.model import StoredVersion
 from tests.e2e.rig import MODES, Mode, Rig, fingerprints, values
 from tests.wait import lease_free, wait_until

@@ -17,7 +17,7 @@ import pytest
 
 from rotator.crypto import generate_key
 from rotator.journal import Journal
-from rotator.makini import SimServer
+from rotator.makini.sim import SimServer
 from tests.cli import RotatorCli
 from tests.factories import config_toml, environment_table, file_backend
 from tests.wait import wait_until

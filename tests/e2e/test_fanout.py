@@ -3,9 +3,10 @@ Manager primary on moto, Vault replica on a real OpenBao, Azure Key Vault replic
 emulator), rotated by the engine against the Makini simulator over a real socket.
 
 The configuration goes through :func:`rotator.settings.parse_config`, and the backends are
-built by :meth:`rotator.runtime.Runtime.open` exactly as in production; what cannot come from the
-file comes the way production gets it: AWS keys from the environment (boto3's chain), the Vault
-token from ``VAULT_TOKEN``, the Azure credential from :data:`backends.azure.credential_factory`.
+built by :meth:`rotator.rotation.runtime.Runtime.open` exactly as in production; what cannot
+come from the file comes the way production gets it: AWS keys from the environment (boto3's
+chain), the Vault token from ``VAULT_TOKEN``, the Azure credential from
+:data:`backends.azure.credential_factory`.
 
 A backend "going down" is a TCP gate in front of OpenBao that refuses connections (and cuts the
 open ones) until it is switched on again, on the same port.
@@ -26,13 +27,13 @@ import pytest
 import backends.azure as azure_module
 from backends.base import Backend
 from backends.vault import VaultBackend, VaultSettings
-from rotator.engine import RotationResult, Work
-from rotator.makini import SimServer
+from rotator.makini.sim import SimServer
 from rotator.model import Stage, StoredVersion
-from rotator.repair import PROBE_CREDENTIAL, probe, sync
-from rotator.runtime import Runtime
+from rotator.rotation.repair import PROBE_CREDENTIAL, probe, sync
+from rotator.rotation.runtime import Runtime
+from rotator.rotation.status import CredentialStatus, collect
+from rotator.rotation.work import RotationResult, Work
 from rotator.service import run_due_once
-from rotator.status import CredentialStatus, collect
 from tests.factories import Runtimes, environment, make_config
 from tests.servers.aws_server import MotoServer
 from tests.servers.keyvault_emulator import KeyVaultEmulator
@@ -548,8 +549,8 @@ async def test_run_due_workers_store_into_all_three_backends(
     # run-due's forked workers (exactly what `rotator run-due` forks) each build their own AWS,
     # Vault and Azure clients after the fork, and rotate their share into all three
     from rotator.cli.rotating import rotate_share
+    from rotator.rotation.workers import Shares
     from rotator.service import due_work
-    from rotator.workers import Shares
 
     runtime = fanout.runtime()
     work = await due_work(runtime)

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from rotator.makini import SimServer
+from rotator.makini.sim import SimServer
 from rotator.model import StoredVersion, utcnow
 from tests.e2e.rig import KILLED, MODES, A, B, Mode, Rig, fingerprints, values
 from tests.wait import ISSUE_ROUTE, wait_until

@@ -62,7 +62,7 @@ pytestmark = [pytest.mark.postgres, pytest.mark.e2e]
 
 PER_ENV = 100
 ENVS = ("kills", "keeps")
-INTERVAL_S = 30
+INTERVAL_S = 45
 LOCK_TTL_S = 5
 LATENCY_MS = 100
 RECOVERY_BOUND_S = 30

@@ -8,7 +8,7 @@ credential's next rotation, days later.
 Found by the fleet test: today the entry stays open, because it is recorded (``recorded_at``)
 a moment *after* the timestamp the resumed request is stamped with (``asked_at``), and
 ``unaccounted.after_issue`` resolves only entries recorded at or before it. The fix belongs to
-the issue step (``RotationEngine._issue``) or ``rotator.unaccounted``: see the report of
+the issue step (``RotationEngine._issue``) or ``rotator.rotation.unaccounted``: see the report of
 branch issue13-fleet."""
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 
-from rotator import unaccounted
 from rotator.crypto import generate_key
 from rotator.journal import Journal
+from rotator.rotation import unaccounted
 from tests.fleet.harness import Proc, Simulator
 from tests.wait import wait_until
 

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from rotator.crypto import generate_key
-from rotator.makini import SimServer
+from rotator.makini.sim import SimServer
 from tests.cli import RotatorCli
 from tests.wait import lease_free, wait_until
 

@@ -11,8 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import psycopg
 import pytest
 
-from rotator import migrate
-from rotator.journal import Journal
+from rotator.journal import Journal, migrate
 
 pytestmark = pytest.mark.postgres
 

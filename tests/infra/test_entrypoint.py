@@ -27,7 +27,7 @@ import httpx
 import pytest
 
 from rotator.crypto import generate_key
-from rotator.makini import SimOptions, SimServer
+from rotator.makini.sim import SimOptions, SimServer
 from tests.infra._infra import Render, container
 
 ROTATOR = Path(sys.executable).parent / "rotator"

@@ -222,12 +222,13 @@ def test_the_build_context_builds_the_distribution(tmp_path: Path) -> None:
     assert any(n.startswith("backends/") for n in names)
     assert re.search(r"^rotator = rotator\.cli:main$", text, re.M), text
     # the journal's migrations travel with the code: a container migrates its journal at start
-    from rotator import migrate
+    from rotator.journal import migrate
 
-    scripts = {n for n in names if n.startswith("rotator/migrations/")}
-    assert "rotator/migrations/env.py" in scripts
+    scripts = {n for n in names if n.startswith("rotator/journal/migrations/")}
+    assert "rotator/journal/migrations/env.py" in scripts
     for revision in migrate.REVISIONS:
-        assert any(n.startswith(f"rotator/migrations/versions/{revision}_") for n in scripts)
+        prefix = f"rotator/journal/migrations/versions/{revision}_"
+        assert any(n.startswith(prefix) for n in scripts)
 
 
 @pytest.mark.parametrize("dockerfile_text", ["FROM python:latest\nRUN curl x\n"])

@@ -15,7 +15,8 @@ import httpx
 import pytest
 
 from rotator.errors import MakiniError
-from rotator.makini import MakiniClient, SimServer
+from rotator.makini import MakiniClient
+from rotator.makini.sim import SimServer
 from rotator.settings import MakiniSettings, RetrySettings
 
 PROD, PROD_SECRET = "test-prod", "test-prod-secret"

@@ -26,7 +26,8 @@ from rotator.errors import (
     ServerError,
     WrongConnection,
 )
-from rotator.makini import MakiniClient, SimServer
+from rotator.makini import MakiniClient
+from rotator.makini.sim import SimServer
 from rotator.model import Secret
 from tests.makini.conftest import DEV, ClientFactory, FakeSleep, assert_clean
 

@@ -12,8 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from rotator.makini import SimOptions, SimServer, link_code
-from rotator.makini.sim import create_app
+from rotator.makini.sim import SimOptions, SimServer, create_app, link_code
 from rotator.model import fingerprint
 from tests.wait import wait_until
 

@@ -20,9 +20,10 @@ import uvicorn
 import uvloop
 
 from rotator.errors import MakiniTransient, MakiniUntrusted
-from rotator.makini import MakiniClient, SimOptions, SimServer
-from rotator.makini.sim_app import SimApp
-from rotator.makini.sim_state import SimState
+from rotator.makini import MakiniClient
+from rotator.makini.sim import SimOptions, SimServer
+from rotator.makini.sim.app import SimApp
+from rotator.makini.sim.state import SimState
 from rotator.makini.transport import AsyncioBackend, http_transport
 from tests.makini.conftest import PROD, PROD_SECRET, settings
 

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from rotator.makini import SimServer
+from rotator.makini.sim import SimServer
 from rotator.model import Stage, StoredVersion
-from rotator.revoke import CredentialReport, Revoker, RevokeRequest
-from rotator.runtime import Runtime
+from rotator.revoke import CredentialReport, Revoker, RevokeRequest, resume_held
+from rotator.rotation.runtime import Runtime
 from tests.factories import environment, make_config
 
 Factory = Callable[..., Runtime]
@@ -54,7 +54,7 @@ async def make_runtime(tmp_path: Path, sim: SimServer) -> AsyncIterator[Factory]
         }
         url = journal_url or f"sqlite:///{tmp_path / 'journal.db'}"
         config = make_config(tmp_path, url, envs, **(top or {}))
-        runtime = Runtime.open(config)
+        runtime = Runtime.open(config, resume_revoke=resume_held)
         opened.append(runtime)
         return runtime
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from rotator.crypto import generate_key
-from rotator.makini import SimServer
+from rotator.makini.sim import SimServer
 from rotator.model import fingerprint
 from tests.cli import RotatorCli
 

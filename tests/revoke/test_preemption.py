@@ -18,9 +18,9 @@ import pytest
 from rotator import faults
 from rotator.errors import LockBusy
 from rotator.journal import Rotation, Step
-from rotator.makini import SimServer
-from rotator.revoke import CredentialReport
-from rotator.runtime import Runtime
+from rotator.makini.sim import SimServer
+from rotator.revoke import CredentialReport, resume_held
+from rotator.rotation.runtime import Runtime
 from tests.revoke.conftest import Factory, current, readable_anywhere, revoke, status_of
 
 
@@ -32,7 +32,7 @@ def in_other_worker(
     errors: list[BaseException] = []
 
     async def main() -> None:
-        runtime = Runtime.open(config)
+        runtime = Runtime.open(config, resume_revoke=resume_held)
         try:
             out.append(await work(runtime))
         finally:

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import pytest
 
-from backends.memory import MemoryBackend
 from rotator import faults
 from rotator.errors import BackendUnavailable
-from rotator.makini import SimServer
+from rotator.makini.sim import SimServer
 from rotator.model import StoredVersion, utcnow
 from rotator.revoke import RevokeStep
-from rotator.schedule import RESUME, plan
+from rotator.rotation.schedule import RESUME, plan
+from rotator.rotation.status import collect
 from rotator.service import run_due_once
-from rotator.status import collect
+from tests.fakes.memory import MemoryBackend
 from tests.revoke.conftest import Factory, current, readable_anywhere, revoke, status_of
 
 
@@ -104,7 +104,7 @@ async def test_one_backend_down_then_resume(make_runtime: Factory, sim: SimServe
     [old, _] = current(runtime)
     assert old is not None
     rt = runtime.environments["prod"]
-    flaky = Flaky(rt.backends[0].settings, "prod")
+    flaky = Flaky(rt.backends[0].settings, "prod", stores=rt.backends[0].stores)
     rt.backends[0] = flaky
 
     [report] = await revoke(runtime, "a")

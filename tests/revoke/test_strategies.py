@@ -9,11 +9,12 @@ from typing import Any
 import pytest
 
 from rotator.journal import Rotation
-from rotator.makini import SimServer
+from rotator.makini.sim import SimServer
 from rotator.model import Stage, utcnow
 from rotator.revoke import Revoker, RevokeRequest, RevokeStep
-from rotator.runtime import Runtime
-from rotator.schedule import WAIT, plan
+from rotator.rotation.importing import import_pair
+from rotator.rotation.runtime import Runtime
+from rotator.rotation.schedule import WAIT, plan
 from tests.revoke.conftest import (
     REVOKE_PATH,
     Factory,
@@ -45,8 +46,8 @@ async def test_issue_kills_replaces_purges_and_confirms(
     assert old is not None
     dropped: list[tuple[str, str, str]] = []
     promoted: list[str] = []
-    runtime.engine.revoke_listeners.append(lambda e, c, v: dropped.append((e, c, v)))
-    runtime.engine.listeners.append(lambda e, c, v: promoted.append(v.version_id))
+    runtime.engine.events.revoked.subscribe(lambda e, c, v: dropped.append((e, c, v)))
+    runtime.engine.events.promoted.subscribe(lambda e, c, v: promoted.append(v.version_id))
 
     [report] = await revoke(runtime, "a")
 
@@ -117,7 +118,7 @@ async def test_refresh_strategy(make_runtime: Factory, sim: SimServer) -> None:
     )
     rt = runtime.environments["prod"]
     issued = await rt.makini.exchange_code(sim.link_code("conn-r", client_id="test-prod"), "cb")
-    await runtime.engine.import_pair("prod", "r", issued.tokens, actor="t", reason="bootstrap")
+    await import_pair(runtime.engine, "prod", "r", issued.tokens, actor="t", reason="bootstrap")
     [old, _] = current(runtime, "r")
     assert old is not None
 

@@ -1,7 +1,7 @@
-"""Makini webhooks: signature check, the journal queue, and the worker that processes it.
+"""Makini webhooks: the journal queue, and the worker that processes it.
 
-The receiver (``rotator.api.webhooks``) checks the HMAC-SHA256 of the raw body in constant time
-(base64 or hex, Makini's docs disagree), then :func:`enqueue` stores the event once per id and
+The receiver (``rotator.api.webhooks``) checks the signature
+(:mod:`rotator.webhooks.signature`), then :func:`enqueue` stores the event once per id and
 the receiver answers 200 at once. :class:`WebhookWorker` takes queued events, oldest event
 timestamp first, and acts:
 
@@ -19,28 +19,25 @@ else the SHA-256 of the raw body, so identical redeliveries dedupe. A header id 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import fnmatch
 import hashlib
-import hmac
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from json import JSONDecodeError
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from sqlalchemy import Integer, String, Text, UniqueConstraint, or_, select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Mapped, mapped_column
 
 from rotator.api.jsonbody import loads
 from rotator.errors import JournalError, MakiniError, NotFound
-from rotator.journal import Base, Journal, UTCDateTime
+from rotator.journal import Journal
+from rotator.journal.schema import WebhookEvent
 from rotator.model import utcnow
 
 if TYPE_CHECKING:
-    from rotator.engine import RotationEngine
+    from rotator.rotation.engine import RotationEngine
     from rotator.settings import Config, WebhookSettings
 
 log = structlog.get_logger("rotator.webhooks")
@@ -48,60 +45,6 @@ log = structlog.get_logger("rotator.webhooks")
 PENDING, WORKING, DONE, IGNORED, FAILED = "pending", "working", "done", "ignored", "failed"
 _CLAIM_LEASE = timedelta(minutes=5)
 MAX_ATTEMPTS = 5
-
-
-class WebhookEvent(Base):
-    __tablename__ = "webhook_events"
-    __table_args__ = (UniqueConstraint("environment", "webhook_id", name="uq_webhook_id"),)
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    environment: Mapped[str] = mapped_column(String(64), index=True)
-    webhook_id: Mapped[str] = mapped_column(String(200))
-    event_type: Mapped[str] = mapped_column(String(200), default="")
-    connection_id: Mapped[str | None] = mapped_column(String(200))
-    occurred_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    received_at: Mapped[datetime] = mapped_column(UTCDateTime)
-    payload: Mapped[str] = mapped_column(Text)
-    status: Mapped[str] = mapped_column(String(16), index=True, default=PENDING)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    processed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    outcome: Mapped[str | None] = mapped_column(Text)
-
-
-# --- the signature ---------------------------------------------------------------------------
-
-
-def sign(secret: bytes, body: bytes, encoding: str = "base64") -> str:
-    """The signature Makini sends: HMAC-SHA256 of the raw body, base64 or hex."""
-    digest = hmac.new(secret, body, hashlib.sha256).digest()
-    return digest.hex() if encoding == "hex" else base64.b64encode(digest).decode()
-
-
-def _decode(signature: str) -> bytes | None:
-    value = signature.strip().removeprefix("sha256=")
-    if len(value) == 64:
-        try:
-            return bytes.fromhex(value)
-        except ValueError:
-            return None
-    padded = value + "=" * (-len(value) % 4)
-    for altchars in (None, b"-_"):
-        try:
-            raw = base64.b64decode(padded, altchars=altchars, validate=True)
-        except (binascii.Error, ValueError):
-            continue
-        return raw if len(raw) == 32 else None
-    return None
-
-
-def signature_valid(secret: bytes, body: bytes, signature: str | None) -> bool:
-    """Constant-time check of a hex or base64 (standard or URL-safe) HMAC-SHA256 signature."""
-    if not signature or len(signature) > 200:
-        return False
-    given = _decode(signature)
-    expected = hmac.new(secret, body, hashlib.sha256).digest()
-    return hmac.compare_digest(expected, given if given is not None else b"\0" * 32)
 
 
 # --- the payload -----------------------------------------------------------------------------
@@ -322,8 +265,10 @@ class WebhookWorker:
         return IGNORED, "event type needs no action"
 
     async def _verify(self, env: str, cred: str) -> tuple[bool, str]:
+        from rotator.rotation.queries import verify_current
+
         try:
-            return await self.engine.verify_current(env, cred)
+            return await verify_current(self.engine, env, cred)
         except (MakiniError, NotFound) as exc:
             return False, exc.message
 

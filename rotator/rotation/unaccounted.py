@@ -28,63 +28,15 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Index, Integer, String, Table, Text, func, select, update
+from sqlalchemy import Table, func, select, update
 from sqlalchemy.engine import Connection
-from sqlalchemy.orm import Mapped, mapped_column
 
-from rotator.journal import Base, CredentialState, Journal, UTCDateTime
-from rotator.model import utcnow
+from rotator.clock import SYSTEM, Clock
+from rotator.journal import CredentialState, Journal
+from rotator.journal.schema import UnaccountedToken
 from rotator.settings import MakiniSettings
 
 OPEN, RESOLVED, ACKNOWLEDGED = "open", "resolved", "acknowledged"
-
-
-class UnaccountedToken(Base):
-    __tablename__ = "unaccounted_tokens"
-    __table_args__ = (
-        Index("ix_unaccounted_tokens_open", "environment", "credential", "status"),
-    )
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    environment: Mapped[str] = mapped_column(String(64))
-    credential: Mapped[str] = mapped_column(String(64))
-    connection_id: Mapped[str] = mapped_column(String(200))
-    rotation_id: Mapped[str | None] = mapped_column(String(36))
-    asked_at: Mapped[datetime] = mapped_column(UTCDateTime)
-    """When the request was sent (at the latest)."""
-    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime)
-    cause: Mapped[str] = mapped_column(Text)
-    request_id: Mapped[str | None] = mapped_column(String(200))
-    fingerprint: Mapped[str | None] = mapped_column(String(64))
-    """The token's fingerprint, where it was received (too late to be recorded)."""
-    live_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    """By when the token has expired at the latest, where known."""
-    status: Mapped[str] = mapped_column(String(16))
-    closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    closed_by: Mapped[str | None] = mapped_column(String(200))
-    resolution: Mapped[str | None] = mapped_column(Text)
-
-    def as_dict(self) -> dict[str, Any]:
-        def iso(at: datetime | None) -> str | None:
-            return at.isoformat() if at else None
-
-        return {
-            "id": self.id,
-            "environment": self.environment,
-            "credential": self.credential,
-            "connection_id": self.connection_id,
-            "rotation_id": self.rotation_id,
-            "asked_at": iso(self.asked_at),
-            "recorded_at": iso(self.recorded_at),
-            "cause": self.cause,
-            "request_id": self.request_id,
-            "fingerprint": self.fingerprint,
-            "live_until": iso(self.live_until),
-            "status": self.status,
-            "closed_at": iso(self.closed_at),
-            "closed_by": self.closed_by,
-            "resolution": self.resolution,
-        }
 
 
 _TABLE = cast(Table, UnaccountedToken.__table__)
@@ -106,7 +58,9 @@ class Lost:
     live_until: datetime | None = None
 
 
-def record(journal: Journal, conn: Connection, lost: Lost, *, actor: str) -> int:
+def record(
+    journal: Journal, conn: Connection, lost: Lost, *, actor: str, clock: Clock = SYSTEM
+) -> int:
     """Add an open entry, count it on the credential's state and audit it (in ``conn``'s
     transaction). Returns the entry's id.
 
@@ -114,7 +68,7 @@ def record(journal: Journal, conn: Connection, lost: Lost, *, actor: str) -> int
     before it was sent: a request already recorded is not recorded twice (a resume and the late
     answer of the same request, two resumes of one rotation), and the late answer, which names
     its token, closes the blind entry a resume recorded for it."""
-    now = utcnow()
+    now = clock.now()
     same_request = (
         (_TABLE.c.rotation_id == lost.rotation_id) & (_TABLE.c.asked_at == lost.asked_at)
         if lost.rotation_id is not None
@@ -169,12 +123,17 @@ def record(journal: Journal, conn: Connection, lost: Lost, *, actor: str) -> int
             RESOLVED,
             f"its answer arrived after all: entry {entry_id} names the token",
             actor,
+            now,
         )
     return int(entry_id)
 
 
 async def outlast(
-    makini: MakiniSettings, asked_at: datetime, *, gone_by: datetime | None = None
+    makini: MakiniSettings,
+    asked_at: datetime,
+    *,
+    gone_by: datetime | None = None,
+    clock: Clock = SYSTEM,
 ) -> float:
     """Before asking Makini again after a request whose answer was lost: wait until that request
     is surely over, at most one request timeout from now. Where Makini kills older tokens on
@@ -189,7 +148,7 @@ async def outlast(
     if makini.issue_invalidates_previous is False:
         return 0.0
     timeout = timedelta(seconds=makini.timeout_s)
-    now = utcnow()
+    now = clock.now()
     over = asked_at + timedelta(seconds=makini.retry.total_timeout_s) + timeout
     if gone_by is not None:
         over = min(over, gone_by + timeout)
@@ -204,6 +163,21 @@ Hook = Callable[[Connection, Any], None]
 """More work of a journal transaction that records a step: ``hook(conn, row)``."""
 
 
+def recording(
+    journal: Journal, lost: Lost | None, after: Hook | None, *, clock: Clock = SYSTEM
+) -> Hook | None:
+    """``after`` (if any), preceded by recording ``lost`` (if any) in the same transaction."""
+    if lost is None:
+        return after
+
+    def hook(conn: Connection, row: Any) -> None:
+        record(journal, conn, lost, actor=row.actor, clock=clock)
+        if after is not None:
+            after(conn, row)
+
+    return hook
+
+
 def settle_hook(
     journal: Journal,
     *,
@@ -211,6 +185,7 @@ def settle_hook(
     expires_at: datetime | None,
     late: timedelta,
     invalidates: bool,
+    clock: Clock = SYSTEM,
 ) -> Hook:
     """What the step that records a token issued by a request sent at ``asked_at`` does, in its
     own transaction, for the credential's open entries (see :func:`after_issue`)."""
@@ -227,6 +202,7 @@ def settle_hook(
             late=late,
             invalidates=invalidates,
             actor=row.actor,
+            now=clock.now(),
         )
 
     return settle
@@ -243,6 +219,7 @@ def after_issue(
     late: timedelta = timedelta(0),
     invalidates: bool,
     actor: str,
+    now: datetime | None = None,
 ) -> None:
     """A token was issued for the credential by a request sent at ``asked_at``: where Makini
     kills older tokens on issue, every entry recorded before that is resolved; otherwise the
@@ -253,7 +230,9 @@ def after_issue(
     was recorded), or at most ``late`` after (the request timeout: a gateway that gave up may
     leave Makini finishing the request): its latest expiry is ``recorded_at + late +
     lifetime``. Never earlier: an entry resolved before its token expired would hide a live
-    token. (Anchored on ``asked_at`` it would be early by however long the request took.)"""
+    token. (Anchored on ``asked_at`` it would be early by however long the request took.)
+    ``now``: the time of the transaction (the system clock's by default)."""
+    now = now or SYSTEM.now()
     where = _open(environment, credential)
     if invalidates:
         _close(
@@ -263,6 +242,7 @@ def after_issue(
             RESOLVED,
             "Makini killed it: issuing a newer token for the connection kills the older ones",
             actor,
+            now,
         )
         return
     if lifetime is not None and lifetime > timedelta(0):
@@ -275,31 +255,45 @@ def after_issue(
                 .where(_TABLE.c.id == entry_id)
                 .values(live_until=recorded_at + late + lifetime)
             )
-    _close(journal, conn, where & (_TABLE.c.live_until < utcnow()), RESOLVED, EXPIRED, actor)
+    _close(journal, conn, where & (_TABLE.c.live_until < now), RESOLVED, EXPIRED, actor, now)
 
 
 def resolve_all(
-    journal: Journal, conn: Connection, environment: str, credential: str, why: str, actor: str
+    journal: Journal,
+    conn: Connection,
+    environment: str,
+    credential: str,
+    why: str,
+    actor: str,
+    *,
+    clock: Clock = SYSTEM,
 ) -> int:
     """Resolve every open entry of a credential (its connection was disconnected)."""
-    return _close(journal, conn, _open(environment, credential), RESOLVED, why, actor)
+    where = _open(environment, credential)
+    return _close(journal, conn, where, RESOLVED, why, actor, clock.now())
 
 
 EXPIRED = "expired: its latest possible expiry has passed"
 
 
-def expire(journal: Journal, now: datetime | None = None) -> int:
-    """Resolve the open entries whose token has surely expired; how many."""
-    moment = now or utcnow()
+def expire(journal: Journal, now: datetime | None = None, *, clock: Clock = SYSTEM) -> int:
+    """Resolve the open entries whose token has surely expired (by ``now``); how many."""
+    moment = now or clock.now()
     where = (_TABLE.c.status == OPEN) & (_TABLE.c.live_until < moment)
     return journal.transaction(
         "resolve expired unaccounted tokens",
-        lambda conn: _close(journal, conn, where, RESOLVED, EXPIRED, "rotator"),
+        lambda conn: _close(journal, conn, where, RESOLVED, EXPIRED, "rotator", clock.now()),
     )
 
 
 def acknowledge(
-    journal: Journal, environment: str, ids: Sequence[int], *, actor: str, reason: str
+    journal: Journal,
+    environment: str,
+    ids: Sequence[int],
+    *,
+    actor: str,
+    reason: str,
+    clock: Clock = SYSTEM,
 ) -> list[int]:
     """Close open entries of ``environment`` by a person's word; the ids that were open."""
     where = (
@@ -310,7 +304,7 @@ def acknowledge(
 
     def work(conn: Connection) -> list[int]:
         found = [int(r[0]) for r in conn.execute(select(_TABLE.c.id).where(where)).all()]
-        _close(journal, conn, where, ACKNOWLEDGED, reason, actor)
+        _close(journal, conn, where, ACKNOWLEDGED, reason, actor, clock.now())
         return found
 
     return journal.transaction("acknowledge unaccounted tokens", work)
@@ -337,15 +331,21 @@ def _open(environment: str, credential: str) -> Any:
 
 
 def _close(
-    journal: Journal, conn: Connection, where: Any, status: str, why: str, actor: str
+    journal: Journal,
+    conn: Connection,
+    where: Any,
+    status: str,
+    why: str,
+    actor: str,
+    now: datetime,
 ) -> int:
     rows = conn.execute(
-        select(_TABLE.c.id, _TABLE.c.environment, _TABLE.c.credential, _TABLE.c.fingerprint)
-        .where(where)
+        select(_TABLE.c.id, _TABLE.c.environment, _TABLE.c.credential, _TABLE.c.fingerprint).where(
+            where
+        )
     ).all()
     if not rows:
         return 0
-    now = utcnow()
     conn.execute(
         update(_TABLE)
         .where(_TABLE.c.id.in_([r[0] for r in rows]))
@@ -391,7 +391,9 @@ def close(
     why: str,
     actor: str,
     status: str = RESOLVED,
+    *,
+    clock: Clock = SYSTEM,
 ) -> int:
     """Close these entries (those still open) in ``conn``'s transaction."""
     where = _TABLE.c.id.in_(list(ids)) & (_TABLE.c.status == OPEN)
-    return _close(journal, conn, where, status, why, actor)
+    return _close(journal, conn, where, status, why, actor, clock.now())

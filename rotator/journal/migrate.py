@@ -1,4 +1,4 @@
-"""The journal's schema, owned by migrations (Alembic, ``rotator/migrations/versions``).
+"""The journal's schema, owned by migrations (Alembic, ``rotator/journal/migrations``).
 
 Every process that opens a journal checks its revision (one query). Where it is behind, the
 process migrates it under a lock that every other process takes too: a PostgreSQL advisory lock
@@ -26,13 +26,14 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DatabaseError, SQLAlchemyError
 
 from rotator.errors import JournalError
+from rotator.journal._sqlite import WRITER_FLAG
 
 try:
     import fcntl
 except ImportError:  # not POSIX: SQLite's own write lock alone orders the migrators
     fcntl = None  # type: ignore[assignment]
 
-REVISIONS = ("0001", "0002")
+REVISIONS = ("0001", "0002", "0003")
 """Every revision this release knows, oldest first (a test checks them against the scripts)."""
 HEAD = REVISIONS[-1]
 SCRIPTS = Path(__file__).parent / "migrations"
@@ -108,7 +109,7 @@ def upgrade(engine: Engine, where: str, lock_file: str | None) -> tuple[str | No
         engine.connect() as conn,
     ):
         if conn.dialect.name == "sqlite":
-            conn.info["rotator_journal_writer"] = True  # BEGIN IMMEDIATE: the write lock
+            conn.info[WRITER_FLAG] = True  # BEGIN IMMEDIATE: the write lock
         try:
             with conn.begin():
                 if conn.dialect.name == "postgresql":
@@ -116,21 +117,23 @@ def upgrade(engine: Engine, where: str, lock_file: str | None) -> tuple[str | No
                 before = revision(conn)
                 _refuse_newer(SchemaState(before), where)
                 if before != HEAD:
-                    _alembic_upgrade(conn)
+                    run_scripts(conn)
                     log.info("journal.migrated", journal=where, before=before, after=HEAD)
         finally:
-            conn.info.pop("rotator_journal_writer", None)
+            conn.info.pop(WRITER_FLAG, None)
     return before, HEAD
 
 
-def _alembic_upgrade(conn: Connection) -> None:
+def run_scripts(conn: Connection, target: str = HEAD) -> None:
+    """Run the migration scripts up to ``target`` on ``conn``, in its transaction, without the
+    lock and the checks of :func:`upgrade` (which is what a process uses)."""
     from alembic import command
     from alembic.config import Config
 
     config = Config()
     config.set_main_option("script_location", str(SCRIPTS))
     config.attributes["connection"] = conn
-    command.upgrade(config, HEAD)
+    command.upgrade(config, target)
 
 
 def _refuse_newer(found: SchemaState, where: str) -> None:

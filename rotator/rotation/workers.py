@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
@@ -28,8 +29,9 @@ from typing import Any, Literal
 
 import structlog
 
-from rotator.engine import RotationResult, Work
+from rotator import signals
 from rotator.errors import RotatorError
+from rotator.rotation.work import Outcome, RotationResult, Work
 from rotator.settings import Config
 
 log = structlog.get_logger("rotator.workers")
@@ -43,6 +45,9 @@ AUTO_MAX = 4
 """Most workers ``auto`` forks. A pod without a CPU limit sees every CPU of its node, and 64
 workers would take about 1.3 GB where the CronJob allows 384 MiB; past a few workers the
 journal's one writer at a time and Makini's limits bound a run anyway."""
+_KILL_AFTER_DRAIN_S = 5.0
+"""How long past its drain a worker told to stop may take before it is killed."""
+
 
 
 def usable_cpus(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
@@ -119,6 +124,7 @@ class Shares:
         self._rotate = rotate
         self._workers: list[tuple[BaseProcess, Connection, list[Work]]] = []
         self._previous: dict[int, Any] = {}
+        self._drain_s = config.scheduler.drain.total_seconds()
 
     def __enter__(self) -> Shares:
         """Fork the workers. ``rotate(config, share, report)`` is what each runs: it calls
@@ -179,11 +185,16 @@ class Shares:
 
     def __exit__(self, *exc: object) -> None:
         stopped = 0
-        for proc, conn, _share in self._workers:
+        for proc, _conn, _share in self._workers:
             if proc.is_alive():
-                proc.terminate()
+                proc.terminate()  # a worker drains on it (or parks its share if not started)
                 stopped += 1
-            proc.join()
+        deadline = time.monotonic() + self._drain_s + _KILL_AFTER_DRAIN_S
+        for proc, conn, _share in self._workers:
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():  # stuck before it could drain: its journal resumes the rest
+                proc.kill()
+                proc.join()
             conn.close()
         if stopped:
             log.warning(
@@ -215,15 +226,16 @@ def _report_lost(
     log.error("run_due.worker_lost", pid=proc.pid, exit=how, unreported=len(missing))
     for w in missing:
         results[(w.environment, w.credential)] = RotationResult(
-            w.environment, w.credential, "failed", error=error
+            w.environment, w.credential, Outcome.FAILED, error=error
         )
 
 
 def _worker(config: Config, share: list[Work], send: Connection, rotate: Rotate) -> None:
     # the parent answers Ctrl-C (the terminal sends it to the whole group) and passes it on
-    # as SIGTERM, which the worker's run drains on (rotator.service.Stopper)
+    # as SIGTERM, which the worker's run drains on (rotator.service.Stopper); one that comes
+    # while the worker is still opening its runtime is kept for the Stopper, not fatal
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signals.hold(signal.SIGTERM)
     try:
         rotate(config, share, send.send)
     finally:

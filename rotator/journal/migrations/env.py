@@ -1,7 +1,7 @@
 """Alembic's entry point for the journal's migrations.
 
-The rotator runs migrations itself (``rotator.migrate``), on a connection it has already opened,
-locked and put in a transaction; it hands that connection over in ``config.attributes``.
+The rotator runs migrations itself (``rotator.journal.migrate``), on a connection it has already
+opened, locked and put in a transaction; it hands that connection over in ``config.attributes``.
 """
 
 from __future__ import annotations

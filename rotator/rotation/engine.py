@@ -26,168 +26,47 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import itertools
 import json
 import os
 import socket
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 import structlog
 from sqlalchemy.engine import Connection
 
-from backends.base import Backend
-from rotator import faults, unaccounted
-from rotator.crypto import KeyRing
+from rotator import faults
+from rotator.clock import SYSTEM, Clock
 from rotator.errors import (
-    BackendError,
-    CryptoError,
     InvalidToken,
     LeaseLost,
     LockBusy,
     MakiniError,
     MakiniRejected,
-    MakiniTransient,
-    MakiniUntrusted,
     RotationError,
     RotatorError,
     Stopping,
 )
-from rotator.journal import DriveStart, Journal, Rotation, Step
-from rotator.leases import Lease, LeaseKeeper
-from rotator.makini import MakiniClient
-from rotator.model import Stage, StoredVersion, TokenPair, new_version_id, utcnow
-from rotator.schedule import plan_credential
-from rotator.settings import CredentialSettings, EnvironmentSettings
+from rotator.journal import DriveStart, Journal, Lease, LeaseKeeper, Rotation, Step
+from rotator.model import Stage, StoredVersion, TokenPair, new_version_id
+from rotator.rotation import unaccounted
+from rotator.rotation.environment import EnvironmentRuntime
+from rotator.rotation.events import Events
+from rotator.rotation.schedule import plan_credential
+from rotator.rotation.sealing import seal, unseal
+from rotator.rotation.work import Outcome, RotationResult, Work
+from rotator.rotation.worker import Worker
+from rotator.settings import CredentialSettings
 
 log = structlog.get_logger("rotator.engine")
-T = TypeVar("T")
-
-PromotionListener = Callable[[str, str, StoredVersion], None]
-
-
-@dataclass
-class EnvironmentRuntime:
-    """Everything one environment needs at run time; built from its settings.
-
-    The Makini client and the sealing key are only needed to rotate; where their secret is
-    missing the runtime still serves reads (status, get) and raises the stored ConfigError,
-    which names the missing variable, when a rotation touches them.
-    """
-
-    name: str
-    settings: EnvironmentSettings
-    backends: list[Backend]
-    makini_client: MakiniClient | None = None
-    sealing_keys: KeyRing | None = None
-    missing: RotatorError | None = None
-
-    @property
-    def primary(self) -> Backend:
-        return self.backends[0]
-
-    @property
-    def makini(self) -> MakiniClient:
-        if self.makini_client is None:
-            raise self.missing or RotationError(f"environment {self.name} has no Makini client")
-        return self.makini_client
-
-    @property
-    def sealer(self) -> KeyRing:
-        if self.sealing_keys is None:
-            raise self.missing or RotationError(f"environment {self.name} has no sealing key")
-        return self.sealing_keys
-
-
-@dataclass
-class RotationResult:
-    environment: str
-    credential: str
-    outcome: str
-    """rotated | retired | waiting | rolled_back | failed | busy | deferred | parked | nothing
-    | revoked"""
-    rotation_id: str | None = None
-    version_id: str | None = None
-    step: str | None = None
-    error: str | None = None
-    duration_s: float = 0.0
-    detail: str | None = None
-    """Why nothing was done (``nothing``), or where a parked drive stopped."""
-
-    @property
-    def ok(self) -> bool:
-        return self.outcome in (
-            "rotated", "retired", "waiting", "nothing", "busy", "revoked", "parked"
-        )
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "environment": self.environment,
-            "credential": self.credential,
-            "outcome": self.outcome,
-            "rotation_id": self.rotation_id,
-            "version_id": self.version_id,
-            "step": self.step,
-            "error": self.error,
-            "detail": self.detail,
-            "duration_s": round(self.duration_s, 3),
-        }
-
-
-@dataclass(frozen=True)
-class Work:
-    """One credential to drive."""
-
-    environment: str
-    credential: str
-    reason: str
-    forced: bool = False
-    """Rotate now, whatever the schedule says (a person or the admin API asked). Otherwise the
-    schedule decides, again, once the lease is held."""
-    seen_version: str | None = None
-    seen: bool = False
-    """Forced work: ``seen_version`` is the current version the requester saw (``None``: no
-    token). A new rotation starts only if it is still current under the lease; a rotation
-    another worker made since is not repeated. Unseen forced work is pinned to the current
-    version when the engine receives it."""
 
 
 def default_owner() -> str:
     return f"{socket.gethostname()[:60]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
-def journal_aad(env: str, cred: str, version_id: str) -> str:
-    """What a token sealed into a journal row is bound to (it opens for that row only)."""
-    return f"journal/{env}/{cred}/{version_id}"
-
-
-def unseal(
-    rt: EnvironmentRuntime, cred: CredentialSettings, row: Rotation, version_id: str | None = None
-) -> StoredVersion:
-    """The token pair a journal row holds sealed (its new version's, or ``version_id``'s: a
-    retiring row holds its old pair). Raises CryptoError naming the sealing key."""
-    assert row.sealed is not None
-    vid = version_id or row.version_id
-    try:
-        plain = rt.sealer.open(row.sealed, journal_aad(rt.name, cred.name, vid))
-    except CryptoError as exc:
-        raise CryptoError(
-            f"cannot unseal the token held by journal row {row.id}: {exc.message}",
-            where=f"sealing key of environment {rt.name}",
-            hint=exc.hint or "configure the sealing key this journal was written with",
-        ) from exc
-    return StoredVersion.from_json(plain)
-
-
-def seal(rt: EnvironmentRuntime, version: StoredVersion) -> bytes:
-    """``version`` sealed for the journal, bound to its own version id."""
-    aad = journal_aad(rt.name, version.credential, version.version_id)
-    return rt.sealer.seal(version.to_json().encode(), aad)
 
 
 @dataclass
@@ -210,7 +89,7 @@ class _Drive:
     """The ``asked_at`` stamped on the row for the request in flight: with the rotation, what
     names the request in ``unaccounted_tokens``."""
     unaccounted: int = 0
-    """Open unaccounted tokens of the credential (see :mod:`rotator.unaccounted`)."""
+    """Open unaccounted tokens of the credential (see :mod:`rotator.rotation.unaccounted`)."""
     holder_gone_by: datetime | None = None
     """Where this drive took the lease over from a holder that stopped renewing it: by when that
     holder was gone (it renews every third of the lease, so it missed the renewal due two
@@ -225,6 +104,11 @@ class _Drive:
         return f"{self.rt.name}/{self.cred.name}"
 
 
+RevokeResumer = Callable[["RotationEngine", str, str, Rotation, Lease], Awaitable[RotationResult]]
+"""Finishes an unfinished emergency revoke of a credential whose lease the caller holds
+(environment, credential, the revoke's row, the lease)."""
+
+
 class RotationEngine:
     def __init__(
         self,
@@ -234,31 +118,45 @@ class RotationEngine:
         concurrency: int = 32,
         owner: str | None = None,
         retry_after_failure: timedelta = timedelta(minutes=10),
+        clock: Clock = SYSTEM,
+        resume_revoke: RevokeResumer | None = None,
     ) -> None:
+        """``resume_revoke``: what a drive does when it finds an unfinished emergency revoke of
+        its credential (without one, it leaves the revoke to ``rotator revoke --resume``)."""
         self.journal = journal
         self.environments = environments
         self.owner = owner or default_owner()
         self.concurrency = concurrency
         self.retry_after_failure = retry_after_failure
-        self._executor = ThreadPoolExecutor(
-            max_workers=max(4, concurrency), thread_name_prefix="rotator-io"
-        )
+        self.clock = clock
+        self.resume_revoke = resume_revoke
+        self.worker = Worker(journal, threads=max(4, concurrency))
         self.leases = LeaseKeeper(
             journal.lock_ttl.total_seconds(),
-            lambda owners: self._journal(journal.renew_many, owners),
-            lambda name, holder: self._journal(journal.renew, name, holder),
+            lambda owners: self.worker.journal(journal.renew_many, owners),
+            lambda name, holder: self.worker.journal(journal.renew, name, holder),
+            clock=clock,
         )
+        self.events = Events()
         self._drives = itertools.count(1)
-        self.listeners: list[PromotionListener] = []
-        self.revoke_listeners: list[Callable[[str, str, str], None]] = []
-        """Called with (environment, credential, version id) right after an emergency revoke
-        made a version unreadable in the backends (readers' caches drop it)."""
-        self.result_listeners: list[Callable[[RotationResult], None]] = []
-        self.active = 0
-        """Drives in progress (the drain waits for them)."""
+        self._active = 0
         self.stopping = False
         """Set by :meth:`stop`: no drive starts, nor a new rotation; drives in flight go on."""
         self._driving: set[asyncio.Task[Any]] = set()
+
+    @property
+    def active(self) -> int:
+        """Drives and revokes in progress (the drain waits for them)."""
+        return self._active
+
+    @contextlib.contextmanager
+    def working(self) -> Iterator[None]:
+        """Count work outside a drive (a revoke) as in progress while the block runs."""
+        self._active += 1
+        try:
+            yield
+        finally:
+            self._active -= 1
 
     @property
     def driving(self) -> set[asyncio.Task[Any]]:
@@ -266,7 +164,7 @@ class RotationEngine:
         return set(self._driving)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True)
+        self.worker.close()
 
     async def aclose(self) -> None:
         """Stop the heartbeat, give back any lease still held, and stop the worker threads."""
@@ -277,35 +175,13 @@ class RotationEngine:
 
     def new_lease(self, env: str, name: str, kind: str = "drive") -> Lease:
         """A lease on ``env/name`` under a holder name of its own (this process, this drive)."""
-        return Lease(f"{env}/{name}", f"{self.owner}/{kind}-{next(self._drives)}")
+        return self.leases.new(f"{env}/{name}", f"{self.owner}/{kind}-{next(self._drives)}")
 
-    async def _io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run blocking work (backends, the journal) on the engine's worker threads. Cancelled,
-        it still waits for the thread's call to return: nothing this drive started outside the
-        process runs on once the drive has stopped (and its lease may be given back)."""
-        call = functools.partial(fn, *args, **kwargs)
-        future = asyncio.get_running_loop().run_in_executor(self._executor, call)
-        try:
-            return await asyncio.shield(future)
-        except asyncio.CancelledError:
-            await asyncio.wait([future])
-            raise
-
-    async def _journal(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run a function that touches nothing but the journal: on SQLite inside the journal
-        writer's current batch (no worker thread in between), elsewhere on a worker thread."""
-        call = functools.partial(fn, *args, **kwargs)
-        future = self.journal.submit_async(call)
-        if future is None:
-            return await self._io(call)
-        return await future
-
-    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
-        """A quick read of the journal (a lease, a row): inline on SQLite, where reading the
-        local file costs less than handing the call to a thread; elsewhere on a worker thread."""
-        if self.journal.is_sqlite:
-            return fn(*args)
-        return await self._io(fn, *args)
+    async def fence(self, lease: Lease, where: str) -> None:
+        """Stop (LeaseLost) unless ``lease`` is still held, before a write outside the journal
+        (see :mod:`rotator.leases`). Every write of a drive or a revoke to a backend or to
+        Makini is fenced by it."""
+        await self.leases.check(lease, where)
 
     def _release(self, d: _Drive) -> asyncio.Task[None]:
         """Give the lease back, as a task: on SQLite the release joins the writer's queue
@@ -315,21 +191,11 @@ class RotationEngine:
 
         async def release() -> None:
             try:
-                await self._journal(self.journal.release, *d.lease.key)
+                await self.worker.journal(self.journal.release, *d.lease.key)
             except RotatorError as exc:
                 log.warning("lock.release_failed", lock=d.lease.name, error=exc.message)
 
         return asyncio.ensure_future(release())
-
-    async def _each_backend(self, rt: EnvironmentRuntime, fn: Callable[[Backend], T]) -> list[T]:
-        """Run ``fn`` on every backend at once; raise the first error after all have finished."""
-        results = await asyncio.gather(
-            *(self._io(fn, b) for b in rt.backends), return_exceptions=True
-        )
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
-        return results  # type: ignore[return-value]
 
     def runtime(self, env: str) -> EnvironmentRuntime:
         return self.environments[env]
@@ -360,7 +226,7 @@ class RotationEngine:
         held = self.leases.forget_all()
         if held:
             try:
-                await self._journal(self.journal.release_many, held)
+                await self.worker.journal(self.journal.release_many, held)
             except RotatorError as exc:
                 log.warning("lock.release_failed", leases=len(held), error=exc.message)
         return len(cancelled)
@@ -433,7 +299,7 @@ class RotationEngine:
             return items
         states: dict[tuple[str, str], Any] = {}
         for env in envs:
-            states.update(await self._io(self.journal.states, env))
+            states.update(await self.worker.call(self.journal.states, env))
 
         def pin(w: Work) -> Work:
             if not w.forced or w.seen:
@@ -452,14 +318,14 @@ class RotationEngine:
         rt = self.runtime(env)
         cred = rt.settings.credential(name, env)
         if self.stopping:
-            parked = RotationResult(env, name, "parked", detail="the process is stopping")
+            parked = RotationResult(env, name, Outcome.PARKED, detail="the process is stopping")
             return parked, None
         started = asyncio.get_running_loop().time()
         d = _Drive(rt, cred, self.new_lease(env, name))
         task = asyncio.current_task()
         if task is not None:
             self._driving.add(task)
-        self.active += 1
+        self._active += 1
         try:
             result = await self._drive_locked(d, work, actor)
         except asyncio.CancelledError:
@@ -469,7 +335,7 @@ class RotationEngine:
             result = RotationResult(
                 env,
                 name,
-                "parked",
+                Outcome.PARKED,
                 detail="stopped mid-step by the drain; the next run resumes it from the last "
                 "journaled step",
             )
@@ -477,16 +343,15 @@ class RotationEngine:
             if task is not None:
                 self._driving.discard(task)
             if d.released is None:
-                self.active -= 1
+                self._active -= 1
             else:
                 d.released.add_done_callback(self._drive_finished)
         result.duration_s = asyncio.get_running_loop().time() - started
-        for listener in self.result_listeners:
-            listener(result)
+        self.events.result.publish(result)
         return result, d.released
 
     def _drive_finished(self, _: object) -> None:
-        self.active -= 1
+        self._active -= 1
 
     # the drive -------------------------------------------------------------------------------
 
@@ -494,12 +359,14 @@ class RotationEngine:
         env, name = d.rt.name, d.cred.name
         rot: Rotation | None = None
         try:
-            start = await self._journal(self.journal.begin_drive, d.lease.key, env, name)
+            start = await self.worker.journal(self.journal.begin_drive, d.lease.key, env, name)
         except RotatorError as exc:  # the journal failed: nothing was started
             log.warning("rotation.stopped", environment=env, credential=name, error=exc.message)
-            return RotationResult(env, name, "failed", error=exc.message)
+            return RotationResult(env, name, Outcome.FAILED, error=exc.message)
         if not start.taken:
-            return RotationResult(env, name, "busy", error="another worker holds this credential")
+            return RotationResult(
+                env, name, Outcome.BUSY, error="another worker holds this credential"
+            )
         self.leases.add(d.lease)
         try:
             if start.revoke is not None:  # an unfinished emergency revoke comes first
@@ -508,13 +375,15 @@ class RotationEngine:
             action, why = self._decide(d, work, start)
             if action is None:
                 return RotationResult(
-                    env, name, "nothing", rotation_id=rot.id if rot else None, detail=why
+                    env, name, Outcome.NOTHING, rotation_id=rot.id if rot else None, detail=why
                 )
             d.unaccounted = start.state.unaccounted if start.state else 0
             if start.expired_holder is not None:
                 d.holder_gone_by = start.expired_holder - self.journal.lock_ttl * 2 / 3
-            if action == "rotate" and rot is not None and rot.step in (
-                Step.PROMOTED, Step.RETIRING
+            if (
+                action == "rotate"
+                and rot is not None
+                and rot.step in (Step.PROMOTED, Step.RETIRING)
             ):
                 rot = await self._retire(d, rot, early=rot.step == Step.PROMOTED)
                 rot = None
@@ -547,23 +416,21 @@ class RotationEngine:
             d.cred,
             state,
             start.rotation,
-            utcnow(),
+            self.clock.now(),
             self.retry_after_failure,
         )
         if not item.is_due:
             return None, f"no longer due: {item.reason}"
         return item.action, item.reason
 
-    async def _stopped(
-        self, d: _Drive, rot: Rotation | None, exc: RotatorError
-    ) -> RotationResult:
+    async def _stopped(self, d: _Drive, rot: Rotation | None, exc: RotatorError) -> RotationResult:
         env, name = d.rt.name, d.cred.name
         if rot is not None:
-            rot = await self._journal(self.journal.rotation, rot.id) or rot
+            rot = await self.worker.journal(self.journal.rotation, rot.id) or rot
             if not isinstance(exc, LockBusy):  # lost, parked or pre-empted: not our state
                 dead = await self._old_is_dead(d, rot)
                 with contextlib.suppress(LockBusy):  # lost meanwhile: the holder reports
-                    await self._journal(self._record_failure, d, rot, exc, dead)
+                    await self.worker.journal(self._record_failure, d, rot, exc, dead)
         parked = isinstance(exc, Stopping)
         step = rot.step if rot else None
         if parked:
@@ -573,11 +440,11 @@ class RotationEngine:
                 "rotation.stopped", environment=env, credential=name, step=step, error=exc.message
             )
         if parked:
-            outcome = "parked"
+            outcome = Outcome.PARKED
         elif rot is not None and rot.is_open:
-            outcome = "deferred"
+            outcome = Outcome.DEFERRED
         else:
-            outcome = "failed"
+            outcome = Outcome.FAILED
         return RotationResult(
             env,
             name,
@@ -591,9 +458,17 @@ class RotationEngine:
 
     async def _resume_revoke(self, d: _Drive, row: Rotation) -> RotationResult:
         """Finish an unfinished revoke (this drive holds the lease) instead of rotating."""
-        from rotator.revoke import resume_held
-
-        return await resume_held(self, d.rt.name, d.cred.name, row, d.lease)
+        if self.resume_revoke is None:
+            return RotationResult(
+                d.rt.name,
+                d.cred.name,
+                Outcome.DEFERRED,
+                rotation_id=row.id,
+                step=row.step,
+                error="an emergency revoke of this credential is unfinished: "
+                f"`rotator revoke {d.rt.name} {d.cred.name} --resume` finishes it",
+            )
+        return await self.resume_revoke(self, d.rt.name, d.cred.name, row, d.lease)
 
     async def _old_is_dead(self, d: _Drive, rot: Rotation) -> bool | None:
         """For a rotation stopped after issue: did Makini kill the old token? (None: unknown)"""
@@ -608,7 +483,7 @@ class RotationEngine:
         self, d: _Drive, rot: Rotation, exc: RotatorError, old_dead: bool | None
     ) -> None:
         values: dict[str, Any] = {
-            "last_attempt_at": utcnow(),
+            "last_attempt_at": self.clock.now(),
             "last_outcome": "error",
             "last_error": exc.message,
         }
@@ -644,21 +519,22 @@ class RotationEngine:
             rot = await steps[rot.step](d, rot)
             promoted_now = promoted_now or rot.step == Step.PROMOTED
             faults.checkpoint(rot.step, d.cred.name)
-        outcome = {Step.ROLLED_BACK: "rolled_back", Step.FAILED: "failed"}.get(rot.step)
+        ended = {Step.ROLLED_BACK: Outcome.ROLLED_BACK, Step.FAILED: Outcome.FAILED}
+        outcome = ended.get(Step(rot.step))
         if rot.step == Step.RETIRING or (
             rot.step == Step.PROMOTED
             and rot.retire_after is not None
-            and rot.retire_after <= utcnow()
+            and rot.retire_after <= self.clock.now()
         ):
             rot = await self._retire(d, rot, last=True)
             faults.checkpoint(rot.step, d.cred.name)
-            outcome = "rotated" if promoted_now else "retired"
+            outcome = Outcome.ROTATED if promoted_now else Outcome.RETIRED
         elif rot.step == Step.PROMOTED:
-            outcome = "rotated" if promoted_now else "waiting"
+            outcome = Outcome.ROTATED if promoted_now else Outcome.WAITING
         return RotationResult(
             d.rt.name,
             d.cred.name,
-            outcome or "nothing",
+            outcome or Outcome.NOTHING,
             rotation_id=rot.id,
             version_id=rot.version_id,
             step=rot.step,
@@ -666,7 +542,7 @@ class RotationEngine:
         )
 
     async def _begin(self, d: _Drive, reason: str, actor: str) -> Rotation:
-        current = await self._io(d.rt.primary.read, d.cred.name, Stage.CURRENT)
+        current = await self.worker.call(d.rt.primary.read, d.cred.name, Stage.CURRENT)
         if d.cred.method == "refresh" and (current is None or current.tokens.refresh is None):
             raise RotationError(
                 f"credential {d.cred.name} uses the refresh grant but the primary backend "
@@ -675,7 +551,7 @@ class RotationEngine:
                 hint=f"bootstrap it once: rotator import {d.rt.name} {d.cred.name} "
                 "(a token pair from Makini Link), then rotations continue on their own",
             )
-        now = utcnow()
+        now = self.clock.now()
         rot = Rotation(
             id=str(uuid.uuid4()),
             environment=d.rt.name,
@@ -694,7 +570,7 @@ class RotationEngine:
             asked_at=now,
             notes="[]",
         )
-        await self._journal(self.journal.add_rotation, rot, lease=d.lease.key)
+        await self.worker.journal(self.journal.add_rotation, rot, lease=d.lease.key)
         d.old = current
         log.info(
             "rotation.started",
@@ -728,14 +604,19 @@ class RotationEngine:
                 )
                 rot = await self._commit(d, rot, {"asked_at": None}, lost=unanswered)
                 await unaccounted.outlast(
-                    d.rt.settings.makini, unanswered.asked_at, gone_by=d.holder_gone_by
+                    d.rt.settings.makini,
+                    unanswered.asked_at,
+                    gone_by=d.holder_gone_by,
+                    clock=self.clock,
                 )
                 await self._fence(d)
-            rot = await self._commit(d, rot, {"attempts": rot.attempts + 1, "asked_at": utcnow()})
+            rot = await self._commit(
+                d, rot, {"attempts": rot.attempts + 1, "asked_at": self.clock.now()}
+            )
         # stamped after every unaccounted entry recorded so far (the one just recorded too):
         # the request goes out after them all, so where Makini kills older tokens on issue, a
         # token it brings kills theirs
-        d.asked_at = utcnow()
+        d.asked_at = self.clock.now()
         d.request = rot.asked_at
         try:
             issued = await self._ask_makini(d, rot)
@@ -762,7 +643,7 @@ class RotationEngine:
             credential=d.cred.name,
             version_id=rot.version_id,
             tokens=issued.tokens,
-            created_at=utcnow(),
+            created_at=self.clock.now(),
         )
         d.new = version
         invalidates = d.rt.settings.makini.issue_invalidates_previous
@@ -817,6 +698,7 @@ class RotationEngine:
             expires_at=tokens.expires_at,
             late=timedelta(seconds=d.rt.settings.makini.timeout_s),
             invalidates=invalidates,
+            clock=self.clock,
         )
 
     async def _account_late_token(self, d: _Drive, rot: Rotation, version: StoredVersion) -> None:
@@ -830,7 +712,7 @@ class RotationEngine:
             credential=d.cred.name,
             connection_id=d.cred.connection_id,
             rotation_id=rot.id,
-            asked_at=d.request or d.asked_at or utcnow(),
+            asked_at=d.request or d.asked_at or self.clock.now(),
             cause="Makini's answer arrived after this worker lost the credential's lease (it was "
             "paused or cut off for longer than journal.lock_ttl), so the token was not stored",
             fingerprint=tokens.access.fingerprint,
@@ -838,7 +720,7 @@ class RotationEngine:
         )
 
         def report(conn: Connection) -> None:
-            entry = unaccounted.record(self.journal, conn, lost, actor=rot.actor)
+            entry = unaccounted.record(self.journal, conn, lost, actor=rot.actor, clock=self.clock)
             if revoked:
                 unaccounted.close(
                     self.journal,
@@ -846,10 +728,11 @@ class RotationEngine:
                     [entry],
                     "revoked at makini.revoke_path as soon as it arrived",
                     rot.actor,
+                    clock=self.clock,
                 )
 
         try:
-            await self._journal(self.journal.transaction, "report a late token", report)
+            await self.worker.journal(self.journal.transaction, "report a late token", report)
         except RotatorError as exc:
             log.error(
                 "rotation.late_token_unrecorded",
@@ -872,15 +755,8 @@ class RotationEngine:
     ) -> Rotation:
         """Record a step of ``rot`` under the drive's lease (with an unaccounted token to
         report, and more work of the same transaction)."""
-        hook = after
-        if lost is not None:
-
-            def hook(conn: Connection, row: Rotation) -> None:
-                unaccounted.record(self.journal, conn, lost, actor=row.actor)
-                if after is not None:
-                    after(conn, row)
-
-        return await self._journal(
+        hook = unaccounted.recording(self.journal, lost, after, clock=self.clock)
+        return await self.worker.journal(
             self.journal.commit_step, rot.id, values, lease=d.lease.key, after=hook, **kw
         )
 
@@ -902,7 +778,7 @@ class RotationEngine:
             return None
         if d.old is not None and d.old.version_id == rot.old_version_id:
             return d.old
-        return await self._io(d.rt.primary.read_version, d.cred.name, rot.old_version_id)
+        return await self.worker.call(d.rt.primary.read_version, d.cred.name, rot.old_version_id)
 
     def _unseal(self, d: _Drive, rot: Rotation) -> StoredVersion:
         if rot.sealed is None:
@@ -912,7 +788,7 @@ class RotationEngine:
                 rotation_id=rot.id,
             )
         if d.new is None or d.new.version_id != rot.version_id:
-            d.new = unseal(d.rt, d.cred, rot)
+            d.new = unseal(d.rt, rot)
         return d.new
 
     # step 2 ------------------------------------------------------------------------------------
@@ -921,7 +797,7 @@ class RotationEngine:
         """Write the new version as pending to every backend (each write idempotent)."""
         version = self._unseal(d, rot)
         await self._fence(d)
-        await self._each_backend(d.rt, lambda b: b.stage_pending(version))
+        await self.worker.each(d.rt.backends, lambda b: b.stage_pending(version))
         return await self._commit(d, rot, {"step": Step.STAGED})
 
     # step 3 ------------------------------------------------------------------------------------
@@ -961,7 +837,9 @@ class RotationEngine:
         self, d: _Drive, rot: Rotation, version: StoredVersion, exc: MakiniRejected
     ) -> Rotation:
         await self._fence(d)
-        await self._each_backend(d.rt, lambda b: b.make_unreadable(d.cred.name, rot.version_id))
+        await self.worker.each(
+            d.rt.backends, lambda b: b.make_unreadable(d.cred.name, rot.version_id)
+        )
         revoked = await self._revoke_quietly(d, version.tokens)
         attention = None
         if rot.invalidated_old or await self._current_dead(d):
@@ -981,7 +859,7 @@ class RotationEngine:
         )
 
     async def _current_dead(self, d: _Drive) -> bool:
-        current = await self._io(d.rt.primary.read, d.cred.name, Stage.CURRENT)
+        current = await self.worker.call(d.rt.primary.read, d.cred.name, Stage.CURRENT)
         if current is None:
             return True
         try:
@@ -1030,7 +908,7 @@ class RotationEngine:
             error=message,
             attention=attention,
         )
-        now = utcnow()
+        now = self.clock.now()
         return await self._commit(
             d,
             rot,
@@ -1060,8 +938,8 @@ class RotationEngine:
         """Make the new version current in every backend, then record it and tell readers."""
         version = self._unseal(d, rot)
         await self._fence(d)
-        await self._each_backend(d.rt, lambda b: b.promote(d.cred.name, rot.version_id))
-        now = utcnow()
+        await self.worker.each(d.rt.backends, lambda b: b.promote(d.cred.name, rot.version_id))
+        now = self.clock.now()
         grace = (
             timedelta(0)
             if rot.invalidated_old or rot.old_version_id is None
@@ -1103,11 +981,7 @@ class RotationEngine:
             version=rot.version_id,
             token=version.tokens.access.short,
         )
-        for listener in self.listeners:
-            try:
-                listener(d.rt.name, d.cred.name, version.with_stage(Stage.CURRENT))
-            except Exception:
-                log.exception("listener.failed", environment=d.rt.name, credential=d.cred.name)
+        self.events.promoted.publish(d.rt.name, d.cred.name, version.with_stage(Stage.CURRENT))
         return rot
 
     # step 5 ------------------------------------------------------------------------------------
@@ -1131,7 +1005,7 @@ class RotationEngine:
         if old_id is not None:
             old = None
             if rot.step == Step.RETIRING and rot.sealed is not None:
-                old = unseal(d.rt, d.cred, rot, old_id)
+                old = unseal(d.rt, rot, old_id)
             elif rot.step == Step.PROMOTED and not rot.invalidated_old and self._can_revoke(d):
                 old = await self._old_version(d, rot)  # before it becomes unreadable
                 if old is not None:
@@ -1140,7 +1014,7 @@ class RotationEngine:
                     )
                     faults.checkpoint(rot.step, d.cred.name)
             await self._fence(d)
-            await self._each_backend(d.rt, lambda b: b.make_unreadable(d.cred.name, old_id))
+            await self.worker.each(d.rt.backends, lambda b: b.make_unreadable(d.cred.name, old_id))
             faults.checkpoint("retire-unreadable", d.cred.name)
             if rot.invalidated_old:
                 notes.append("Makini invalidated the old token when it issued the new one")
@@ -1191,7 +1065,7 @@ class RotationEngine:
             {
                 "step": Step.DONE,
                 "sealed": None,
-                "finished_at": utcnow(),
+                "finished_at": self.clock.now(),
                 "notes": json.dumps([*rot.note_list(), *notes]),
             },
             audit=audit,
@@ -1238,97 +1112,7 @@ class RotationEngine:
         return at.isoformat(timespec="seconds") if at else "unknown"
 
     async def _fence(self, d: _Drive) -> None:
-        """Stop unless this drive still holds the credential's lease, before a write outside
-        the journal (see :mod:`rotator.leases`)."""
-        await self.leases.check(d.lease, d.where)
-
-    # reads used by the CLI ---------------------------------------------------------------------
-
-    async def current(self, env: str, name: str) -> StoredVersion | None:
-        rt = self.runtime(env)
-        rt.settings.credential(name, env)
-        return await self._io(rt.primary.read, name, Stage.CURRENT)
-
-    async def verify_current(self, env: str, name: str) -> tuple[bool, str]:
-        rt = self.runtime(env)
-        cred = rt.settings.credential(name, env)
-        version = await self.current(env, name)
-        if version is None:
-            return False, "no current token in the primary backend"
-        try:
-            info = await rt.makini.verify(version.tokens.access, cred.connection_id)
-        except MakiniRejected as exc:
-            await self._journal(self.journal.set_state, env, name, attention=exc.message)
-            return False, exc.message
-        except (MakiniTransient, MakiniUntrusted) as exc:
-            return False, f"could not check: {exc.message}"
-        return True, f"accepted for connection {info.connection_id}"
-
-    async def backend_versions(self, env: str, name: str) -> dict[str, str | None]:
-        """The current version id in each backend (None where absent), keyed by backend name."""
-        rt = self.runtime(env)
-
-        def current_id(b: Backend) -> str | None:
-            try:
-                v = b.read(name, Stage.CURRENT)
-            except BackendError as exc:
-                return f"error: {exc.message}"
-            return v.version_id if v else None
-
-        ids = await self._each_backend(rt, current_id)
-        return {b.name: vid for b, vid in zip(rt.backends, ids, strict=True)}
-
-    async def import_pair(
-        self, env: str, name: str, tokens: TokenPair, *, actor: str, reason: str
-    ) -> str:
-        """Store a token pair obtained outside the rotator (Makini Link) as current, verified,
-        under the credential's lease (never beside a drive of it)."""
-        rt = self.runtime(env)
-        cred = rt.settings.credential(name, env)
-        await rt.makini.verify(tokens.access, cred.connection_id)
-        lease = self.new_lease(env, name, "import")
-        if not await self._journal(self.journal.acquire, *lease.key):
-            raise LockBusy(
-                "another worker is rotating or revoking this credential right now",
-                where=f"{env}/{name}",
-                hint="run the import again in a moment; `rotator status` shows the lease",
-            )
-        self.leases.add(lease)
-        try:
-            version = StoredVersion(env, name, new_version_id(), tokens, created_at=utcnow())
-            await self.leases.check(lease, f"{env}/{name}")
-            await self._each_backend(rt, lambda b: b.stage_pending(version))
-            await self.leases.check(lease, f"{env}/{name}")
-            await self._each_backend(rt, lambda b: b.promote(name, version.version_id))
-            now = utcnow()
-            await self._journal(
-                self.journal.set_state,
-                env,
-                name,
-                lease=lease.key,
-                current_version_id=version.version_id,
-                current_fingerprint=tokens.access.fingerprint,
-                expires_at=tokens.expires_at,
-                rotated_at=now,
-                last_outcome="imported",
-                last_error=None,
-                attention=None,
-            )
-            await self._journal(
-                self.journal.audit,
-                actor=actor,
-                action="credential.imported",
-                outcome="success",
-                environment=env,
-                credential=name,
-                version_id=version.version_id,
-                fingerprint=tokens.access.fingerprint,
-                reason=reason,
-            )
-        finally:
-            self.leases.drop(lease)
-            await self._journal(self.journal.release, *lease.key)
-        return version.version_id
+        await self.fence(d.lease, d.where)
 
 
 def expired_soon(expires_at: datetime | None, margin: timedelta, now: datetime) -> bool:

@@ -1,9 +1,5 @@
-"""The Makini simulator: run it in the foreground (:func:`serve_simulator`) or on a background
-thread (:class:`SimServer`, for tests and benchmarks).
-
-What it plays, and the choices it makes where Makini is undocumented, is described in
-:mod:`rotator.makini.sim_state`; its routes and fault injection in :mod:`rotator.makini.sim_app`.
-"""
+"""Running the simulator: in the foreground (:func:`serve_simulator`) or on a background
+thread (:class:`SimServer`, for tests and benchmarks)."""
 
 from __future__ import annotations
 
@@ -15,10 +11,8 @@ from typing import Any, Self
 import httpx
 import uvicorn
 
-from .sim_app import SimApp, create_app
-from .sim_state import SimOptions, SimState
-
-__all__ = ["SimOptions", "SimServer", "create_app", "link_code", "serve_simulator"]
+from .app import SimApp, create_app
+from .state import SimOptions, SimState
 
 _START_TIMEOUT_S = 10.0
 

@@ -14,12 +14,14 @@ import asyncio
 import functools
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from backends.base import Backend
 from rotator.errors import BackendError, RotatorError
-from rotator.model import Secret, Stage, StoredVersion, TokenPair, new_version_id, utcnow
-from rotator.runtime import Runtime
+from rotator.model import Secret, Stage, StoredVersion, TokenPair, new_version_id
+from rotator.rotation.queries import backend_versions
+from rotator.rotation.runtime import Runtime
 
 PROBE_CREDENTIAL = "rotator-probe"
 
@@ -98,7 +100,7 @@ async def sync(
             if truth is None:
                 out.append(SyncChange(cred.name, "*", "no-truth", "never rotated: nothing to sync"))
                 continue
-            held = await engine.backend_versions(environment, cred.name)
+            held = await backend_versions(engine, environment, cred.name)
             out += [
                 SyncChange(
                     cred.name,
@@ -162,7 +164,7 @@ class ProbeResult:
         }
 
 
-def _probe_backend(environment: str, backend: Backend) -> ProbeResult:
+def _probe_backend(environment: str, backend: Backend, now: datetime) -> ProbeResult:
     result = ProbeResult(environment, backend.name, backend.location, ok=True)
 
     def step(name: str, fn: Any) -> bool:
@@ -182,7 +184,7 @@ def _probe_backend(environment: str, backend: Backend) -> ProbeResult:
         environment,
         PROBE_CREDENTIAL,
         new_version_id(),
-        TokenPair(Secret("probe-" + new_version_id()), None, utcnow()),
+        TokenPair(Secret("probe-" + new_version_id()), None, now),
     )
     if not step("reach", backend.check):
         return result
@@ -203,7 +205,7 @@ def _expect(version: StoredVersion | None) -> None:
 
 async def probe(runtime: Runtime, environment: str | None = None) -> list[ProbeResult]:
     jobs = [
-        asyncio.to_thread(_probe_backend, name, backend)
+        asyncio.to_thread(_probe_backend, name, backend, runtime.engine.clock.now())
         for name, rt in runtime.environments.items()
         if environment in (None, name)
         for backend in rt.backends

@@ -6,11 +6,13 @@ from dataclasses import dataclass, field
 
 import backends
 from rotator.apart import refuse_shared_keys
+from rotator.clock import SYSTEM, Clock
 from rotator.crypto import KeyRing
-from rotator.engine import EnvironmentRuntime, RotationEngine
 from rotator.errors import ConfigError
 from rotator.journal import Journal
 from rotator.makini import MakiniClient
+from rotator.rotation.engine import RevokeResumer, RotationEngine
+from rotator.rotation.environment import EnvironmentRuntime
 from rotator.settings import Config
 
 
@@ -22,11 +24,19 @@ class Runtime:
     environments: dict[str, EnvironmentRuntime] = field(default_factory=dict)
 
     @classmethod
-    def open(cls, config: Config, *, only: list[str] | None = None) -> Runtime:
+    def open(
+        cls,
+        config: Config,
+        *,
+        only: list[str] | None = None,
+        clock: Clock = SYSTEM,
+        resume_revoke: RevokeResumer | None = None,
+    ) -> Runtime:
         """Build every environment (or ``only`` those). Raises ConfigError for missing secrets,
-        keys or an unusable backend, naming which."""
+        keys or an unusable backend, naming which. ``resume_revoke``: how a drive finishes an
+        unfinished emergency revoke it finds (``rotator.revoke.resume_held``)."""
         refuse_shared_keys(config)  # before anything is written or a key generated
-        journal = Journal.open(config.journal)
+        journal = Journal.open(config.journal, clock=clock)
         envs: dict[str, EnvironmentRuntime] = {}
         try:
             for name, env in config.environments.items():
@@ -55,6 +65,8 @@ class Runtime:
             envs,
             concurrency=config.scheduler.concurrency,
             retry_after_failure=config.scheduler.retry_after_failure,
+            clock=clock,
+            resume_revoke=resume_revoke,
         )
         return cls(config=config, journal=journal, engine=engine, environments=envs)
 

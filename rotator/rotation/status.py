@@ -10,10 +10,10 @@ from typing import Any
 from backends.base import Backend
 from rotator.errors import BackendError
 from rotator.journal import CredentialState, Lock, Rotation
-from rotator.model import Stage, utcnow
+from rotator.model import Stage
 from rotator.readers import ReaderView, activity, stale_in
-from rotator.runtime import Runtime
-from rotator.schedule import PlanItem, human, plan
+from rotator.rotation.runtime import Runtime
+from rotator.rotation.schedule import PlanItem, human, plan
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ async def collect(runtime: Runtime, environment: str | None = None) -> list[Cred
     envs = [environment] if environment else list(runtime.environments)
     for name in envs:
         config.environment(name)
-    now = utcnow()
+    now = runtime.engine.clock.now()
     items = plan(config, runtime.journal, now, environments=envs)
     states = runtime.journal.states()
     open_rot = {(r.environment, r.credential): r for r in runtime.journal.open_rotations()}

@@ -1,6 +1,12 @@
-"""An in-memory backend: the reference fake for the contract suite and the benchmarks' lower
-bound. Instances with the same ``namespace`` in one process share their store, as two clients of
-one real store would. It keeps nothing across restarts (``capabilities.persistent`` is False)."""
+"""An in-memory backend: the reference fake for the contract suite, the tests' runtimes and the
+benchmarks' lower bound. It keeps nothing across restarts (``capabilities.persistent`` is False).
+
+Where the data lives is a :class:`MemoryStores` the backend is given: instances given the same
+one, with the same ``namespace``, share their store, as two clients of one real store would; an
+instance given none has a store of its own. For ``type = "memory"`` in a configuration, a test
+registers :func:`backend_class` bound to its own stores (``tests/conftest.py`` does, for every
+test): no two tests ever see each other's data.
+"""
 
 from __future__ import annotations
 
@@ -34,14 +40,16 @@ class _Credential:
     stages: dict[Stage, str] = field(default_factory=dict)
 
 
-_STORES: dict[str, dict[str, _Credential]] = {}
-_LOCK = threading.RLock()
+class MemoryStores:
+    """The stores of one test (or one benchmark), by location."""
 
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self._stores: dict[str, dict[str, _Credential]] = {}
 
-def reset_memory_backends() -> None:
-    """Forget every in-memory store (tests)."""
-    with _LOCK:
-        _STORES.clear()
+    def store(self, location: str) -> dict[str, _Credential]:
+        with self.lock:
+            return self._stores.setdefault(location, {})
 
 
 class MemoryBackend(Backend):
@@ -51,10 +59,13 @@ class MemoryBackend(Backend):
     )
     Settings = MemorySettings
 
-    def __init__(self, settings: BackendSettings, environment: str) -> None:
+    def __init__(
+        self, settings: BackendSettings, environment: str, *, stores: MemoryStores | None = None
+    ) -> None:
         super().__init__(settings, environment)
-        with _LOCK:
-            self._store = _STORES.setdefault(self.location, {})
+        self.stores = stores or MemoryStores()
+        self._lock = self.stores.lock
+        self._store = self.stores.store(self.location)
 
     def _cred(self, credential: str) -> _Credential:
         return self._store.setdefault(credential, _Credential())
@@ -66,7 +77,7 @@ class MemoryBackend(Backend):
                 backend=self.name,
                 location=self.location,
             )
-        with _LOCK:
+        with self._lock:
             cred = self._cred(version.credential)
             if version.version_id in cred.versions:
                 return
@@ -75,7 +86,7 @@ class MemoryBackend(Backend):
             cred.stages[Stage.PENDING] = version.version_id
 
     def promote(self, credential: str, version_id: str) -> None:
-        with _LOCK:
+        with self._lock:
             cred = self._cred(credential)
             if cred.stages.get(Stage.CURRENT) == version_id:
                 return
@@ -98,13 +109,13 @@ class MemoryBackend(Backend):
         return None
 
     def read(self, credential: str, stage: Stage = Stage.CURRENT) -> StoredVersion | None:
-        with _LOCK:
+        with self._lock:
             cred = self._store.get(credential)
             vid = cred.stages.get(stage) if cred else None
             return self.read_version(credential, vid) if vid else None
 
     def read_version(self, credential: str, version_id: str) -> StoredVersion | None:
-        with _LOCK:
+        with self._lock:
             cred = self._store.get(credential)
             if cred is None or not cred.readable.get(version_id):
                 return None
@@ -113,7 +124,7 @@ class MemoryBackend(Backend):
             return version.with_stage(self._stage_of(cred, version_id))
 
     def versions(self, credential: str) -> list[VersionInfo]:
-        with _LOCK:
+        with self._lock:
             cred = self._store.get(credential)
             if cred is None:
                 return []
@@ -123,7 +134,7 @@ class MemoryBackend(Backend):
             ]
 
     def make_unreadable(self, credential: str, version_id: str) -> None:
-        with _LOCK:
+        with self._lock:
             cred = self._store.get(credential)
             if cred is None or version_id not in cred.versions:
                 return
@@ -133,12 +144,22 @@ class MemoryBackend(Backend):
                 del cred.stages[stage]
 
     def delete(self, credential: str) -> None:
-        with _LOCK:
+        with self._lock:
             self._store.pop(credential, None)
 
     def credentials(self) -> list[str]:
-        with _LOCK:
+        with self._lock:
             return sorted(self._store)
 
     def check(self) -> None:
         return None
+
+
+def backend_class(stores: MemoryStores) -> type[MemoryBackend]:
+    """The memory backend as the registry builds it (``backends.build``), on ``stores``."""
+
+    class BoundMemoryBackend(MemoryBackend):
+        def __init__(self, settings: BackendSettings, environment: str) -> None:
+            super().__init__(settings, environment, stores=stores)
+
+    return BoundMemoryBackend

@@ -19,18 +19,21 @@ wake while another holder drives the credential. It writes nothing:
 What fencing cannot close is a pause between that check and the write it guards (at most one
 backend call): the stale write then repeats a step of the same rotation, which every step is
 built to tolerate (each write is idempotent per version).
+
+Intervals are measured on the :class:`~rotator.clock.Clock` the keeper is given
+(``clock.monotonic()``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import structlog
 
+from rotator.clock import SYSTEM, Clock
 from rotator.errors import LeaseLost, RotatorError
 
 log = structlog.get_logger("rotator.leases")
@@ -46,8 +49,9 @@ class Lease:
 
     name: str
     owner: str
-    confirmed_at: float = field(default_factory=time.monotonic)
-    """When the journal last granted it (monotonic; taken before the granting statement)."""
+    confirmed_at: float = field(default_factory=SYSTEM.monotonic)
+    """When the journal last granted it (the keeper's ``clock.monotonic()``, taken before the
+    granting statement; :meth:`LeaseKeeper.new` stamps it on the keeper's clock)."""
     lost: bool = False
 
     @property
@@ -58,8 +62,11 @@ class Lease:
 class LeaseKeeper:
     """The leases one process holds, renewed together by a heartbeat."""
 
-    def __init__(self, ttl_s: float, renew: Renew, renew_one: RenewOne) -> None:
+    def __init__(
+        self, ttl_s: float, renew: Renew, renew_one: RenewOne, *, clock: Clock = SYSTEM
+    ) -> None:
         self.ttl_s = ttl_s
+        self.clock = clock
         self._renew = renew
         self._renew_one = renew_one
         self._held: dict[str, Lease] = {}
@@ -72,6 +79,11 @@ class LeaseKeeper:
     @property
     def held(self) -> list[Lease]:
         return list(self._held.values())
+
+    def new(self, name: str, owner: str) -> Lease:
+        """A lease to ask the journal for, stamped now on this keeper's clock (call it before
+        the statement that takes the lease)."""
+        return Lease(name, owner, confirmed_at=self.clock.monotonic())
 
     def add(self, lease: Lease) -> None:
         """Keep ``lease`` alive from now on (starts the heartbeat on the running loop)."""
@@ -89,8 +101,9 @@ class LeaseKeeper:
 
     async def check(self, lease: Lease, where: str) -> None:
         """Raise LeaseLost unless ``lease`` is still this drive's, for an outside write."""
-        if not lease.lost and time.monotonic() - lease.confirmed_at >= self.ttl_s * 2 / 3:
-            started = time.monotonic()
+        now = self.clock.monotonic()
+        if not lease.lost and now - lease.confirmed_at >= self.ttl_s * 2 / 3:
+            started = now
             try:
                 held = await self._renew_one(lease.name, lease.owner)
             except RotatorError as exc:  # the journal cannot say: not safe to write outside
@@ -121,7 +134,7 @@ class LeaseKeeper:
         leases = list(self._held.values())
         if not leases:
             return
-        started = time.monotonic()
+        started = self.clock.monotonic()
         try:
             renewed = await self._renew([lease.owner for lease in leases])
         except RotatorError as exc:

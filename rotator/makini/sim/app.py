@@ -27,8 +27,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from .sim_state import ApiError, SimOptions, SimState
-from .sim_webhooks import send_endpoint as send_webhooks
+from .state import ApiError, SimOptions, SimState
+from .webhooks import send_endpoint as send_webhooks
 
 Handler = Callable[[Request], Awaitable[Response]]
 

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from rotator.webhooks import sign
+from rotator.webhooks.signature import sign
 
 
 class SimEvent(BaseModel):

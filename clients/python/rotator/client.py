@@ -1,0 +1,1 @@
+../../../rotator/client.py

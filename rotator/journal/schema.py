@@ -1,0 +1,327 @@
+"""Every table of the journal, in one place.
+
+The migrations (``rotator/journal/migrations``) create and change these tables; nothing else
+does. A test checks that a journal brought to the latest revision has every table declared
+here.
+
+Token material appears only sealed (``Rotation.sealed``, AES-GCM with the environment's sealing
+key) and only between *issue* and *promote*; everything else names tokens by fingerprint.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from enum import StrEnum, nonmember
+from typing import Any
+
+from sqlalchemy import (
+    DateTime,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every database (SQLite stores them naive)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the journal")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Step(StrEnum):
+    """Where a rotation stands. Open steps are resumed; terminal ones are history.
+
+    The journal stores the value (``rotations.step``), so a member compares equal to what a
+    row holds."""
+
+    STARTED = "started"  # row written, Makini not yet asked (or asked and crashed)
+    ISSUED = "issued"  # new token sealed in the journal
+    STAGED = "staged"  # pending in every backend
+    VERIFIED = "verified"  # Makini accepted it for the right connection
+    PROMOTED = "promoted"  # current everywhere; sealed copy dropped; waiting to retire the old
+    RETIRING = "retiring"  # the old pair sealed here, to revoke it at Makini once unreadable
+    DONE = "done"  # old version retired
+    ROLLED_BACK = "rolled_back"  # verify rejected the new token; pending removed
+    FAILED = "failed"  # stopped; needs a person (see error)
+    SUPERSEDED = "superseded"  # pre-empted by a revoke
+
+    OPEN = nonmember((STARTED, ISSUED, STAGED, VERIFIED, PROMOTED, RETIRING))
+    IN_FLIGHT = nonmember((STARTED, ISSUED, STAGED, VERIFIED, PROMOTED))
+    """What an emergency revoke supersedes: a *retiring* rotation only concerns the old
+    version, and finishes after the revoke (its sealed pair is the old one, to revoke)."""
+    TERMINAL = nonmember((DONE, ROLLED_BACK, FAILED, SUPERSEDED))
+
+
+class Rotation(Base):
+    __tablename__ = "rotations"
+    # a drive reads its credential's latest open rotation: without this index SQLite searches
+    # by environment and reads every rotation of it, the whole history, on every drive
+    __table_args__ = (
+        Index("ix_rotations_credential_started", "environment", "credential", "started_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    environment: Mapped[str] = mapped_column(String(64), index=True)
+    credential: Mapped[str] = mapped_column(String(64), index=True)
+    kind: Mapped[str] = mapped_column(String(16), default="rotate")
+    step: Mapped[str] = mapped_column(String(16), index=True)
+    version_id: Mapped[str] = mapped_column(String(36))
+    old_version_id: Mapped[str | None] = mapped_column(String(36))
+    fingerprint: Mapped[str | None] = mapped_column(String(64))
+    old_fingerprint: Mapped[str | None] = mapped_column(String(64))
+    sealed: Mapped[bytes | None] = mapped_column(LargeBinary)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    retire_after: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    invalidated_old: Mapped[bool | None] = mapped_column()
+    reason: Mapped[str] = mapped_column(String(500), default="")
+    actor: Mapped[str] = mapped_column(String(200), default="")
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    notes: Mapped[str] = mapped_column(Text, default="[]")
+    asked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    """Set before Makini is asked for a token, cleared once its answer is recorded: a resume
+    that finds it set knows the last request's answer was lost (see ``rotator.unaccounted``)."""
+
+    @property
+    def is_open(self) -> bool:
+        return self.step in Step.OPEN
+
+    def note_list(self) -> list[str]:
+        return list(json.loads(self.notes or "[]"))
+
+
+class CredentialState(Base):
+    """What the journal knows of a credential's current token (never the token)."""
+
+    __tablename__ = "credential_state"
+
+    environment: Mapped[str] = mapped_column(String(64), primary_key=True)
+    credential: Mapped[str] = mapped_column(String(64), primary_key=True)
+    current_version_id: Mapped[str | None] = mapped_column(String(36))
+    current_fingerprint: Mapped[str | None] = mapped_column(String(64))
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    rotated_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_outcome: Mapped[str | None] = mapped_column(String(32))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    attention: Mapped[str | None] = mapped_column(Text)
+    unaccounted: Mapped[int] = mapped_column(Integer, server_default="0")
+    """Open entries in ``unaccounted_tokens`` (tokens Makini may have issued that no backend
+    holds)."""
+
+
+class AuditEntry(Base):
+    """Append-only: who did what, when, with what outcome. Fingerprints, never tokens."""
+
+    __tablename__ = "audit"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    actor: Mapped[str] = mapped_column(String(200))
+    action: Mapped[str] = mapped_column(String(64))
+    environment: Mapped[str | None] = mapped_column(String(64), index=True)
+    credential: Mapped[str | None] = mapped_column(String(64))
+    version_id: Mapped[str | None] = mapped_column(String(36))
+    outcome: Mapped[str] = mapped_column(String(32))
+    fingerprint: Mapped[str | None] = mapped_column(String(64))
+    request_ids: Mapped[str] = mapped_column(Text, default="[]")
+    detail: Mapped[str] = mapped_column(Text, default="{}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "at": self.at.isoformat(),
+            "actor": self.actor,
+            "action": self.action,
+            "environment": self.environment,
+            "credential": self.credential,
+            "version_id": self.version_id,
+            "outcome": self.outcome,
+            "fingerprint": self.fingerprint,
+            "request_ids": json.loads(self.request_ids or "[]"),
+            "detail": json.loads(self.detail or "{}"),
+        }
+
+
+class Lock(Base):
+    """A lease (see :mod:`rotator.journal.leases`)."""
+
+    __tablename__ = "locks"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(200))
+    acquired_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class RevokeRecord(Base):
+    """One version of an emergency revoke's decisions (``rotator.revoke``), oldest first by
+    ``seq``: the latest is the one a resume continues with."""
+
+    __tablename__ = "revoke_records"
+
+    rotation_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    """The revoke's row in ``rotations`` (``kind="revoke"``)."""
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    environment: Mapped[str] = mapped_column(String(64))
+    credential: Mapped[str] = mapped_column(String(64))
+    strategy: Mapped[str] = mapped_column(String(32))
+    method: Mapped[str] = mapped_column(String(32))
+    escalate: Mapped[bool] = mapped_column()
+    replace: Mapped[bool] = mapped_column()
+    target_stage: Mapped[str | None] = mapped_column(String(16))
+    current_version: Mapped[str | None] = mapped_column(String(36))
+    superseded: Mapped[str] = mapped_column(Text, default="[]")
+    """JSON list of the rotations the revoke superseded, each ``{id, step, version_id,
+    old_version_id}``."""
+    adopted: Mapped[str | None] = mapped_column(String(36))
+    disconnected: Mapped[bool] = mapped_column(default=False)
+    replaced: Mapped[str | None] = mapped_column(String(36))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+# --- the serving side's tables -----------------------------------------------------------------
+
+
+class ReaderKey(Base):
+    """A key of the HTTP API (``rotator.keys``): its id, scope and hash, never the key."""
+
+    __tablename__ = "reader_keys"
+
+    key_id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), index=True)
+    environment: Mapped[str] = mapped_column(String(64), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    credentials: Mapped[str | None] = mapped_column(Text)
+    """JSON list of credential names, or NULL for every credential of the environment."""
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    created_by: Mapped[str] = mapped_column(String(200), default="")
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    changed_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class ReaderRead(Base):
+    """Who read which version (``rotator.readers``)."""
+
+    __tablename__ = "reader_reads"
+
+    key_id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    environment: Mapped[str] = mapped_column(String(64), primary_key=True)
+    credential: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    key_name: Mapped[str] = mapped_column(String(100))
+    first_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    count: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class WebhookEvent(Base):
+    """A Makini webhook, queued once per id (``rotator.webhooks``)."""
+
+    __tablename__ = "webhook_events"
+    __table_args__ = (UniqueConstraint("environment", "webhook_id", name="uq_webhook_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    environment: Mapped[str] = mapped_column(String(64), index=True)
+    webhook_id: Mapped[str] = mapped_column(String(200))
+    event_type: Mapped[str] = mapped_column(String(200), default="")
+    connection_id: Mapped[str | None] = mapped_column(String(200))
+    occurred_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    payload: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), index=True, default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    processed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    outcome: Mapped[str | None] = mapped_column(Text)
+
+
+class TokenDrop(Base):
+    """A version that must not be served any more (emergency revoke; ``rotator.api.feed``)."""
+
+    __tablename__ = "token_drops"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    environment: Mapped[str] = mapped_column(String(64))
+    credential: Mapped[str] = mapped_column(String(64))
+    version_id: Mapped[str] = mapped_column(String(36))
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class UnaccountedToken(Base):
+    """A token Makini may have issued that no backend holds (``rotator.unaccounted``)."""
+
+    __tablename__ = "unaccounted_tokens"
+    __table_args__ = (
+        Index("ix_unaccounted_tokens_open", "environment", "credential", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    environment: Mapped[str] = mapped_column(String(64))
+    credential: Mapped[str] = mapped_column(String(64))
+    connection_id: Mapped[str] = mapped_column(String(200))
+    rotation_id: Mapped[str | None] = mapped_column(String(36))
+    asked_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    """When the request was sent (at the latest)."""
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    cause: Mapped[str] = mapped_column(Text)
+    request_id: Mapped[str | None] = mapped_column(String(200))
+    fingerprint: Mapped[str | None] = mapped_column(String(64))
+    """The token's fingerprint, where it was received (too late to be recorded)."""
+    live_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    """By when the token has expired at the latest, where known."""
+    status: Mapped[str] = mapped_column(String(16))
+    closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    closed_by: Mapped[str | None] = mapped_column(String(200))
+    resolution: Mapped[str | None] = mapped_column(Text)
+
+    def as_dict(self) -> dict[str, Any]:
+        def iso(at: datetime | None) -> str | None:
+            return at.isoformat() if at else None
+
+        return {
+            "id": self.id,
+            "environment": self.environment,
+            "credential": self.credential,
+            "connection_id": self.connection_id,
+            "rotation_id": self.rotation_id,
+            "asked_at": iso(self.asked_at),
+            "recorded_at": iso(self.recorded_at),
+            "cause": self.cause,
+            "request_id": self.request_id,
+            "fingerprint": self.fingerprint,
+            "live_until": iso(self.live_until),
+            "status": self.status,
+            "closed_at": iso(self.closed_at),
+            "closed_by": self.closed_by,
+            "resolution": self.resolution,
+        }
