@@ -17,14 +17,13 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC
 from pathlib import Path
-from typing import Any
 
 import structlog
 import uvicorn
 
 from rotator import signals
+from rotator.clock import SYSTEM, Clock
 from rotator.errors import ConfigError
-from rotator.model import utcnow
 from rotator.revoke import resume_held
 from rotator.rotation.runtime import Runtime
 from rotator.rotation.schedule import plan
@@ -39,20 +38,23 @@ async def run_due_once(
     *,
     environments: list[str] | None = None,
     progress: Callable[[RotationResult], None] | None = None,
+    clock: Clock = SYSTEM,
 ) -> list[RotationResult]:
     """Resume open rotations, retire what is past its grace period, rotate what is due."""
-    return await rotate_work(runtime, await due_work(runtime, environments), progress)
+    return await rotate_work(runtime, await due_work(runtime, environments, clock=clock), progress)
 
 
-async def due_work(runtime: Runtime, environments: list[str] | None = None) -> list[Work]:
-    """What is due now: each credential to resume, retire or rotate."""
+async def due_work(
+    runtime: Runtime, environments: list[str] | None = None, *, clock: Clock = SYSTEM
+) -> list[Work]:
+    """What is due at ``clock.now()``: each credential to resume, retire or rotate."""
     from rotator.readers import end_grace_early
 
     # where configured, a grace period ends once every recent reader has the new version
     await asyncio.to_thread(end_grace_early, runtime.config, runtime.journal)
     return [
         Work(i.environment, i.credential, i.reason)
-        for i in plan(runtime.config, runtime.journal, utcnow(), environments=environments)
+        for i in plan(runtime.config, runtime.journal, clock.now(), environments=environments)
         if i.is_due and i.environment in runtime.environments
     ]
 
@@ -217,7 +219,10 @@ async def serve(
     port: int,
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
+    clock: Clock = SYSTEM,
 ) -> None:
+    """Serve the HTTP API and, once it listens, run the scheduler: a tick every
+    ``scheduler.tick`` (the first at once) rotates what is due at ``clock.now()``."""
     from apscheduler.schedulers.asyncio import AsyncIOScheduler
     from apscheduler.triggers.interval import IntervalTrigger
 
@@ -225,14 +230,14 @@ async def serve(
 
     runtime = Runtime.open(config, resume_revoke=resume_held)
     scheduler = AsyncIOScheduler(timezone=UTC)
-    ticking: set[asyncio.Task[Any]] = set()
+    ticking: set[asyncio.Task[None]] = set()
 
     async def tick() -> None:
         task = asyncio.current_task()
         assert task is not None
         ticking.add(task)
         try:
-            await run_due_once(runtime)
+            await run_due_once(runtime, clock=clock)
         except Exception:  # a tick must never kill the scheduler; the journal keeps the work
             log.exception("tick.failed")
         finally:
@@ -242,7 +247,7 @@ async def serve(
         tick,
         IntervalTrigger(seconds=max(1.0, config.scheduler.tick.total_seconds())),
         id="run-due",
-        next_run_time=utcnow(),
+        next_run_time=clock.now(),
         max_instances=1,
         coalesce=True,
         misfire_grace_time=None,

@@ -1,24 +1,34 @@
-"""Fixtures shared by every suite: journals (SQLite and a real PostgreSQL), configurations
-built against the bundled Makini simulator, and a guard that no test leaks a token."""
+"""Fixtures shared by every suite: journals (SQLite and a real PostgreSQL), the bundled Makini
+simulator, runtimes closed at the end of a test (configurations: ``tests.factories``), and
+fresh memory backends for each test."""
 
 from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import backends
-from rotator.crypto import generate_key
-from rotator.settings import Config, parse_config
+from tests.factories import Runtimes
 from tests.fakes.memory import MemoryStores, backend_class
 
 pytest_plugins = ["tests.servers.plugin"]
 
 PG_ADMIN_URL = os.environ.get("ROTATOR_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    """The random order's seed, also under ``-q`` (which hides pytest-randomly's header line):
+    a failure that depends on the order is reproduced with that seed."""
+    seed = config.getoption("randomly_seed", default=None)
+    if isinstance(seed, int) and config.pluginmanager.hasplugin("randomly"):
+        terminalreporter.write_line(
+            f"tests ran in random order: repeat it with -p randomly --randomly-seed={seed}"
+        )
 
 
 @pytest.fixture(autouse=True)
@@ -76,45 +86,12 @@ def journal_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return str(request.getfixturevalue("pg_url"))
 
 
-def environment(
-    sim_url: str,
-    client_id: str,
-    credentials: list[dict[str, Any]],
-    *,
-    backends: list[dict[str, Any]] | None = None,
-    sealing_env: str,
-    makini: dict[str, Any] | None = None,
-    schedule: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """One environment's table, as it would be in TOML."""
-    os.environ.setdefault(sealing_env, generate_key())
-    secret_env = f"TEST_MAKINI_SECRET_{client_id.upper().replace('-', '_')}"
-    os.environ[secret_env] = f"{client_id}-secret"
-    return {
-        "sealing_key": {"env": sealing_env},
-        "makini": {
-            "base_url": sim_url,
-            "client_id": client_id,
-            "client_secret_env": secret_env,
-            "retry": {
-                "max_attempts": 3,
-                "base_delay_s": 0.01,
-                "max_delay_s": 0.05,
-                "total_timeout_s": 5,
-            },
-            **(makini or {}),
-        },
-        "backends": backends or [{"type": "memory", "namespace": uuid.uuid4().hex}],
-        "schedule": schedule or {"interval": "1h", "grace_period": "0s"},
-        "credentials": credentials,
-    }
-
-
-def make_config(
-    tmp_path: Path, journal_url: str, environments: dict[str, Any], **top: Any
-) -> Config:
-    data = {"journal": {"url": journal_url}, "environments": environments, **top}
-    return parse_config(data, source=tmp_path / "rotator.toml")
+@pytest.fixture
+async def runtimes() -> AsyncIterator[Runtimes]:
+    """Open runtimes with ``runtimes.open(config)``; each is closed at the end of the test."""
+    opened = Runtimes()
+    yield opened
+    await opened.aclose()
 
 
 # --- the Makini simulator -------------------------------------------------------------------

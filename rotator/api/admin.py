@@ -1,16 +1,12 @@
 """Admin actions, for an environment's admin key. Each is audited with the key's name as actor.
 
-``POST /v1/admin/revoke/{env}`` hands over to ``rotator.revoke.revoke_from_api`` (imported when
-called: a build without it answers 501)::
-
-    async def revoke_from_api(runtime, env, names, all_, version, no_replace, reason, actor,
-                              dry_run) -> dict   # the plan and the per-credential reports
+``POST /v1/admin/revoke/{env}`` hands over to :func:`rotator.revoke.revoke_from_api`, which
+returns the plan and the per-credential reports.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Path
@@ -24,6 +20,7 @@ from rotator.api.routing import api_router
 from rotator.api.state import ApiState
 from rotator.errors import ConfigError, NotFound, RotatorError
 from rotator.keys import KeyInfo
+from rotator.revoke import revoke_from_api
 from rotator.scrub import mask
 from rotator.settings import ENV_NAME_PATTERN
 
@@ -142,7 +139,7 @@ def router(state: ApiState) -> APIRouter:
                 "description": "The revoke report",
                 "content": {"application/json": {"schema": {"type": "object"}}},
             },
-            **responses(400, 401, 403, 404, 409, 422, 501),
+            **responses(400, 401, 403, 404, 409, 422),
         },
     )
     async def revoke(
@@ -155,11 +152,6 @@ def router(state: ApiState) -> APIRouter:
         # token-shaped text masked as in the logs; each credential's revoke record replaces
         # the very tokens it revokes (rotator.revoke.service)
         detail = {"credentials": body.credentials, "all": body.all, "reason": mask(body.reason)}
-        try:
-            revoke_from_api = importlib.import_module("rotator.revoke").revoke_from_api
-        except (ImportError, AttributeError):
-            await asyncio.to_thread(audit, key, "api.revoke", "not_implemented", env, **detail)
-            raise ApiError(501, "emergency revoke is not available in this build") from None
         try:
             report = await revoke_from_api(
                 runtime,

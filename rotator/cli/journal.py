@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from rotator.cli import render
-from rotator.cli.app import JsonOpt, actor, app, command_config
+from rotator.cli.context import JsonOpt, actor, command_config, open_journal
 from rotator.errors import ConfigError, NotFound
 
 db_app = typer.Typer(
@@ -21,8 +21,6 @@ unaccounted_app = typer.Typer(
     "lost): list them, acknowledge them once dealt with.",
     no_args_is_help=True,
 )
-app.add_typer(db_app, name="db")
-app.add_typer(unaccounted_app, name="unaccounted")
 
 
 @db_app.command("current")
@@ -37,7 +35,7 @@ def db_current(json_out: JsonOpt = False) -> None:
     finally:
         journal.close()
     if json_out:
-        render._json(
+        render.print_json(
             {
                 "journal": journal.where,
                 "revision": found.revision,
@@ -86,20 +84,16 @@ def unaccounted_list(
     """Tokens Makini may have issued that no backend holds: what was asked, when, for which
     connection, why the answer was lost, and until when such a token can live (an entry past
     that is resolved as expired first)."""
-    from rotator.journal import Journal
     from rotator.rotation import unaccounted
 
     cfg = command_config()
     if environment:
         cfg.environment(environment)
-    journal = Journal.open(cfg.journal)
-    try:
+    with open_journal(cfg) as journal:
         unaccounted.expire(journal)
         rows = unaccounted.entries(journal, environment, include_closed=closed)
-    finally:
-        journal.close()
     if json_out:
-        render._json([r.as_dict() for r in rows])
+        render.print_json([r.as_dict() for r in rows])
         return
     if not rows:
         render.console.print("no unaccounted tokens" + ("" if closed else " open"))
@@ -137,7 +131,6 @@ def unaccounted_ack(
     reason: Annotated[str, typer.Option(help="Recorded in the audit log.")] = "",
 ) -> None:
     """Acknowledge open entries once dealt with (audited with your name and the reason)."""
-    from rotator.journal import Journal
     from rotator.rotation import unaccounted
 
     cfg = command_config()
@@ -147,13 +140,10 @@ def unaccounted_ack(
             "acknowledging needs a reason (it is written to the audit log)",
             hint='add --reason "disconnected in Makini, INC-1234"',
         )
-    journal = Journal.open(cfg.journal)
-    try:
+    with open_journal(cfg) as journal:
         done = unaccounted.acknowledge(
             journal, environment, ids, actor=actor(), reason=reason.strip()[:500]
         )
-    finally:
-        journal.close()
     missing = sorted(set(ids) - set(done))
     for entry in done:
         render.console.print(f"acknowledged {entry}")

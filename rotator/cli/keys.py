@@ -10,6 +10,7 @@ from typing import Annotated, TypeVar
 import typer
 from rich.markup import escape
 
+from rotator.cli.context import JsonOpt, actor, command_config, open_journal
 from rotator.errors import ConfigError
 from rotator.journal import Journal
 from rotator.keys import KeyInfo, create_key, list_keys, revoke_key
@@ -21,24 +22,12 @@ keys_app = typer.Typer(
     help="Reader and admin keys of the HTTP API (stored hashed in the journal).",
     no_args_is_help=True,
 )
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
 def _with_journal(work: Callable[[Config, Journal], T]) -> T:
-    from rotator.cli.app import command_config
-
     cfg = command_config()
-    journal = Journal.open(cfg.journal)
-    try:
+    with open_journal(cfg) as journal:
         return work(cfg, journal)
-    finally:
-        journal.close()
-
-
-def _actor() -> str:
-    from rotator.cli.app import actor
-
-    return actor()
 
 
 @keys_app.command("create")
@@ -70,9 +59,7 @@ def create(
                 )
         for n in names or []:
             env.credential(n, environment)
-        return create_key(
-            journal, environment, name, credentials=names, admin=admin, actor=_actor()
-        )
+        return create_key(journal, environment, name, credentials=names, admin=admin, actor=actor())
 
     info, key = _with_journal(work)
     if json_out:
@@ -128,7 +115,7 @@ def revoke(
 ) -> None:
     """Revoke a key: every API replica refuses it within a second."""
     info = _with_journal(
-        lambda _cfg, journal: revoke_key(journal, key, environment=environment, actor=_actor())
+        lambda _cfg, journal: revoke_key(journal, key, environment=environment, actor=actor())
     )
     if json_out:
         sys.stdout.write(json.dumps(info.as_dict(), indent=2) + "\n")

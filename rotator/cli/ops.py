@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
 from rotator.cli import render
-from rotator.cli.app import JsonOpt, actor, app, command_config, run_command, with_runtime
+from rotator.cli.context import JsonOpt, actor, command_config, run_command, with_runtime
+
+if TYPE_CHECKING:
+    from rotator.rotation.repair import ProbeResult, SyncChange
+    from rotator.rotation.runtime import Runtime
 
 
-@app.command()
 def sync(
     environment: str,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would change.")] = False,
@@ -23,14 +26,14 @@ def sync(
     cfg = command_config()
     cfg.environment(environment)
 
-    async def work(rt: Any) -> list[Any]:
+    async def work(rt: Runtime) -> list[SyncChange]:
         from rotator.rotation.repair import sync as run_sync
 
         return await run_sync(rt, environment, dry_run=dry_run, actor=actor())
 
-    changes = run_command(with_runtime, cfg, work, [environment])
+    changes = run_command(with_runtime(cfg, work, [environment]))
     if json_out:
-        render._json([c.as_dict() for c in changes])
+        render.print_json([c.as_dict() for c in changes])
     else:
         table = Table(
             title=f"sync {environment}" + (" (dry run: nothing changed)" if dry_run else "")
@@ -50,7 +53,6 @@ def sync(
         raise typer.Exit(1)
 
 
-@app.command()
 def doctor(
     environment: Annotated[str | None, typer.Argument(help="One environment.")] = None,
     json_out: JsonOpt = False,
@@ -61,14 +63,14 @@ def doctor(
     if environment:
         cfg.environment(environment)
 
-    async def work(rt: Any) -> list[Any]:
+    async def work(rt: Runtime) -> list[ProbeResult]:
         from rotator.rotation.repair import probe
 
         return await probe(rt, environment)
 
-    results = run_command(with_runtime, cfg, work, [environment] if environment else None)
+    results = run_command(with_runtime(cfg, work, [environment] if environment else None))
     if json_out:
-        render._json([r.as_dict() for r in results])
+        render.print_json([r.as_dict() for r in results])
     else:
         for r in results:
             mark = "[green]ok[/]" if r.ok else "[bold red]FAILED[/]"

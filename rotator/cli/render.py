@@ -23,14 +23,15 @@ console = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
 
-def _json(data: Any) -> None:
+def print_json(data: Any) -> None:
+    """``data`` as indented JSON on stdout (for scripts)."""
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
 @contextmanager
 def progress(
     quiet: bool, *, label: str = "rotating", total: int | None = None
-) -> Iterator[Callable[[Any], None] | None]:
+) -> Iterator[Callable[[object], None] | None]:
     """A progress bar on stderr for many credentials, when a person is watching: yields a
     callback to call once per credential done (or None when there is no bar)."""
     if quiet or not err.is_terminal:
@@ -63,7 +64,7 @@ _STYLE = {
 
 def results(items: Sequence[RotationResult], as_json: bool) -> None:
     if as_json:
-        _json([r.as_dict() for r in items])
+        print_json([r.as_dict() for r in items])
         return
     if not items:
         console.print("nothing is due")
@@ -102,7 +103,7 @@ def _until(moment: datetime | None, now: datetime) -> str:
 def status(rows: Sequence[CredentialStatus], as_json: bool) -> None:
     now = utcnow()
     if as_json:
-        _json([r.as_dict(now) for r in rows])
+        print_json([r.as_dict(now) for r in rows])
         return
     table = Table(title="credentials")
     for col in ("env", "credential", "version", "age", "expires in", "next", "last", "backends"):
@@ -159,7 +160,7 @@ def status(rows: Sequence[CredentialStatus], as_json: bool) -> None:
 
 def plan(items: Sequence[PlanItem], as_json: bool) -> None:
     if as_json:
-        _json([i.as_dict() for i in items])
+        print_json([i.as_dict() for i in items])
         return
     now = utcnow()
     table = Table(title="plan (nothing is changed)")
@@ -180,7 +181,7 @@ def plan(items: Sequence[PlanItem], as_json: bool) -> None:
 
 def audit(entries: list[dict[str, Any]], as_json: bool) -> None:
     if as_json:
-        _json(entries)
+        print_json(entries)
         return
     table = Table(title="audit log (newest first)")
     for col in ("at", "actor", "action", "target", "outcome", "token"):
@@ -200,7 +201,7 @@ def audit(entries: list[dict[str, Any]], as_json: bool) -> None:
 
 def verify(environment: str, rows: Sequence[tuple[str, bool, str]], as_json: bool) -> None:
     if as_json:
-        _json(
+        print_json(
             [
                 {"environment": environment, "credential": n, "ok": ok, "detail": d}
                 for n, ok, d in rows
@@ -217,7 +218,7 @@ def verify(environment: str, rows: Sequence[tuple[str, bool, str]], as_json: boo
 
 def config_summary(summary: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        _json(summary)
+        print_json(summary)
         return
     if summary.get("errors"):
         console.print(f"[red]configuration has problems[/]: {escape(summary['file'])}")

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
-import json
 import sys
-from collections.abc import Sequence
-from typing import Annotated, Any
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
 from rotator.cli import render
+from rotator.cli.context import JsonOpt, actor, command_config, run_command, with_runtime
 from rotator.cli.render import console, err
 from rotator.errors import ConfigError
 from rotator.revoke import STRATEGIES, CredentialPlan, CredentialReport, RevokeRequest
 from rotator.scrub import mask
+
+if TYPE_CHECKING:
+    from rotator.rotation.runtime import Runtime
 
 EXIT_REFUSED = 2
 EXIT_INCOMPLETE = 1
@@ -49,7 +53,7 @@ def revoke_command(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the plan; change nothing.")
     ] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    json_out: JsonOpt = False,
     resume: Annotated[
         bool, typer.Option("--resume", help="Finish revokes that stopped halfway.")
     ] = False,
@@ -68,8 +72,6 @@ def revoke_command(
     Pre-empts any rotation in flight. Prints the plan and asks first (--all: type the
     environment's name); --dry-run changes nothing. Exits 1 if anything could not be done or
     confirmed, naming what to do next."""
-    from rotator.cli.app import actor, command_config, run_command, with_runtime
-
     if strategy is not None and strategy not in STRATEGIES:
         raise ConfigError(f"unknown --strategy {strategy!r}", hint=f"use {', '.join(STRATEGIES)}")
     req = RevokeRequest(
@@ -89,7 +91,7 @@ def revoke_command(
     for n in req.names:
         env.credential(n, environment)
 
-    async def work(runtime: Any) -> tuple[list[CredentialPlan], list[CredentialReport] | None]:
+    async def work(runtime: Runtime) -> tuple[list[CredentialPlan], list[CredentialReport] | None]:
         from rotator.revoke import Revoker
 
         revoker = Revoker(runtime.engine)
@@ -103,10 +105,10 @@ def revoke_command(
         with progress(len(plans), quiet=json_out) as tick:
             return plans, await revoker.run(req, plans, tick)
 
-    plans, reports = run_command(with_runtime, cfg, work, [environment])
+    plans, reports = run_command(with_runtime(cfg, work, [environment]))
     if reports is None:
         if json_out:
-            _json(
+            render.print_json(
                 {
                     "environment": environment,
                     "dry_run": dry_run,
@@ -120,7 +122,7 @@ def revoke_command(
             console.print("nothing to revoke")
         return
     if json_out:
-        _json(
+        render.print_json(
             {
                 "environment": environment,
                 "dry_run": False,
@@ -169,16 +171,12 @@ def interactive() -> bool:
     return sys.stdin.isatty()
 
 
-def progress(total: int, *, quiet: bool) -> Any:
+def progress(total: int, *, quiet: bool) -> AbstractContextManager[Callable[[object], None] | None]:
     """A progress bar on stderr for several credentials, when a person is watching."""
     return render.progress(quiet or total < 2, label="revoking", total=total)
 
 
 # --- showing -----------------------------------------------------------------------------------
-
-
-def _json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
 def _v(vid: str | None) -> str:

@@ -2,8 +2,10 @@
 served by uvicorn on a real socket (port 0), keys of every kind, and a log trap.
 
 The log trap routes every log line of this package's tests (the rotator's structlog output, the
-standard library loggers, uvicorn's access log) into one buffer; ``test_zz_logs.py`` checks
-that no token the simulator issued and no key appears in it.
+standard library loggers, uvicorn's access log) into one buffer. After each test, what it logged
+is checked for every token the simulator issued and every key the tests created;
+``test_zz_logs.py`` checks the whole buffer after a representative run of its own
+(:func:`api_traffic`), so it holds in any test order.
 """
 
 from __future__ import annotations
@@ -29,9 +31,8 @@ from rotator.api import build_app
 from rotator.api.app import ApiApp
 from rotator.keys import create_key
 from rotator.makini.sim import SimServer
-from rotator.revoke import resume_held
 from rotator.rotation.runtime import Runtime
-from tests.conftest import environment, make_config
+from tests.factories import Runtimes, environment, make_config
 
 ENVS: dict[str, list[str]] = {"prod": ["alpha", "beta"], "dev": ["alpha", "gamma"]}
 """Two environments; ``alpha`` is a name in both (a dev key must still never read prod's)."""
@@ -71,6 +72,11 @@ class LogTrap:
     def text(self) -> str:
         return self.buffer.getvalue()
 
+    def leaked(self, since: int = 0) -> list[str]:
+        """The first characters of each secret found in what was logged from ``since`` on."""
+        text = self.text()[since:]
+        return [s[:12] for s in self.secrets if s in text]
+
 
 _TRAP = LogTrap()
 UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
@@ -96,8 +102,11 @@ def log_trap() -> Iterator[LogTrap]:
 @pytest.fixture(autouse=True)
 def _trap_logs(log_trap: LogTrap, sim_server: SimServer) -> Iterator[None]:
     log_trap.install()  # a CLI test may have reconfigured logging
+    start = len(log_trap.text())
     yield
     log_trap.secrets.update(sim_server.state.tokens)  # every token value the simulator issued
+    leaked = log_trap.leaked(since=start)
+    assert leaked == [], f"secrets in this test's logs (first characters): {leaked}"
 
 
 # --- runtimes and servers ------------------------------------------------------------------------
@@ -206,7 +215,9 @@ def namespace() -> str:
 
 
 @pytest.fixture
-async def serve(tmp_path: Path, sim: SimServer, namespace: str) -> AsyncIterator[Factory]:
+async def serve(
+    tmp_path: Path, sim: SimServer, namespace: str, runtimes: Runtimes
+) -> AsyncIterator[Factory]:
     """``await serve(journal_url=None, api={...}, ...)`` → a started API (stopped at the end).
     Several calls with the same journal URL are replicas sharing the journal and backends."""
     opened: list[Served] = []
@@ -227,7 +238,7 @@ async def serve(tmp_path: Path, sim: SimServer, namespace: str) -> AsyncIterator
             api_environments(sim.url, namespace, makini=makini, schedule=schedule),
             **top,
         )
-        runtime = Runtime.open(config, resume_revoke=resume_held)
+        runtime = runtimes.open(config)
         served = start_server_thread(runtime) if threaded else await start_server(runtime)
         opened.append(served)
         return served
@@ -235,7 +246,6 @@ async def serve(tmp_path: Path, sim: SimServer, namespace: str) -> AsyncIterator
     yield make
     for served in reversed(opened):
         await stop_server(served)
-        await served.runtime.aclose()
 
 
 @dataclass
@@ -279,3 +289,18 @@ async def wait_for(check: Callable[[], Awaitable[bool]], timeout_s: float = 5.0)
 
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture
+async def api_traffic(serve: Factory, log_trap: LogTrap, sim: SimServer) -> None:
+    """A representative run of the API, logged into the trap: keys of every kind, each
+    credential rotated three times, and its token read (or refused) with each kind of key."""
+    api = await serve()
+    keys = make_keys(api, log_trap)
+    for _ in range(3):
+        for env, creds in ENVS.items():
+            for cred in creds:
+                await api.rotate(env, cred)
+                for key in (keys.reader[env], keys.scoped[(env, cred)], keys.admin[env]):
+                    await api.http.get(f"/v1/tokens/{env}/{cred}", headers=bearer(key))
+    log_trap.secrets.update(sim.state.tokens)

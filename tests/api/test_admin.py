@@ -3,8 +3,6 @@ and the OpenAPI document."""
 
 from __future__ import annotations
 
-import sys
-import types
 from typing import Any
 
 import pytest
@@ -52,7 +50,7 @@ async def test_admin_rotate(serve: Factory, log_trap: LogTrap) -> None:
     assert fresh.json()["outcome"] == "rotated" and fresh.json()["version_id"] != current
 
 
-async def test_admin_revoke_hands_over_or_answers_501(
+async def test_admin_revoke_hands_over(
     serve: Factory, log_trap: LogTrap, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     api = await serve()
@@ -61,19 +59,13 @@ async def test_admin_revoke_hands_over_or_answers_501(
     url = "/v1/admin/revoke/prod"
     body = {"credentials": ["alpha"], "reason": "leaked in a log"}
 
-    monkeypatch.setitem(sys.modules, "rotator.revoke", types.ModuleType("rotator.revoke"))
-    r = await api.http.post(url, headers=admin, json=body)
-    assert r.status_code == 501 and r.json()["error"]["code"] == "not_implemented"
-
     calls: list[dict[str, Any]] = []
 
     async def revoke_from_api(runtime: object, env: str, **kw: Any) -> dict[str, Any]:
         calls.append({"env": env, **kw})
         return {"ok": True, "dry_run": kw["dry_run"]}
 
-    fake = types.ModuleType("rotator.revoke")
-    fake.revoke_from_api = revoke_from_api  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "rotator.revoke", fake)
+    monkeypatch.setattr("rotator.api.admin.revoke_from_api", revoke_from_api)
     r = await api.http.post(url, headers=admin, json={**body, "dry_run": True})
     assert r.status_code == 200 and r.json() == {"ok": True, "dry_run": True}
     assert calls == [
@@ -89,7 +81,7 @@ async def test_admin_revoke_hands_over_or_answers_501(
         }
     ]
     entries = api.runtime.journal.audit_entries(action="api.revoke")
-    assert [e.outcome for e in entries] == ["dry_run", "not_implemented"]
+    assert [e.outcome for e in entries] == ["dry_run"]
     assert {e.actor for e in entries} == {"admin-prod"}
     r = await api.http.post(url, headers=bearer(keys.reader["prod"]), json=body)
     assert r.status_code == 403

@@ -14,7 +14,7 @@ import trustme
 from rotator.makini.sim import SimServer
 from rotator.service import serve as run_service
 from tests.api.conftest import api_environments
-from tests.conftest import make_config
+from tests.factories import make_config
 
 
 def free_port() -> int:

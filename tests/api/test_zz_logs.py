@@ -1,13 +1,14 @@
-"""Runs last in this package: every log line the API tests produced (the rotator's logs, the
-standard library's, uvicorn's access log, CLI output) holds none of the tokens the simulator
-issued and none of the keys the tests created."""
+"""Every log line of the API tests run so far and of a representative run of the API of its
+own (``api_traffic``, so it holds in any test order): the rotator's logs, the standard
+library's, uvicorn's access log, CLI output. None holds a token the simulator issued or a key
+the tests created (each test's own lines are also checked after it, by the log trap)."""
 
 from __future__ import annotations
 
 from tests.api.conftest import LogTrap
 
 
-def test_no_token_or_key_in_any_log_line(log_trap: LogTrap) -> None:
+def test_no_token_or_key_in_any_log_line(log_trap: LogTrap, api_traffic: None) -> None:
     text = log_trap.text()
     lines = text.splitlines()
     assert len(lines) > 100, "the log trap caught (almost) nothing: is it installed?"

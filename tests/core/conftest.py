@@ -12,7 +12,7 @@ from rotator.makini.sim import SimServer
 from rotator.model import Stage, StoredVersion
 from rotator.revoke import resume_held
 from rotator.rotation.runtime import Runtime
-from tests.conftest import environment, make_config
+from tests.factories import environment, make_config
 
 Factory = Callable[..., Runtime]
 

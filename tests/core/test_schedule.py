@@ -10,7 +10,7 @@ import pytest
 
 from rotator.journal import Journal, Rotation, Step
 from rotator.rotation.schedule import RESUME, RETIRE, ROTATE, WAIT, plan
-from tests.conftest import environment, make_config
+from tests.factories import environment, make_config
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)  # a Friday
 

@@ -206,7 +206,7 @@ async def test_workers_rotate_on_either_journal(
 ) -> None:
     # what `rotator run-due` forks, on SQLite (turns on the lock file) and on PostgreSQL: each
     # worker opens its own journal engine, backends and Makini client after the fork
-    from rotator.cli.app import _rotate_share
+    from rotator.cli.rotating import rotate_share
     from rotator.service import due_work
 
     names = [f"w{i}" for i in range(6)]
@@ -216,7 +216,7 @@ async def test_workers_rotate_on_either_journal(
         backends=[{"type": "file", "path": "files", "key": {"file": "file.key", "generate": True}}],
     )
     work = await due_work(runtime)
-    with Shares(runtime.config, work, 3, _rotate_share(None)) as shares:
+    with Shares(runtime.config, work, 3, rotate_share(None)) as shares:
         results = shares.gather(None)
     assert {r.outcome for r in results} == {"rotated"}, results
     states = runtime.journal.states("prod")

@@ -25,6 +25,7 @@ from rotator.makini.sim import SimServer
 from rotator.model import StoredVersion, fingerprint
 from rotator.settings import load_config
 from tests.cli import RotatorCli
+from tests.factories import SHORT_RETRY, config_toml, credentials, environment_table, file_backend
 
 REVOKE_PATH = "/api/system/tokens/revoke"
 KILLED = -signal.SIGKILL
@@ -44,50 +45,17 @@ class Mode:
             "revoke_endpoint": self.revoke_path,
         }
 
-    def makini_toml(self) -> str:
-        lines = [f"issue_invalidates_previous = {'true' if self.invalidates else 'false'}"]
+    def makini(self) -> dict[str, Any]:
+        """The configuration's Makini settings for this mode."""
+        table: dict[str, Any] = {"issue_invalidates_previous": self.invalidates}
         if self.revoke_path:
-            lines.append(f'revoke_path = "{REVOKE_PATH}"')
-        return "\n".join(lines)
+            table["revoke_path"] = REVOKE_PATH
+        return table
 
 
 A = Mode("A-issue-kills-old", invalidates=True, revoke_path=False)
 B = Mode("B-old-stays-revoke-path", invalidates=False, revoke_path=True)
 MODES = (A, B)
-
-CONFIG = """
-[journal]
-url = "sqlite:///journal.db"
-lock_ttl = "{lock_ttl}"
-
-[environments.prod]
-sealing_key = {{ env = "RIG_PROD_SEAL" }}
-[environments.prod.makini]
-base_url = "{url}"
-client_id = "test-prod"
-client_secret_env = "RIG_PROD_SECRET"
-retry = {{ max_attempts = 2, base_delay_s = 0.01, max_delay_s = 0.05, total_timeout_s = 2 }}
-{makini}
-[environments.prod.schedule]
-interval = "1h"
-grace_period = "{grace}"
-[[environments.prod.backends]]
-type = "file"
-name = "primary"
-path = "files/one"
-key = {{ file = "keys/one.key", generate = true }}
-[[environments.prod.backends]]
-type = "file"
-name = "replica"
-path = "files/two"
-key = {{ file = "keys/two.key", generate = true }}
-{credentials}
-"""
-
-CREDENTIAL = """[[environments.prod.credentials]]
-name = "{name}"
-connection_id = "conn-{name}"
-"""
 
 
 def kill_at(point: str, name: str) -> dict[str, str]:
@@ -111,13 +79,21 @@ class Rig(RotatorCli):
         sim.set(**mode.sim_options())
         self.sim = sim
         self.mode = mode
-        text = CONFIG.format(
-            url=sim.url,
-            lock_ttl=lock_ttl,
-            grace=grace,
-            makini=mode.makini_toml(),
-            credentials="".join(CREDENTIAL.format(name=n) for n in names),
+        prod = environment_table(
+            sim.url,
+            "test-prod",
+            credentials(*names),
+            sealing_env="RIG_PROD_SEAL",
+            secret_env="RIG_PROD_SECRET",
+            backends=[
+                file_backend("files/one", "keys/one.key", "primary"),
+                file_backend("files/two", "keys/two.key", "replica"),
+            ],
+            retry=SHORT_RETRY,
+            makini=mode.makini(),
+            schedule={"interval": "1h", "grace_period": grace},
         )
+        text = config_toml({"url": "sqlite:///journal.db", "lock_ttl": lock_ttl}, {"prod": prod})
         super().__init__(
             tmp_path,
             text,

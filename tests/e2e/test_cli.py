@@ -11,64 +11,53 @@ from typing import Any
 import pytest
 
 from rotator.crypto import generate_key
+from rotator.journal import Journal
 from rotator.makini.sim import SimServer
 from rotator.model import fingerprint
 from tests.cli import RotatorCli
+from tests.factories import SHORT_RETRY, config_toml, credentials, environment_table, file_backend
 from tests.wait import wait_until
 
 pytestmark = pytest.mark.e2e
 
-CONFIG = """
-[journal]
-url = "sqlite:///journal.db"
-lock_ttl = "1s"
 
-[environments.prod]
-sealing_key = {{ env = "E2E_PROD_SEAL" }}
-[environments.prod.makini]
-base_url = "{url}"
-client_id = "test-prod"
-client_secret_env = "E2E_PROD_SECRET"
-retry = {{ max_attempts = 2, base_delay_s = 0.01, max_delay_s = 0.05, total_timeout_s = 2 }}
-timeout_s = 3
-{makini_extra}
-[environments.prod.schedule]
-interval = "1h"
-grace_period = "0s"
-[[environments.prod.backends]]
-type = "file"
-path = "files/prod"
-key = {{ file = "keys/prod-file.key", generate = true }}
-[[environments.prod.credentials]]
-name = "a"
-connection_id = "conn-e2e-a"
-[[environments.prod.credentials]]
-name = "b"
-connection_id = "conn-e2e-b"
-
-[environments.dev]
-sealing_key = {{ env = "E2E_DEV_SEAL" }}
-[environments.dev.makini]
-base_url = "{url}"
-client_id = "test-dev"
-client_secret_env = "E2E_DEV_SECRET"
-[[environments.dev.backends]]
-type = "file"
-path = "files/dev"
-key = {{ file = "keys/dev-file.key", generate = true }}
-[[environments.dev.credentials]]
-name = "a"
-connection_id = "conn-e2e-dev-a"
-"""
+CREDENTIALS = [("prod", "a"), ("prod", "b"), ("dev", "a")]
 
 
 class Rotator(RotatorCli):
+    """Two environments: ``prod`` (credentials ``a`` and ``b``) and ``dev`` (``a``), each with a
+    file backend; ``makini`` is added to prod's Makini table, ``top`` to the configuration."""
+
     def __init__(
-        self, tmp_path: Path, sim: SimServer, makini_extra: str = "", top: str = ""
+        self, tmp_path: Path, sim: SimServer, makini: dict[str, Any] | None = None, **top: Any
     ) -> None:
+        prod = environment_table(
+            sim.url,
+            "test-prod",
+            credentials("a", "b", connection="conn-e2e-{name}"),
+            sealing_env="E2E_PROD_SEAL",
+            secret_env="E2E_PROD_SECRET",
+            backends=[file_backend("files/prod", "keys/prod-file.key")],
+            retry=SHORT_RETRY,
+            makini={"timeout_s": 3, **(makini or {})},
+        )
+        dev = environment_table(
+            sim.url,
+            "test-dev",
+            credentials("a", connection="conn-e2e-dev-{name}"),
+            sealing_env="E2E_DEV_SEAL",
+            secret_env="E2E_DEV_SECRET",
+            backends=[file_backend("files/dev", "keys/dev-file.key")],
+            retry=None,
+            schedule=None,
+        )
         super().__init__(
             tmp_path,
-            top + CONFIG.format(url=sim.url, makini_extra=makini_extra),
+            config_toml(
+                {"url": "sqlite:///journal.db", "lock_ttl": "1s"},
+                {"prod": prod, "dev": dev},
+                **top,
+            ),
             {
                 "E2E_PROD_SEAL": generate_key(),
                 "E2E_DEV_SEAL": generate_key(),
@@ -86,6 +75,16 @@ class Rotator(RotatorCli):
         proc = self("status", "--json")
         rows: list[dict[str, Any]] = json.loads(proc.stdout)
         return rows
+
+
+def lease_holders(folder: Path) -> set[int]:
+    """The process ids holding a live credential lease in the journal of ``folder``."""
+    journal = Journal(f"sqlite:///{folder / 'journal.db'}", migrate="off")
+    try:
+        held = [journal.lock_holder(f"{env}/{name}") for env, name in CREDENTIALS]
+    finally:
+        journal.close()
+    return {int(lock.owner.split(":")[1]) for lock in held if lock is not None}
 
 
 def active(sim: SimServer, connection: str) -> set[str]:
@@ -121,9 +120,7 @@ def test_sigkill_after_each_step_then_run_due_completes(
     tmp_path: Path, sim: SimServer, step: str, invalidates: bool
 ) -> None:
     sim.set(issue_invalidates_previous=invalidates)
-    rotator = Rotator(
-        tmp_path, sim, f"issue_invalidates_previous = {'true' if invalidates else 'false'}"
-    )
+    rotator = Rotator(tmp_path, sim, {"issue_invalidates_previous": invalidates})
     assert rotator("rotate", "prod", "a").returncode == 0
     first = rotator.token("prod", "a")
 
@@ -159,7 +156,7 @@ def test_run_due_in_worker_processes_and_one_killed(tmp_path: Path, sim: SimServ
     # scheduler.processes = 2: run-due forks two workers. The one driving prod/b is SIGKILLed
     # after Makini issued its token: the run reports b failed and exits non-zero, the others
     # are rotated; the next run completes b with nothing lost or orphaned.
-    rotator = Rotator(tmp_path, sim, top="[scheduler]\nprocesses = 2\n")
+    rotator = Rotator(tmp_path, sim, scheduler={"processes": 2})
     logged = ("--log-format", "json", "--log-level", "info")
     first = rotator(*logged, "run-due", "--json", env={"ROTATOR_FAULT_KILL_AFTER": "issued:b"})
     assert first.returncode == 1, first.stderr
@@ -194,7 +191,7 @@ def test_sigterm_to_run_due_drains_its_workers(tmp_path: Path, sim: SimServer) -
     # and parks the rest at its last journaled step, gives its leases back at once; the run
     # reports, exits 0, and the next run completes the work without waiting for a lease.
     sim.set(latency_ms=1000)  # each Makini call takes a second: the run is mid-way when stopped
-    rotator = Rotator(tmp_path, sim, top='[scheduler]\nprocesses = 2\ndrain = "1s"\n')
+    rotator = Rotator(tmp_path, sim, scheduler={"processes": 2, "drain": "1s"})
     config = rotator.config.read_text()
     rotator.config.write_text(config.replace('lock_ttl = "1s"', 'lock_ttl = "1h"'))
     proc = rotator.start("--log-level", "info", "run-due", "--json")
@@ -205,6 +202,8 @@ def test_sigterm_to_run_due_drains_its_workers(tmp_path: Path, sim: SimServer) -
         return found if len(found) == 2 else []
 
     workers: list[int] = wait_until("run-due's two workers", forked, timeout_s=10)
+    # a worker arms its drain before it takes a lease: one that holds a lease drains on SIGTERM
+    wait_until("each worker to hold a lease", lambda: set(workers) <= lease_holders(tmp_path))
     wait_until("the workers' first Makini calls", sim.inflight)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=30)

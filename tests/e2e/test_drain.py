@@ -19,34 +19,10 @@ from rotator.crypto import generate_key
 from rotator.journal import Journal
 from rotator.makini.sim import SimServer
 from tests.cli import RotatorCli
+from tests.factories import config_toml, environment_table, file_backend
 from tests.wait import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
-
-CONFIG = """
-[journal]
-url = "sqlite:///journal.db"
-lock_ttl = "1h"
-
-[scheduler]
-tick = "1s"
-drain = "{drain}"
-
-[environments.prod]
-sealing_key = {{ env = "DRAIN_SEAL" }}
-[environments.prod.makini]
-base_url = "{url}"
-client_id = "test-prod"
-client_secret_env = "DRAIN_SECRET"
-[environments.prod.schedule]
-interval = "1h"
-grace_period = "0s"
-[[environments.prod.backends]]
-type = "file"
-path = "files/prod"
-key = {{ file = "keys/prod-file.key", generate = true }}
-{credentials}
-"""
 
 
 def free_port() -> int:
@@ -56,11 +32,20 @@ def free_port() -> int:
 
 
 def serve_cli(tmp_path: Path, sim: SimServer, *, drain: str, count: int) -> RotatorCli:
-    credentials = "".join(
-        f'[[environments.prod.credentials]]\nname = "c{i}"\nconnection_id = "conn-drain-{i}"\n'
-        for i in range(count)
+    prod = environment_table(
+        sim.url,
+        "test-prod",
+        [{"name": f"c{i}", "connection_id": f"conn-drain-{i}"} for i in range(count)],
+        sealing_env="DRAIN_SEAL",
+        secret_env="DRAIN_SECRET",
+        backends=[file_backend("files/prod", "keys/prod-file.key")],
+        retry=None,
     )
-    text = CONFIG.format(url=sim.url, drain=drain, credentials=credentials)
+    text = config_toml(
+        {"url": "sqlite:///journal.db", "lock_ttl": "1h"},
+        {"prod": prod},
+        scheduler={"tick": "1s", "drain": drain},
+    )
     env = {"DRAIN_SEAL": generate_key(), "DRAIN_SECRET": "test-prod-secret"}
     return RotatorCli(tmp_path, text, env)
 

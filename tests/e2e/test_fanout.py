@@ -29,13 +29,12 @@ from backends.base import Backend
 from backends.vault import VaultBackend, VaultSettings
 from rotator.makini.sim import SimServer
 from rotator.model import Stage, StoredVersion
-from rotator.revoke import resume_held
 from rotator.rotation.repair import PROBE_CREDENTIAL, probe, sync
 from rotator.rotation.runtime import Runtime
 from rotator.rotation.status import CredentialStatus, collect
 from rotator.rotation.work import RotationResult, Work
 from rotator.service import run_due_once
-from tests.conftest import environment, make_config
+from tests.factories import Runtimes, environment, make_config
 from tests.servers.aws_server import MotoServer
 from tests.servers.keyvault_emulator import KeyVaultEmulator
 from tests.servers.openbao_server import OpenBaoServer
@@ -152,7 +151,7 @@ class Fanout:
     openbao: OpenBaoServer
     keyvault: KeyVaultEmulator
     prefix: str
-    opened: list[Runtime] = field(default_factory=list)
+    runtimes: Runtimes
     clients: list[Any] = field(default_factory=list)
 
     def backend_tables(self, vault_url: str) -> list[dict[str, Any]]:
@@ -203,9 +202,7 @@ class Fanout:
             envs,
             scheduler={"retry_after_failure": "0s", "concurrency": 8},
         )
-        runtime = Runtime.open(config, resume_revoke=resume_held)
-        self.opened.append(runtime)
-        return runtime
+        return self.runtimes.open(config)
 
     def direct_vault(self) -> VaultBackend:
         """The Vault replica's location, reached without the gate (to look behind it)."""
@@ -227,6 +224,7 @@ async def fanout(
     keyvault: KeyVaultEmulator,
     unique_prefix: str,
     monkeypatch: pytest.MonkeyPatch,
+    runtimes: Runtimes,
 ) -> AsyncIterator[Fanout]:
     monkeypatch.setenv("VAULT_TOKEN", openbao.root_token)
 
@@ -234,10 +232,8 @@ async def fanout(
         return keyvault.credential()
 
     monkeypatch.setattr(azure_module, "credential_factory", credential)
-    made = Fanout(tmp_path, sim, moto_server, openbao, keyvault, unique_prefix)
+    made = Fanout(tmp_path, sim, moto_server, openbao, keyvault, unique_prefix, runtimes)
     yield made
-    for runtime in made.opened:
-        await runtime.aclose()
     for client in made.clients:
         client.adapter.close()
 
@@ -552,14 +548,14 @@ async def test_run_due_workers_store_into_all_three_backends(
 ) -> None:
     # run-due's forked workers (exactly what `rotator run-due` forks) each build their own AWS,
     # Vault and Azure clients after the fork, and rotate their share into all three
-    from rotator.cli.app import _rotate_share
+    from rotator.cli.rotating import rotate_share
     from rotator.rotation.workers import Shares
     from rotator.service import due_work
 
     runtime = fanout.runtime()
     work = await due_work(runtime)
     assert sorted(w.credential for w in work) == sorted(CREDENTIALS)
-    with Shares(runtime.config, work, 2, _rotate_share(None)) as shares:
+    with Shares(runtime.config, work, 2, rotate_share(None)) as shares:
         results = {r.credential: r for r in shares.gather(None)}
     assert {r.outcome for r in results.values()} == {"rotated"}, results
     backends = list(by_name(runtime).values())

@@ -1,0 +1,128 @@
+"""``rotator run-due``, ``rotator rotate`` and ``rotator verify``: driving rotations and
+checking the current tokens."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from rotator.cli import render
+from rotator.cli.context import JsonOpt, actor, command_config, run_command, with_runtime
+from rotator.cli.guard import guarded
+from rotator.rotation.work import RotationResult, Work
+from rotator.settings import Config
+
+if TYPE_CHECKING:
+    from rotator.rotation.runtime import Runtime
+    from rotator.rotation.workers import Rotate
+
+
+def run_due(
+    env: Annotated[list[str] | None, typer.Option("--env", help="Only this environment.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Rotate, resume and retire whatever is due now, then exit (non-zero if anything failed).
+    Made for a Kubernetes CronJob with concurrencyPolicy Forbid. A large run forks workers to
+    use more than one core (scheduler.processes)."""
+    from rotator.rotation import workers
+
+    cfg = command_config(service=True)
+    for name in env or []:
+        cfg.environment(name)
+
+    async def plan_or_rotate(rt: Runtime) -> tuple[list[Work], int, list[RotationResult]]:
+        from rotator.service import Stopper, due_work, rotate_work
+
+        async with Stopper(rt, cfg.scheduler.drain.total_seconds()) as stopper:
+            work = await due_work(rt, env)
+            processes = workers.process_count(
+                cfg.scheduler.processes, len(work), workers.smallest_limit(cfg)
+            )
+            if processes > 1 and stopper.signalled is None:
+                return work, processes, []  # forked once this runtime is closed
+            with render.progress(json_out) as tick:
+                return work, 1, await rotate_work(rt, work, tick, wait_busy=True)
+
+    work, processes, results = run_command(with_runtime(cfg, plan_or_rotate, env))
+    if processes > 1:
+        with (
+            workers.Shares(cfg, work, processes, rotate_share(env)) as shares,
+            render.progress(json_out, total=len(work)) as tick,
+        ):
+            results = shares.gather(tick)
+    render.results(results, json_out)
+    if any(not r.ok for r in results):
+        raise typer.Exit(1)
+
+
+def rotate_share(env: list[str] | None) -> Rotate:
+    """What a forked ``run-due`` worker runs: its share of the work, each result reported."""
+
+    def rotate(
+        cfg: Config, share: Sequence[Work], report: Callable[[RotationResult], None]
+    ) -> None:
+        from rotator.service import Stopper, rotate_work
+
+        async def work(rt: Runtime) -> list[RotationResult]:
+            async with Stopper(rt, cfg.scheduler.drain.total_seconds()):
+                return await rotate_work(rt, share, report, wait_busy=True)
+
+        guarded(lambda: run_command(with_runtime(cfg, work, env)))
+
+    return rotate
+
+
+def rotate(
+    environment: str,
+    name: Annotated[list[str], typer.Argument(help="Credential name(s).")],
+    reason: Annotated[str, typer.Option(help="Recorded in the audit log.")] = "manual",
+    json_out: JsonOpt = False,
+) -> None:
+    """Rotate credentials now, whatever the schedule says."""
+    cfg = command_config()
+    env = cfg.environment(environment)
+    for n in name:
+        env.credential(n, environment)
+
+    async def work(rt: Runtime) -> list[RotationResult]:
+        with render.progress(json_out or len(name) < 3) as tick:
+            return list(
+                await rt.engine.rotate_many(
+                    [Work(environment, n, reason, forced=True) for n in name],
+                    actor=actor(),
+                    progress=tick,
+                )
+            )
+
+    results = run_command(with_runtime(cfg, work, [environment]))
+    render.results(results, json_out)
+    if any(not r.ok for r in results):
+        raise typer.Exit(1)
+
+
+def verify(
+    environment: str,
+    name: Annotated[str | None, typer.Argument(help="One credential (default: all).")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Check the current tokens with Makini (accepted, and for the right connection)."""
+    cfg = command_config()
+    env = cfg.environment(environment)
+    names = [env.credential(name, environment).name] if name else [c.name for c in env.credentials]
+
+    async def work(rt: Runtime) -> list[tuple[str, bool, str]]:
+        from rotator.rotation.queries import verify_current
+
+        async def one(n: str) -> tuple[str, bool, str]:
+            ok, detail = await verify_current(rt.engine, environment, n)
+            return n, ok, detail
+
+        return list(await asyncio.gather(*(one(n) for n in names)))
+
+    rows = run_command(with_runtime(cfg, work, [environment]))
+    render.verify(environment, rows, json_out)
+    if not all(ok for _, ok, _ in rows):
+        raise typer.Exit(1)

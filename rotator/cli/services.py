@@ -1,0 +1,69 @@
+"""``rotator serve`` and ``rotator makini-sim``: the long-running processes."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from rotator import logs
+from rotator.cli.context import command_config, state
+from rotator.errors import ConfigError
+
+
+def serve(
+    host: Annotated[str, typer.Option(help="Address for the HTTP API.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port for the HTTP API.")] = 8080,
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="PEM certificate (chain): serve HTTPS.")
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM private key of --tls-cert.")] = None,
+) -> None:
+    """Run the scheduler (rotate on schedule, resume, retire) until stopped."""
+    cfg = command_config(service=True)
+    from rotator.service import serve as run_service
+
+    if (tls_cert is None) != (tls_key is None):
+        raise ConfigError("--tls-cert and --tls-key go together", hint="give both, or neither")
+    asyncio.run(run_service(cfg, host=host, port=port, tls_cert=tls_cert, tls_key=tls_key))
+
+
+def makini_sim(
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8765,
+    issue_invalidates: Annotated[
+        bool,
+        typer.Option(
+            "--issue-invalidates/--issue-keeps-old",
+            help="Does issuing a token kill the previous one at once?",
+        ),
+    ] = True,
+    latency_ms: Annotated[float, typer.Option(help="Added to every API call.")] = 0.0,
+    error_rate: Annotated[float, typer.Option(help="Share of API calls answered 5xx.")] = 0.0,
+    token_lifetime_s: Annotated[int | None, typer.Option(help="Access token lifetime.")] = None,
+    client: Annotated[
+        list[str] | None, typer.Option(help="ID:SECRET of an admin client (repeatable).")
+    ] = None,
+) -> None:
+    """Run the bundled Makini simulator (for local runs, tests and benchmarks)."""
+    from rotator.makini.sim import SimOptions, serve_simulator
+
+    options: dict[str, Any] = {
+        "issue_invalidates_previous": issue_invalidates,
+        "latency_ms": latency_ms,
+        "error_rate": error_rate,
+    }
+    if token_lifetime_s is not None:
+        options["token_lifetime_s"] = token_lifetime_s
+    if client:
+        pairs = {}
+        for item in client:
+            cid, sep, secret = item.partition(":")
+            if not sep or not cid or not secret:
+                raise ConfigError(f"--client {item.split(':', 1)[0]}:... is not ID:SECRET")
+            pairs[cid] = secret
+        options["clients"] = pairs
+    logs.configure(state.log_level or "info", state.log_format or "console")
+    serve_simulator(SimOptions(**options), host, port)
