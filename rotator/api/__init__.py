@@ -13,7 +13,6 @@
     webhooks   POST /v1/webhooks/makini/{env}
     ops        /healthz, /readyz, /metrics
     errors     the error envelope
-    jsonbody   the one JSON parser for request bodies (nesting bounded: 422, never 500)
     routing    the route class of every router (FastAPI parses bodies with ``jsonbody``)
 
 Importing this package is cheap; FastAPI is loaded by :func:`build_app`.

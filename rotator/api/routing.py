@@ -1,6 +1,6 @@
 """The route class of every router of the API.
 
-:class:`ApiRoute` makes FastAPI parse JSON bodies with :func:`rotator.api.jsonbody.loads`, so a
+:class:`ApiRoute` makes FastAPI parse JSON bodies with :func:`rotator.jsonbody.loads`, so a
 body nested deeper than ``MAX_DEPTH`` is a JSON error, which FastAPI answers as a validation
 error (422 in the envelope), never a ``RecursionError`` (500).
 """
@@ -15,7 +15,7 @@ from fastapi.routing import APIRoute
 from starlette.requests import Request
 from starlette.responses import Response
 
-from rotator.api.jsonbody import loads
+from rotator.jsonbody import loads
 
 
 class BoundedJsonRequest(Request):

@@ -30,7 +30,7 @@ import structlog
 from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from rotator.api.jsonbody import loads
+from rotator.jsonbody import loads
 from rotator.errors import JournalError, MakiniError, NotFound
 from rotator.journal import Journal
 from rotator.journal.schema import WebhookEvent

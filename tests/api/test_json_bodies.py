@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from rotator.api.jsonbody import MAX_DEPTH, loads, too_deep_at
+from rotator.jsonbody import MAX_DEPTH, loads, too_deep_at
 from tests.api.conftest import WEBHOOK_SECRETS, Factory, LogTrap, Served, bearer, make_keys
 
 JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJsZWFrZWQtaW4tYW4tZXhjZXB0aW9uIn0.c2lnbmF0dXJlLXBhcnQ"
