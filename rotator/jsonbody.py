@@ -10,7 +10,8 @@ converts), so callers handle one exception.
 
 * FastAPI parses the admin routes' bodies: ``rotator.api.routing.ApiRoute`` hands it a request
   whose ``json()`` is :func:`loads`; FastAPI turns the JSON error into a validation error (422).
-* The webhook receiver parses its own body (``rotator.webhooks.parse_event``) with :func:`loads`.
+* The webhook receiver parses its own body (``rotator.webhooks.queue.parse_event``) with
+  :func:`loads`.
 
 Standard library only: ``rotator.webhooks`` imports it without loading FastAPI.
 """

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import sys
 import time
 from typing import Any
 
@@ -54,3 +55,15 @@ def lease_free(journal_url: str, *names: str) -> bool:
 def issuing(sim: Any) -> bool:
     """Makini (the simulator) is answering a request for a connection token right now."""
     return any(r["route"] == ISSUE_ROUTE for r in sim.inflight())
+
+
+def waiting_in(function: str) -> bool:
+    """A thread of this process is inside ``function`` now (for example blocked on the lock it
+    takes): how a test knows another thread reached the point it waits at."""
+    for frame in sys._current_frames().values():
+        at: Any = frame
+        while at is not None:
+            if at.f_code.co_name == function:
+                return True
+            at = at.f_back
+    return False

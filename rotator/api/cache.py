@@ -237,6 +237,10 @@ class TokenCache:
         except RuntimeError:
             return True
 
+    def waiting(self, env: str, cred: str) -> int:
+        """How many long-polls wait on ``env/cred`` now."""
+        return len(self._waiters.get((env, cred), []))
+
     async def wait_change(self, env: str, cred: str, known: str, timeout_s: float) -> Served | None:
         """Return as soon as the served version is not ``known``, or after ``timeout_s``."""
         key = (env, cred)

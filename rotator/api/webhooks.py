@@ -4,7 +4,8 @@ Order of checks: the environment (422 malformed, 404 unknown or webhooks off), t
 from ``Content-Length`` and again while reading), the signature over the raw bytes (401), the
 content type (415), the body (422: a JSON object). A duplicate answers 200 ``duplicate`` and is
 not queued again: Makini retries until it sees a 200. Duplicates are found on the signed body
-only (its id, else its hash; ``rotator.webhooks.dedupe_key``); an id header is logged, never used.
+only (its id, else its hash; ``rotator.webhooks.queue.dedupe_key``); an id header is logged,
+never used.
 """
 
 from __future__ import annotations

@@ -108,7 +108,8 @@ class Rotation(Base):
     notes: Mapped[str] = mapped_column(Text, default="[]")
     asked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     """Set before Makini is asked for a token, cleared once its answer is recorded: a resume
-    that finds it set knows the last request's answer was lost (see ``rotator.unaccounted``)."""
+    that finds it set knows the last request's answer was lost (see
+    ``rotator.rotation.unaccounted``)."""
 
     @property
     def is_open(self) -> bool:
@@ -278,7 +279,7 @@ class TokenDrop(Base):
 
 
 class UnaccountedToken(Base):
-    """A token Makini may have issued that no backend holds (``rotator.unaccounted``)."""
+    """A token Makini may have issued that no backend holds (``rotator.rotation.unaccounted``)."""
 
     __tablename__ = "unaccounted_tokens"
     __table_args__ = (

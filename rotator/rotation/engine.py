@@ -15,11 +15,11 @@ any two lines: the next run resumes the open rotation from its last recorded ste
    old version unreadable everywhere and revoke its pair at Makini where Makini allows.
 
 A credential is driven by one worker at a time, across every process on the journal: each drive
-holds the credential's lease (:mod:`rotator.leases`) under a holder name of its own, kept alive
-by a heartbeat; every journal write of the drive is conditional on it, and it is checked before
-every write outside the journal. Whether the credential is still due is decided again once the
-lease is held, from what the journal says then (never from a plan read before): a credential
-that another worker rotated meanwhile is not rotated twice.
+holds the credential's lease (:mod:`rotator.journal.leases`) under a holder name of its own,
+kept alive by a heartbeat; every journal write of the drive is conditional on it, and it is
+checked before every write outside the journal. Whether the credential is still due is decided
+again once the lease is held, from what the journal says then (never from a plan read before):
+a credential that another worker rotated meanwhile is not rotated twice.
 """
 
 from __future__ import annotations
@@ -179,7 +179,7 @@ class RotationEngine:
 
     async def fence(self, lease: Lease, where: str) -> None:
         """Stop (LeaseLost) unless ``lease`` is still held, before a write outside the journal
-        (see :mod:`rotator.leases`). Every write of a drive or a revoke to a backend or to
+        (see :mod:`rotator.journal.leases`). Every write of a drive or a revoke to a backend or to
         Makini is fenced by it."""
         await self.leases.check(lease, where)
 

@@ -30,10 +30,10 @@ import structlog
 from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from rotator.jsonbody import loads
 from rotator.errors import JournalError, MakiniError, NotFound
 from rotator.journal import Journal
 from rotator.journal.schema import WebhookEvent
+from rotator.jsonbody import loads
 from rotator.model import utcnow
 
 if TYPE_CHECKING:

@@ -11,6 +11,7 @@ import pytest
 from rotator.api.cache import drop_everywhere
 from rotator.keys import revoke_key
 from tests.api.conftest import Factory, LogTrap, bearer, make_keys, wait_for
+from tests.wait import until
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -45,7 +46,7 @@ async def test_replicas_learn_through_the_journal(
     poll = asyncio.ensure_future(
         two.http.get(f"/v1/tokens/prod/alpha?wait=10&known_version={second}", headers=key)
     )
-    await asyncio.sleep(0.1)
+    await until("two's long-poll to wait", lambda: two.app.state.cache.waiting("prod", "alpha"))
     third = await one.rotate("prod", "alpha")
     r = await asyncio.wait_for(poll, 3)
     assert r.status_code == 200 and r.json()["version"] == third

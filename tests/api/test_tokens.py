@@ -11,6 +11,7 @@ from rotator.api.cache import drop_everywhere
 from rotator.keys import revoke_key
 from rotator.model import Stage
 from tests.api.conftest import ENVS, Factory, LogTrap, bearer, make_keys, wait_for
+from tests.wait import until
 
 ALL_NAMES = sorted({c for creds in ENVS.values() for c in creds} | {"nope"})
 
@@ -171,7 +172,7 @@ async def test_long_poll_answers_as_soon_as_the_version_changes(
         return r.status_code, r.json()["version"], loop.time() - started
 
     waiting = asyncio.ensure_future(poll())
-    await asyncio.sleep(0.2)
+    await until("the long-poll to wait", lambda: api.app.state.cache.waiting("prod", "alpha"))
     assert not waiting.done()
     second = await api.rotate("prod", "alpha")
     status, version, took = await asyncio.wait_for(waiting, 5)

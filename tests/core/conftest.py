@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from rotator.clock import SYSTEM, Clock
 from rotator.makini.sim import SimServer
 from rotator.model import Stage, StoredVersion
 from rotator.revoke import resume_held
@@ -30,6 +31,7 @@ async def make_runtime(tmp_path: Path, sim: SimServer) -> AsyncIterator[Factory]
         backends: list[dict[str, Any]] | None = None,
         env: str = "prod",
         lock_ttl: str | None = None,
+        clock: Clock = SYSTEM,
     ) -> Runtime:
         creds = credentials or [{"name": "a", "connection_id": "conn-a"}]
         envs = {
@@ -55,7 +57,9 @@ async def make_runtime(tmp_path: Path, sim: SimServer) -> AsyncIterator[Factory]
         url = journal_url or f"sqlite:///{tmp_path / 'journal.db'}"
         journal = {"url": url, **({"lock_ttl": lock_ttl} if lock_ttl else {})}
         runtime = Runtime.open(
-            make_config(tmp_path, url, envs, journal=journal), resume_revoke=resume_held
+            make_config(tmp_path, url, envs, journal=journal),
+            resume_revoke=resume_held,
+            clock=clock,
         )
         opened.append(runtime)
         return runtime

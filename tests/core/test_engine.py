@@ -13,6 +13,7 @@ from rotator.makini.sim import SimServer
 from rotator.model import Stage, StoredVersion
 from rotator.rotation.importing import import_pair
 from rotator.rotation.work import Work
+from tests.clock import FakeClock
 from tests.core.conftest import Factory, active, current
 from tests.fakes.memory import MemoryBackend
 
@@ -58,9 +59,11 @@ async def test_grace_period_keeps_previous_readable_then_retires(
     make_runtime: Factory, sim: SimServer
 ) -> None:
     sim.set(issue_invalidates_previous=False)
+    clock = FakeClock()
     runtime = make_runtime(
         makini={"issue_invalidates_previous": False},
         schedule={"interval": "1h", "grace_period": "300ms"},
+        clock=clock,
     )
     await runtime.engine.rotate("prod", "a", reason="t", actor="t")
     [first, _] = current(runtime)
@@ -71,7 +74,8 @@ async def test_grace_period_keeps_previous_readable_then_retires(
     previous = primary.read("a", Stage.PREVIOUS)
     assert first is not None and previous is not None
     assert previous.version_id == first.version_id
-    await asyncio.sleep(0.35)
+    assert (await runtime.engine.run_due("prod", "a")).outcome == "nothing"  # not yet
+    clock.advance(0.35)
     retired = await runtime.engine.run_due("prod", "a")
     assert retired.outcome == "retired" and retired.step == Step.DONE
     assert primary.read_version("a", first.version_id) is None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
@@ -18,6 +17,7 @@ from rotator.errors import ConfigError, JournalError
 from rotator.journal import CredentialState, Journal, Rotation, Step
 from rotator.model import utcnow
 from tests.clock import FakeClock
+from tests.wait import wait_until, waiting_in
 
 
 def _rotation(env: str = "prod", cred: str = "a") -> Rotation:
@@ -118,7 +118,8 @@ def test_two_journals_on_one_sqlite_file_wait_for_each_other(tmp_path: Path) -> 
     with ThreadPoolExecutor(1) as pool, first.session("test") as s:
         assert s.get(CredentialState, ("prod", "a")) is None  # a read, then...
         other = pool.submit(second.set_state, "prod", "b", attention="from the other process")
-        time.sleep(0.3)  # ...the other process writes meanwhile (it waits for this batch)
+        # ...the other process writes meanwhile (it waits for this batch's turn)
+        wait_until("the other writer to wait for its turn", lambda: waiting_in("_turn"))
         s.add(CredentialState(environment="prod", credential="a", attention="from this one"))
     other.result(timeout=30)
     states = first.states("prod")
@@ -142,7 +143,7 @@ def test_a_writer_waits_for_its_turn_and_wakes_when_the_other_commits(tmp_path: 
     try:
         with ThreadPoolExecutor(1) as pool:
             write = pool.submit(journal.acquire, "prod/a", "me")
-            time.sleep(0.3)
+            wait_until("the writer to wait for its turn", lambda: waiting_in("_turn"))
             assert not write.done()  # it waits for its turn
             assert journal.lock_holder("prod/a") is None
             fcntl.flock(other, fcntl.LOCK_UN)

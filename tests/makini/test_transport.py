@@ -93,6 +93,7 @@ class _ClosingServer:
 
     def __init__(self) -> None:
         self.connections = 0
+        self.closed = asyncio.Event()
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -103,8 +104,10 @@ class _ClosingServer:
             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
         )
         await writer.drain()
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # the server's idle timeout
         writer.close()
+        await writer.wait_closed()
+        self.closed.set()
 
 
 async def test_a_connection_the_server_closed_is_not_reused() -> None:
@@ -114,7 +117,7 @@ async def test_a_connection_the_server_closed_is_not_reused() -> None:
     transport = http_transport(verify=httpx.create_ssl_context(), limits=httpx.Limits())
     async with server, httpx.AsyncClient(transport=transport) as client:
         first = await client.get(f"http://127.0.0.1:{port}/a")
-        await asyncio.sleep(0.3)  # the server has closed the idle connection
+        await asyncio.wait_for(handler.closed.wait(), 10)  # the server closed the idle one
         second = await client.get(f"http://127.0.0.1:{port}/b")
     assert first.json() == second.json() == {"ok": True}
     assert handler.connections == 2

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import sqlite3
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from rotator.crypto import generate_key
 from rotator.makini.sim import SimServer
 from rotator.model import fingerprint
 from tests.cli import RotatorCli
+from tests.wait import lease_free, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -234,7 +234,8 @@ def test_sigkill_mid_revoke_then_resume(tmp_path: Path, sim: SimServer) -> None:
         env={"ROTATOR_FAULT_KILL_AFTER": "revoke-issued:a"},
     )
     assert killed.returncode == -signal.SIGKILL
-    time.sleep(1.1)  # the dead worker's lease (lock_ttl = 1s) expires
+    journal = f"sqlite:///{tmp_path / 'journal.db'}"
+    wait_until("the dead worker's lease to expire", lambda: lease_free(journal, "prod/a"))
     done = rotator("run-due", "--env", "prod", "--json")  # the scheduler finishes it
 
     assert done.returncode == 0, done.stdout + done.stderr
@@ -265,10 +266,12 @@ def test_revoke_preempts_a_rotation_running_in_another_process(
     sim.set(latency_ms=300)
     worker = rotator.start("rotate", "prod", "a", "--json")
     try:
-        deadline = time.monotonic() + 30
-        while _rotation_step(tmp_path / "journal.db") != "staged":
-            assert time.monotonic() < deadline and worker.poll() is None
-            time.sleep(0.01)
+
+        def staged() -> bool:
+            assert worker.poll() is None
+            return _rotation_step(tmp_path / "journal.db") == "staged"
+
+        wait_until("the rotation to be staged", staged, every_s=0.01)
         # mid-rotation, holding the lease, waiting for Makini to verify its new token (not
         # inside a file-backend write: a process stopped there holds the file's flock)
         os.kill(worker.pid, signal.SIGSTOP)
