@@ -13,7 +13,9 @@ from typing import Any
 import pytest
 
 import backends
-from tests.factories import Runtimes
+from rotator.clock import SYSTEM, Clock
+from rotator.rotation.runtime import Runtime
+from tests.factories import RuntimeFactory, Runtimes, environment, make_config
 from tests.fakes.memory import MemoryStores, backend_class
 
 pytest_plugins = ["tests.servers.plugin"]
@@ -92,6 +94,51 @@ async def runtimes() -> AsyncIterator[Runtimes]:
     opened = Runtimes()
     yield opened
     await opened.aclose()
+
+
+@pytest.fixture
+def make_runtime(tmp_path: Path, sim: Any, runtimes: Runtimes) -> RuntimeFactory:
+    """Runtimes of one environment (``prod`` unless named) against the simulator, with a memory
+    backend (``mem``) and a file backend (``file``) unless ``backends`` are given."""
+
+    def make(
+        credentials: list[dict[str, Any]] | None = None,
+        *,
+        env: str = "prod",
+        journal_url: str | None = None,
+        makini: dict[str, Any] | None = None,
+        schedule: dict[str, Any] | None = None,
+        backends: list[dict[str, Any]] | None = None,
+        lock_ttl: str | None = None,
+        top: dict[str, Any] | None = None,
+        clock: Clock = SYSTEM,
+    ) -> Runtime:
+        envs = {
+            env: environment(
+                sim.url,
+                f"test-{env}",
+                credentials or [{"name": "a", "connection_id": "conn-a"}],
+                sealing_env=f"SEAL_{env}",
+                makini=makini,
+                schedule=schedule,
+                backends=backends
+                or [
+                    {"type": "memory", "name": "mem", "namespace": str(tmp_path)},
+                    {
+                        "type": "file",
+                        "name": "file",
+                        "path": "files",
+                        "key": {"file": "file.key", "generate": True},
+                    },
+                ],
+            )
+        }
+        url = journal_url or f"sqlite:///{tmp_path / 'journal.db'}"
+        journal = {"url": url, **({"lock_ttl": lock_ttl} if lock_ttl else {})}
+        config = make_config(tmp_path, url, envs, journal=journal, **(top or {}))
+        return runtimes.open(config, clock=clock)
+
+    return make
 
 
 # --- the Makini simulator -------------------------------------------------------------------

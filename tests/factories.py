@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from rotator.clock import SYSTEM, Clock
 from rotator.crypto import generate_key
 from rotator.revoke import resume_held
 from rotator.rotation.runtime import Runtime
@@ -144,15 +146,19 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"no TOML for {type(value).__name__}")
 
 
+RuntimeFactory = Callable[..., Runtime]
+"""The ``make_runtime`` fixture's type."""
+
+
 class Runtimes:
     """Runtimes opened on configurations, closed together (the ``runtimes`` fixture)."""
 
     def __init__(self) -> None:
         self.opened: list[Runtime] = []
 
-    def open(self, config: Config) -> Runtime:
+    def open(self, config: Config, *, clock: Clock = SYSTEM) -> Runtime:
         """The runtime of ``config``, as production opens it (held revokes resumed)."""
-        runtime = Runtime.open(config, resume_revoke=resume_held)
+        runtime = Runtime.open(config, resume_revoke=resume_held, clock=clock)
         self.opened.append(runtime)
         return runtime
 

@@ -428,8 +428,8 @@ class Writer:
         """This process's turn to write, among the processes sharing the journal file.
 
         SQLite's busy handler polls for the write lock with growing sleeps (1, 2, 5, ... 100
-        ms), so a writer that found the lock taken sleeps on long after it is free: two
-        ``run-due`` processes on one journal took a quarter longer than on two journals. A
+        ms), so a writer that found the lock taken sleeps on long after it is free (two
+        ``run-due`` processes on one journal take a quarter longer than on two, without it). A
         blocking ``flock`` on a file beside the journal wakes the next writer as soon as the
         last one commits. The lock goes with its process, whatever way that ends.
         """

@@ -184,14 +184,13 @@ class Lock(Base):
 
 
 class RevokeRecord(Base):
-    """One version of an emergency revoke's decisions (``rotator.revoke``), oldest first by
-    ``seq``: the latest is the one a resume continues with."""
+    """An emergency revoke's decisions (``rotator.revoke``), one row per revoke, updated as they
+    change: a resume, in this process or another, continues with the same decisions."""
 
     __tablename__ = "revoke_records"
 
     rotation_id: Mapped[str] = mapped_column(String(36), primary_key=True)
     """The revoke's row in ``rotations`` (``kind="revoke"``)."""
-    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
     environment: Mapped[str] = mapped_column(String(64))
     credential: Mapped[str] = mapped_column(String(64))
     strategy: Mapped[str] = mapped_column(String(32))
@@ -206,7 +205,7 @@ class RevokeRecord(Base):
     adopted: Mapped[str | None] = mapped_column(String(36))
     disconnected: Mapped[bool] = mapped_column(default=False)
     replaced: Mapped[str | None] = mapped_column(String(36))
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
 # --- the serving side's tables -----------------------------------------------------------------

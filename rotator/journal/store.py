@@ -25,7 +25,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from sqlalchemy import Table, bindparam, create_engine, delete, event, func, select, update
+from sqlalchemy import Table, bindparam, create_engine, delete, event, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, configure_mappers, sessionmaker
@@ -714,60 +714,58 @@ class Journal:
 
     # emergency revokes' records ----------------------------------------------------------------
 
-    def add_revoke_record(
+    def save_revoke_record(
         self, rotation_id: str, record: Mapping[str, Any], *, lease: LeaseKey | None = None
     ) -> None:
-        """Append a version of the decisions of the revoke ``rotation_id`` (``record``: the
-        dict ``rotator.revoke`` builds of its record), if ``lease`` is still live and its
-        holder's. Raises ValueError for a field the table does not have."""
+        """Record the decisions of the revoke ``rotation_id`` (``record``: the dict
+        ``rotator.revoke`` builds of them), replacing what it recorded before, if ``lease`` is
+        still live and its holder's. Raises ValueError for a field the table does not have."""
         values = _record_values(record)
 
         def work(conn: Connection) -> None:
             self.require(conn, lease)
-            self._add_revoke_record(conn, rotation_id, values)
+            self._save_revoke_record(conn, rotation_id, values)
 
         self._run("record a revoke's decisions", work)
 
-    def revoke_record_in(
+    def save_revoke_record_in(
         self, conn: Connection, rotation_id: str, record: Mapping[str, Any]
     ) -> None:
-        """:meth:`add_revoke_record` inside ``conn``'s transaction."""
-        self._add_revoke_record(conn, rotation_id, _record_values(record))
+        """:meth:`save_revoke_record` inside ``conn``'s transaction."""
+        self._save_revoke_record(conn, rotation_id, _record_values(record))
 
-    def _add_revoke_record(
+    def _save_revoke_record(
         self, conn: Connection, rotation_id: str, values: dict[str, Any]
     ) -> None:
+        now = self.clock.now()
+        rec = _RECORDS.c
+        changed = conn.execute(
+            update(_RECORDS).where(rec.rotation_id == rotation_id).values(updated_at=now, **values)
+        ).rowcount
+        if changed:
+            return
         rot = _ROTATIONS.c
         found = conn.execute(
             select(rot.environment, rot.credential).where(rot.id == rotation_id)
         ).first()
         if found is None:
             raise JournalError(f"rotation {rotation_id} is not in the journal", where=self.where)
-        rec = _RECORDS.c
-        last = conn.execute(
-            select(func.max(rec.seq)).where(rec.rotation_id == rotation_id)
-        ).scalar_one()
         conn.execute(
             _RECORDS.insert().values(
                 rotation_id=rotation_id,
-                seq=(last or 0) + 1,
                 environment=found.environment,
                 credential=found.credential,
-                created_at=self.clock.now(),
+                updated_at=now,
                 **values,
             )
         )
 
-    def revoke_records(self, rotation_id: str) -> list[dict[str, Any]]:
-        """Every version of a revoke's decisions, oldest first (the last is the latest), each
-        as the dict :meth:`add_revoke_record` was given."""
+    def revoke_record(self, rotation_id: str) -> dict[str, Any] | None:
+        """The decisions the revoke ``rotation_id`` recorded last, as the dict
+        :meth:`save_revoke_record` was given (None: it recorded none)."""
         with self.reader() as s:
-            rows = s.scalars(
-                select(RevokeRecord)
-                .where(RevokeRecord.rotation_id == rotation_id)
-                .order_by(RevokeRecord.seq)
-            )
-            return [_record_dict(row) for row in rows]
+            row = s.get(RevokeRecord, rotation_id)
+            return None if row is None else _record_dict(row)
 
 
 _RECORDS = cast(Table, RevokeRecord.__table__)

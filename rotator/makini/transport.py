@@ -1,13 +1,13 @@
 """The Makini client's network layer: httpx and httpcore over plain asyncio.
 
-httpcore runs on asyncio through anyio by default, and on the rotation hot path that layer cost
-more than the rest of the HTTP client together (profiled over 1,000 rotations): anyio's socket
-stream registers and unregisters the socket with epoll around every read, builds a dict of
-socket attributes with a ``getpeername()`` call each time httpcore asks whether an idle pooled
-connection is readable (for every pooled connection, on every request), and wraps each call in
-a cancel scope. This module is httpcore's documented extension point for that layer
-(``AsyncNetworkBackend``), on an :class:`asyncio.Protocol`: the event loop reads each socket as
-data arrives, and "is an idle connection readable" is answered from memory.
+httpcore runs on asyncio through anyio by default, and on the rotation hot path that layer
+costs more than the rest of the HTTP client together (a profile of ``bench.bench_rotation``):
+anyio's socket stream registers and unregisters the socket with epoll around every read, builds
+a dict of socket attributes with a ``getpeername()`` call each time httpcore asks whether an
+idle pooled connection is readable (for every pooled connection, on every request), and wraps
+each call in a cancel scope. This module is httpcore's documented extension point for that
+layer (``AsyncNetworkBackend``), on an :class:`asyncio.Protocol`: the event loop reads each
+socket as data arrives, and "is an idle connection readable" is answered from memory.
 
 Everything above it (HTTP/1.1 with h11, the pool, keep-alive, httpx's requests, responses and
 exceptions) stays httpx's and httpcore's own.

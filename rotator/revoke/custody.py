@@ -74,7 +74,7 @@ def begin(
         record.superseded = [p.info for p in preempted]
         s.add(row)
         s.flush()  # the row first: its record refers to it
-        journal.revoke_record_in(s.connection(), row.id, record.to_dict())
+        journal.save_revoke_record_in(s.connection(), row.id, record.to_dict())
         audit = {**audit, "superseded": [p.info.id for p in preempted]}
         journal.audit_in(s.connection(), environment=env, credential=cred, **audit)
     return preempted
@@ -114,7 +114,7 @@ def adopt(
         rev.step = step
         record.adopted = rotation_id
         rev.notes = json.dumps([*rev.note_list(), note])
-        journal.revoke_record_in(s.connection(), revoke_id, record.to_dict())
+        journal.save_revoke_record_in(s.connection(), revoke_id, record.to_dict())
         rot.notes = json.dumps([*rot.note_list(), f"its token was adopted by revoke {revoke_id}"])
     return rev
 
@@ -125,13 +125,13 @@ def with_record(
     recorded: dict[str, Any],
     after: Callable[[Connection, Rotation], None] | None,
 ) -> Callable[[Connection, Rotation], None] | None:
-    """``after`` (if any), preceded in the same transaction by a new version of the revoke's
-    record where it changed since ``recorded``."""
+    """``after`` (if any), preceded in the same transaction by the revoke's record where it
+    changed since ``recorded``."""
     if record == recorded:
         return after
 
     def hook(conn: Connection, row: Rotation) -> None:
-        journal.revoke_record_in(conn, row.id, record)
+        journal.save_revoke_record_in(conn, row.id, record)
         if after is not None:
             after(conn, row)
 

@@ -104,8 +104,8 @@ class Preempted:
 
 @dataclass
 class Record:
-    """The revoke's own decisions, kept in the journal (``revoke_records``, a new version with
-    each step that changes them) so a resume in another process continues with the same."""
+    """The revoke's own decisions, kept in the journal (``revoke_records``, updated with each
+    step that changes them) so a resume in another process continues with the same."""
 
     strategy: str
     method: str
@@ -131,10 +131,10 @@ class Record:
     @classmethod
     def latest(cls, journal: Journal, revoke_id: str) -> Record:
         """The revoke's decisions as last recorded (blocking; journal work only)."""
-        versions = journal.revoke_records(revoke_id)
-        if not versions:
+        recorded = journal.revoke_record(revoke_id)
+        if recorded is None:
             raise ValueError(f"revoke {revoke_id} carries no record")
-        return cls.from_dict(versions[-1])
+        return cls.from_dict(recorded)
 
 
 @dataclass

@@ -116,14 +116,14 @@ class Revoker:
             elif p.action == "revoke":
                 begun = await self._begin(rt, cred, req, p, stolen, report, lease)
                 if begun is not None:
-                    row, old = begun
+                    row, old, record = begun
                     fresh = row.attempts > 0
                     await CredentialRevoke(
                         self.engine,
                         rt,
                         cred,
                         row,
-                        await recorded(self.engine, row),
+                        record,
                         lease,
                         report,
                         old=old,
@@ -182,7 +182,7 @@ class Revoker:
         stolen: str | None,
         report: CredentialReport,
         lease: Lease,
-    ) -> tuple[Rotation, StoredVersion] | None:
+    ) -> tuple[Rotation, StoredVersion, Record] | None:
         """Write the revoke's row and supersede the rotations in flight (one transaction), then
         give a pre-empted worker whose issue request is on the wire time to receive its token."""
         target = await self.engine.worker.call(resolve_target, rt.backends, cred.name, req.version)
@@ -266,7 +266,7 @@ class Revoker:
         )
         if stolen is not None:
             await self._await_in_flight(rt, preempted, now)
-        return row, old
+        return row, old, record
 
     async def _await_in_flight(
         self, rt: EnvironmentRuntime, preempted: list[Preempted], since: Any

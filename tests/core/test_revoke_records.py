@@ -53,23 +53,27 @@ def _revoke_row(clock: FakeClock, rotation_id: str = "rev-1", notes: str = "[]")
     )
 
 
-def test_records_are_read_back_as_written_oldest_first(journal_url: str) -> None:
+def test_a_record_is_read_back_as_last_written(journal_url: str) -> None:
     clock = FakeClock()
     journal = Journal(journal_url, clock=clock)
     try:
         journal.add_rotation(_revoke_row(clock))
         first = _record()
-        journal.add_revoke_record("rev-1", first)
+        journal.save_revoke_record("rev-1", first)
+        assert journal.revoke_record("rev-1") == first
         clock.advance(5)
         later = _record(adopted="r-0", disconnected=True, replaced="v-3")
-        journal.add_revoke_record("rev-1", later)
-        assert journal.revoke_records("rev-1") == [first, later]
-        assert journal.revoke_records("rev-other") == []
+        journal.save_revoke_record("rev-1", later)
+        assert journal.revoke_record("rev-1") == later
+        assert journal.revoke_record("rev-other") is None
         with journal.reader() as s:
             rows = s.execute(
-                text("SELECT seq, environment, credential, created_at FROM revoke_records")
+                text("SELECT environment, credential, updated_at FROM revoke_records")
             ).all()
-        assert [(r[0], r[1], r[2]) for r in rows] == [(1, "prod", "a"), (2, "prod", "a")]
+        assert [(r[0], r[1]) for r in rows] == [("prod", "a")]  # one row per revoke
+        with journal.reader() as s:
+            at = s.scalars(select(RevokeRecord.updated_at)).one()
+        assert at == clock.now()
     finally:
         journal.close()
 
@@ -80,11 +84,11 @@ def test_a_record_is_written_only_under_a_live_lease(journal_url: str) -> None:
     try:
         journal.add_rotation(_revoke_row(clock))
         assert journal.acquire("prod/a", "revoke-1")
-        journal.add_revoke_record("rev-1", _record(), lease=("prod/a", "revoke-1"))
+        journal.save_revoke_record("rev-1", _record(), lease=("prod/a", "revoke-1"))
         clock.advance(11)  # the lease expired: its holder must not write
         with pytest.raises(LeaseLost):
-            journal.add_revoke_record("rev-1", _record(adopted="x"), lease=("prod/a", "revoke-1"))
-        assert journal.revoke_records("rev-1") == [_record()]
+            journal.save_revoke_record("rev-1", _record(adopted="x"), lease=("prod/a", "revoke-1"))
+        assert journal.revoke_record("rev-1") == _record()
     finally:
         journal.close()
 
@@ -95,10 +99,10 @@ def test_a_record_that_does_not_fit_the_table_is_refused(journal_url: str) -> No
     try:
         journal.add_rotation(_revoke_row(clock))
         with pytest.raises(ValueError, match="unknown fields \\['surprise'\\]"):
-            journal.add_revoke_record("rev-1", _record(surprise=1))
+            journal.save_revoke_record("rev-1", _record(surprise=1))
         with pytest.raises(JournalError, match="not in the journal"):
-            journal.add_revoke_record("missing", _record())
-        assert journal.revoke_records("rev-1") == []
+            journal.save_revoke_record("missing", _record())
+        assert journal.revoke_record("rev-1") is None
     finally:
         journal.close()
 
@@ -109,8 +113,8 @@ def test_a_record_joins_a_transaction_of_the_caller(journal_url: str) -> None:
     try:
         journal.add_rotation(_revoke_row(clock))
         with journal.session("start a revoke") as s:
-            journal.revoke_record_in(s.connection(), "rev-1", _record())
-        assert journal.revoke_records("rev-1") == [_record()]
+            journal.save_revoke_record_in(s.connection(), "rev-1", _record())
+        assert journal.revoke_record("rev-1") == _record()
     finally:
         journal.close()
 
@@ -122,8 +126,9 @@ def test_an_upgrade_moves_open_revokes_records_out_of_their_notes(journal_url: s
     try:
         with engine.begin() as conn:
             migrate.run_scripts(conn, "0002")
-            record = _record(adopted="r-0")
+            earlier, record = _record(), _record(adopted="r-0")
             old_notes = [
+                "revoke-record " + json.dumps(earlier, separators=(",", ":")),
                 "revoke-record " + json.dumps(record, separators=(",", ":")),
                 "killed the old token at Makini",
             ]
@@ -149,14 +154,14 @@ def test_an_upgrade_moves_open_revokes_records_out_of_their_notes(journal_url: s
     journal = Journal(journal_url)
     try:
         assert migrate.state(journal.engine, journal.where).current
-        assert journal.revoke_records("rev-1") == [record]
+        assert journal.revoke_record("rev-1") == record  # the last one recorded
         revoke = journal.rotation("rev-1")
         assert revoke is not None and revoke.note_list() == ["killed the old token at Makini"]
         plain = journal.rotation("rot-1")
         assert plain is not None and plain.note_list() == ["a plain note"]
-        assert journal.revoke_records("rot-1") == []
+        assert journal.revoke_record("rot-1") is None
         with journal.reader() as s:
-            at = s.scalars(select(RevokeRecord.created_at)).one()
+            at = s.scalars(select(RevokeRecord.updated_at)).one()
         assert at == when  # when the revoke last wrote its record
     finally:
         journal.close()

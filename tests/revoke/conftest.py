@@ -2,65 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
-from typing import Any
-
-import pytest
-
 from rotator.makini.sim import SimServer
 from rotator.model import Stage, StoredVersion
-from rotator.revoke import CredentialReport, Revoker, RevokeRequest, resume_held
+from rotator.revoke import CredentialReport, Revoker, RevokeRequest
 from rotator.rotation.runtime import Runtime
-from tests.factories import environment, make_config
+from tests.factories import RuntimeFactory
 
-Factory = Callable[..., Runtime]
+Factory = RuntimeFactory
 REVOKE_PATH = "/api/system/tokens/revoke"
-
-
-@pytest.fixture
-async def make_runtime(tmp_path: Path, sim: SimServer) -> AsyncIterator[Factory]:
-    opened: list[Runtime] = []
-
-    def make(
-        credentials: list[dict[str, Any]] | None = None,
-        *,
-        makini: dict[str, Any] | None = None,
-        backends: list[dict[str, Any]] | None = None,
-        top: dict[str, Any] | None = None,
-        schedule: dict[str, Any] | None = None,
-        journal_url: str | None = None,
-    ) -> Runtime:
-        creds = credentials or [{"name": "a", "connection_id": "conn-a"}]
-        envs = {
-            "prod": environment(
-                sim.url,
-                "test-prod",
-                creds,
-                sealing_env="SEAL_prod",
-                makini=makini,
-                schedule=schedule,
-                backends=backends
-                or [
-                    {"type": "memory", "name": "mem", "namespace": str(tmp_path)},
-                    {
-                        "type": "file",
-                        "name": "file",
-                        "path": "files",
-                        "key": {"file": "file.key", "generate": True},
-                    },
-                ],
-            )
-        }
-        url = journal_url or f"sqlite:///{tmp_path / 'journal.db'}"
-        config = make_config(tmp_path, url, envs, **(top or {}))
-        runtime = Runtime.open(config, resume_revoke=resume_held)
-        opened.append(runtime)
-        return runtime
-
-    yield make
-    for runtime in opened:
-        await runtime.aclose()
 
 
 def current(runtime: Runtime, name: str = "a") -> list[StoredVersion | None]:

@@ -1,9 +1,10 @@
-"""An emergency revoke's decisions as rows of their own: ``revoke_records``.
+"""An emergency revoke's decisions in a table of their own: ``revoke_records``, one row each.
 
 A revoke kept its decisions (strategy, method, what it superseded, adopted, disconnected,
-replaced) as a ``"revoke-record "``-prefixed JSON note in its row's ``rotations.notes``. Each
-such note of an existing row moves to ``revoke_records`` (an open revoke resumes with the same
-decisions after the upgrade) and leaves the notes list; the other notes stay as they were.
+replaced) as a ``"revoke-record "``-prefixed JSON note in its row's ``rotations.notes``. The
+last such note of an existing row becomes its row in ``revoke_records`` (an open revoke resumes
+with the same decisions after the upgrade), and every such note leaves the notes list; the
+other notes stay as they were.
 
 Revision ID: 0003
 Revises: 0002
@@ -54,7 +55,6 @@ def upgrade() -> None:
     records = op.create_table(
         "revoke_records",
         sa.Column("rotation_id", sa.String(36), primary_key=True),
-        sa.Column("seq", sa.Integer(), primary_key=True),
         sa.Column("environment", sa.String(64), nullable=False),
         sa.Column("credential", sa.String(64), nullable=False),
         sa.Column("strategy", sa.String(32), nullable=False),
@@ -67,7 +67,7 @@ def upgrade() -> None:
         sa.Column("adopted", sa.String(36)),
         sa.Column("disconnected", sa.Boolean(), nullable=False),
         sa.Column("replaced", sa.String(36)),
-        sa.Column("created_at", TZ, nullable=False),
+        sa.Column("updated_at", TZ, nullable=False),
     )
     _move_notes(records)
 
@@ -96,17 +96,15 @@ def _move_notes(records: sa.Table) -> None:
                 kept.append(note)
         if not moved:
             continue
-        for seq, values in enumerate(moved, start=1):
-            bind.execute(
-                records.insert().values(
-                    rotation_id=row.id,
-                    seq=seq,
-                    environment=row.environment,
-                    credential=row.credential,
-                    created_at=row.updated_at,
-                    **values,
-                )
+        bind.execute(
+            records.insert().values(
+                rotation_id=row.id,
+                environment=row.environment,
+                credential=row.credential,
+                updated_at=row.updated_at,
+                **moved[-1],
             )
+        )
         bind.execute(
             rotations.update().where(rotations.c.id == row.id).values(notes=json.dumps(kept))
         )
