@@ -823,10 +823,13 @@ class RotationEngine:
     async def _probe_old(self, d: _Drive, rot: Rotation) -> bool | None:
         """Where it is unknown whether issuing killed the old token, ask Makini."""
         old = await self._old_version(d, rot)
-        if old is None:
-            return None
+        return None if old is None else await self._dead(d, old)
+
+    @staticmethod
+    async def _dead(d: _Drive, version: StoredVersion) -> bool | None:
+        """Whether Makini refuses ``version``'s token for the credential (None: it cannot say)."""
         try:
-            await d.rt.makini.verify(old.tokens.access, d.cred.connection_id)
+            await d.rt.makini.verify(version.tokens.access, d.cred.connection_id)
         except InvalidToken:
             return True
         except MakiniError:
@@ -860,15 +863,7 @@ class RotationEngine:
 
     async def _current_dead(self, d: _Drive) -> bool:
         current = await self.worker.call(d.rt.primary.read, d.cred.name, Stage.CURRENT)
-        if current is None:
-            return True
-        try:
-            await d.rt.makini.verify(current.tokens.access, d.cred.connection_id)
-        except InvalidToken:
-            return True
-        except MakiniError:
-            return False
-        return False
+        return current is None or await self._dead(d, current) is True
 
     async def _revoke_quietly(self, d: _Drive, tokens: TokenPair) -> bool:
         """Revoke a pair (access and refresh token) at makini.revoke_path; False where none is
