@@ -5,6 +5,7 @@ PostgreSQL, the way an operator's ``psql`` would."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -59,11 +60,14 @@ class Proc:
         try:
             return self.popen.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
+            self.popen.send_signal(signal.SIGUSR1)  # where each thread waits, into its stderr
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.popen.wait(timeout=2)
             self.popen.kill()
             self.popen.wait(timeout=10)
             raise AssertionError(
                 f"{self.name} did not exit within {timeout_s:.0f} s; its log ends:\n"
-                f"{self.stderr()[-3000:]}"
+                f"{self.stderr()[-6000:]}"
             ) from None
 
     def stop(self) -> None:
