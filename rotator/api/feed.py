@@ -35,6 +35,21 @@ CHANNEL = "rotator_changes"
 PG_SAFETY_POLL_S = 5.0
 
 
+LISTENER_STOP_S = 2.0
+"""How long a stopping feed waits for its listener to finish once cancelled."""
+
+
+async def stop_listener(listener: asyncio.Task[None]) -> None:
+    """Cancel the listener and wait for it, a bounded time: psycopg can lose a cancellation that
+    arrives while it connects (psycopg#1345), and a shutdown must not wait on it for ever."""
+    listener.cancel()
+    done, _ = await asyncio.wait({listener}, timeout=LISTENER_STOP_S)
+    if not done:
+        log.warning("feed.listener_not_stopped", waited_s=LISTENER_STOP_S)
+    elif not listener.cancelled() and listener.exception() is not None:
+        log.warning("feed.listener_failed", error=type(listener.exception()).__name__)
+
+
 class ReplicaFeed:
     """Keeps a process's cache and key index in step with the journal."""
 
@@ -113,9 +128,7 @@ class ReplicaFeed:
                     log.info("feed.keys_reloaded", keys=len(self.keys))
         finally:
             if listener is not None:
-                listener.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await listener
+                await stop_listener(listener)
 
     async def _listen(self) -> None:
         import psycopg
