@@ -10,15 +10,16 @@ from rotator.api import feed
 
 
 async def test_a_listener_that_loses_its_cancellation_is_left_after_a_bounded_wait() -> None:
-    release = asyncio.Event()
+    release, running = asyncio.Event(), asyncio.Event()
 
     async def stubborn() -> None:
+        running.set()
         while not release.is_set():
             with contextlib.suppress(asyncio.CancelledError):  # as a lost cancellation does
                 await release.wait()
 
     listener = asyncio.ensure_future(stubborn())
-    await asyncio.sleep(0)  # it runs
+    await running.wait()
     loop = asyncio.get_running_loop()
     started = loop.time()
     await feed.stop_listener(listener)
@@ -29,10 +30,13 @@ async def test_a_listener_that_loses_its_cancellation_is_left_after_a_bounded_wa
 
 
 async def test_a_listener_that_stops_is_waited_for() -> None:
+    running = asyncio.Event()
+
     async def listening() -> None:
+        running.set()
         await asyncio.Event().wait()
 
     listener = asyncio.ensure_future(listening())
-    await asyncio.sleep(0)
+    await running.wait()
     await feed.stop_listener(listener)
     assert listener.cancelled()

@@ -113,10 +113,9 @@ def test_work_a_worker_did_not_report_is_failed_with_how_it_ended(tmp_path: Path
 
 def record_pid_then_wait(cfg: Config, _share: Sequence[Work], _report: Report) -> None:
     """A worker that never gets to drain: told to stop, it stops as a real run would."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # kept pending, for sigwait
     (cfg.base_dir / f"worker-{os.getpid()}").touch()
-    deadline = time.monotonic() + 60
-    while signals.take() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+    signal.sigwait({signal.SIGTERM})
 
 
 def test_leaving_early_stops_the_workers(tmp_path: Path) -> None:
@@ -228,7 +227,8 @@ async def test_workers_rotate_on_either_journal(
 
 def record_pid_then_hang(cfg: Config, _share: Sequence[Work], _report: Report) -> None:
     (cfg.base_dir / f"worker-{os.getpid()}").touch()
-    time.sleep(600)  # stuck (a journal that never answers): it cannot drain
+    while True:  # stuck (a journal that never answers): it cannot drain
+        signal.pause()
 
 
 def test_a_worker_that_cannot_drain_is_killed_after_the_drain(tmp_path: Path) -> None:

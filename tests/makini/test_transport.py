@@ -104,8 +104,7 @@ class _ClosingServer:
             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
         )
         await writer.drain()
-        await asyncio.sleep(0.05)  # the server's idle timeout
-        writer.close()
+        writer.close()  # as a server's idle timeout does, once the answer is out
         await writer.wait_closed()
         self.closed.set()
 
