@@ -673,6 +673,8 @@ class RotationEngine:
         cause: str,
         *,
         request_id: str | None = None,
+        fingerprint: str | None = None,
+        live_until: datetime | None = None,
     ) -> unaccounted.Lost:
         d.unaccounted += 1
         return unaccounted.Lost(
@@ -683,6 +685,8 @@ class RotationEngine:
             asked_at=asked_at,
             cause=cause,
             request_id=request_id,
+            fingerprint=fingerprint,
+            live_until=live_until,
         )
 
     def _settle_unaccounted(
@@ -1085,14 +1089,11 @@ class RotationEngine:
         self, d: _Drive, rot: Rotation, cause: str, old: StoredVersion | None
     ) -> unaccounted.Lost:
         """A retired token that may stay valid at Makini, held by nobody: reported."""
-        d.unaccounted += 1
-        return unaccounted.Lost(
-            environment=d.rt.name,
-            credential=d.cred.name,
-            connection_id=d.cred.connection_id,
-            rotation_id=rot.id,
-            asked_at=old.created_at if old is not None and old.created_at else rot.started_at,
-            cause=cause,
+        return self._lost(
+            d,
+            rot,
+            old.created_at if old is not None and old.created_at else rot.started_at,
+            cause,
             fingerprint=rot.old_fingerprint,
             live_until=old.tokens.expires_at if old is not None else None,
         )
