@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import structlog
 from fastapi import FastAPI
 
+from rotator.aio import woken
 from rotator.api import admin, docs, errors, ops, webhooks
 from rotator.api.feed import ReplicaFeed
 from rotator.api.gate import KeyGate
@@ -63,8 +64,7 @@ async def _every(
         if wake is None:
             await asyncio.sleep(interval_s)
         else:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), interval_s)
+            await woken(wake, interval_s)
             wake.clear()
         try:
             await work()

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from rotator.aio import within
 from rotator.model import Stage, StoredVersion, utcnow
 from rotator.rotation.drops import record_drop
 
@@ -255,7 +256,7 @@ class TokenCache:
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._waiters.setdefault(key, []).append(fut)
             try:
-                await asyncio.wait_for(fut, left)
+                await within(fut, left)
             except TimeoutError:
                 return self.entries.get(key)
             finally:

@@ -16,12 +16,12 @@ A change of current version makes the cache re-read that credential from the pri
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import TYPE_CHECKING, Any
 
 import structlog
 from sqlalchemy import select
 
+from rotator.aio import woken
 from rotator.journal import CredentialState, Journal
 from rotator.journal.schema import TokenDrop
 from rotator.keys import KeyIndex
@@ -90,6 +90,10 @@ class ReplicaFeed:
             )
         return states, drops
 
+    def changed(self) -> None:
+        """Something changed in the journal (a notification): poll now."""
+        self._wake.set()
+
     def poll(self) -> tuple[dict[tuple[str, str], str | None], list[TokenDrop], bool]:
         """Blocking: what changed in the journal (run on a thread)."""
         states, drops = self._read()
@@ -114,8 +118,7 @@ class ReplicaFeed:
         listener = None if self.journal.is_sqlite else asyncio.ensure_future(self._listen())
         try:
             while True:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.poll_s)
+                await woken(self._wake, self.poll_s)
                 self._wake.clear()
                 try:
                     states, drops, reloaded = await asyncio.to_thread(self.poll)
@@ -143,9 +146,9 @@ class ReplicaFeed:
                 async with conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     delay = 0.5
-                    self._wake.set()  # catch up on whatever happened while not listening
+                    self.changed()  # catch up on whatever happened while not listening
                     async for _ in conn.notifies():
-                        self._wake.set()
+                        self.changed()
             except (psycopg.Error, OSError) as exc:
                 log.warning("feed.listen_failed", error=type(exc).__name__, retry_s=delay)
             await asyncio.sleep(delay)
