@@ -9,13 +9,12 @@ from __future__ import annotations
 
 
 def main() -> None:
-    """The ``rotator`` console script. SIGUSR1 prints where every thread is (function and line,
-    never a value) to stderr: how to see what a process that does not stop is waiting for."""
-    import faulthandler
-    import signal
+    """The ``rotator`` console script. SIGUSR1 prints where every thread and every asyncio task
+    waits (function and line, never a value) to stderr: how to see what a process that does not
+    stop is waiting for."""
+    from rotator import signals
 
-    if hasattr(signal, "SIGUSR1"):
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+    signals.dump_on_usr1()
     from rotator.cli.app import app
     from rotator.cli.guard import guarded
 

@@ -234,3 +234,35 @@ def _answers(url: str) -> bool:
     except httpx.HTTPError:
         return False
     return True
+
+
+def test_sigusr1_shows_where_serve_waits_and_serve_carries_on(
+    tmp_path: Path, sim: SimServer
+) -> None:
+    # a serve that does not stop must say what it waits for (the fleet harness asks before it
+    # kills one): the threads, and the asyncio tasks, where the hang at shutdown was
+    cli = serve_cli(tmp_path, sim, drain="5s", count=1)
+    port = free_port()
+    log = tmp_path / "serve.err"
+    with log.open("w") as err:
+        proc = subprocess.Popen(
+            cli.argv("serve", "--port", str(port)),
+            env=cli.env,
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    try:
+        wait_until("serve", lambda: listening(port))
+        proc.send_signal(signal.SIGUSR1)
+        wait_until("the stacks", lambda: "asyncio:" in log.read_text(), timeout_s=10)
+        text = log.read_text()
+        assert "Current thread" in text and "Thread 0x" in text  # faulthandler: every thread
+        assert re.search(r"Stack for <Task .*\n.*File .*", text)  # every task, with its frames
+        assert "serve" in text and "Traceback" not in text
+        assert listening(port)  # it carries on
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

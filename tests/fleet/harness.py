@@ -60,14 +60,18 @@ class Proc:
         try:
             return self.popen.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            self.popen.send_signal(signal.SIGUSR1)  # where each thread waits, into its stderr
+            before = len(self.stderr())
+            self.popen.send_signal(signal.SIGUSR1)  # where each thread and task waits
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.popen.wait(timeout=2)
             self.popen.kill()
             self.popen.wait(timeout=10)
+            text = self.stderr()
+            log, stacks = text[:before], text[before:]
+            tasks = stacks[stacks.find("asyncio:") :] if "asyncio:" in stacks else stacks
             raise AssertionError(
                 f"{self.name} did not exit within {timeout_s:.0f} s; its log ends:\n"
-                f"{self.stderr()[-6000:]}"
+                f"{log[-3000:]}\n--- where it waited (SIGUSR1) ---\n{tasks[-6000:]}"
             ) from None
 
     def stop(self) -> None:
