@@ -64,7 +64,7 @@ PER_ENV = 100
 ENVS = ("kills", "keeps")
 INTERVAL_S = 45
 LOCK_TTL_S = 5
-LATENCY_MS = 100
+LATENCY_MS = 150
 RECOVERY_BOUND_S = 30
 
 CONFIG_HEAD = """
@@ -317,7 +317,7 @@ def test_replicas_and_run_due_rotate_each_credential_once_per_due_period(fleet: 
             assert count < PER_ENV - 10, "the first wave went past the moment to kill"
             return count
 
-        first_kill = Kill(fleet, db, replicas["r0"], "kills", lambda: promoted() >= 20)
+        first_kill = Kill(fleet, db, replicas["r0"], "kills", lambda: promoted() >= 5)
         replicas["r1"].signal(signal.SIGTERM)
         r1_owner = f"{socket.gethostname()[:60]}:{replicas['r1'].pid}:%"
         r1_held = db.rows("SELECT name FROM locks WHERE owner LIKE %s", r1_owner)
