@@ -1,0 +1,633 @@
+"""The status page: ``GET /status``, rendered on the server, kept live by server-sent events.
+
+One page per environment: each credential's token age against its lifetime, expiry, next
+rotation, last outcome, whether the backends agree, readers on old versions, open revokes,
+and the latest audit entries. The data comes from :func:`rotator.rotation.status.collect` (what
+``rotator status`` prints) and :meth:`Journal.audit_entries` (what ``rotator audit`` prints).
+It never shows a token, nor a fingerprint of one; every text is escaped (Jinja2 autoescape),
+and the Content-Security-Policy allows only this app's own stylesheet and script.
+
+Access: a status key (``rotator keys create ENV --name N --status``, which opens this page and
+nothing else) or an admin key of the environment; never a reader key. A browser cannot send a
+bearer header when it navigates, so ``POST /status/login`` takes the key once, from a form, and
+answers with a cookie holding a signed session: the key id, an expiry (:data:`SESSION_S`) and an
+HMAC keyed from the key's stored hash (:meth:`KeyIndex.session_mac`). The cookie is HttpOnly
+(no script reads it), SameSite=Strict (no other site's page sends it), Secure over TLS, and
+scoped to ``/status`` (the API's routes take only bearer keys, so it opens nothing else). Every
+replica on the journal checks it, and revoking the key ends its sessions within a replica
+poll. The page and each event-stream connection renew it while the page is open.
+
+Live: one :class:`StatusBoard` per app renders an environment's board once for all its viewers,
+again when this process's engine reports a drive's end or a revoke, when the journal's newest
+audit entry changes (what another replica or ``run-due`` did), and every :data:`REFRESH_S`
+anyway (ages, countdowns and backends change without a journal row). ``GET /status/events``
+sends each new rendering as an SSE ``board`` event whose HTML the page's script swaps in.
+A stream lasts at most :data:`STREAM_MAX_S` (the browser reconnects, with ``Last-Event-ID``)
+and ends at once when :meth:`StatusBoard.close` is called, so an open page never holds a
+shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hmac
+import itertools
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from functools import cache
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
+
+import structlog
+from fastapi import APIRouter, Request
+from jinja2 import Environment, PackageLoader, StrictUndefined
+from markupsafe import Markup
+from starlette.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
+
+from rotator.aio import woken
+from rotator.api.routing import api_router
+from rotator.errors import RotatorError
+from rotator.rotation.schedule import human
+from rotator.rotation.status import CredentialStatus, collect
+from rotator.scrub import scrub
+
+if TYPE_CHECKING:
+    from rotator.api.state import ApiState
+    from rotator.journal.schema import AuditEntry
+    from rotator.keys import KeyIndex, KeyInfo
+    from rotator.rotation.work import RotationResult
+
+log = structlog.get_logger("rotator.api.status")
+
+COOKIE = "rotator_status"
+SESSION_S = 3600
+"""How long a session lives without the page open (the page renews it while it is)."""
+STREAM_MAX_S = 25.0
+"""One event-stream connection at most; the browser reconnects (renewing the session)."""
+KEEPALIVE_S = 10.0
+WATCH_S = 1.0
+"""How often a watched board asks the journal for its newest audit entry."""
+REFRESH_S = 15.0
+"""A watched board is rendered again at least this often."""
+FRESH_S = 2.0
+"""A page load renders again only a board older than this."""
+AUDIT_ROWS = 12
+RETRY_MS = 1000
+BAD_OUTCOMES = frozenset({"failed", "rolled_back"})
+GOOD_OUTCOMES = frozenset({"rotated", "retired", "waiting", "nothing"})
+HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+    "connect-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; "
+    "base-uri 'none'",
+    "Cache-Control": "no-store",
+    "Referrer-Policy": "same-origin",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+}
+FINGERPRINT = re.compile(r"sha256:[0-9a-f]{6,64}")
+STATIC = {"status.css": "text/css; charset=utf-8", "status.js": "text/javascript; charset=utf-8"}
+
+
+# --- sessions ------------------------------------------------------------------------------------
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def issue_session(keys: KeyIndex, key: KeyInfo, now_s: float) -> str | None:
+    """A cookie value for ``key``'s session, valid :data:`SESSION_S` from ``now_s``."""
+    expires = int(now_s) + SESSION_S
+    mac = keys.session_mac(key.key_id, f"{key.key_id}.{expires}".encode())
+    return None if mac is None else f"{key.key_id}.{expires}.{_b64(mac)}"
+
+
+def check_session(keys: KeyIndex, value: str | None, now_s: float) -> KeyInfo | None:
+    """The key a cookie value is a live, unexpired session of, if it may view the page."""
+    if not value or len(value) > 200:
+        return None
+    parts = value.split(".")
+    if len(parts) != 3 or not parts[1].isdigit() or int(parts[1]) < now_s:
+        return None
+    key_id, expires, mac = parts
+    expected = keys.session_mac(key_id, f"{key_id}.{expires}".encode())
+    if expected is None or not hmac.compare_digest(_b64(expected).encode(), mac.encode()):
+        return None
+    info = keys.live(key_id)
+    return info if info is not None and info.may_view_status else None
+
+
+# --- rendering -----------------------------------------------------------------------------------
+
+
+@cache
+def templates() -> Environment:
+    return Environment(
+        loader=PackageLoader("rotator.api", "status_page"),
+        autoescape=True,
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+
+
+def render(template: str, **values: Any) -> str:
+    return templates().get_template(template).render(**values)
+
+
+@cache
+def static_file(name: str) -> bytes:
+    return resources.files("rotator.api").joinpath("status_page", name).read_bytes()
+
+
+def _clean(text: str, limit: int) -> str:
+    """Text for the page: :func:`scrub` (nothing token-shaped), and no token fingerprint
+    either: the page has no use for one."""
+    return FINGERPRINT.sub("sha256:…", scrub(text, limit=limit))
+
+
+def _short(version: str | None) -> str:
+    if version is None:
+        return "none"
+    if version.startswith("error:"):
+        return _clean(version, 120)
+    return f"…{version[-8:]}"
+
+
+def _ago(delta: timedelta) -> str:
+    return human(delta) if delta.total_seconds() >= 0 else "0s"
+
+
+def _outcome_class(outcome: str | None) -> str:
+    if outcome in BAD_OUTCOMES:
+        return "bad"
+    return "good" if outcome in GOOD_OUTCOMES else "other"
+
+
+def credential_view(row: CredentialStatus, now: datetime) -> dict[str, Any]:
+    """What the board shows of one credential (never its token or a fingerprint)."""
+    failing: list[str] = []
+    warning: list[str] = []
+    if row.attention:
+        failing.append(f"attention: {_clean(row.attention, 200)}")
+    if row.last_outcome in BAD_OUTCOMES:
+        failing.append(f"last rotation {row.last_outcome.replace('_', ' ')}")
+    if row.current_version is None:
+        failing.append("no current token")
+    if row.expires_at is not None and row.expires_at <= now:
+        failing.append("token expired")
+    if not row.backends_agree and row.current_version is not None:
+        warning.append("backends disagree")
+    if row.open_revoke:
+        warning.append(f"emergency revoke open at step {row.open_revoke}")
+    if row.stalled_lease:
+        warning.append("lease held by a stopped holder")
+    if row.unaccounted:
+        warning.append(f"{row.unaccounted} unaccounted token(s): see rotator unaccounted list")
+    if row.stale_readers:
+        warning.append(f"{len(row.stale_readers)} reader(s) on an old version")
+    age = now - row.rotated_at if row.rotated_at else None
+    lifetime = row.expires_at - row.rotated_at if row.rotated_at and row.expires_at else None
+    lifetime_s = int(lifetime.total_seconds()) if lifetime and lifetime.total_seconds() > 0 else 0
+    if row.expires_at is None:
+        expires_text = "no expiry known"
+    elif row.expires_at > now:
+        expires_text = f"expires in {human(row.expires_at - now)}"
+    else:
+        expires_text = f"expired {human(now - row.expires_at)} ago"
+    if row.next_at is None or row.next_at <= now:
+        next_text = f"{row.next_action} now"
+    else:
+        next_text = f"{row.next_action} in {human(row.next_at - now)}"
+    return {
+        "name": row.credential,
+        "connection_id": row.connection_id,
+        "state": "failing" if failing else "warning" if warning else "ok",
+        "problems": failing + warning,
+        "age_s": max(0, int(age.total_seconds())) if age else 0,
+        "age_text": _ago(age) if age else "-",
+        "lifetime_s": lifetime_s,
+        "lifetime_text": human(lifetime) if lifetime else "-",
+        "low_s": int(lifetime_s * 0.6),
+        "high_s": int(lifetime_s * 0.85),
+        "expires_text": expires_text,
+        "next_text": next_text,
+        "next_reason": row.next_reason,
+        "last_outcome": (row.last_outcome or "never rotated").replace("_", " "),
+        "outcome_class": _outcome_class(row.last_outcome),
+        "last_error": _clean(row.last_error, 200) if row.last_error else None,
+        "open_step": row.open_step,
+        "agree": row.backends_agree,
+        "backends": [
+            {
+                "name": name,
+                "version": _short(vid),
+                "version_full": vid if vid and not vid.startswith("error:") else "",
+                "same": vid == row.current_version,
+            }
+            for name, vid in row.backends.items()
+        ],
+        "stale_readers": [
+            {
+                "name": v.name,
+                "version": _short(v.version_id),
+                "version_full": v.version_id,
+                "ago": _ago(now - v.last_read_at),
+            }
+            for v in row.stale_readers
+        ],
+        "open_revoke": row.open_revoke,
+    }
+
+
+def audit_view(entry: AuditEntry) -> dict[str, Any]:
+    """One audit entry as the board shows it: what, who, when (no fingerprint)."""
+    info = entry.as_dict()
+    detail = info["detail"]
+    said = [f"{k}: {detail[k]}" for k in ("reason", "error", "step", "detail") if detail.get(k)]
+    return {
+        "at_iso": entry.at.isoformat(),
+        "at_text": entry.at.strftime("%Y-%m-%d %H:%M:%S"),
+        "actor": _clean(entry.actor, 200),
+        "action": entry.action,
+        "credential": entry.credential or "",
+        "outcome": entry.outcome,
+        "outcome_class": _outcome_class(entry.outcome)
+        if entry.outcome not in ("success",)
+        else "good",
+        "detail": _clean("; ".join(said), 240) if said else "",
+    }
+
+
+def render_board(
+    environment: str,
+    rows: list[CredentialStatus],
+    audit: list[AuditEntry],
+    now: datetime,
+    problem: str | None = None,
+) -> str:
+    views = [credential_view(r, now) for r in rows]
+    counts = {s: sum(1 for v in views if v["state"] == s) for s in ("ok", "warning", "failing")}
+    return render(
+        "board.html",
+        environment=environment,
+        problem=problem,
+        rows=views,
+        counts=counts,
+        audit=[audit_view(a) for a in audit],
+        now_iso=now.isoformat(),
+        now_text=now.strftime("%Y-%m-%d %H:%M:%S UTC"),
+    )
+
+
+# --- the board -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """An environment's board as last rendered."""
+
+    revision: str
+    html: str
+    made_at: float
+
+
+class StatusBoard:
+    """Renders each environment's board once for all its viewers and tells them when it
+    changes. :meth:`start` and :meth:`stop` follow the app's lifespan; the watcher works only
+    while someone watches."""
+
+    def __init__(self, state: ApiState, *, monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.state = state
+        self.monotonic = monotonic
+        self._boot = secrets.token_hex(3)
+        self._numbers = itertools.count(1)
+        self._snapshots: dict[str, Snapshot] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._news: dict[str, asyncio.Event] = {}
+        self._viewers: dict[str, int] = {}
+        self._wake = asyncio.Event()
+        self._watched = asyncio.Event()
+        self._closing = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._marker: int | None = None
+
+    # lifecycle
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._closing.clear()
+        events = self.state.runtime.engine.events
+        events.result.subscribe(self._on_result)
+        events.revoked.subscribe(self._on_revoked)
+        self._task = asyncio.ensure_future(self._watch())
+
+    def close(self) -> None:
+        """End every event stream now (the server is stopping). Safe from any thread."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        loop.call_soon_threadsafe(self._close_now)
+
+    def _close_now(self) -> None:
+        self._closing.set()
+        for news in self._news.values():
+            news.set()
+
+    async def stop(self) -> None:
+        self._close_now()
+        events = self.state.runtime.engine.events
+        with contextlib.suppress(ValueError):
+            events.result.unsubscribe(self._on_result)
+        with contextlib.suppress(ValueError):
+            events.revoked.unsubscribe(self._on_revoked)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    # what wakes it (the engine may publish from another thread)
+
+    def _nudge(self) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._wake.set)
+
+    def _on_result(self, _result: RotationResult) -> None:
+        self._nudge()
+
+    def _on_revoked(self, _env: str, _cred: str, _version_id: str) -> None:
+        self._nudge()
+
+    # snapshots
+
+    def _read(self, env: str) -> tuple[list[CredentialStatus], list[AuditEntry], datetime]:
+        """Blocking (a worker thread): what ``rotator status`` and ``rotator audit`` read."""
+        runtime = self.state.runtime
+        rows = asyncio.run(collect(runtime, env))
+        audit = runtime.journal.audit_entries(environment=env, limit=AUDIT_ROWS)
+        return rows, audit, runtime.engine.clock.now()
+
+    async def refresh(self, env: str) -> Snapshot:
+        """Render ``env``'s board now; viewers hear of it if it changed."""
+        lock = self._locks.setdefault(env, asyncio.Lock())
+        async with lock:
+            try:
+                rows, audit, now = await asyncio.to_thread(self._read, env)
+                html = render_board(env, rows, audit, now)
+            except Exception as exc:  # noqa: BLE001 - shown on the page; the next refresh retries
+                problem = exc.message if isinstance(exc, RotatorError) else type(exc).__name__
+                log.warning("status.read_failed", environment=env, error=type(exc).__name__)
+                now = self.state.runtime.engine.clock.now()
+                html = render_board(env, [], [], now, problem=_clean(problem, 300))
+            old = self._snapshots.get(env)
+            if old is not None and old.html == html:
+                snap = Snapshot(old.revision, html, self.monotonic())
+            else:
+                snap = Snapshot(f"{self._boot}-{next(self._numbers)}", html, self.monotonic())
+            self._snapshots[env] = snap
+            if old is None or old.revision != snap.revision:
+                self._news.pop(env, asyncio.Event()).set()
+            return snap
+
+    async def snapshot(self, env: str, *, max_age_s: float = FRESH_S) -> Snapshot:
+        snap = self._snapshots.get(env)
+        if snap is not None and self.monotonic() - snap.made_at <= max_age_s:
+            return snap
+        return await self.refresh(env)
+
+    async def wait(self, env: str, known: str, timeout_s: float) -> Snapshot | None:
+        """The board once its revision is not ``known``; None after ``timeout_s`` or when
+        closing."""
+        snap = self._snapshots.get(env)
+        if snap is not None and snap.revision != known:
+            return snap
+        if self.closing:
+            return None
+        await woken(self._news.setdefault(env, asyncio.Event()), timeout_s)
+        snap = self._snapshots.get(env)
+        return snap if snap is not None and snap.revision != known else None
+
+    @property
+    def closing(self) -> bool:
+        return self._closing.is_set()
+
+    # viewers and the watcher
+
+    def join(self, env: str) -> None:
+        self._viewers[env] = self._viewers.get(env, 0) + 1
+        self._watched.set()
+
+    def leave(self, env: str) -> None:
+        left = self._viewers.get(env, 1) - 1
+        if left > 0:
+            self._viewers[env] = left
+        else:
+            self._viewers.pop(env, None)
+
+    def _newest_audit(self) -> int | None:
+        entries = self.state.runtime.journal.audit_entries(limit=1)
+        return entries[0].id if entries else None
+
+    async def _watch(self) -> None:
+        """While someone watches: render their boards again when something happened."""
+        while True:
+            if not self._viewers:
+                self._watched.clear()
+                await self._watched.wait()
+            woke = await woken(self._wake, WATCH_S)
+            self._wake.clear()
+            try:
+                marker = await asyncio.to_thread(self._newest_audit)
+            except Exception as exc:  # noqa: BLE001 - the journal may come back
+                log.warning("status.watch_failed", error=type(exc).__name__)
+                marker = self._marker
+            news = woke or marker != self._marker
+            self._marker = marker
+            now = self.monotonic()
+            for env in list(self._viewers):
+                snap = self._snapshots.get(env)
+                if news or snap is None or now - snap.made_at >= REFRESH_S:
+                    await self.refresh(env)
+
+
+# --- the routes ----------------------------------------------------------------------------------
+
+
+def _event(name: str, event_id: str, data: str) -> bytes:
+    lines = "".join(f"data: {line}\n" for line in data.split("\n"))
+    return f"event: {name}\nid: {event_id}\n{lines}\n".encode()
+
+
+def _html(body: str, status_code: int = 200) -> HTMLResponse:
+    return HTMLResponse(body, status_code=status_code, headers=HEADERS)
+
+
+def _set_session(response: Response, request: Request, value: str) -> None:
+    response.set_cookie(
+        COOKIE,
+        value,
+        max_age=SESSION_S,
+        path="/status",
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+    )
+
+
+def _same_origin(request: Request) -> bool:
+    """A form post from this app's own page: by the browser's ``Sec-Fetch-Site``, else by
+    ``Origin`` (a browser sends one or both with every POST; a script without either is no
+    browser another site could steer)."""
+    site = request.headers.get("sec-fetch-site")
+    if site is not None:
+        return site in ("same-origin", "none")
+    origin = request.headers.get("origin")
+    host = request.headers.get("host")
+    return origin is None or (host is not None and origin == f"{request.url.scheme}://{host}")
+
+
+def router(board: StatusBoard) -> APIRouter:
+    api = api_router(["status"])
+    state = board.state
+    keys = state.keys
+
+    def login_page(problem: str | None, status_code: int) -> HTMLResponse:
+        body = render("login.html", problem=problem, session_minutes=SESSION_S // 60)
+        return _html(body, status_code)
+
+    def message(title: str, problem: str, status_code: int) -> HTMLResponse:
+        body = render("message.html", title=title, problem=problem)
+        return _html(body, status_code)
+
+    def session_of(request: Request) -> KeyInfo | None:
+        return check_session(keys, request.cookies.get(COOKIE), time.time())
+
+    @api.get("/status", include_in_schema=False)
+    async def page(request: Request) -> Response:
+        key = session_of(request)
+        if key is None:
+            return login_page(None, 401 if request.cookies.get(COOKIE) else 200)
+        env = key.environment
+        if env not in state.runtime.environments:
+            return message(
+                "not served here",
+                f"this server does not serve environment {env!r}: open the status page of a "
+                "server that serves it",
+                404,
+            )
+        snap = await board.snapshot(env)
+        body = render(
+            "page.html",
+            environment=env,
+            key_kind=key.kind,
+            key_name=key.name,
+            revision=snap.revision,
+            board=Markup(snap.html),  # noqa: S704 - rendered by the autoescaping board template
+        )
+        response = _html(body)
+        if (value := issue_session(keys, key, time.time())) is not None:
+            _set_session(response, request, value)
+        return response
+
+    @api.post("/status/login", include_in_schema=False)
+    async def login(request: Request) -> Response:
+        if not _same_origin(request):
+            return message("refused", "a sign-in must come from this server's own page", 403)
+        form = parse_qs((await request.body()).decode("utf-8", "replace"))
+        text = (form.get("key") or [""])[0].strip()
+        key = keys.verify(text) if text else None
+        if key is None:
+            return login_page(
+                "That is not a live key of this server: paste a status or admin key "
+                "(rotator keys list shows which exist; rotator keys create ENV --name NAME "
+                "--status makes one).",
+                401,
+            )
+        if not key.may_view_status:
+            log.info("status.login_refused", key_id=key.key_id, kind=key.kind)
+            return login_page(
+                f"A {key.kind} key cannot open the status page: use a status key "
+                "(rotator keys create ENV --name NAME --status) or an admin key.",
+                403,
+            )
+        value = issue_session(keys, key, time.time())
+        if value is None:  # revoked in between
+            return login_page("That key was just revoked: use another.", 401)
+        log.info("status.login", key_id=key.key_id, kind=key.kind, environment=key.environment)
+        response = RedirectResponse("/status", status_code=303, headers=HEADERS)
+        _set_session(response, request, value)
+        return response
+
+    @api.post("/status/logout", include_in_schema=False)
+    async def logout(request: Request) -> Response:
+        response = RedirectResponse("/status", status_code=303, headers=HEADERS)
+        response.delete_cookie(COOKIE, path="/status", httponly=True, samesite="strict")
+        return response
+
+    @api.get("/status/events", include_in_schema=False)
+    async def events(request: Request, known: str = "") -> Response:
+        key = session_of(request)
+        if key is None or key.environment not in state.runtime.environments:
+            return Response(
+                "no status session: open /status and sign in with a status or admin key\n",
+                status_code=401,
+                media_type="text/plain",
+                headers=HEADERS,
+            )
+        env, key_id = key.environment, key.key_id
+        seen = request.headers.get("last-event-id") or known
+
+        async def stream() -> AsyncIterator[bytes]:
+            board.join(env)
+            try:
+                yield f"retry: {RETRY_MS}\n\n".encode()
+                current = seen
+                snap: Snapshot | None = await board.snapshot(env)
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + STREAM_MAX_S
+                while not board.closing:
+                    info = keys.live(key_id)
+                    if info is None or not info.may_view_status:
+                        yield b"event: end\ndata: signed out\n\n"
+                        return
+                    if snap is not None and snap.revision != current:
+                        current = snap.revision
+                        yield _event("board", snap.revision, snap.html)
+                    else:
+                        yield b": keep-alive\n\n"
+                    left = deadline - loop.time()
+                    if left <= 0:
+                        return
+                    snap = await board.wait(env, current, min(KEEPALIVE_S, left))
+            finally:
+                board.leave(env)
+
+        response = StreamingResponse(
+            stream(),
+            media_type="text/event-stream",
+            headers={**HEADERS, "X-Accel-Buffering": "no"},
+        )
+        if (value := issue_session(keys, key, time.time())) is not None:
+            _set_session(response, request, value)
+        return response
+
+    @api.get("/status/static/{name}", include_in_schema=False)
+    async def static(name: str) -> Response:
+        media = STATIC.get(name)
+        if media is None:
+            return Response("not found\n", status_code=404, media_type="text/plain")
+        return Response(
+            static_file(name), media_type=media, headers={**HEADERS, "Cache-Control": "no-cache"}
+        )
+
+    return api

@@ -1,0 +1,248 @@
+"""The status page, in a real headless Chromium (Playwright driving ``/usr/bin/chromium``, never
+a browser of its own) against the API served by uvicorn on 127.0.0.1 and the Makini simulator.
+
+Playwright rather than selenium: its assertions wait for the page by themselves (no sleeps, no
+polling loops), it starts the system Chromium directly (no chromedriver whose version must
+match), and it reads cookies and takes screenshots with no extra plumbing.
+
+The run keeps a screenshot under the test's tmp dir; with ``ROTATOR_UPDATE_SCREENSHOT=1`` it
+also writes ``docs/status-page.png`` (the one the README shows).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.async_api import Browser, Page, async_playwright, expect
+
+from rotator.api.status import COOKIE, SESSION_S, check_session, issue_session
+from rotator.keys import create_key, revoke_key
+from rotator.makini.sim import SimServer
+from tests.api.conftest import Factory, LogTrap, Served, bearer, make_keys
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+VERIFY_ROUTE = "GET /api/integrations/current"
+DOCS_SHOT = Path(__file__).resolve().parents[2] / "docs" / "status-page.png"
+WAIT_MS = 15_000  # the page hears of a change within about a second; this only bounds a failure
+
+
+def chromium_installed() -> bool:
+    return Path(CHROMIUM).exists()
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    assert chromium_installed(), (
+        f"{CHROMIUM} is missing: `make test` installs the Debian package chromium (apt-get)"
+    )
+    async with async_playwright() as pw:
+        launched = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield launched
+        finally:
+            await launched.close()
+
+
+def status_key(api: Served, trap: LogTrap, env: str = "prod", name: str = "wallboard") -> str:
+    key = create_key(api.runtime.journal, env, name, status=True)[1]
+    trap.secrets.add(key)
+    api.app.state.keys.load(api.runtime.journal)
+    return key
+
+
+async def sign_in(page: Page, api: Served, key: str) -> None:
+    await page.goto(f"{api.url}/status")
+    await page.fill("#key", key)
+    await page.click("#open")
+
+
+def secrets_in(text: str, secrets: set[str]) -> list[str]:
+    """The first characters of each secret found in ``text``."""
+    return [s[:12] for s in secrets if s in text]
+
+
+async def test_the_page_shows_failures_and_rotations_live(
+    serve: Factory, browser: Browser, sim: SimServer, log_trap: LogTrap, tmp_path: Path
+) -> None:
+    api = await serve()
+    keys = make_keys(api, log_trap)
+    key = status_key(api, log_trap)
+    for cred in ("alpha", "beta"):
+        await api.rotate("prod", cred)
+    page = await browser.new_page(viewport={"width": 1400, "height": 820})
+    await sign_in(page, api, key)
+
+    alpha, beta = page.locator("#cred-alpha"), page.locator("#cred-beta")
+    await expect(alpha).to_have_attribute("data-state", "ok")
+    await expect(beta).to_have_attribute("data-state", "ok")
+    await expect(page.locator("#live")).to_have_text("live", timeout=WAIT_MS)
+    assert await page.locator("#cred-gamma").count() == 0  # dev's credential: not on prod's page
+    assert await alpha.locator("meter").count() == 1  # the token's age against its lifetime
+    await page.evaluate("window.stayed = true")  # gone if the page reloads
+
+    # a failing credential: Makini rejects the new token, the rotation rolls back
+    sim.set(fail_only=VERIFY_ROUTE, fail_next=[401])
+    result = await api.runtime.engine.rotate("prod", "alpha", reason="test", actor="tests")
+    assert not result.ok, result
+    await expect(alpha).to_have_attribute("data-state", "failing", timeout=WAIT_MS)
+    await expect(alpha.locator(".outcome")).to_contain_text("rolled back")
+    await expect(page.locator(".pill.failing").first).to_have_text("1 failing")
+
+    # a rotation shows without a reload: the new version in every backend, in the audit log
+    sim.set(fail_only=None, fail_next=[])
+    version = await api.rotate("prod", "beta")
+    await expect(beta.locator(".backends")).to_contain_text(version[-8:], timeout=WAIT_MS)
+    await expect(beta).to_have_attribute("data-state", "ok")
+    await expect(page.locator(".audit tr.entry").first).to_contain_text("beta")
+    assert await page.evaluate("window.stayed") is True
+
+    shot = tmp_path / "status-page.png"
+    await page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("ROTATOR_UPDATE_SCREENSHOT") == "1":
+        shutil.copyfile(shot, DOCS_SHOT)
+
+    # never a token (nor a key) in the page or in the event stream
+    secrets = set(sim.state.tokens) | set(keys.all()) | {key}
+    assert len(sim.state.tokens) >= 3
+    html = await page.content()
+    assert secrets_in(html, secrets) == []
+    cookies = {c["name"]: c["value"] for c in await page.context.cookies()}
+    stream = await first_event(api, cookies)
+    assert 'id="cred-alpha"' in stream
+    assert secrets_in(stream, secrets) == []
+    for record in await page.context.cookies():
+        assert record["httpOnly"] and record["sameSite"] == "Strict", record
+        assert record["path"] == "/status"
+
+
+async def first_event(api: Served, cookies: dict[str, str]) -> str:
+    """The event stream as read until its first board (with the browser's session)."""
+    got = ""
+    async with (
+        httpx.AsyncClient(base_url=api.url, cookies=cookies, timeout=10) as http,
+        http.stream("GET", "/status/events") as response,
+    ):
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        async for chunk in response.aiter_text():
+            got += chunk
+            if "event: board" in got and got.endswith("\n\n"):
+                break
+    return got
+
+
+async def test_a_reader_key_is_refused_and_a_status_key_opens_only_the_page(
+    serve: Factory, browser: Browser, log_trap: LogTrap
+) -> None:
+    api = await serve()
+    keys = make_keys(api, log_trap)
+    key = status_key(api, log_trap)
+    await api.rotate("prod", "alpha")
+    page = await browser.new_page()
+
+    await sign_in(page, api, keys.reader["prod"])
+    await expect(page.locator("#problem")).to_contain_text("reader key cannot open")
+    assert await page.locator("#board").count() == 0
+    assert await page.context.cookies() == []
+
+    await sign_in(page, api, "mrs_0123456789ab_not-a-key-at-all")
+    await expect(page.locator("#problem")).to_contain_text("not a live key")
+
+    await sign_in(page, api, keys.admin["prod"])  # an admin key opens the page too
+    await expect(page.locator("#cred-alpha")).to_have_attribute("data-state", "ok")
+    await page.click("button.link")  # sign out
+    await expect(page.locator("#key")).to_be_visible()
+
+    await sign_in(page, api, key)
+    await expect(page.locator("#cred-alpha")).to_have_attribute("data-state", "ok")
+
+    # the status key opens nothing else
+    for method, path in (
+        ("GET", "/v1/tokens/prod/alpha"),
+        ("GET", "/v1/tokens/prod"),
+        ("POST", "/v1/admin/rotate/prod/alpha"),
+    ):
+        answer = await api.http.request(method, path, headers=bearer(key))
+        assert answer.status_code == 403, (path, answer.text)
+        assert "status key" in answer.json()["error"]["message"]
+    # the session opens the page and its stream, nothing else; no session, no stream
+    cookies = {c["name"]: c["value"] for c in await page.context.cookies()}
+    stranger = await api.http.get("/status/events")
+    assert stranger.status_code == 401
+    value = cookies[COOKIE]
+    tampered = value[:-2] + ("AA" if value[-2:] != "AA" else "BB")
+    async with httpx.AsyncClient(base_url=api.url, cookies={COOKIE: tampered}) as forged:
+        assert (await forged.get("/status")).status_code == 401
+        assert (await forged.get("/status/events")).status_code == 401
+    async with httpx.AsyncClient(base_url=api.url, cookies=cookies) as session:
+        async with session.stream("GET", "/status/events") as opened:
+            assert opened.status_code == 200
+        assert (await session.get("/v1/tokens/prod/alpha")).status_code == 401
+
+    # revoking the key ends its sessions
+    revoke_key(api.runtime.journal, key)
+    api.app.state.keys.load(api.runtime.journal)
+    await page.reload()
+    await expect(page.locator("#key")).to_be_visible()
+    assert await page.locator("#board").count() == 0
+
+
+async def test_text_from_keys_and_errors_is_shown_escaped(
+    serve: Factory, browser: Browser, log_trap: LogTrap, sim: SimServer
+) -> None:
+    api = await serve()
+    key = status_key(api, log_trap)
+    hostile = '<img src=x onerror="window.pwned=1"><script>window.pwned=1</script>'
+    admin = create_key(api.runtime.journal, "prod", hostile, admin=True)[1]
+    log_trap.secrets.add(admin)
+    api.app.state.keys.load(api.runtime.journal)
+    answer = await api.http.post(
+        "/v1/admin/rotate/prod/alpha", headers=bearer(admin), json={"reason": "<b>bold</b>"}
+    )
+    assert answer.status_code == 200, answer.text
+    page = await browser.new_page()
+    await sign_in(page, api, key)
+    actor = page.locator(".audit tr.entry").first
+    await expect(actor).to_contain_text(hostile)  # shown as text, not run
+    await expect(actor).to_contain_text("<b>bold</b>")
+    assert await page.evaluate("window.pwned") is None
+    assert await page.locator("#board script, #board img").count() == 0
+
+
+async def test_sessions_expire_and_name_their_key(serve: Factory, log_trap: LogTrap) -> None:
+    api = await serve()
+    keys = make_keys(api, log_trap)
+    key = status_key(api, log_trap)
+    index = api.app.state.keys
+    info = index.verify(key)
+    assert info is not None and info.kind == "status"
+    now = time.time()
+    value = issue_session(index, info, now)
+    assert value is not None and key not in value
+    assert check_session(index, value, now) == info
+    assert check_session(index, value, now + SESSION_S + 1) is None  # expired
+    key_id, expires, mac = value.split(".")
+    longer = f"{key_id}.{int(expires) + 3600}.{mac}"  # a client cannot extend it
+    assert check_session(index, longer, now) is None
+    reader = index.verify(keys.reader["prod"])
+    assert reader is not None
+    # a reader key's "session" is refused even when correctly signed
+    signed = issue_session(index, reader, now)
+    assert signed is not None and check_session(index, signed, now) is None
