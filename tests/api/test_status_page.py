@@ -11,7 +11,10 @@ also writes ``docs/status-page.png`` (the one the README shows).
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
+import re
 import shutil
 import time
 from collections.abc import AsyncIterator
@@ -20,11 +23,17 @@ from pathlib import Path
 import httpx
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
+from typer.testing import CliRunner
 
-from rotator.api.status import COOKIE, SESSION_S, check_session, issue_session
-from rotator.keys import create_key, revoke_key
+from rotator.aio import within
+from rotator.api.status import COOKIE, KEEPALIVE_S, SESSION_S, check_session, issue_session
+from rotator.cli.app import app as cli
+from rotator.errors import ConfigError
+from rotator.keys import create_key, list_keys, revoke_key
 from rotator.makini.sim import SimServer
+from rotator.scrub import mask
 from tests.api.conftest import Factory, LogTrap, Served, bearer, make_keys
+from tests.api.test_keys_and_readers import run, write_config
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -123,6 +132,7 @@ async def test_the_page_shows_failures_and_rotations_live(
     assert len(sim.state.tokens) >= 3
     html = await page.content()
     assert secrets_in(html, secrets) == []
+    assert "verify" in html and re.search(r"sha256:[0-9a-f]{6}", html) is None  # no fingerprint
     cookies = {c["name"]: c["value"] for c in await page.context.cookies()}
     stream = await first_event(api, cookies)
     assert 'id="cred-alpha"' in stream
@@ -246,3 +256,63 @@ async def test_sessions_expire_and_name_their_key(serve: Factory, log_trap: LogT
     # a reader key's "session" is refused even when correctly signed
     signed = issue_session(index, reader, now)
     assert signed is not None and check_session(index, signed, now) is None
+
+
+async def test_a_stopping_server_ends_the_event_streams_at_once(
+    serve: Factory, log_trap: LogTrap
+) -> None:
+    api = await serve()
+    key = status_key(api, log_trap)
+    info = api.app.state.keys.verify(key)
+    assert info is not None
+    session = issue_session(api.app.state.keys, info, time.time())
+    assert session is not None
+    loop = asyncio.get_running_loop()
+    async with (
+        httpx.AsyncClient(base_url=api.url, cookies={COOKIE: session}, timeout=10) as http,
+        http.stream("GET", "/status/events") as response,
+    ):
+        chunks = response.aiter_text()
+        got = ""
+        while "event: board" not in got:
+            got += await within(anext(chunks), 10)
+        started = loop.time()
+        api.app.status.close()  # what `rotator serve` calls once it stops serving
+        rest = await within(read_rest(chunks), 10)
+        took = loop.time() - started
+    assert took < KEEPALIVE_S / 2, took  # not after a keep-alive, nor after STREAM_MAX_S
+    assert "event: board" not in rest
+
+
+async def read_rest(chunks: AsyncIterator[str]) -> str:
+    return "".join([chunk async for chunk in chunks])
+
+
+async def test_keys_create_makes_a_status_key(
+    serve: Factory, tmp_path: Path, namespace: str, log_trap: LogTrap
+) -> None:
+    api = await serve()
+    config = write_config(
+        tmp_path, api.runtime.config.environments["prod"].makini.base_url, namespace
+    )
+    create = ("keys", "create", "prod", "--name", "wallboard")
+    code, out, _ = await asyncio.to_thread(run, log_trap, config, *create, "--status", "--json")
+    made = json.loads(out)
+    log_trap.secrets.add(made["key"])
+    assert code == 0 and made["kind"] == "status" and made["key"].startswith("mrs_")
+    assert mask(f"key {made['key']}") == f"key mrs_{made['key_id']}_[masked]"
+    api.app.state.keys.load(api.runtime.journal)
+    found = api.app.state.keys.verify(made["key"])
+    assert found is not None and found.is_status and found.may_view_status
+
+    for extra, said in (
+        (("--status", "--credentials", "alpha"), "drop --credentials"),
+        (("--status", "--admin"), "not both"),
+    ):
+        result = await asyncio.to_thread(
+            CliRunner().invoke, cli, ["--config", str(config), *create, *extra]
+        )
+        assert result.exit_code != 0 and said in str(result.exception), (extra, result.exception)
+        assert isinstance(result.exception, ConfigError)  # the CLI prints it, with no traceback
+        assert result.stdout.strip() == ""
+    assert [k.kind for k in list_keys(api.runtime.journal)] == ["status"]
