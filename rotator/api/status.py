@@ -78,6 +78,8 @@ REFRESH_S = 15.0
 """A watched board is rendered again at least this often."""
 FRESH_S = 2.0
 """A page load renders again only a board older than this."""
+PACE = 4.0
+"""A board is read again no sooner than this many times as long as its last reading took."""
 AUDIT_ROWS = 12
 RETRY_MS = 1000
 BAD_OUTCOMES = frozenset({"failed", "rolled_back"})
@@ -297,6 +299,8 @@ class Snapshot:
     revision: str
     html: str
     made_at: float
+    cost_s: float = 0.0
+    """how long reading it took (what every backend holds is read each time)"""
 
 
 class StatusBoard:
@@ -319,6 +323,7 @@ class StatusBoard:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._marker: int | None = None
+        self._pending: set[str] = set()
 
     # lifecycle
 
@@ -381,6 +386,7 @@ class StatusBoard:
         """Render ``env``'s board now; viewers hear of it if it changed."""
         lock = self._locks.setdefault(env, asyncio.Lock())
         async with lock:
+            started = self.monotonic()
             try:
                 rows, audit, now = await asyncio.to_thread(self._read, env)
                 html = render_board(env, rows, audit, now)
@@ -390,10 +396,13 @@ class StatusBoard:
                 now = self.state.runtime.engine.clock.now()
                 html = render_board(env, [], [], now, problem=_clean(problem, 300))
             old = self._snapshots.get(env)
-            if old is not None and old.html == html:
-                snap = Snapshot(old.revision, html, self.monotonic())
-            else:
-                snap = Snapshot(f"{self._boot}-{next(self._numbers)}", html, self.monotonic())
+            done = self.monotonic()
+            revision = (
+                old.revision
+                if old is not None and old.html == html
+                else f"{self._boot}-{next(self._numbers)}"
+            )
+            snap = Snapshot(revision, html, done, done - started)
             self._snapshots[env] = snap
             if old is None or old.revision != snap.revision:
                 self._news.pop(env, asyncio.Event()).set()
@@ -451,12 +460,20 @@ class StatusBoard:
             except Exception as exc:  # noqa: BLE001 - the journal may come back
                 log.warning("status.watch_failed", error=type(exc).__name__)
                 marker = self._marker
-            news = woke or marker != self._marker
+            if woke or marker != self._marker:
+                self._pending.update(self._viewers)
             self._marker = marker
             now = self.monotonic()
             for env in list(self._viewers):
                 snap = self._snapshots.get(env)
-                if news or snap is None or now - snap.made_at >= REFRESH_S:
+                if snap is None:
+                    await self.refresh(env)
+                    continue
+                age = now - snap.made_at
+                # news waits while the last reading's cost says so: a large environment's
+                # board (a read of every backend) never takes more than a share of the time
+                if (env in self._pending or age >= REFRESH_S) and age >= PACE * snap.cost_s:
+                    self._pending.discard(env)
                     await self.refresh(env)
 
 

@@ -34,6 +34,7 @@ from rotator.makini.sim import SimServer
 from rotator.scrub import mask
 from tests.api.conftest import Factory, LogTrap, Served, bearer, make_keys
 from tests.api.test_keys_and_readers import run, write_config
+from tests.factories import Runtimes
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -87,7 +88,12 @@ def secrets_in(text: str, secrets: set[str]) -> list[str]:
 
 
 async def test_the_page_shows_failures_and_rotations_live(
-    serve: Factory, browser: Browser, sim: SimServer, log_trap: LogTrap, tmp_path: Path
+    serve: Factory,
+    browser: Browser,
+    sim: SimServer,
+    log_trap: LogTrap,
+    tmp_path: Path,
+    runtimes: Runtimes,
 ) -> None:
     api = await serve()
     keys = make_keys(api, log_trap)
@@ -126,6 +132,14 @@ async def test_the_page_shows_failures_and_rotations_live(
     assert shot.stat().st_size > 10_000
     if os.environ.get("ROTATOR_UPDATE_SCREENSHOT") == "1":
         shutil.copyfile(shot, DOCS_SHOT)
+
+    # another process on the journal (a replica, `run-due`) rotates: seen through the journal
+    other = runtimes.open(api.runtime.config)
+    done = await other.engine.rotate("prod", "alpha", reason="test", actor="run-due")
+    assert done.ok and done.version_id is not None, done
+    await expect(alpha).to_have_attribute("data-state", "ok", timeout=WAIT_MS)
+    await expect(alpha.locator(".backends")).to_contain_text(done.version_id[-8:])
+    assert await page.evaluate("window.stayed") is True
 
     # never a token (nor a key) in the page or in the event stream
     secrets = set(sim.state.tokens) | set(keys.all()) | {key}
