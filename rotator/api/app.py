@@ -12,7 +12,7 @@ import structlog
 from fastapi import FastAPI
 
 from rotator.aio import woken
-from rotator.api import admin, docs, errors, ops, status, webhooks
+from rotator.api import admin, docs, errors, ops, status, status_board, webhooks
 from rotator.api.feed import ReplicaFeed
 from rotator.api.gate import KeyGate
 from rotator.api.limits import BodyLimit
@@ -42,7 +42,7 @@ class ApiApp(TokenRoutes):
 
     feed: ReplicaFeed
     worker: WebhookWorker
-    status: status.StatusBoard
+    status: status_board.StatusBoard
 
     async def flush_reads(self) -> int:
         """Write the reads recorded in memory to the journal now; returns how many rows."""
@@ -88,7 +88,7 @@ def build_app(runtime: Runtime) -> ApiApp:
         ).inc(),
     )
 
-    board = status.StatusBoard(state)
+    board = status_board.StatusBoard(state)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
