@@ -101,6 +101,8 @@ async def test_the_page_shows_failures_and_rotations_live(
     for cred in ("alpha", "beta"):
         await api.rotate("prod", cred)
     page = await browser.new_page(viewport={"width": 1400, "height": 820})
+    fetched: list[str] = []
+    page.on("request", lambda request: fetched.append(request.url))
     await sign_in(page, api, key)
 
     alpha, beta = page.locator("#cred-alpha"), page.locator("#cred-beta")
@@ -126,6 +128,7 @@ async def test_the_page_shows_failures_and_rotations_live(
     await expect(beta).to_have_attribute("data-state", "ok")
     await expect(page.locator(".audit tr.entry").first).to_contain_text("beta")
     assert await page.evaluate("window.stayed") is True
+    assert fetched and all(url.startswith(f"{api.url}/") for url in fetched), fetched  # offline
 
     shot = tmp_path / "status-page.png"
     await page.screenshot(path=str(shot), full_page=True)
@@ -270,6 +273,16 @@ async def test_sessions_expire_and_name_their_key(serve: Factory, log_trap: LogT
     # a reader key's "session" is refused even when correctly signed
     signed = issue_session(index, reader, now)
     assert signed is not None and check_session(index, signed, now) is None
+
+    # over TLS the cookie is Secure (the scheme the server sees, as with --tls-cert)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=api.app), base_url="https://rotator.test"
+    ) as tls:
+        answer = await tls.post("/status/login", data={"key": key})
+    assert answer.status_code == 303
+    cookie = answer.headers["set-cookie"].lower()
+    for attribute in ("httponly", "samesite=strict", "secure", "path=/status", "max-age=3600"):
+        assert attribute in cookie, cookie
 
 
 async def test_a_stopping_server_ends_the_event_streams_at_once(
