@@ -1,11 +1,13 @@
 """Reader keys: who may read tokens from the HTTP API, and who may call its admin actions.
 
-A key is ``mrk_<id>_<secret>`` (``mra_`` for an admin key): 12 hex characters of id, shown in
-listings, and 32 random bytes of secret (URL-safe base64, whose alphabet has ``_`` and ``-``),
-shown once at creation. The parts are found by position (:func:`split_key`), never by splitting
-on ``_``, which a secret may contain anywhere. The journal stores the id, the
-SHA-256 of the whole key and the key's scope, never the key. Each key belongs to exactly one
-environment; a reader key may be limited to some credentials of it.
+A key is ``mrk_<id>_<secret>`` (``mra_`` for an admin key, ``mrs_`` for a status key): 12 hex
+characters of id, shown in listings, and 32 random bytes of secret (URL-safe base64, whose
+alphabet has ``_`` and ``-``), shown once at creation. The parts are found by position
+(:func:`split_key`), never by splitting on ``_``, which a secret may contain anywhere. The
+journal stores the id, the SHA-256 of the whole key and the key's scope, never the key. Each
+key belongs to exactly one environment; a reader key may be limited to some credentials of it.
+Three kinds: a reader key reads tokens, an admin key calls the admin actions, a status key only
+opens the status page (``/status``) of its environment (an admin key opens it too).
 
 :class:`KeyIndex` is the in-memory copy the API authenticates against (no database on the hot
 path): id → record, then a constant-time comparison of the hash.
@@ -28,8 +30,11 @@ from rotator.journal import Journal
 from rotator.journal.schema import ReaderKey
 from rotator.model import utcnow
 
-KeyKind = Literal["reader", "admin"]
-_PREFIX: dict[str, KeyKind] = {"mrk": "reader", "mra": "admin"}
+KeyKind = Literal["reader", "admin", "status"]
+_PREFIX: dict[str, KeyKind] = {"mrk": "reader", "mra": "admin", "mrs": "status"}
+_LETTER: dict[KeyKind, str] = {kind: prefix for prefix, kind in _PREFIX.items()}
+_KINDS: dict[str, KeyKind] = {kind: kind for kind in _PREFIX.values()}
+_SESSION_LABEL = b"rotator status-page session v1\x00"
 _ID_LEN = 12
 _SECRET_START = 4 + _ID_LEN + 1
 _ID_CHARS = frozenset("0123456789abcdef")
@@ -50,6 +55,15 @@ class KeyInfo:
     @property
     def is_admin(self) -> bool:
         return self.kind == "admin"
+
+    @property
+    def is_status(self) -> bool:
+        return self.kind == "status"
+
+    @property
+    def may_view_status(self) -> bool:
+        """Opens its environment's status page: a status key or an admin key, never a reader."""
+        return self.kind in ("status", "admin")
 
     def may_read(self, environment: str, credential: str) -> bool:
         """Reader keys only; admin keys act, they do not read tokens."""
@@ -94,7 +108,7 @@ def split_key(text: str) -> tuple[KeyKind, str, str] | None:
 
 def looks_like_key(text: str) -> bool:
     """Starts like a key: text never to repeat back, even when it does not parse."""
-    return text[:4] in ("mrk_", "mra_")
+    return text[:4] in ("mrk_", "mra_", "mrs_")
 
 
 def _digest(key: str) -> bytes:
@@ -107,7 +121,7 @@ def _info(row: ReaderKey) -> KeyInfo:
         key_id=row.key_id,
         name=row.name,
         environment=row.environment,
-        kind="admin" if row.kind == "admin" else "reader",
+        kind=_KINDS.get(row.kind, "reader"),
         credentials=frozenset(creds) if creds is not None else None,
         created_at=row.created_at,
         revoked_at=row.revoked_at,
@@ -121,17 +135,26 @@ def create_key(
     *,
     credentials: list[str] | None = None,
     admin: bool = False,
+    status: bool = False,
     actor: str = "",
 ) -> tuple[KeyInfo, str]:
-    """Make a key; returns its record and the key itself, which is never stored or shown again."""
+    """Make a key (a reader key; an admin key with ``admin``; a status key, which only opens
+    the status page, with ``status``); returns its record and the key itself, which is never
+    stored or shown again."""
     name = name.strip()
     if not name or len(name) > 100:
         raise ConfigError("a key needs a name of 1 to 100 characters (the reading service)")
+    if admin and status:
+        raise ConfigError("a key is an admin key or a status key, not both: drop one option")
     if admin and credentials:
         raise ConfigError("an admin key acts on the whole environment: drop --credentials")
-    kind: KeyKind = "admin" if admin else "reader"
+    if status and credentials:
+        raise ConfigError(
+            "a status key shows the whole environment and reads no token: drop --credentials"
+        )
+    kind: KeyKind = "admin" if admin else "status" if status else "reader"
     key_id = secrets.token_hex(_ID_LEN // 2)
-    key = f"{'mra' if admin else 'mrk'}_{key_id}_{secrets.token_urlsafe(32)}"
+    key = f"{_LETTER[kind]}_{key_id}_{secrets.token_urlsafe(32)}"
     now = utcnow()
     row = ReaderKey(
         key_id=key_id,
@@ -254,6 +277,21 @@ class KeyIndex:
         if not hmac.compare_digest(entry.digest, _digest(key)):
             return None
         return entry.info if entry.info.kind == kind else None
+
+    def live(self, key_id: str) -> KeyInfo | None:
+        """The record of the live key ``key_id`` (None once revoked or unknown)."""
+        entry = self._by_id.get(key_id)
+        return entry.info if entry is not None else None
+
+    def session_mac(self, key_id: str, message: bytes) -> bytes | None:
+        """An HMAC-SHA256 of ``message`` for a status-page session of the live key ``key_id``
+        (None if the key is not live). Keyed from the key's stored hash, so every replica on
+        the journal checks a session any of them signed, and revoking the key ends its
+        sessions everywhere. Whoever can read that hash can read the journal the page shows."""
+        entry = self._by_id.get(key_id)
+        if entry is None:
+            return None
+        return hmac.new(entry.digest, _SESSION_LABEL + message, hashlib.sha256).digest()
 
     def __len__(self) -> int:
         return len(self._by_id)

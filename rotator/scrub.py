@@ -31,7 +31,7 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"eyJ[A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]*){0,2}"), "[masked-token]"),
     (re.compile(r"\b(hv[sbr]|s|b|r)\.[A-Za-z0-9_-]{20,}"), "[redacted-token]"),
     (re.compile(r"\b(AKIA|ASIA)[A-Z0-9]{16}\b"), "[redacted-key-id]"),
-    (re.compile(r"\b(mr[ak]_[0-9a-f]{12}_)[A-Za-z0-9_-]+"), r"\1[masked]"),
+    (re.compile(r"\b(mr[aks]_[0-9a-f]{12}_)[A-Za-z0-9_-]+"), r"\1[masked]"),
     (
         re.compile(r'(?i)("?(?:access_token|refresh_token|token|secret|password|value)"?\s*[:=]\s*)'
                    r'("[^"]*"|[^\s,;}]+)'),

@@ -273,6 +273,7 @@ async def serve(
         if scheduler.running:
             scheduler.pause()  # no new tick; the one running parks its drives
         server.should_exit = True  # uvicorn stops accepting, finishes the requests in flight
+        app.status.close()  # status pages' event streams end now, not after the drain
 
     def start_rotating() -> None:
         # rotate only once the API listens: a port in use must stop serve before any work

@@ -12,6 +12,8 @@
     admin      POST /v1/admin/rotate/{env}/{name}, POST /v1/admin/revoke/{env}
     webhooks   POST /v1/webhooks/makini/{env}
     ops        /healthz, /readyz, /metrics
+    status     GET /status: the status page (HTML, live by server-sent events), its sessions
+    status_board  what the status page shows of an environment, and when that changes
     errors     the error envelope
     routing    the route class of every router (FastAPI parses bodies with ``jsonbody``)
 

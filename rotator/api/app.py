@@ -12,7 +12,7 @@ import structlog
 from fastapi import FastAPI
 
 from rotator.aio import woken
-from rotator.api import admin, docs, errors, ops, webhooks
+from rotator.api import admin, docs, errors, ops, status, status_board, webhooks
 from rotator.api.feed import ReplicaFeed
 from rotator.api.gate import KeyGate
 from rotator.api.limits import BodyLimit
@@ -42,6 +42,7 @@ class ApiApp(TokenRoutes):
 
     feed: ReplicaFeed
     worker: WebhookWorker
+    status: status_board.StatusBoard
 
     async def flush_reads(self) -> int:
         """Write the reads recorded in memory to the journal now; returns how many rows."""
@@ -87,9 +88,12 @@ def build_app(runtime: Runtime) -> ApiApp:
         ).inc(),
     )
 
+    board = status_board.StatusBoard(state)
+
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         state.cache.bind(asyncio.get_running_loop())
+        board.start()
         await asyncio.to_thread(feed.start)
         engine = runtime.engine
         engine.events.promoted.subscribe(state.cache.on_promoted)
@@ -130,6 +134,7 @@ def build_app(runtime: Runtime) -> ApiApp:
             engine.events.promoted.unsubscribe(state.cache.on_promoted)
             engine.events.revoked.unsubscribe(state.cache.on_revoked)
             engine.events.result.unsubscribe(state.metrics.rotation)
+            await board.stop()
             with contextlib.suppress(Exception):
                 await app.flush_reads()
 
@@ -159,7 +164,8 @@ def build_app(runtime: Runtime) -> ApiApp:
         admin.router(state),
         webhooks.router(state),
         ops.router(state),
+        status.router(board),
     ):
         gate.include(fastapi, router)
-    app.feed, app.worker = feed, worker
+    app.feed, app.worker, app.status = feed, worker, board
     return app

@@ -1,9 +1,9 @@
 """Bearer keys: who is calling, and may they.
 
 The key decides first, so that a stranger learns nothing and no input of theirs is looked at:
-no or unknown key (401), then scope (403: another environment, the wrong kind of key, a
-credential outside the key's list), and only then is the request validated (422: path, query,
-body) and whether the thing exists (404).
+no or unknown key (401), then scope (403: a status key, which opens only the status page;
+another environment; the wrong kind of key; a credential outside the key's list), and only then
+is the request validated (422: path, query, body) and whether the thing exists (404).
 
 A route that needs a key says so once, with a :class:`KeyGuard` among its dependencies. The
 guard puts the bearer scheme into the OpenAPI document, hands the route the caller's
@@ -36,6 +36,8 @@ Need = Literal["reader", "admin", "any"]
 """The kind of key a route takes: a reader key (reads tokens), an admin key (acts), either."""
 
 SCHEME = HTTPBearer(auto_error=False, description="A reader or admin key.")
+
+STATUS_ONLY = "a status key opens only the status page (/status): use a reader or admin key"
 """The security scheme the OpenAPI document names on every route that needs a key."""
 
 
@@ -66,6 +68,8 @@ def authorize(
     reader), else ApiError 401 or 403. Looks at no other input: ``env`` and ``name`` are only
     compared with the key's scope, so they need not be valid names yet."""
     key = authenticate(keys, authorization)
+    if key.is_status:  # whatever the route: a status key opens the status page and nothing else
+        raise ApiError(403, STATUS_ONLY)
     if key.environment != env:
         raise ApiError(403, "this key belongs to another environment")
     if need == "admin" and not key.is_admin:

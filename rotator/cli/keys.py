@@ -19,7 +19,7 @@ from rotator.settings import Config
 T = TypeVar("T")
 
 keys_app = typer.Typer(
-    help="Reader and admin keys of the HTTP API (stored hashed in the journal).",
+    help="Reader, admin and status keys of the HTTP API (stored hashed in the journal).",
     no_args_is_help=True,
 )
 
@@ -41,6 +41,9 @@ def create(
     admin: Annotated[
         bool, typer.Option("--admin", help="An admin key (admin endpoints; reads no tokens).")
     ] = False,
+    status: Annotated[
+        bool, typer.Option("--status", help="A status key (opens the status page, nothing else).")
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Create a key and print it once: it is stored hashed and cannot be shown again."""
@@ -59,7 +62,9 @@ def create(
                 )
         for n in names or []:
             env.credential(n, environment)
-        return create_key(journal, environment, name, credentials=names, admin=admin, actor=actor())
+        return create_key(
+            journal, environment, name, credentials=names, admin=admin, status=status, actor=actor()
+        )
 
     info, key = _with_journal(work)
     if json_out:
