@@ -482,3 +482,78 @@ async def test_no_token_in_any_notification(
     for body in bodies:
         for token in tokens:
             assert token not in body
+
+
+async def test_an_emergency_revoke_is_notified_started_finished_and_unconfirmed(
+    runtimes: Runtimes, tmp_path: Path, sim: Any, https_receiver: Receiver, test_ca: Any
+) -> None:
+    from rotator.revoke import Revoker
+    from rotator.revoke.model import RevokeRequest
+
+    sink = webhook(https_receiver, test_ca[1], conditions=["revoke", "revoke_unconfirmed"])
+    runtime = open_runtime(runtimes, tmp_path, sim, {"prod": [sink]}, names=("a", "b"))
+    for name in ("a", "b"):
+        await runtime.engine.rotate("prod", name, reason="t", actor="t")
+    notifier = Notifier(runtime)
+    revoker = Revoker(runtime.engine)
+    try:
+        req = RevokeRequest("prod", ("a",), reason="leaked in a log", actor="alice")
+        [report] = await revoker.run(req, await revoker.plan(req))
+        assert report.outcome == "revoked"
+        await notifier.flush()
+        await notifier.flush()
+        # Makini keeps the old token alive when it issues a new one: the revoke cannot confirm
+        sim.set(issue_invalidates_previous=False)
+        req = RevokeRequest("prod", ("b",), reason="leaked", actor="bob", strategy="issue")
+        [report] = await revoker.run(req, await revoker.plan(req))
+        assert report.outcome == "unconfirmed"
+        await notifier.flush()
+        await notifier.flush()
+    finally:
+        await notifier.aclose()
+    got = [(b["credential"], b["condition"], b["state"]) for b in https_receiver.bodies()]
+    assert got == [
+        ("a", "revoke", "firing"),
+        ("a", "revoke", "resolved"),
+        ("b", "revoke", "firing"),
+        ("b", "revoke", "resolved"),
+        ("b", "revoke_unconfirmed", "firing"),
+    ]
+    bodies = https_receiver.bodies()
+    assert "alice" in bodies[0]["detail"] and "leaked in a log" in bodies[0]["detail"]
+    assert "confirmed invalid" in bodies[1]["detail"]
+    assert "UNCONFIRMED" in bodies[3]["detail"]
+
+
+@pytest.mark.postgres
+async def test_replicas_on_postgresql_record_once_and_deliver_once(
+    runtimes: Runtimes,
+    tmp_path: Path,
+    sim: Any,
+    https_receiver: Receiver,
+    test_ca: Any,
+    pg_url: str,
+) -> None:
+    names = tuple(f"c{i}" for i in range(12))
+    sinks = {"prod": [webhook(https_receiver, test_ca[1], rate_limit=1000)]}
+    replicas = [
+        open_runtime(runtimes, tmp_path, sim, sinks, names=names, journal_url=pg_url)
+        for _ in range(2)
+    ]
+    notifiers = [Notifier(r) for r in replicas]
+    try:
+        changes = [Change("prod", n, "attention", True, f"{n} needs a person") for n in names]
+        for change in changes:
+            set_attention(replicas[0], change.detail, cred=change.credential)
+        # both replicas see every condition start at the same moment
+        recorded = await asyncio.gather(
+            *(asyncio.to_thread(n.record, c) for c in changes for n in notifiers)
+        )
+        assert sum(recorded) == len(names)
+        # and both deliver at once
+        await asyncio.gather(*(n.flush() for n in notifiers))
+    finally:
+        for n in notifiers:
+            await n.aclose()
+    assert sorted(b["credential"] for b in https_receiver.bodies()) == sorted(names)
+    assert {r.status for r in outbox.rows(replicas[0].journal)} == {"delivered"}
