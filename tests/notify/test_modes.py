@@ -93,7 +93,7 @@ def test_serve_delivers_while_it_runs(
         wait_until("the notification from serve", https_receiver.count, timeout_s=30)
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=30)
+        _out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     [body] = signed_bodies(https_receiver)
     assert (body["condition"], body["state"]) == ("rotation_failed", "firing")
