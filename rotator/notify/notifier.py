@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import structlog
@@ -69,6 +70,7 @@ class Notifier:
         self._wake: asyncio.Event | None = None
         self._resent: dict[tuple[str, str], datetime] = {}
         self._evaluate_now = False
+        self._drift_at: float | None = None
 
     def settings(self, environment: str) -> NotifySettings | None:
         """The environment's notify table, where this runtime serves it and it has sinks."""
@@ -138,34 +140,39 @@ class Notifier:
                 self._wake.set()
         return done
 
-    async def evaluate(self) -> int:
-        """Look at every credential's state now; record what started or resolved. Returns how
-        many conditions changed."""
+    async def evaluate(self, *, drift: bool = True) -> int:
+        """Look at every credential's state now; record what started or resolved. ``drift``:
+        read every backend too, to find ones that disagree (otherwise the journal alone is
+        read, and drift is left as it was). Returns how many conditions changed."""
         envs = [name for name in self.runtime.environments if self.settings(name) is not None]
         if not envs:
             return 0
-        statuses: list[CredentialStatus] = []
-        for env in envs:
-            statuses.extend(await collect(self.runtime, env))
+        views: list[View] = []
+        if drift:
+            for env in envs:
+                views.extend(View.of(s) for s in await collect(self.runtime, env))
+        else:
+            views = await asyncio.to_thread(_journal_views, self.runtime, envs)
         revokes = await asyncio.to_thread(outbox.latest_revokes, self.journal)
         known = await asyncio.to_thread(outbox.conditions, self.journal)
         on = {key for key, row in known.items() if row.active}
         now = self.clock.now()
         changed = 0
-        for status in statuses:
-            settings = self.settings(status.environment)
+        for view in views:
+            settings = self.settings(view.environment)
             assert settings is not None
-            where = (status.environment, status.credential)
+            where = (view.environment, view.credential)
             revoke = revokes.get(where)
             seen = known.get((*where, Condition.REVOKE))
             revoke_seen = (
                 seen is not None and revoke is not None and (seen.started_at >= revoke.started_at)
             )
-            for change in _changes(status, revoke, revoke_seen, settings, now):
+            for change in _changes(view, revoke, revoke_seen, settings, now):
                 if change.firing == (change.key in on):
                     continue  # already so: nothing to write
                 changed += await asyncio.to_thread(self.record, change)
                 (on.add if change.firing else on.discard)(change.key)
+        await asyncio.to_thread(outbox.purge, self.journal, now - outbox.KEEP)
         return changed
 
     # delivering ----------------------------------------------------------------------------
@@ -190,9 +197,13 @@ class Notifier:
         if not rows:
             return 0
         sent: dict[tuple[str, str], list[datetime]] = {}
+        down: dict[tuple[str, str], datetime] = {}
         attempted = 0
         for row in rows:
             key = (row.environment, row.sink)
+            if key in down:  # failed just now: the rest of its rows wait with it
+                await asyncio.to_thread(outbox.finish, self.journal, row, next_at=down[key])
+                continue
             if key not in sent:
                 sent[key] = await asyncio.to_thread(
                     outbox.delivered_since,
@@ -206,8 +217,11 @@ class Notifier:
                 await asyncio.to_thread(outbox.finish, self.journal, row, next_at=wait)
                 continue
             attempted += 1
-            if await self._attempt(row, now):
+            delivered, retry_at = await self._attempt(row, now)
+            if delivered:
                 sent[key].append(self.clock.now())
+            elif retry_at is not None:
+                down[key] = retry_at
         return attempted
 
     def _window(self) -> timedelta:
@@ -226,7 +240,8 @@ class Notifier:
         log.info("notify.rate_limited", environment=row.environment, sink=row.sink)
         return sent[-sink.rate_limit] + RATE_WINDOW
 
-    async def _attempt(self, row: NotifyOutbox, now: datetime) -> bool:
+    async def _attempt(self, row: NotifyOutbox, now: datetime) -> tuple[bool, datetime | None]:
+        """Send one row: (delivered, when to try again if it failed and is not dropped)."""
         bound = log.bind(
             environment=row.environment,
             credential=row.credential,
@@ -248,7 +263,7 @@ class Notifier:
                     last_error="the sink is no longer configured",
                 )
                 bound.warning("notify.dropped", reason="the sink is no longer configured")
-                return False
+                return False, None
             await sender.send(Notice.from_json(row.notice), f"rotator-{row.id}", now)
         except (DeliveryError, ConfigError) as exc:
             error = scrub(exc.message, limit=500)
@@ -264,7 +279,7 @@ class Notifier:
                     last_error=error,
                 )
                 bound.error("notify.dropped", error=error, attempts=attempts)
-                return False
+                return False, None
             retry_at = self.clock.now() + backoff(attempts)
             await asyncio.to_thread(
                 outbox.finish,
@@ -277,7 +292,7 @@ class Notifier:
             bound.warning(
                 "notify.failed", error=error, attempts=attempts, retry_at=retry_at.isoformat()
             )
-            return False
+            return False, retry_at
         await asyncio.to_thread(
             outbox.finish,
             self.journal,
@@ -288,7 +303,7 @@ class Notifier:
             last_error=None,
         )
         bound.info("notify.delivered", attempts=attempts)
-        return True
+        return True, None
 
     async def resend_firing(self, *, force: bool = False) -> None:
         """Send Alertmanager sinks the alerts that still fire, every ``resend`` (Alertmanager
@@ -369,7 +384,12 @@ class Notifier:
             self._wake.clear()
 
     async def _evaluate_due(self) -> None:
-        await self.evaluate()
+        loop = asyncio.get_running_loop()
+        every = min((s.drift_every.total_seconds() for s in self._all_settings()), default=900.0)
+        drift = self._drift_at is None or loop.time() >= self._drift_at
+        if drift:
+            self._drift_at = loop.time() + every
+        await self.evaluate(drift=drift)
         await self.resend_firing()
 
     async def _deliver_all(self) -> None:
@@ -406,8 +426,68 @@ def _from_result(result: RotationResult) -> Change | None:
     return None
 
 
+@dataclass(frozen=True)
+class View:
+    """What the conditions are decided from, for one credential."""
+
+    environment: str
+    credential: str
+    current_version: str | None
+    expires_at: datetime | None
+    last_outcome: str | None
+    last_error: str | None
+    attention: str | None
+    busy: bool
+    """a rotation or a revoke is open: the backends may disagree on purpose for a moment"""
+    backends: dict[str, str | None] | None
+    """the current version id in each backend; None: not read this time"""
+    backends_agree: bool = True
+
+    @classmethod
+    def of(cls, s: CredentialStatus) -> View:
+        return cls(
+            s.environment,
+            s.credential,
+            s.current_version,
+            s.expires_at,
+            s.last_outcome,
+            s.last_error,
+            s.attention,
+            s.open_step is not None or s.open_revoke is not None,
+            s.backends,
+            s.backends_agree,
+        )
+
+
+def _journal_views(runtime: Runtime, environments: list[str]) -> list[View]:
+    """Views from the journal alone (no backend read)."""
+    journal = runtime.journal
+    states = journal.states()
+    busy = {(r.environment, r.credential) for r in journal.open_rotations()}
+    busy |= {(r.environment, r.credential) for r in journal.open_revokes()}
+    views = []
+    for env in environments:
+        for cred in runtime.environments[env].settings.credentials:
+            key = (env, cred.name)
+            state = states.get(key)
+            views.append(
+                View(
+                    env,
+                    cred.name,
+                    state.current_version_id if state else None,
+                    state.expires_at if state else None,
+                    state.last_outcome if state else None,
+                    state.last_error if state else None,
+                    state.attention if state else None,
+                    key in busy,
+                    None,
+                )
+            )
+    return views
+
+
 def _changes(
-    s: CredentialStatus,
+    s: View,
     revoke: Rotation | None,
     revoke_seen: bool,
     settings: NotifySettings,
@@ -452,7 +532,7 @@ def _changes(
     elif s.last_outcome in SUCCEEDED:
         yield change(Condition.ROTATION_FAILED, False, f"last outcome: {s.last_outcome}")
 
-    if s.open_step is None and s.open_revoke is None:
+    if s.backends is not None and not s.busy:
         held = ", ".join(f"{b}: {v or 'none'}" for b, v in sorted(s.backends.items()))
         if s.backends_agree:
             yield change(Condition.DRIFT, False, f"every backend holds {s.current_version}")

@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy.orm import aliased
 
 from rotator.errors import JournalError
 from rotator.journal import Journal
@@ -111,14 +112,28 @@ def apply(journal: Journal, change: Change, sinks: Sequence[str], now: datetime)
 def claim(
     journal: Journal, now: datetime, window: timedelta, limit: int = 50
 ) -> list[NotifyOutbox]:
-    """Take up to ``limit`` due rows for ``window`` (one attempt), oldest first. A row another
-    sender holds is skipped: on PostgreSQL the UPDATE re-checks the claim of a row another
+    """Take up to ``limit`` due rows for ``window`` (one attempt), oldest first; a row waits for
+    an older one of the same condition and sink (a resolve never overtakes its start). A row
+    another sender holds is skipped: on PostgreSQL the UPDATE re-checks the claim of a row another
     transaction changed meanwhile, on SQLite writers take turns."""
     owner = uuid.uuid4().hex
     free = or_(NotifyOutbox.claimed_until.is_(None), NotifyOutbox.claimed_until < now)
+    earlier = aliased(NotifyOutbox)
+    waits = (
+        select(earlier.id)
+        .where(
+            earlier.status == PENDING,
+            earlier.id < NotifyOutbox.id,
+            earlier.sink == NotifyOutbox.sink,
+            earlier.environment == NotifyOutbox.environment,
+            earlier.credential == NotifyOutbox.credential,
+            earlier.condition == NotifyOutbox.condition,
+        )
+        .exists()
+    )
     due = (
         select(NotifyOutbox.id)
-        .where(NotifyOutbox.status == PENDING, NotifyOutbox.next_at <= now, free)
+        .where(NotifyOutbox.status == PENDING, NotifyOutbox.next_at <= now, free, ~waits)
         .order_by(NotifyOutbox.id)
         .limit(limit)
     )
@@ -190,3 +205,19 @@ def latest_revokes(journal: Journal) -> dict[tuple[str, str], Rotation]:
             select(Rotation).where(Rotation.kind == "revoke").order_by(Rotation.started_at)
         )
         return {(r.environment, r.credential): r for r in found}
+
+
+KEEP = timedelta(days=7)
+"""How long delivered and dropped notifications stay in the outbox (the rate limit looks back a
+minute; the rest is for a person asking what was sent)."""
+
+
+def purge(journal: Journal, before: datetime) -> int:
+    """Forget the delivered and dropped notifications created before ``before``."""
+    with journal.session("purge delivered notifications") as s:
+        result = s.execute(
+            delete(NotifyOutbox)
+            .where(NotifyOutbox.status != PENDING, NotifyOutbox.created_at < before)
+            .execution_options(synchronize_session=False)
+        )
+        return int(result.rowcount)  # type: ignore[attr-defined]

@@ -215,6 +215,11 @@ class NotifySettings(_Model):
         description="How often serve looks at the states (attention, near expiry, drift, "
         "revokes); run-due looks once, at its end.",
     )
+    drift_every: Period = Field(
+        default=timedelta(minutes=15),
+        description="How often serve reads every backend to find ones that disagree (each "
+        "look reads each credential from each backend); run-due looks once, at its end.",
+    )
     give_up_after: Period = Field(
         default=timedelta(days=1),
         description="A notification no sink attempt delivered for this long is dropped "

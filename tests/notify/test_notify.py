@@ -512,17 +512,20 @@ async def test_an_emergency_revoke_is_notified_started_finished_and_unconfirmed(
     finally:
         await notifier.aclose()
     got = [(b["credential"], b["condition"], b["state"]) for b in https_receiver.bodies()]
-    assert got == [
-        ("a", "revoke", "firing"),
-        ("a", "revoke", "resolved"),
+    # in order per condition (each resolve after its start)
+    assert got[:2] == [("a", "revoke", "firing"), ("a", "revoke", "resolved")]
+    assert [g for g in got[2:] if g[1] == "revoke"] == [
         ("b", "revoke", "firing"),
         ("b", "revoke", "resolved"),
-        ("b", "revoke_unconfirmed", "firing"),
     ]
+    assert [g for g in got[2:] if g[1] != "revoke"] == [("b", "revoke_unconfirmed", "firing")]
     bodies = https_receiver.bodies()
     assert "alice" in bodies[0]["detail"] and "leaked in a log" in bodies[0]["detail"]
     assert "confirmed invalid" in bodies[1]["detail"]
-    assert "UNCONFIRMED" in bodies[3]["detail"]
+    [finished_b] = [
+        b for b in bodies[2:] if b["condition"] == "revoke" and b["state"] == "resolved"
+    ]
+    assert "UNCONFIRMED" in finished_b["detail"]
 
 
 @pytest.mark.postgres
@@ -557,3 +560,60 @@ async def test_replicas_on_postgresql_record_once_and_deliver_once(
             await n.aclose()
     assert sorted(b["credential"] for b in https_receiver.bodies()) == sorted(names)
     assert {r.status for r in outbox.rows(replicas[0].journal)} == {"delivered"}
+
+
+async def test_a_resolve_never_overtakes_its_start_and_a_down_sink_is_tried_once_a_round(
+    runtimes: Runtimes, tmp_path: Path, sim: Any, https_receiver: Receiver, test_ca: Any
+) -> None:
+    clock = FakeClock()
+    runtime = open_runtime(
+        runtimes,
+        tmp_path,
+        sim,
+        {"prod": [webhook(https_receiver, test_ca[1])]},
+        names=("a", "b", "c"),
+        clock=clock,
+    )
+    notifier = Notifier(runtime)
+    try:
+        https_receiver.answers = [503, 503, 503]  # the first attempt's three tries
+        for name in ("a", "b", "c"):
+            notifier.record(Change("prod", name, "attention", True, f"{name}: a person"))
+        assert await notifier.deliver() == 1  # the sink is down: one attempt, the rest wait
+        rows = outbox.rows(runtime.journal)
+        assert [r.attempts for r in rows] == [1, 0, 0]
+        assert len({r.next_at for r in rows}) == 1 and rows[0].next_at > clock.now()
+
+        # "a" resolves meanwhile; the resolve is due at once, but waits for the start
+        notifier.record(Change("prod", "a", "attention", False, "cleared"))
+        assert await notifier.deliver() == 0
+        clock.advance((rows[0].next_at - clock.now()).total_seconds() + 0.1)
+        while await notifier.deliver():
+            pass
+    finally:
+        await notifier.aclose()
+    got = [(b["credential"], b["state"]) for b in https_receiver.bodies()]
+    assert got == [("a", "firing"), ("b", "firing"), ("c", "firing"), ("a", "resolved")]
+
+
+async def test_delivered_notifications_are_forgotten_after_a_week(
+    runtimes: Runtimes, tmp_path: Path, sim: Any, https_receiver: Receiver, test_ca: Any
+) -> None:
+    clock = FakeClock()
+    runtime = open_runtime(
+        runtimes, tmp_path, sim, {"prod": [webhook(https_receiver, test_ca[1])]}, clock=clock
+    )
+    notifier = Notifier(runtime)
+    try:
+        set_attention(runtime, "a person, please")
+        await notifier.flush()
+        assert [r.status for r in outbox.rows(runtime.journal)] == ["delivered"]
+        clock.advance(6 * 86400)
+        await notifier.evaluate(drift=False)
+        assert len(outbox.rows(runtime.journal)) == 1
+        clock.advance(2 * 86400)
+        await notifier.evaluate(drift=False)
+    finally:
+        await notifier.aclose()
+    assert outbox.rows(runtime.journal) == []
+    assert https_receiver.count() == 1  # still on: not notified again
