@@ -68,6 +68,7 @@ class Notifier:
         self._senders: dict[tuple[str, str], Sender] = {}
         self._writes: set[asyncio.Task[None]] = set()
         self._wake: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._resent: dict[tuple[str, str], datetime] = {}
         self._evaluate_now = False
         self._drift_at: float | None = None
@@ -96,8 +97,12 @@ class Notifier:
 
     def on_revoked(self, environment: str, credential: str, version_id: str) -> None:
         self._evaluate_now = True
-        if self._wake is not None:
-            self._wake.set()
+        self._wake_up()
+
+    def _wake_up(self) -> None:
+        """Wake ``run`` (from its loop or from a worker thread)."""
+        if self._wake is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._wake.set)
 
     def on_result(self, result: RotationResult) -> None:
         """A drive ended: a failure or a rollback starts ``rotation_failed``, a rotation ends it.
@@ -136,8 +141,7 @@ class Notifier:
                 state="firing" if change.firing else "resolved",
                 sinks=sinks,
             )
-            if self._wake is not None:
-                self._wake.set()
+            self._wake_up()
         return done
 
     async def evaluate(self, *, drift: bool = True) -> int:
@@ -360,8 +364,9 @@ class Notifier:
     async def run(self) -> None:
         """``serve``'s loop: deliver as soon as something is queued (at least every
         ``poll_s``), evaluate the states every ``notify.evaluate_every``. Runs until cancelled."""
-        self._wake = asyncio.Event()
         loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._wake = asyncio.Event()
         next_eval = loop.time()
         every = min((s.evaluate_every.total_seconds() for s in self._all_settings()), default=60.0)
         while True:
