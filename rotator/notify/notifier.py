@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -364,29 +364,31 @@ class Notifier:
     async def run(self) -> None:
         """``serve``'s loop: deliver as soon as something is queued (at least every
         ``poll_s``), evaluate the states every ``notify.evaluate_every``. Runs until cancelled."""
+        if not any(self._all_settings()):
+            return  # no sink anywhere: nothing to look at
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._wake = asyncio.Event()
         next_eval = loop.time()
         every = min((s.evaluate_every.total_seconds() for s in self._all_settings()), default=60.0)
         while True:
-            for step, what in ((self._evaluate_due, "evaluate"), (self._deliver_all, "deliver")):
-                try:
-                    if what == "evaluate":
-                        if self._evaluate_now or loop.time() >= next_eval:
-                            self._evaluate_now = False
-                            next_eval = loop.time() + every
-                            await step()
-                    else:
-                        await step()
-                except Exception as exc:  # noqa: BLE001 - the journal or a peer may come back
-                    log.warning(
-                        f"notify.{what}_failed",
-                        error=type(exc).__name__,
-                        detail=scrub(getattr(exc, "message", ""), limit=300),
-                    )
+            if self._evaluate_now or loop.time() >= next_eval:
+                self._evaluate_now = False
+                next_eval = loop.time() + every
+                await self._guarded("evaluate", self._evaluate_due)
+            await self._guarded("deliver", self._deliver_all)
             await woken(self._wake, self.poll_s)
             self._wake.clear()
+
+    async def _guarded(self, what: str, step: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await step()
+        except Exception as exc:  # noqa: BLE001 - the journal or a peer may come back
+            log.warning(
+                f"notify.{what}_failed",
+                error=type(exc).__name__,
+                detail=scrub(getattr(exc, "message", ""), limit=300),
+            )
 
     async def _evaluate_due(self) -> None:
         loop = asyncio.get_running_loop()
