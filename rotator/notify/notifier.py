@@ -151,6 +151,9 @@ class Notifier:
         envs = [name for name in self.runtime.environments if self.settings(name) is not None]
         if not envs:
             return 0
+        # the conditions first, the states after: a state that changes meanwhile (a drive
+        # resolving its failure) is then newer than what is compared with it, never older
+        known = await asyncio.to_thread(outbox.conditions, self.journal)
         views: list[View] = []
         if drift:
             for env in envs:
@@ -158,7 +161,6 @@ class Notifier:
         else:
             views = await asyncio.to_thread(_journal_views, self.runtime, envs)
         revokes = await asyncio.to_thread(outbox.latest_revokes, self.journal)
-        known = await asyncio.to_thread(outbox.conditions, self.journal)
         on = {key for key, row in known.items() if row.active}
         now = self.clock.now()
         changed = 0

@@ -75,6 +75,10 @@ def test_run_due_delivers_at_its_end(
     assert done.returncode == 0, done.stderr
     states = [(b["condition"], b["state"]) for b in signed_bodies(https_receiver)]
     assert states == [("rotation_failed", "firing"), ("rotation_failed", "resolved")]
+    tokens = list(sim.state.tokens)
+    assert tokens
+    for text in [r.body.decode() for r in https_receiver.received] + rotator.outputs:
+        assert not any(token in text for token in tokens)
 
 
 def _free_port() -> int:
