@@ -8,6 +8,7 @@ import asyncio
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -201,6 +202,8 @@ async def test_near_expiry_and_drift_start_and_resolve(
 async def test_alertmanager_shows_the_alert_firing_then_resolved(
     runtimes: Runtimes, tmp_path: Path, sim: Any, alertmanager: str
 ) -> None:
+    # behind Alertmanager's clock: what the test moves stays in Alertmanager's past
+    clock = FakeClock(datetime.now(UTC) - timedelta(minutes=5))
     runtime = open_runtime(
         runtimes,
         tmp_path,
@@ -215,6 +218,7 @@ async def test_alertmanager_shows_the_alert_firing_then_resolved(
                 }
             ]
         },
+        clock=clock,
     )
     await runtime.engine.rotate("prod", "a", reason="t", actor="t")
     notifier = Notifier(runtime)
@@ -232,6 +236,14 @@ async def test_alertmanager_shows_the_alert_firing_then_resolved(
         assert alert["labels"]["team"] == "payments"
         assert alert["status"]["state"] == "active"
         assert "re-authorize" in alert["annotations"]["description"]
+
+        # still firing a while later: sent again, so Alertmanager keeps it past its endsAt
+        clock.advance(120)
+        await notifier.resend_firing()
+        [later] = await until(
+            "a later endsAt", lambda: [a for a in alerts() if a["endsAt"] > alert["endsAt"]]
+        )
+        assert later["startsAt"] == alert["startsAt"]
 
         set_attention(runtime, None)
         await notifier.flush()
