@@ -130,6 +130,8 @@ async def flush_notifications(runtime: Runtime, timeout_s: float = 15.0) -> None
         await notifier.flush(timeout_s)
     except RotatorError as exc:
         log.warning("notify.flush_failed", error=exc.message)
+    except Exception as exc:  # noqa: BLE001 - notifying must not turn a run into a traceback
+        log.warning("notify.flush_failed", error=type(exc).__name__)
     finally:
         await notifier.aclose()
 

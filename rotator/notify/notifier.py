@@ -184,15 +184,17 @@ class Notifier:
     # delivering ----------------------------------------------------------------------------
 
     def _sender(self, environment: str, sink_name: str) -> Sender | None:
+        """The sink's sender, built once (its secret read then); None: no such sink now."""
         key = (environment, sink_name)
         if key not in self._senders:
             settings = self.settings(environment)
-            sink = (
-                next((s for s in settings.sinks if s.name == sink_name), None) if settings else None
-            )
-            if sink is None:
+            for index, sink in enumerate(settings.sinks if settings else []):
+                if sink.name == sink_name:
+                    where = f"environments.{environment}.notify.sinks[{index}]"
+                    self._senders[key] = build(sink, where)
+                    break
+            else:
                 return None
-            self._senders[key] = build(sink, f"environments.{environment}.notify.sinks.{sink_name}")
         return self._senders[key]
 
     async def deliver(self) -> int:

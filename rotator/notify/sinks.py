@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import stamina
 
+from rotator.errors import ConfigError
 from rotator.notify.notice import Notice
 from rotator.notify.settings import AlertmanagerSink, SlackSink, WebhookSink
 from rotator.webhooks.signature import sign
@@ -164,18 +165,26 @@ class AlertmanagerSender(Sender):
             await self.post([self.alert(n, now) for n in notices])
 
 
-def client_for(timeout_s: float, ca_file: Path | None) -> httpx.AsyncClient:
+def client_for(timeout_s: float, ca_file: Path | None, where: str) -> httpx.AsyncClient:
     verify: ssl.SSLContext | bool = True
     if ca_file is not None:
-        verify = ssl.create_default_context(cafile=str(ca_file))
+        try:
+            verify = ssl.create_default_context(cafile=str(ca_file))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"cannot load the CA bundle {ca_file}: {getattr(exc, 'strerror', None) or exc}",
+                where=f"{where}.ca_file",
+                hint="point ca_file at a readable PEM file of CA certificates",
+            ) from None
     return httpx.AsyncClient(timeout=timeout_s, verify=verify, follow_redirects=False)
 
 
 def build(sink: WebhookSink | SlackSink | AlertmanagerSink, where: str) -> Sender:
     """The sender of a configured sink (reads its secret now: ConfigError if it is missing)."""
-    client = client_for(sink.timeout_s, sink.ca_file)
     if isinstance(sink, WebhookSink):
-        return WebhookSender(sink, sink.secret(where), client)
+        secret = sink.secret(where)
+        return WebhookSender(sink, secret, client_for(sink.timeout_s, sink.ca_file, where))
     if isinstance(sink, SlackSink):
-        return SlackSender(sink.name, sink.url(where), client)
-    return AlertmanagerSender(sink, client)
+        url = sink.url(where)
+        return SlackSender(sink.name, url, client_for(sink.timeout_s, sink.ca_file, where))
+    return AlertmanagerSender(sink, client_for(sink.timeout_s, sink.ca_file, where))

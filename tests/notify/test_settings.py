@@ -105,3 +105,36 @@ async def test_a_missing_secret_is_a_recorded_failure_that_names_the_variable(
     [row] = outbox.rows(runtime.journal)
     assert row.status == "pending" and row.attempts == 1
     assert row.last_error is not None and "NOTIFY_UNSET_SECRET is not set" in row.last_error
+
+
+async def test_an_unreadable_ca_bundle_is_a_recorded_failure_that_names_the_key(
+    runtimes: Runtimes, tmp_path: Path, sim: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NOTIFY_CA_TEST_SECRET", "s3cret-for-the-test")
+    table = environment(
+        sim.url, "test-prod", [{"name": "a", "connection_id": "c-a"}], sealing_env="SEAL_prod"
+    )
+    table["notify"] = {
+        "sinks": [
+            {
+                "type": "webhook",
+                "name": "hook",
+                "url": "https://127.0.0.1:9",
+                "secret_env": "NOTIFY_CA_TEST_SECRET",
+                "ca_file": "missing-ca.pem",
+            }
+        ]
+    }
+    runtime = runtimes.open(
+        make_config(tmp_path, f"sqlite:///{tmp_path / 'j.db'}", {"prod": table})
+    )
+    notifier = Notifier(runtime)
+    try:
+        notifier.record(Change("prod", "a", "attention", True, "a person, please"))
+        assert await notifier.deliver() == 1
+    finally:
+        await notifier.aclose()
+    [row] = outbox.rows(runtime.journal)
+    assert row.status == "pending" and row.last_error is not None
+    assert "cannot load the CA bundle" in row.last_error
+    assert str(tmp_path / "missing-ca.pem") in row.last_error
