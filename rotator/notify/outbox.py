@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import aliased
 
 from rotator.errors import JournalError
@@ -182,15 +182,8 @@ def delivered_since(
         )
 
 
-def counts(journal: Journal) -> dict[str, int]:
-    """How many rows are pending, delivered and dead."""
-    with journal.reader() as s:
-        rows = s.execute(select(NotifyOutbox.status, func.count()).group_by(NotifyOutbox.status))
-        return {status: n for status, n in rows}
-
-
 def rows(journal: Journal, environment: str | None = None) -> list[NotifyOutbox]:
-    """The queue, oldest first (for ``rotator`` commands and tests)."""
+    """The queue, oldest first (what was sent, what waits, and why)."""
     with journal.reader() as s:
         q = select(NotifyOutbox).order_by(NotifyOutbox.id)
         if environment:
