@@ -23,7 +23,8 @@ import uvicorn
 
 from rotator import signals
 from rotator.clock import SYSTEM, Clock
-from rotator.errors import ConfigError
+from rotator.errors import ConfigError, RotatorError
+from rotator.notify.notifier import Notifier
 from rotator.revoke import resume_held
 from rotator.rotation.runtime import Runtime
 from rotator.rotation.schedule import plan
@@ -113,6 +114,26 @@ async def _until_free(runtime: Runtime, work: Sequence[Work]) -> set[Work]:
         if waiting:
             await asyncio.sleep(0.25)
     return free
+
+
+def notifies(config: Config) -> bool:
+    """Whether any environment has notification sinks."""
+    return any(env.notify.sinks for env in config.environments.values())
+
+
+async def flush_notifications(runtime: Runtime, timeout_s: float = 15.0) -> None:
+    """``run-due``'s end: evaluate the states someone must act on and deliver what is queued,
+    for at most ``timeout_s``; what is left stays in the journal for the next run or ``serve``.
+    A failure here is logged and does not change the run's outcome."""
+    notifier = Notifier(runtime)
+    try:
+        await notifier.flush(timeout_s)
+    except RotatorError as exc:
+        log.warning("notify.flush_failed", error=exc.message)
+    except Exception as exc:  # noqa: BLE001 - notifying must not turn a run into a traceback
+        log.warning("notify.flush_failed", error=type(exc).__name__)
+    finally:
+        await notifier.aclose()
 
 
 class Stopper:
@@ -229,6 +250,9 @@ async def serve(
     from rotator.api import build_app
 
     runtime = Runtime.open(config, resume_revoke=resume_held)
+    notifier = Notifier(runtime)
+    notifier.listen()
+    notifying: list[asyncio.Task[None]] = []
     scheduler = AsyncIOScheduler(timezone=UTC)
     ticking: set[asyncio.Task[None]] = set()
 
@@ -279,6 +303,7 @@ async def serve(
         # rotate only once the API listens: a port in use must stop serve before any work
         if not server.should_exit:
             scheduler.start()
+            notifying.append(asyncio.ensure_future(notifier.run()))
         log.info(
             "serve.started",
             host=host,
@@ -301,6 +326,12 @@ async def serve(
                 await asyncio.wait(ticking, timeout=5)
             if scheduler.running:
                 scheduler.shutdown(wait=False)
+            for task in notifying:  # what is queued stays in the journal for the next start
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            notifier.unlisten()
+            await notifier.aclose()
             await runtime.aclose()
             log.info("serve.stopped")
     if not server.started:

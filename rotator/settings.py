@@ -41,6 +41,7 @@ from backends.base import NAME_PATTERN, BackendSettings
 from rotator.apart import storage_conflicts
 from rotator.crypto import KeySource
 from rotator.errors import ConfigError, NotFound
+from rotator.notify.settings import NotifySettings
 
 ENV_NAME_PATTERN = r"^[a-z][a-z0-9-]{0,31}$"
 
@@ -351,6 +352,7 @@ class EnvironmentSettings(_Model):
     schedule: Schedule = Schedule()
     credentials: list[CredentialSettings] = Field(default_factory=list)
     webhook: WebhookSettings = WebhookSettings()
+    notify: NotifySettings = NotifySettings()
 
     @field_validator("credentials")
     @classmethod
@@ -654,7 +656,8 @@ def _resolved_environment(name: str, env: EnvironmentSettings, base: Path) -> En
     sealing = env.sealing_key.resolve_paths(base).named(
         f"environments.{name}.sealing_key", f"the sealing key of environment {name!r}"
     )
-    return env.model_copy(update={"backends": backends, "sealing_key": sealing})
+    notify = env.notify.resolve_paths(base)
+    return env.model_copy(update={"backends": backends, "sealing_key": sealing, "notify": notify})
 
 
 def _resolve_paths(config: Config, base: Path) -> Config:

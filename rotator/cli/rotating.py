@@ -28,6 +28,7 @@ def run_due(
     Made for a Kubernetes CronJob with concurrencyPolicy Forbid. A large run forks workers to
     use more than one core (scheduler.processes)."""
     from rotator.rotation import workers
+    from rotator.service import flush_notifications, notifies
 
     cfg = command_config(service=True)
     for name in env or []:
@@ -53,6 +54,8 @@ def run_due(
             render.progress(json_out, total=len(work)) as tick,
         ):
             results = shares.gather(tick)
+    if notifies(cfg):  # after the forked workers too: the journal has every result
+        run_command(with_runtime(cfg, flush_notifications, env))
     render.results(results, json_out)
     if any(not r.ok for r in results):
         raise typer.Exit(1)

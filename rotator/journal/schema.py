@@ -325,3 +325,48 @@ class UnaccountedToken(Base):
             "closed_by": self.closed_by,
             "resolution": self.resolution,
         }
+
+
+# --- notifications (``rotator.notify``) --------------------------------------------------------
+
+
+class NotifyCondition(Base):
+    """Whether a condition someone must act on is on, per environment and credential: a
+    notification goes out when it turns on and when it turns off, never while it stays."""
+
+    __tablename__ = "notify_conditions"
+
+    environment: Mapped[str] = mapped_column(String(64), primary_key=True)
+    credential: Mapped[str] = mapped_column(String(64), primary_key=True)
+    condition: Mapped[str] = mapped_column(String(32), primary_key=True)
+    active: Mapped[bool] = mapped_column()
+    detail: Mapped[str] = mapped_column(Text, default="")
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    resolved_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class NotifyOutbox(Base):
+    """One notification for one sink, until it is delivered (or given up): a restart loses
+    none. A sender claims a row until ``claimed_until`` (one attempt's window), so replicas
+    sharing the journal never send it twice at once. Names and version ids, never a token."""
+
+    __tablename__ = "notify_outbox"
+    __table_args__ = (Index("ix_notify_outbox_due", "status", "next_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    environment: Mapped[str] = mapped_column(String(64))
+    credential: Mapped[str] = mapped_column(String(64))
+    condition: Mapped[str] = mapped_column(String(32))
+    sink: Mapped[str] = mapped_column(String(32))
+    firing: Mapped[bool] = mapped_column()
+    notice: Mapped[str] = mapped_column(Text)
+    """The notification as JSON (``rotator.notify.notice.Notice``), rendered per sink."""
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    status: Mapped[str] = mapped_column(String(16))
+    """pending | delivered | dead"""
+    next_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    claimed_by: Mapped[str | None] = mapped_column(String(64))
+    claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
+    last_error: Mapped[str | None] = mapped_column(Text)
