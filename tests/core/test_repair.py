@@ -24,7 +24,7 @@ async def test_sync_repairs_drift_and_reports(
     replica.delete("a")  # drift: the replica lost credential a entirely
     dry = await sync(runtime, "prod", dry_run=True, actor="t")
     assert {(c.credential, c.backend, c.action) for c in dry if c.action != "in-sync"} == {
-        ("a", replica.name, "would-repair")
+        ("a", replica.name, "would-copy+promote")
     }
     assert replica.read("a", Stage.CURRENT) is None  # the dry run changed nothing
     changes = await sync(runtime, "prod", actor="t")
