@@ -150,7 +150,7 @@ def print_json(data: Any) -> None:
 
 @contextmanager
 def progress(
-    quiet: bool, *, label: str = "rotating", total: int | None = None
+    quiet: bool, *, label: str = "rotating", total: int
 ) -> Iterator[Callable[[object], None] | None]:
     """A progress bar on stderr for many credentials, when a person is watching: yields a
     callback to call once per credential done (or None when there is no bar). ``total``: how
