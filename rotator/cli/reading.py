@@ -151,13 +151,17 @@ def audit(
             "--since",
             help="Entries at or after this time: ISO 8601 (2026-12-01, 2026-12-01T08:00Z; UTC "
             "unless it says) or a time ago (30m, 2h, 7d).",
+            metavar="WHEN",
             show_default=False,
         ),
     ] = None,
     until: Annotated[
         str | None,
         typer.Option(
-            "--until", help="Entries at or before this time (as --since).", show_default=False
+            "--until",
+            help="Entries at or before this time (as --since).",
+            metavar="WHEN",
+            show_default=False,
         ),
     ] = None,
     jsonl: Annotated[
@@ -173,13 +177,18 @@ def audit(
         typer.Option(
             "--output",
             help="With --jsonl: append the lines to this file (created 0600) instead of stdout.",
+            metavar="FILE",
             show_default=False,
         ),
     ] = None,
     after: Annotated[
         int | None,
         typer.Option(
-            "--after", min=0, help="With --jsonl: only entries after this seq.", show_default=False
+            "--after",
+            min=0,
+            help="With --jsonl: only entries after this seq.",
+            metavar="SEQ",
+            show_default=False,
         ),
     ] = None,
     cursor_file: Annotated[
@@ -189,6 +198,7 @@ def audit(
             help="With --jsonl: start after the seq this file holds (none: from the start) and "
             "write the last shipped seq to it after each batch; run it from cron to ship each "
             "entry once.",
+            metavar="PATH",
             show_default=False,
         ),
     ] = None,
