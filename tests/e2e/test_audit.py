@@ -197,8 +197,8 @@ def _written_actions() -> set[str]:
                     found.add(value.value)
             elif isinstance(value, ast.JoinedStr):
                 head = value.values[0]
-                if isinstance(head, ast.Constant):
-                    found.add(f"{head.value}*")
+                if isinstance(head, ast.Constant) and isinstance(head.value, str):
+                    found.add(head.value + "*")
     return found
 
 
