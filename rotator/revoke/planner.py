@@ -74,8 +74,9 @@ async def _plan_resume(
         base.open_revoke = row.id
         base.target_version = row.old_version_id
         age = human(engine.clock.now() - row.started_at)
-        base.why = f"revoke {row.id[:8]} by {row.actor} ({age} ago) stopped at {row.step}" + (
-            f": {row.error}" if row.error else ""
+        base.why = (
+            f"revoke {row.id[:8]} by {row.actor} ({age} ago) "
+            f"stopped at {row.step}" + (f": {row.error}" if row.error else "")
         )
     if orphans:
         base.notes.append(
