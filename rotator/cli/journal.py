@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from rotator.cli import render
 from rotator.cli.context import JsonOpt, actor, command_config, open_journal
@@ -98,20 +97,29 @@ def unaccounted_list(
     if not rows:
         render.console.print("no unaccounted tokens" + ("" if closed else " open"))
         return
-    table = Table(title="tokens Makini may have issued that no backend holds")
-    for col in ("id", "env", "credential", "connection", "asked at", "live until", "status"):
-        table.add_column(col, overflow="fold")
-    for r in rows:
-        table.add_row(
+    cells = [
+        [
             str(r.id),
-            r.environment,
-            r.credential,
-            r.connection_id,
-            r.asked_at.isoformat(timespec="seconds"),
-            r.live_until.isoformat(timespec="seconds") if r.live_until else "unknown",
-            r.status,
-        )
-    render.console.print(table)
+            escape(r.environment),
+            escape(r.credential),
+            escape(r.connection_id),
+            r.asked_at.isoformat(sep=" ", timespec="seconds")[:19],
+            r.live_until.isoformat(sep=" ", timespec="seconds")[:19] if r.live_until else "unknown",
+            escape(r.status),
+        ]
+        for r in rows
+    ]
+    columns = [
+        render.Column("id", whole=True),
+        render.Column("env", whole=True),
+        render.Column("credential", whole=True),
+        render.Column("connection", whole=True, drop=1),
+        render.Column("asked at (UTC)", drop=3),
+        render.Column("live until (UTC)", drop=2),
+        render.Column("status", whole=True),
+    ]
+    title = "tokens Makini may have issued that no backend holds"
+    render.console.print(render.table(title, columns, cells))
     for r in rows:
         closed_how = "" if r.status == unaccounted.OPEN else f" ({r.status}: {r.resolution})"
         render.console.print(f"  {r.id}: {escape(r.cause + closed_how)}")

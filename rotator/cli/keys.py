@@ -92,24 +92,30 @@ def list_command(
     if json_out:
         sys.stdout.write(json.dumps([k.as_dict() for k in keys], indent=2) + "\n")
         return
-    from rich.table import Table
+    from rotator.cli.render import Column, console, table
 
-    from rotator.cli.render import console
-
-    table = Table(title="API keys")
-    for col in ("id", "name", "env", "kind", "credentials", "created", "revoked"):
-        table.add_column(col)
-    for k in keys:
-        table.add_row(
+    rows = [
+        [
             k.key_id,
             escape(k.name),
             k.environment,
             k.kind,
-            ", ".join(sorted(k.credentials)) if k.credentials is not None else "all",
-            k.created_at.isoformat()[:19],
-            k.revoked_at.isoformat()[:19] if k.revoked_at else "-",
-        )
-    console.print(table)
+            escape(", ".join(sorted(k.credentials)) if k.credentials is not None else "all"),
+            k.created_at.isoformat(sep=" ")[:16],
+            k.revoked_at.isoformat(sep=" ")[:16] if k.revoked_at else "-",
+        ]
+        for k in keys
+    ]
+    columns = [
+        Column("id", whole=True),
+        Column("name", whole=True),
+        Column("env", whole=True),
+        Column("kind", whole=True, drop=1),
+        Column("credentials"),
+        Column("created (UTC)", whole=True, drop=3),
+        Column("revoked (UTC)", whole=True, drop=2),
+    ]
+    console.print(table("API keys", columns, rows))
 
 
 @keys_app.command("revoke")

@@ -6,7 +6,6 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from rotator.cli import render
 from rotator.cli.context import JsonOpt, actor, command_config, run_command, with_runtime
@@ -35,20 +34,36 @@ def sync(
     if json_out:
         render.print_json([c.as_dict() for c in changes])
     else:
-        table = Table(
-            title=f"sync {environment}" + (" (dry run: nothing changed)" if dry_run else "")
-        )
-        for col in ("credential", "backend", "action", "detail"):
-            table.add_column(col)
+        short = render.short_versions(v for c in changes for v in (c.version, c.held))
+        rows = []
         for c in changes:
             style = {"in-sync": "green", "failed": "bold red", "busy": "yellow"}.get(c.action, "")
-            table.add_row(
-                c.credential,
-                c.backend,
-                f"[{style}]{c.action}[/]" if style else c.action,
-                escape(c.detail),
+            rows.append(
+                [
+                    escape(c.credential),
+                    escape(c.backend),
+                    f"[{style}]{c.action}[/]" if style else c.action,
+                    short(c.version),
+                    short(c.held),
+                    escape(c.detail),
+                ]
             )
-        render.console.print(table)
+        columns = [
+            render.Column("credential", whole=True),
+            render.Column("backend", whole=True),
+            render.Column("action", whole=True),
+            render.Column("journal", whole=True),
+            render.Column("held", whole=True),
+            render.Column("detail"),
+        ]
+        title = f"sync {environment}" + (" (dry run: nothing changed)" if dry_run else "")
+        render.console.print(render.table(title, columns, rows))
+        if dry_run and any(c.action == "failed" for c in changes):
+            failing = sum(c.action == "failed" for c in changes)
+            render.err.print(
+                f"[bold red]sync would fail for {failing} backend(s)[/]: the detail column says "
+                "why; fix that first (a credential no backend holds needs a rotation)"
+            )
     if any(c.action in ("failed", "busy") for c in changes):
         raise typer.Exit(1)
 

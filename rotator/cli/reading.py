@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Annotated
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, TextIO
 
 import typer
 
@@ -20,6 +22,8 @@ from rotator.errors import ConfigError, NotFound
 from rotator.model import Stage, StoredVersion
 
 if TYPE_CHECKING:
+    from rotator.journal import Journal
+    from rotator.journal import audit as audit_log
     from rotator.rotation.runtime import Runtime
     from rotator.rotation.status import CredentialStatus
 
@@ -61,15 +65,24 @@ def get(
             f"unknown --field {field!r}", hint="use access_token, refresh_token or json"
         )
 
-    async def work(rt: Runtime) -> StoredVersion | None:
+    async def work(rt: Runtime) -> tuple[StoredVersion | None, str]:
         primary = rt.environments[environment].primary
         stage = Stage.PREVIOUS if previous else Stage.CURRENT
-        return await asyncio.to_thread(primary.read, name, stage)
+        found = await asyncio.to_thread(primary.read, name, stage)
+        if found is not None or not previous:
+            return found, ""
+        return None, await asyncio.to_thread(no_previous, rt, environment, name)
 
-    version = run_command(with_runtime(cfg, work, [environment]))
+    version, why = run_command(with_runtime(cfg, work, [environment]))
+    if version is None and previous:
+        raise NotFound(
+            f"{environment}/{name} has no previous token: {why}",
+            where=f"primary backend of {environment}",
+            hint=f"readers use the current token: rotator get {environment} {name}",
+        )
     if version is None:
         raise NotFound(
-            f"{environment}/{name} has no {'previous' if previous else 'current'} token",
+            f"{environment}/{name} has no current token",
             where=f"primary backend of {environment}",
             hint=f"rotate it first: rotator rotate {environment} {name}",
         )
@@ -81,6 +94,32 @@ def get(
         typer.echo(version.tokens.refresh.reveal())
     else:
         typer.echo(version.to_json())
+
+
+def no_previous(rt: Runtime, environment: str, name: str) -> str:
+    """Why a credential has no previous version to read."""
+    from rotator.rotation.schedule import human
+
+    env = rt.config.environment(environment)
+    cred = env.credential(name, environment)
+    if rt.environments[environment].primary.read(name, Stage.CURRENT) is None:
+        return "it has no token at all yet (`rotator rotate` gives it one)"
+    last = rt.journal.last_rotation(environment, name)
+    if env.makini.issue_invalidates_previous or (last is not None and last.invalidated_old):
+        return (
+            "Makini kills a connection's previous token when it issues a new one, so the "
+            "previous version was retired at once (no grace period)"
+        )
+    grace = env.schedule_for(cred).grace_period
+    if not grace:
+        return (
+            "the grace period is 0 (schedule.grace_period), so the previous version is retired "
+            "as soon as the new one is promoted"
+        )
+    return (
+        f"it was retired when its grace period ({human(grace)}) ended, or the credential has "
+        "been rotated only once"
+    )
 
 
 def plan(
@@ -106,11 +145,192 @@ def audit(
     action: Annotated[str | None, typer.Option("--action")] = None,
     limit: Annotated[int, typer.Option(min=1, max=10000)] = 50,
     json_out: JsonOpt = False,
+    since: Annotated[
+        str | None,
+        typer.Option(
+            "--since",
+            help="Entries at or after this time: ISO 8601 (2026-12-01, 2026-12-01T08:00Z; UTC "
+            "unless it says) or a time ago (30m, 2h, 7d).",
+            metavar="WHEN",
+            show_default=False,
+        ),
+    ] = None,
+    until: Annotated[
+        str | None,
+        typer.Option(
+            "--until",
+            help="Entries at or before this time (as --since).",
+            metavar="WHEN",
+            show_default=False,
+        ),
+    ] = None,
+    jsonl: Annotated[
+        bool,
+        typer.Option(
+            "--jsonl",
+            help="For a SIEM: every matching entry (no --limit) as one JSON object a line, "
+            "oldest first, each with its sequence number (seq).",
+        ),
+    ] = False,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            help="With --jsonl: append the lines to this file (created 0600) instead of stdout.",
+            metavar="FILE",
+            show_default=False,
+        ),
+    ] = None,
+    after: Annotated[
+        int | None,
+        typer.Option(
+            "--after",
+            min=0,
+            help="With --jsonl: only entries after this seq.",
+            metavar="SEQ",
+            show_default=False,
+        ),
+    ] = None,
+    cursor_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--cursor-file",
+            help="With --jsonl: start after the seq this file holds (none: from the start) and "
+            "write the last shipped seq to it after each batch; run it from cron to ship each "
+            "entry once.",
+            metavar="PATH",
+            show_default=False,
+        ),
+    ] = None,
+    follow: Annotated[
+        bool,
+        typer.Option(
+            "--follow",
+            help="With --jsonl: keep shipping new entries until stopped (Ctrl-C, SIGTERM).",
+        ),
+    ] = False,
 ) -> None:
-    """The audit log, newest first."""
+    """The audit log, newest first; or, with --jsonl, every entry as JSON lines for a SIEM,
+    resumable from a cursor."""
+    from rotator.journal import audit as log
+
     cfg = command_config()
-    with open_journal(cfg) as journal:
-        entries = journal.audit_entries(
-            environment=environment, credential=credential, action=action, limit=limit
+    if not jsonl and (output or after is not None or cursor_file or follow):
+        raise ConfigError(
+            "--output, --after, --cursor-file and --follow go with --jsonl",
+            where="rotator audit",
+            hint="add --jsonl (JSON lines, oldest first), or leave them out for the table",
         )
-    render.audit([e.as_dict() for e in entries], json_out)
+    now = SYSTEM.now()
+    filters = log.Filters(
+        environment=environment,
+        credential=credential,
+        action=action,
+        since=when("--since", since, now),
+        until=when("--until", until, now),
+    )
+    with open_journal(cfg) as journal:
+        if environment or action:
+            seen_envs, seen_actions = journal.audit_names()
+            if environment and environment not in set(cfg.environments) | seen_envs:
+                known = sorted(set(cfg.environments) | seen_envs)
+                raise ConfigError(
+                    f"unknown --env {environment!r}",
+                    where="rotator audit",
+                    hint=f"use one of {', '.join(known)}",
+                )
+            if action:
+                log.check_action(action, seen_actions)
+        if jsonl:
+            ship_jsonl(journal, filters, output, after, cursor_file, follow=follow)
+            return
+        entries = journal.audit_entries(
+            environment=environment,
+            credential=credential,
+            action=action,
+            since=filters.since,
+            until=filters.until,
+            limit=limit,
+        )
+        rows = [log.line(e) for e in entries]
+    render.audit([{"id": r.pop("seq"), **r} for r in rows], json_out)
+
+
+def when(option: str, text: str | None, now: datetime) -> datetime | None:
+    """``--since``/``--until``: an ISO 8601 time (UTC unless it says), or a time ago."""
+    if text is None:
+        return None
+    from rotator.settings import parse_duration
+
+    try:
+        ago = parse_duration(text)
+    except ValueError:
+        pass
+    else:
+        if isinstance(ago, timedelta) and ago >= timedelta(0):
+            return now - ago
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ConfigError(
+            f"{option} {text[:40]!r} is neither a time nor a time ago",
+            where="rotator audit",
+            hint=f"use an ISO 8601 time ({option} 2026-12-01T08:00Z) or a time ago "
+            f"({option} 2h, 7d)",
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def ship_jsonl(
+    journal: Journal,
+    filters: audit_log.Filters,
+    output: Path | None,
+    after: int | None,
+    cursor_file: Path | None,
+    *,
+    follow: bool,
+) -> None:
+    """``rotator audit --jsonl``: the entries after the cursor, to stdout or appended to
+    ``output``, the cursor moved after each batch; with ``follow``, again as entries come."""
+    import os
+    import signal
+    import sys
+    import threading
+
+    from rotator.journal import audit as log
+
+    cursor = log.Cursor(cursor_file) if cursor_file else None
+    start = after if after is not None else (cursor.read() if cursor else 0)
+    moved = cursor.write if cursor else (lambda _seq: None)
+    stop = threading.Event()
+    if follow:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+    out: TextIO
+    if output is None:
+        out = sys.stdout
+    else:
+        # a shipper stopped after writing a batch and before moving its cursor: carry on
+        # after what the file already holds, not after the cursor, so nothing is written twice
+        start = max(start, log.last_shipped(output))
+        try:
+            fd = os.open(output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot open the output file: {exc.strerror or type(exc).__name__}",
+                where=str(output),
+                hint="check that the folder exists and this user may write it",
+            ) from exc
+        out = os.fdopen(fd, "a")
+    try:
+        while True:
+            start = log.ship(journal, out, filters, after=start, moved=moved)
+            if not follow or stop.wait(FOLLOW_EVERY_S):
+                break
+    finally:
+        if output is not None:
+            out.close()
+
+
+FOLLOW_EVERY_S = 2.0
+"""How often ``audit --follow`` looks for new entries."""

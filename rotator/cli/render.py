@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TextIO, cast
 
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from rotator.model import utcnow
 from rotator.rotation.schedule import PlanItem, human
@@ -23,6 +26,123 @@ console = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
 
+# --- tables that fit -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Column:
+    """A column of a table made by :func:`table`."""
+
+    header: str
+    whole: bool = False
+    """An id, a name or a time: printed whole on one line, never cut (what a person copies
+    into the next command)."""
+    drop: int = 0
+    """0: always shown. Otherwise, when the table does not fit the width, the columns with the
+    highest ``drop`` are left out first (and the caption says which)."""
+    justify: Any = "left"
+
+
+_WRAP_MIN = 10
+"""The narrowest a free-text column is made (its words fold beyond that)."""
+
+
+def _plain(cell: str) -> str:
+    return Text.from_markup(cell).plain
+
+
+def _need(col: Column, cells: Iterable[str]) -> int:
+    """The width ``col`` needs: a whole column its longest cell (and header), a free-text one
+    its longest word, up to ``_WRAP_MIN``."""
+    plain = [_plain(c) for c in cells]
+    if col.whole:
+        return max([len(col.header), *(len(line) for c in plain for line in c.splitlines())])
+    words = [len(w) for c in plain for w in c.split()]
+    header = max(len(w) for w in col.header.split()) if col.header.split() else 1
+    return max(header, min(max(words, default=1), _WRAP_MIN))
+
+
+def table(
+    title: str,
+    columns: Sequence[Column],
+    rows: Sequence[Sequence[str]],
+    *,
+    width: int | None = None,
+    **options: Any,
+) -> Table:
+    """A rich table that fits ``width`` (the console's: 80 when piped, unless COLUMNS says
+    otherwise) without cutting an id or a name: free text wraps, whole cells stay whole, and
+    when that is not enough the least useful columns (highest ``drop``) are left out, named in
+    the caption. Cells are rich markup."""
+    width = width or console.width
+    keep = list(range(len(columns)))
+    needs = [_need(c, (r[i] for r in rows)) for i, c in enumerate(columns)]
+
+    def total() -> int:  # cells, their padding (1 each side) and the n + 1 rules
+        return sum(needs[i] for i in keep) + 3 * len(keep) + 1
+
+    dropped: list[str] = []
+    while total() > width:
+        candidates = [i for i in keep if columns[i].drop > 0]
+        if not candidates:
+            break
+        worst = max(candidates, key=lambda i: (columns[i].drop, i))
+        keep.remove(worst)
+        dropped.append(columns[worst].header)
+    if dropped:
+        options.setdefault(
+            "caption",
+            f"left out to fit {width} columns: {', '.join(dropped)} "
+            "(a wider terminal or --json shows them)",
+        )
+    out = Table(title=title, **options)
+    for i in keep:
+        col = columns[i]
+        if col.whole:
+            out.add_column(
+                col.header, no_wrap=True, min_width=needs[i], overflow="fold", justify=col.justify
+            )
+        else:
+            out.add_column(col.header, overflow="fold", justify=col.justify)
+    for row in rows:
+        out.add_row(*(row[i] for i in keep))
+    return out
+
+
+def short_versions(ids: Iterable[str | None], least: int = 8) -> Callable[[str | None], str]:
+    """How the tables of one screen show version ids: the end of the id (a version id is
+    time-ordered: its start is the time it was made, shared by versions made together; its
+    end is random), ``least`` characters, more where two ids of the screen end alike. Every
+    command that takes a version id accepts this form (:func:`expand_version`)."""
+    known = {i for i in ids if i}
+
+    def show(vid: str | None) -> str:
+        if not vid:
+            return "-"
+        n = min(least, len(vid))
+        while n < len(vid) and any(o != vid and o.endswith(vid[-n:]) for o in known):
+            n += 1
+        return vid[-n:]
+
+    return show
+
+
+def expand_version(given: str, known: Iterable[str]) -> str | None:
+    """The full version id ``given`` names among ``known``: itself, or the one id it ends (or
+    starts) with, as :func:`short_versions` shows it. ``None`` when it names none; raises
+    ValueError naming the candidates when it names more than one."""
+    ids = set(known)
+    if given in ids:
+        return given
+    found = sorted(v for v in ids if v.endswith(given) or v.startswith(given))
+    if len(found) > 1:
+        raise ValueError(", ".join(found))
+    return found[0] if found else None
+
+
+# --- output ----------------------------------------------------------------------------------
+
+
 def print_json(data: Any) -> None:
     """``data`` as indented JSON on stdout (for scripts)."""
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
@@ -30,10 +150,11 @@ def print_json(data: Any) -> None:
 
 @contextmanager
 def progress(
-    quiet: bool, *, label: str = "rotating", total: int | None = None
+    quiet: bool, *, label: str = "rotating", total: int
 ) -> Iterator[Callable[[object], None] | None]:
     """A progress bar on stderr for many credentials, when a person is watching: yields a
-    callback to call once per credential done (or None when there is no bar)."""
+    callback to call once per credential done (or None when there is no bar). ``total``: how
+    many there are. Log lines written meanwhile print above the bar, never into it."""
     if quiet or not err.is_terminal:
         yield None
         return
@@ -46,8 +167,37 @@ def progress(
         transient=True,
     )
     task = bar.add_task(label, total=total)
-    with bar:
+    with bar, _logs_above():
         yield lambda _done: bar.advance(task)
+
+
+@contextmanager
+def _logs_above() -> Iterator[None]:
+    """While the bar shows, send the log lines (structlog's and the standard library's, which
+    were pointed at the real stderr when logs were set up) through the bar's console, which
+    prints them above the bar."""
+    import structlog
+    from rich.file_proxy import FileProxy
+
+    proxy = sys.stderr
+    if not isinstance(proxy, FileProxy):  # the bar redirects stderr on a terminal only
+        yield
+        return
+    into = cast(TextIO, proxy)
+    factory = structlog.get_config()["logger_factory"]
+    structlog.configure(logger_factory=structlog.WriteLoggerFactory(into))
+    streams = [
+        (h, h.setStream(into))
+        for h in logging.getLogger().handlers
+        if isinstance(h, logging.StreamHandler)
+    ]
+    try:
+        yield
+    finally:
+        structlog.configure(logger_factory=factory)
+        for handler, stream in streams:
+            if stream is not None:
+                handler.setStream(stream)
 
 
 _STYLE = {
@@ -57,9 +207,28 @@ _STYLE = {
     "nothing": "dim",
     "busy": "yellow",
     "deferred": "yellow",
+    "parked": "yellow",
     "rolled_back": "red",
     "failed": "bold red",
 }
+
+
+OUTCOME_MEANS = {
+    "deferred": "stopped part-way (detail says why); the rotation stays open in the journal "
+    "at its last step, and the next `rotator run-due` (or `rotator serve`) resumes it there",
+    "parked": "stopped by a shutdown at its last journaled step; the next run resumes it",
+    "busy": "another worker holds the credential's lease and carries on with it",
+    "waiting": "the old version is in its grace period; it is retired once that ends",
+    "rolled_back": "Makini rejected the new token: it was removed, the current one stays",
+}
+"""What an outcome a person may not know means, printed under a table that shows it."""
+
+
+def _legend(outcomes: Iterable[str | None]) -> None:
+    shown = {str(o) for o in outcomes if o}
+    for outcome, means in OUTCOME_MEANS.items():
+        if outcome in shown:
+            console.print(f"[{_STYLE.get(outcome, '')}]{outcome}[/]: {escape(means)}")
 
 
 def results(items: Sequence[RotationResult], as_json: bool) -> None:
@@ -69,20 +238,30 @@ def results(items: Sequence[RotationResult], as_json: bool) -> None:
     if not items:
         console.print("nothing is due")
         return
-    table = Table(title="rotations")
-    for col in ("environment", "credential", "outcome", "version", "time", "detail"):
-        table.add_column(col)
+    short = short_versions(r.version_id for r in items)
+    rows = []
     for r in sorted(items, key=lambda r: (r.environment, r.credential)):
         style = _STYLE.get(r.outcome, "")
-        table.add_row(
-            r.environment,
-            r.credential,
-            f"[{style}]{r.outcome}[/]",
-            (r.version_id or "-")[:13],
-            f"{r.duration_s:.2f}s",
-            r.error or "",
+        rows.append(
+            [
+                escape(r.environment),
+                escape(r.credential),
+                f"[{style}]{r.outcome}[/]",
+                short(r.version_id),
+                f"{r.duration_s:.2f}s",
+                escape(r.error or r.detail or ""),
+            ]
         )
-    console.print(table)
+    columns = [
+        Column("environment", whole=True),
+        Column("credential", whole=True),
+        Column("outcome", whole=True),
+        Column("version", whole=True),
+        Column("time", whole=True, drop=1),
+        Column("detail"),
+    ]
+    console.print(table("rotations", columns, rows))
+    _legend(r.outcome for r in items)
     bad = [r for r in items if not r.ok]
     if bad:
         err.print(
@@ -105,56 +284,74 @@ def status(rows: Sequence[CredentialStatus], as_json: bool) -> None:
     if as_json:
         print_json([r.as_dict(now) for r in rows])
         return
-    table = Table(title="credentials")
-    for col in ("env", "credential", "version", "age", "expires in", "next", "last", "backends"):
-        table.add_column(col)
+    ids: list[str | None] = []
+    for r in rows:
+        ids += [r.current_version, *r.backends.values(), *(v.version_id for v in r.stale_readers)]
+    short = short_versions(v for v in ids if v and not v.startswith("error"))
+    cells = []
     for r in rows:
         agree = "[green]agree[/]" if r.backends_agree else "[red]DIFFER[/]"
         nxt = "now: " + r.next_action if r.next_action != "wait" else _until(r.next_at, now)
-        last = r.last_outcome or "-"
+        last = escape(r.last_outcome or "-")
         if r.open_step:
-            last += f" (open: {r.open_step})"
+            last += f" (open: {escape(r.open_step)})"
         if r.open_revoke:
-            last += f" [bold red](REVOKE UNFINISHED: {r.open_revoke})[/]"
-        table.add_row(
-            r.environment,
-            r.credential,
-            (r.current_version or "-")[:13],
-            _ago(r.rotated_at, now),
-            _until(r.expires_at, now),
-            nxt,
-            last,
-            f"{agree} ({len(r.backends)})",
+            last += f" [bold red](REVOKE UNFINISHED: {escape(r.open_revoke)})[/]"
+        cells.append(
+            [
+                escape(r.environment),
+                escape(r.credential),
+                short(r.current_version),
+                _ago(r.rotated_at, now),
+                _until(r.expires_at, now),
+                nxt,
+                last,
+                f"{agree} ({len(r.backends)})",
+            ]
         )
-    console.print(table)
+    columns = [
+        Column("env", whole=True),
+        Column("credential", whole=True),
+        Column("version", whole=True),
+        Column("age", whole=True, drop=3),
+        Column("expires in", drop=2),
+        Column("next"),
+        Column("last"),
+        Column("backends", drop=1),
+    ]
+    console.print(table("credentials", columns, cells))
+    _legend(r.last_outcome for r in rows)
     for r in rows:
+        where = f"{escape(r.environment)}/{escape(r.credential)}"
         if r.attention:
-            err.print(f"[bold red]ATTENTION[/] {r.environment}/{r.credential}: {r.attention}")
+            err.print(f"[bold red]ATTENTION[/] {where}: {escape(r.attention)}")
         if r.stalled_lease:
-            err.print(f"[bold red]STALLED[/] {r.environment}/{r.credential}: {r.stalled_lease}")
+            err.print(f"[bold red]STALLED[/] {where}: {escape(r.stalled_lease)}")
         if r.unaccounted:
             err.print(
-                f"[bold red]UNACCOUNTED TOKENS[/] {r.environment}/{r.credential}: "
+                f"[bold red]UNACCOUNTED TOKENS[/] {where}: "
                 f"{r.unaccounted} token(s) Makini may have issued that no backend holds (a "
                 "request whose answer was lost); `rotator unaccounted list "
-                f"{r.environment}` shows what, when and why, and what to do"
+                f"{escape(r.environment)}` shows what, when and why, and what to do"
             )
         if r.open_revoke:
             err.print(
-                f"[bold red]EMERGENCY REVOKE UNFINISHED[/] {r.environment}/{r.credential}: "
-                f"stopped at {r.open_revoke}; `rotator revoke {r.environment} {r.credential} "
-                "--resume` finishes it"
+                f"[bold red]EMERGENCY REVOKE UNFINISHED[/] {where}: "
+                f"stopped at {escape(r.open_revoke)}; `rotator revoke {escape(r.environment)} "
+                f"{escape(r.credential)} --resume` finishes it"
             )
         elif r.last_error and r.last_outcome != "rotated":
-            err.print(f"[yellow]last error[/] {r.environment}/{r.credential}: {r.last_error}")
+            err.print(f"[yellow]last error[/] {where}: {escape(r.last_error)}")
         if r.stale_readers:
-            who = ", ".join(f"{v.name} ({v.version_id[:13]})" for v in r.stale_readers)
-            err.print(f"[yellow]readers on an old version[/] {r.environment}/{r.credential}: {who}")
+            who = ", ".join(f"{escape(v.name)} ({short(v.version_id)})" for v in r.stale_readers)
+            err.print(f"[yellow]readers on an old version[/] {where}: {who}")
         if not r.backends_agree:
-            held = ", ".join(f"{k}={(v or 'none')[:13]}" for k, v in r.backends.items())
+            held = ", ".join(
+                f"{escape(k)}={escape(v) if v and v.startswith('error') else short(v)}"
+                for k, v in r.backends.items()
+            )
             err.print(
-                f"[red]backends differ[/] {r.environment}/{r.credential}: journal says "
-                f"{(r.current_version or 'none')[:13]}; {held}"
+                f"[red]backends differ[/] {where}: journal says {short(r.current_version)}; {held}"
             )
 
 
@@ -163,40 +360,73 @@ def plan(items: Sequence[PlanItem], as_json: bool) -> None:
         print_json([i.as_dict() for i in items])
         return
     now = utcnow()
-    table = Table(title="plan (nothing is changed)")
-    for col in ("env", "credential", "action", "when", "why"):
-        table.add_column(col)
+    rows = []
     for i in items:
         when = "now" if i.is_due else _until(i.due_at, now)
-        action = f"[bold]{i.action}[/]" if i.is_due else i.action
-        table.add_row(
-            i.environment,
-            i.credential,
-            action,
-            when,
-            i.reason + (" [red](urgent)[/]" if i.urgent else ""),
+        action = f"[bold]{escape(i.action)}[/]" if i.is_due else escape(i.action)
+        rows.append(
+            [
+                escape(i.environment),
+                escape(i.credential),
+                action,
+                when,
+                escape(i.reason) + (" [red](urgent)[/]" if i.urgent else ""),
+            ]
         )
-    console.print(table)
+    columns = [
+        Column("env", whole=True),
+        Column("credential", whole=True),
+        Column("action", whole=True),
+        Column("when", whole=True),
+        Column("why"),
+    ]
+    console.print(table("plan (nothing is changed)", columns, rows))
+
+
+def audit_reason(entry: dict[str, Any]) -> str:
+    """Why an audit entry happened, as far as it says: its reason, else its error."""
+    detail = entry.get("detail") or {}
+    for key in ("reason", "error", "resolution", "attention"):
+        value = detail.get(key)
+        if value:
+            return str(value)
+    return ""
 
 
 def audit(entries: list[dict[str, Any]], as_json: bool) -> None:
     if as_json:
         print_json(entries)
         return
-    table = Table(title="audit log (newest first)")
-    for col in ("at", "actor", "action", "target", "outcome", "token"):
-        table.add_column(col)
+    if not entries:
+        console.print("no audit entries match")
+        return
+    rows = []
     for e in entries:
-        target = "/".join(x for x in (e["environment"], e["credential"]) if x)
-        table.add_row(
-            e["at"][:19],
-            e["actor"],
-            e["action"],
-            target,
-            e["outcome"],
-            (e["fingerprint"] or "")[:12],
+        target = "/".join(x for x in (e["environment"], e["credential"]) if x) or "-"
+        at = str(e["at"])
+        rows.append(
+            [
+                str(e["id"]),
+                f"{at[:10]}\n{at[11:19]}",
+                escape(e["actor"]),
+                escape(e["action"]),
+                escape(target),
+                escape(e["outcome"]),
+                escape(audit_reason(e)),
+                (e["fingerprint"] or "")[:12],
+            ]
         )
-    console.print(table)
+    columns = [
+        Column("seq", whole=True, drop=4, justify="right"),
+        Column("at (UTC)", whole=True),
+        Column("actor", whole=True, drop=2),
+        Column("action", whole=True),
+        Column("target", whole=True),
+        Column("outcome", whole=True, drop=3),
+        Column("reason"),
+        Column("token", whole=True, drop=5),
+    ]
+    console.print(table("audit log (newest first)", columns, rows))
 
 
 def verify(environment: str, rows: Sequence[tuple[str, bool, str]], as_json: bool) -> None:
@@ -208,12 +438,11 @@ def verify(environment: str, rows: Sequence[tuple[str, bool, str]], as_json: boo
             ]
         )
         return
-    table = Table(title=f"verify {environment}")
-    for col in ("credential", "result", "detail"):
-        table.add_column(col)
-    for n, ok, d in rows:
-        table.add_row(n, "[green]ok[/]" if ok else "[red]FAILED[/]", d)
-    console.print(table)
+    cells = [
+        [escape(n), "[green]ok[/]" if ok else "[red]FAILED[/]", escape(d)] for n, ok, d in rows
+    ]
+    columns = [Column("credential", whole=True), Column("result", whole=True), Column("detail")]
+    console.print(table(f"verify {environment}", columns, cells))
 
 
 def config_summary(summary: dict[str, Any], as_json: bool) -> None:

@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from rotator.cli import render
 from rotator.cli.context import JsonOpt, actor, command_config, run_command, with_runtime
@@ -95,7 +94,8 @@ def revoke_command(
         from rotator.revoke import Revoker
 
         revoker = Revoker(runtime.engine)
-        plans = await revoker.plan(req)
+        request = await full_version(runtime, req)
+        plans = await revoker.plan(request)
         if not dry_run:
             show_plan(plans, req, json_out=json_out, quiet=json_out)
             if not resume:
@@ -103,7 +103,7 @@ def revoke_command(
         if dry_run or not any(p.action != "skip" for p in plans):
             return plans, None
         with progress(len(plans), quiet=json_out) as tick:
-            return plans, await revoker.run(req, plans, tick)
+            return plans, await revoker.run(request, plans, tick)
 
     plans, reports = run_command(with_runtime(cfg, work, [environment]))
     if reports is None:
@@ -135,6 +135,40 @@ def revoke_command(
         show_report(reports)
     if not all(r.ok for r in reports):
         raise typer.Exit(EXIT_INCOMPLETE)
+
+
+async def full_version(runtime: Runtime, req: RevokeRequest) -> RevokeRequest:
+    """``req`` with ``--version`` as the full id of the version it names: the tables show a
+    version by the end of its id (``render.short_versions``), which is accepted here."""
+    given = req.version
+    if given is None or given in ("current", "previous"):
+        return req
+    import asyncio
+    import dataclasses
+
+    from rotator.errors import BackendError
+
+    backends = runtime.environments[req.environment].backends
+
+    def known() -> set[str]:
+        ids: set[str] = set()
+        for name in req.names:
+            for backend in backends:
+                try:
+                    ids.update(v.version_id for v in backend.versions(name))
+                except BackendError:
+                    continue  # the revoke itself says what it cannot read
+        return ids
+
+    try:
+        full = render.expand_version(given, await asyncio.to_thread(known))
+    except ValueError as exc:
+        raise ConfigError(
+            f"--version {given!r} names more than one version: {exc}",
+            where=f"rotator revoke {req.environment}",
+            hint="give more of the id (the full id is in `rotator status --json`)",
+        ) from None
+    return dataclasses.replace(req, version=full) if full else req
 
 
 # --- asking ------------------------------------------------------------------------------------
@@ -179,35 +213,45 @@ def progress(total: int, *, quiet: bool) -> AbstractContextManager[Callable[[obj
 # --- showing -----------------------------------------------------------------------------------
 
 
-def _v(vid: str | None) -> str:
-    return vid[:13] if vid else "-"
-
-
 def show_plan(
     plans: Sequence[CredentialPlan], req: RevokeRequest, *, json_out: bool, quiet: bool
 ) -> None:
     if quiet:
         return
     title = f"EMERGENCY REVOKE plan: {req.environment}" + (" (resume)" if req.resume else "")
-    table = Table(title=title, title_style="bold red")
-    for col in ("credential", "action", "target", "kill", "replacement", "pre-empts", "purge"):
-        table.add_column(col)
+    short = render.short_versions(v for p in plans for v in (p.target_version, *p.purge))
+    rows = []
     for p in plans:
         action = {"revoke": "[bold red]revoke[/]", "resume": "[yellow]resume[/]"}.get(
             p.action, "[dim]skip[/]"
         )
-        target = f"{_v(p.target_version)} ({p.target_stage or '-'})" if p.target_version else "-"
-        kill = p.method + (" → disconnect" if p.escalate else "") if p.action == "revoke" else ""
-        table.add_row(
-            p.credential,
-            action,
-            target,
-            kill,
-            escape(p.replacement or p.why),
-            escape(p.preempts or "-"),
-            ", ".join(_v(v) for v in p.purge) or "-",
+        target = (
+            f"{short(p.target_version)}\n({escape(p.target_stage or '-')})"
+            if p.target_version
+            else "-"
         )
-    console.print(table)
+        kill = p.method + (" → disconnect" if p.escalate else "") if p.action == "revoke" else ""
+        rows.append(
+            [
+                escape(p.credential),
+                action,
+                target,
+                escape(kill),
+                escape(p.replacement or p.why),
+                escape(p.preempts or "-"),
+                "\n".join(short(v) for v in p.purge) or "-",
+            ]
+        )
+    columns = [
+        render.Column("credential", whole=True),
+        render.Column("action", whole=True),
+        render.Column("target", whole=True),
+        render.Column("kill"),
+        render.Column("replacement"),
+        render.Column("pre-empts", drop=1),
+        render.Column("purge", whole=True),
+    ]
+    console.print(render.table(title, columns, rows, title_style="bold red"))
     console.print(f"backends: {', '.join(plans[0].backends) if plans else '-'}")
     if req.reason:
         # masked as in the logs: an operator may have pasted the leaked token into it
@@ -242,50 +286,63 @@ def _yes_no(value: bool | None, yes: str = "yes", no: str = "NO") -> str:
 
 
 def show_report(reports: Sequence[CredentialReport]) -> None:
-    table = Table(title="emergency revoke: report")
-    for col in (
-        "credential",
-        "outcome",
-        "old",
-        "dead at Makini",
-        "replacement",
-        "kill",
-        "replace",
-        "purge",
-        "confirm",
-        "total",
-    ):
-        table.add_column(col)
+    short = render.short_versions(
+        v for r in reports for v in (r.old_version, r.replacement_version)
+    )
+    rows = []
     for r in reports:
         t = r.timings
         style = _OUTCOME_STYLE.get(r.outcome, "")
-        table.add_row(
-            r.credential,
-            f"[{style}]{r.outcome}[/]",
-            f"{_v(r.old_version)} {r.old_fingerprint or ''}",
-            _yes_no(r.old_dead) if r.outcome != "skipped" else "-",
-            _v(r.replacement_version) + (" (adopted)" if r.adopted_from else ""),
-            *(
-                f"{t[k]:.2f}s" if k in t else "-"
-                for k in ("kill_s", "replace_s", "purge_s", "confirm_s", "total_s")
-            ),
+        rows.append(
+            [
+                escape(r.credential),
+                f"[{style}]{r.outcome}[/]" if style else r.outcome,
+                short(r.old_version),
+                r.old_fingerprint or "-",
+                _yes_no(r.old_dead) if r.outcome != "skipped" else "-",
+                short(r.replacement_version) + ("\n(adopted)" if r.adopted_from else ""),
+                *(
+                    f"{t[k]:.2f}s" if k in t else "-"
+                    for k in ("kill_s", "replace_s", "purge_s", "confirm_s", "total_s")
+                ),
+            ]
         )
-    console.print(table)
+    columns = [
+        render.Column("credential", whole=True),
+        render.Column("outcome", whole=True),
+        render.Column("old", whole=True),
+        render.Column("old token", whole=True, drop=6),
+        render.Column("dead at Makini"),
+        render.Column("replacement", whole=True),
+        render.Column("kill", whole=True, drop=5),
+        render.Column("replace", whole=True, drop=4),
+        render.Column("purge", whole=True, drop=3),
+        render.Column("confirm", whole=True, drop=2),
+        render.Column("total", whole=True, drop=1),
+    ]
+    console.print(render.table("emergency revoke: report", columns, rows))
     many = len(reports) > 20
     for r in reports:
         if r.backends and not (many and r.ok):
-            bt = Table(title=f"{r.environment}/{r.credential}: backends", show_edge=False)
-            for col in ("backend", "ok", "done", "error", "time"):
-                bt.add_column(col)
-            for name, b in r.backends.items():
-                bt.add_row(
-                    name,
+            cells = [
+                [
+                    escape(name),
                     _yes_no(b.ok),
                     escape("; ".join(b.actions) or "-"),
                     escape("; ".join(b.errors)),
                     f"{b.duration_s:.2f}s",
-                )
-            console.print(bt)
+                ]
+                for name, b in r.backends.items()
+            ]
+            columns = [
+                render.Column("backend", whole=True),
+                render.Column("ok", whole=True),
+                render.Column("done"),
+                render.Column("error"),
+                render.Column("time", whole=True, drop=1),
+            ]
+            title = f"{r.environment}/{r.credential}: backends"
+            console.print(render.table(title, columns, cells))
         if r.disconnected:
             err.print(
                 f"[bold red]DISCONNECTED[/] {r.environment}/{r.credential}: the connection was "

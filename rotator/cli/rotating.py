@@ -44,7 +44,7 @@ def run_due(
             )
             if processes > 1 and stopper.signalled is None:
                 return work, processes, []  # forked once this runtime is closed
-            with render.progress(json_out) as tick:
+            with render.progress(json_out, total=len(work)) as tick:
                 return work, 1, await rotate_work(rt, work, tick, wait_busy=True)
 
     work, processes, results = run_command(with_runtime(cfg, plan_or_rotate, env))
@@ -91,7 +91,7 @@ def rotate(
         env.credential(n, environment)
 
     async def work(rt: Runtime) -> list[RotationResult]:
-        with render.progress(json_out or len(name) < 3) as tick:
+        with render.progress(json_out or len(name) < 3, total=len(name)) as tick:
             return list(
                 await rt.engine.rotate_many(
                     [Work(environment, n, reason, forced=True) for n in name],

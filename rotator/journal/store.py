@@ -25,7 +25,17 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from sqlalchemy import Table, bindparam, create_engine, delete, event, select, update
+from sqlalchemy import (
+    Table,
+    bindparam,
+    create_engine,
+    delete,
+    event,
+    func,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, configure_mappers, sessionmaker
@@ -700,8 +710,19 @@ class Journal:
         environment: str | None = None,
         credential: str | None = None,
         action: str | None = None,
-        limit: int = 100,
+        limit: int | None = 100,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        after: int | None = None,
+        through: int | None = None,
+        oldest_first: bool = False,
     ) -> list[AuditEntry]:
+        """Audit entries, newest first (``oldest_first``: in sequence order, for shipping).
+
+        ``action``: one action (``rotation.promoted``) or a family (``rotation`` or
+        ``rotation.*``). ``since``/``until``: ``at`` within them. ``after``/``through``:
+        the entry's sequence number (``id``) above ``after``, at most ``through``.
+        """
         with self.reader() as s:
             q = select(AuditEntry)
             if environment:
@@ -709,8 +730,50 @@ class Journal:
             if credential:
                 q = q.where(AuditEntry.credential == credential)
             if action:
-                q = q.where(AuditEntry.action == action)
-            return list(s.scalars(q.order_by(AuditEntry.id.desc()).limit(limit)))
+                family = action.removesuffix(".*")
+                if "." in family:
+                    q = q.where(AuditEntry.action == action)
+                else:
+                    q = q.where(AuditEntry.action.startswith(family + ".", autoescape=True))
+            if since is not None:
+                q = q.where(AuditEntry.at >= since)
+            if until is not None:
+                q = q.where(AuditEntry.at <= until)
+            if after is not None:
+                q = q.where(AuditEntry.id > after)
+            if through is not None:
+                q = q.where(AuditEntry.id <= through)
+            order = AuditEntry.id.asc() if oldest_first else AuditEntry.id.desc()
+            q = q.order_by(order)
+            if limit is not None:
+                q = q.limit(limit)
+            return list(s.scalars(q))
+
+    def audit_settled(self) -> int:
+        """The highest sequence number below which the audit log has no gap left to fill: every
+        entry up to it is committed, and no entry with a lower number can appear later. A
+        reader that ships entries up to it and then resumes after it misses none.
+
+        On SQLite writers take turns, so numbers are committed in order. On PostgreSQL a number
+        is drawn when an entry is inserted and committed with its transaction, so a higher
+        number may be visible before a lower one: a SHARE lock on the table waits for every
+        transaction that is inserting into it (they hold ROW EXCLUSIVE) and holds new ones off
+        for the length of one ``max(id)``."""
+        top = func.coalesce(func.max(AuditEntry.id), 0)
+        if self.is_sqlite:
+            with self.reader() as s:
+                return int(s.execute(select(top)).scalar_one())
+        with self._guard("read the audit log"), self.engine.begin() as conn:
+            conn.execute(text("LOCK TABLE audit IN SHARE MODE"))
+            return int(conn.execute(select(top)).scalar_one())
+
+    def audit_names(self) -> tuple[set[str], set[str]]:
+        """The environments and the actions the audit log holds entries of."""
+        with self.reader() as s:
+            envs = s.scalars(select(AuditEntry.environment).distinct())
+            found_envs = {e for e in envs if e}
+            actions = set(s.scalars(select(AuditEntry.action).distinct()))
+        return found_envs, actions
 
     # emergency revokes' records ----------------------------------------------------------------
 

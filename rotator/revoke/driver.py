@@ -266,7 +266,7 @@ class CredentialRevoke(RevokeContext):
         def install(b: Backend) -> str:
             b.stage_pending(version)
             b.promote(self.cred.name, vid)
-            return f"stored {vid[:13]} as current"
+            return f"stored {vid[-12:]} as current"
 
         failed = await self._on_backends(self.rt.backends, install)
         faults.checkpoint("revoke-install-effect", self.cred.name)
@@ -365,7 +365,7 @@ class CredentialRevoke(RevokeContext):
                 b.make_unreadable(self.cred.name, vid)
             if replaced is not None and self.record.superseded:
                 b.promote(self.cred.name, replaced)  # a pre-empted worker's last write lost
-            return "made unreadable: " + ", ".join(v[:13] for v in vids)
+            return "made unreadable: " + ", ".join(v[-12:] for v in vids)
 
         failed = await self._on_backends(backends, purge)
         for vid in vids:

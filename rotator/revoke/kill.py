@@ -24,7 +24,8 @@ DISCONNECT_WARNING = (
     "customer must reconnect (Makini Link) before this credential works again"
 )
 ESCALATION_WARNING = (
-    "if Makini still accepts the old token after {how}, the connection {conn} will be "
+    "if Makini still accepts the old token once the rotator has tried to {how}, the "
+    "connection {conn} will be "
     "DISCONNECTED (deleted at Makini): the customer must reconnect"
 )
 

@@ -20,7 +20,6 @@ from typing import Any
 from backends.base import Backend
 from rotator.errors import BackendError, RotatorError
 from rotator.model import Secret, Stage, StoredVersion, TokenPair, new_version_id
-from rotator.rotation.queries import backend_versions
 from rotator.rotation.runtime import Runtime
 
 PROBE_CREDENTIAL = "rotator-probe"
@@ -31,19 +30,30 @@ class SyncChange:
     credential: str
     backend: str
     action: str
-    """in-sync | promoted | copied+promoted | failed | no-truth | busy"""
+    """in-sync | promoted | copied+promoted | failed | no-truth | busy; a dry run says
+    would-promote | would-copy+promote where sync would change something"""
     detail: str = ""
+    version: str | None = None
+    """the journal's current version (what the backend is made to hold)"""
+    held: str | None = None
+    """the version the backend held as current before"""
 
-    def as_dict(self) -> dict[str, str]:
+    def as_dict(self) -> dict[str, str | None]:
         return {
             "credential": self.credential,
             "backend": self.backend,
             "action": self.action,
             "detail": self.detail,
+            "version": self.version,
+            "held": self.held,
         }
 
 
-def _sync_one(rt_backends: list[Backend], credential: str, truth: str) -> list[SyncChange]:
+def _sync_one(
+    rt_backends: list[Backend], credential: str, truth: str, *, dry_run: bool = False
+) -> list[SyncChange]:
+    """Make each backend hold ``truth`` as current; with ``dry_run``, the same reads and
+    decisions, and no write (actions ``would-...``)."""
     source: StoredVersion | None = None
     for backend in rt_backends:
         try:
@@ -54,34 +64,30 @@ def _sync_one(rt_backends: list[Backend], credential: str, truth: str) -> list[S
             break
     changes: list[SyncChange] = []
     for backend in rt_backends:
+        held: str | None = None
         try:
-            held = backend.read(credential, Stage.CURRENT)
-            if held is not None and held.version_id == truth:
-                changes.append(SyncChange(credential, backend.name, "in-sync"))
-                continue
-            before = held.version_id if held else "none"
-            if backend.read_version(credential, truth) is not None:
-                backend.promote(credential, truth)
-                changes.append(
-                    SyncChange(credential, backend.name, "promoted", f"current was {before}")
-                )
+            current = backend.read(credential, Stage.CURRENT)
+            held = current.version_id if current else None
+            if held == truth:
+                action, detail = "in-sync", ""
+            elif backend.read_version(credential, truth) is not None:
+                if not dry_run:
+                    backend.promote(credential, truth)
+                action, detail = ("would-promote" if dry_run else "promoted"), ""
             elif source is not None:
-                backend.stage_pending(source.with_stage(None))
-                backend.promote(credential, truth)
-                changes.append(
-                    SyncChange(credential, backend.name, "copied+promoted", f"current was {before}")
-                )
+                if not dry_run:
+                    backend.stage_pending(source.with_stage(None))
+                    backend.promote(credential, truth)
+                action, detail = ("would-copy+promote" if dry_run else "copied+promoted"), ""
             else:
-                changes.append(
-                    SyncChange(
-                        credential,
-                        backend.name,
-                        "failed",
-                        f"no backend holds version {truth} any more: rotate this credential",
-                    )
+                action = "failed"
+                detail = (
+                    "no backend holds the journal's current version any more: rotate this "
+                    "credential"
                 )
         except BackendError as exc:
-            changes.append(SyncChange(credential, backend.name, "failed", exc.message))
+            action, detail = "failed", exc.message
+        changes.append(SyncChange(credential, backend.name, action, detail, truth, held))
     return changes
 
 
@@ -96,20 +102,11 @@ async def sync(
     for cred in rt.settings.credentials:
         state = states.get((environment, cred.name))
         truth = state.current_version_id if state else None
-        if dry_run or truth is None:
-            if truth is None:
-                out.append(SyncChange(cred.name, "*", "no-truth", "never rotated: nothing to sync"))
-                continue
-            held = await backend_versions(engine, environment, cred.name)
-            out += [
-                SyncChange(
-                    cred.name,
-                    b,
-                    "in-sync" if v == truth else "would-repair",
-                    f"holds {v or 'none'}",
-                )
-                for b, v in held.items()
-            ]
+        if truth is None:
+            out.append(SyncChange(cred.name, "*", "no-truth", "never rotated: nothing to sync"))
+            continue
+        if dry_run:
+            out += await asyncio.to_thread(_sync_one, rt.backends, cred.name, truth, dry_run=True)
             continue
         # the truth is read again under the lease: a rotation that promoted a newer version
         # since the list above was read must not be "repaired" back to the older one

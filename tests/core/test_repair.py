@@ -24,7 +24,7 @@ async def test_sync_repairs_drift_and_reports(
     replica.delete("a")  # drift: the replica lost credential a entirely
     dry = await sync(runtime, "prod", dry_run=True, actor="t")
     assert {(c.credential, c.backend, c.action) for c in dry if c.action != "in-sync"} == {
-        ("a", replica.name, "would-repair")
+        ("a", replica.name, "would-copy+promote")
     }
     assert replica.read("a", Stage.CURRENT) is None  # the dry run changed nothing
     changes = await sync(runtime, "prod", actor="t")
@@ -68,3 +68,17 @@ async def test_probe_checks_every_backend(make_runtime: Factory) -> None:
     }
     for backend in runtime.environments["prod"].backends:
         assert "rotator-probe" not in backend.credentials()
+
+
+async def test_sync_dry_run_says_what_sync_then_does_even_where_it_fails(
+    make_runtime: Factory, sim: SimServer
+) -> None:
+    runtime = make_runtime()
+    await runtime.engine.rotate("prod", "a", reason="t", actor="t")
+    for backend in runtime.environments["prod"].backends:
+        backend.delete("a")  # no backend holds the journal's current version any more
+    dry = await sync(runtime, "prod", dry_run=True, actor="t")
+    done = await sync(runtime, "prod", actor="t")
+    assert [(c.backend, c.action) for c in dry] == [(c.backend, c.action) for c in done]
+    assert {c.action for c in dry} == {"failed"}
+    assert all("rotate this credential" in c.detail for c in dry)
