@@ -22,7 +22,6 @@ from rotator.cli.context import (
 from rotator.clock import SYSTEM
 from rotator.errors import ConfigError, RotatorError
 from rotator.model import Secret, TokenPair
-from rotator.settings import load_config
 
 if TYPE_CHECKING:
     from rotator.rotation.runtime import Runtime
@@ -37,6 +36,7 @@ def config_check(
 ) -> None:
     """Validate the configuration and say what is wrong, key by key."""
     from rotator.apart import inspect_keys
+    from rotator.settings import load_config
 
     cfg = load_config(path or state.config_path)
     problems: list[str] = []

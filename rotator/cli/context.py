@@ -6,10 +6,6 @@ Every command module imports this one; none imports another command module or th
 
 from __future__ import annotations
 
-import asyncio
-import gc
-import getpass
-import socket
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,12 +13,11 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
-from rotator import logs
-from rotator.settings import Config, load_config
-
 if TYPE_CHECKING:
+    from backends.base import Backend
     from rotator.journal import Journal
     from rotator.rotation.runtime import Runtime
+    from rotator.settings import Config
 
 T = TypeVar("T")
 
@@ -62,6 +57,9 @@ def root(
 
 def actor() -> str:
     """Who runs this command, as the audit log records it: ``user@host``."""
+    import getpass
+    import socket
+
     try:
         user = getpass.getuser()
     except (KeyError, OSError):
@@ -72,6 +70,9 @@ def actor() -> str:
 def command_config(path: Path | None = None, *, service: bool = False) -> Config:
     """Load the configuration and set up logs. One-shot commands a person types log warnings
     and errors only (their tables say the rest) unless --log-level asks for more."""
+    from rotator import logs
+    from rotator.settings import load_config
+
     cfg = load_config(path or state.config_path)
     level = state.log_level or cfg.logging.level
     if not service and not state.log_level and level in ("debug", "info"):
@@ -82,6 +83,9 @@ def command_config(path: Path | None = None, *, service: bool = False) -> Config
 
 def run_command(work: Coroutine[Any, Any, T]) -> T:
     """Run a command's coroutine to its end (``asyncio.run``)."""
+    import asyncio
+    import gc
+
     # What is loaded by now (modules, settings) lives as long as the command: keep the
     # collector's full passes from walking it again and again (0.2 s of a 1,000-credential run)
     gc.freeze()
@@ -112,3 +116,19 @@ def open_journal(cfg: Config) -> Iterator[Journal]:
         yield journal
     finally:
         journal.close()
+
+
+@contextmanager
+def primary_backend(cfg: Config, environment: str) -> Iterator[Backend]:
+    """The primary backend of ``environment`` alone, closed on the way out: for a command that
+    only reads it (``get``), which then starts without the journal, the Makini client and the
+    event loop. Keys shared across environments are refused first, as a runtime refuses them."""
+    import backends
+    from rotator.apart import refuse_shared_keys
+
+    refuse_shared_keys(cfg)  # before a key is generated
+    backend = backends.build(cfg.environment(environment).backend_settings[0], environment)
+    try:
+        yield backend
+    finally:
+        backend.close()

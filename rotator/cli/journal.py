@@ -6,11 +6,10 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.markup import escape
-from rich.table import Table
 
 from rotator.cli import render
 from rotator.cli.context import JsonOpt, actor, command_config, open_journal
+from rotator.cli.render import Table, escape
 from rotator.errors import ConfigError, NotFound
 
 db_app = typer.Typer(

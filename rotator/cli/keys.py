@@ -5,16 +5,18 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
-from rich.markup import escape
 
 from rotator.cli.context import JsonOpt, actor, command_config, open_journal
+from rotator.cli.render import escape
 from rotator.errors import ConfigError
-from rotator.journal import Journal
-from rotator.keys import KeyInfo, create_key, list_keys, revoke_key
-from rotator.settings import Config
+
+if TYPE_CHECKING:
+    from rotator.journal import Journal
+    from rotator.keys import KeyInfo
+    from rotator.settings import Config
 
 T = TypeVar("T")
 
@@ -44,6 +46,7 @@ def create(
     json_out: JsonOpt = False,
 ) -> None:
     """Create a key and print it once: it is stored hashed and cannot be shown again."""
+    from rotator.keys import create_key
 
     def work(cfg: Config, journal: Journal) -> tuple[KeyInfo, str]:
         env = cfg.environment(environment)
@@ -81,6 +84,8 @@ def list_command(
     json_out: JsonOpt = False,
 ) -> None:
     """The keys (never their secrets)."""
+    from rotator.keys import list_keys
+
     keys = _with_journal(lambda _cfg, journal: list_keys(journal, environment))
     if not revoked:
         keys = [k for k in keys if k.revoked_at is None]
@@ -114,6 +119,8 @@ def revoke(
     json_out: JsonOpt = False,
 ) -> None:
     """Revoke a key: every API replica refuses it within a second."""
+    from rotator.keys import revoke_key
+
     info = _with_journal(
         lambda _cfg, journal: revoke_key(journal, key, environment=environment, actor=actor())
     )

@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.markup import escape
-from rich.table import Table
 
 from rotator.cli import render
 from rotator.cli.context import JsonOpt, actor, command_config, run_command, with_runtime
+from rotator.cli.render import Table, escape
 
 if TYPE_CHECKING:
     from rotator.rotation.repair import ProbeResult, SyncChange

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -12,12 +11,11 @@ from rotator.cli.context import (
     JsonOpt,
     command_config,
     open_journal,
+    primary_backend,
     run_command,
     with_runtime,
 )
-from rotator.clock import SYSTEM
 from rotator.errors import ConfigError, NotFound
-from rotator.model import Stage, StoredVersion
 
 if TYPE_CHECKING:
     from rotator.rotation.runtime import Runtime
@@ -61,12 +59,10 @@ def get(
             f"unknown --field {field!r}", hint="use access_token, refresh_token or json"
         )
 
-    async def work(rt: Runtime) -> StoredVersion | None:
-        primary = rt.environments[environment].primary
-        stage = Stage.PREVIOUS if previous else Stage.CURRENT
-        return await asyncio.to_thread(primary.read, name, stage)
+    from rotator.model import Stage
 
-    version = run_command(with_runtime(cfg, work, [environment]))
+    with primary_backend(cfg, environment) as primary:
+        version = primary.read(name, Stage.PREVIOUS if previous else Stage.CURRENT)
     if version is None:
         raise NotFound(
             f"{environment}/{name} has no {'previous' if previous else 'current'} token",
@@ -91,6 +87,7 @@ def plan(
     cfg = command_config()
     if environment:
         cfg.environment(environment)
+    from rotator.clock import SYSTEM
     from rotator.rotation.schedule import plan as make_plan
 
     with open_journal(cfg) as journal:

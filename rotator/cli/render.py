@@ -7,20 +7,51 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Any
-
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from typing import TYPE_CHECKING, Any, cast
 
 from rotator.model import utcnow
-from rotator.rotation.schedule import PlanItem, human
-from rotator.rotation.status import CredentialStatus
-from rotator.rotation.work import RotationResult
 
-console = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table as RichTable
+
+    from rotator.rotation.schedule import PlanItem
+    from rotator.rotation.status import CredentialStatus
+    from rotator.rotation.work import RotationResult
+
+
+class _LazyConsole:
+    """A rich Console made on first use: importing this module (every command does, ``--help``
+    too) costs no terminal probing and no rich.console import."""
+
+    def __init__(self, **options: Any) -> None:
+        self._options = options
+        self._console: Console | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._options)
+        return getattr(self._console, name)
+
+
+console = cast("Console", _LazyConsole(highlight=False))
+err = cast("Console", _LazyConsole(stderr=True, highlight=False))
+
+
+def escape(text: str) -> str:
+    """rich's markup escape (rich.markup imported at first use, not by ``--help``)."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
+
+def Table(*args: Any, **kwargs: Any) -> RichTable:
+    """A rich Table (rich.table imported at first use, not by ``--help``)."""
+    from rich.table import Table as RichTable
+
+    return RichTable(*args, **kwargs)
 
 
 def print_json(data: Any) -> None:
@@ -37,6 +68,14 @@ def progress(
     if quiet or not err.is_terminal:
         yield None
         return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
     bar = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -93,10 +132,14 @@ def results(items: Sequence[RotationResult], as_json: bool) -> None:
 
 
 def _ago(moment: datetime | None, now: datetime) -> str:
+    from rotator.rotation.schedule import human
+
     return human(now - moment) if moment else "-"
 
 
 def _until(moment: datetime | None, now: datetime) -> str:
+    from rotator.rotation.schedule import human
+
     return human(moment - now) if moment else "-"
 
 

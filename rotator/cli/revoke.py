@@ -8,17 +8,15 @@ from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.markup import escape
-from rich.table import Table
 
 from rotator.cli import render
 from rotator.cli.context import JsonOpt, actor, command_config, run_command, with_runtime
-from rotator.cli.render import console, err
+from rotator.cli.render import Table, console, err, escape
 from rotator.errors import ConfigError
-from rotator.revoke import STRATEGIES, CredentialPlan, CredentialReport, RevokeRequest
 from rotator.scrub import mask
 
 if TYPE_CHECKING:
+    from rotator.revoke import CredentialPlan, CredentialReport, RevokeRequest
     from rotator.rotation.runtime import Runtime
 
 EXIT_REFUSED = 2
@@ -72,6 +70,8 @@ def revoke_command(
     Pre-empts any rotation in flight. Prints the plan and asks first (--all: type the
     environment's name); --dry-run changes nothing. Exits 1 if anything could not be done or
     confirmed, naming what to do next."""
+    from rotator.revoke import STRATEGIES, RevokeRequest
+
     if strategy is not None and strategy not in STRATEGIES:
         raise ConfigError(f"unknown --strategy {strategy!r}", hint=f"use {', '.join(STRATEGIES)}")
     req = RevokeRequest(

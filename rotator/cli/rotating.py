@@ -3,7 +3,6 @@ checking the current tokens."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Annotated
 
@@ -13,11 +12,11 @@ from rotator.cli import render
 from rotator.cli.context import JsonOpt, actor, command_config, run_command, with_runtime
 from rotator.cli.guard import guarded
 from rotator.rotation.work import RotationResult, Work
-from rotator.settings import Config
 
 if TYPE_CHECKING:
     from rotator.rotation.runtime import Runtime
     from rotator.rotation.workers import Rotate
+    from rotator.settings import Config
 
 
 def run_due(
@@ -109,6 +108,8 @@ def verify(
     json_out: JsonOpt = False,
 ) -> None:
     """Check the current tokens with Makini (accepted, and for the right connection)."""
+    import asyncio
+
     cfg = command_config()
     env = cfg.environment(environment)
     names = [env.credential(name, environment).name] if name else [c.name for c in env.credentials]

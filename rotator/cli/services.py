@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from rotator import logs
 from rotator.cli.context import command_config, state
 from rotator.errors import ConfigError
 
@@ -23,6 +21,8 @@ def serve(
 ) -> None:
     """Run the scheduler (rotate on schedule, resume, retire) until stopped."""
     cfg = command_config(service=True)
+    import asyncio
+
     from rotator.service import serve as run_service
 
     if (tls_cert is None) != (tls_key is None):
@@ -65,5 +65,7 @@ def makini_sim(
                 raise ConfigError(f"--client {item.split(':', 1)[0]}:... is not ID:SECRET")
             pairs[cid] = secret
         options["clients"] = pairs
+    from rotator import logs
+
     logs.configure(state.log_level or "info", state.log_format or "console")
     serve_simulator(SimOptions(**options), host, port)
