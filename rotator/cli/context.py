@@ -27,11 +27,19 @@ ConfigOpt = Annotated[
         "--config",
         "-c",
         envvar="ROTATOR_CONFIG",
+        metavar="FILE",
         help="The TOML configuration file.",
         show_default=False,
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+EnvArg = Annotated[str, typer.Argument(metavar="ENV", help="The environment.", show_default=False)]
+NameArg = Annotated[str, typer.Argument(metavar="NAME", help="The credential.", show_default=False)]
+OneEnvArg = Annotated[
+    str | None,
+    typer.Argument(metavar="ENV", help="One environment (default: all).", show_default=False),
+]
+ReasonOpt = Annotated[str, typer.Option(metavar="TEXT", help="Recorded in the audit log.")]
 
 
 class _State:
@@ -44,10 +52,37 @@ state = _State()
 """The root options of the command line being run (set by :func:`root`)."""
 
 
+def _print_version(value: bool) -> None:
+    if not value:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        number = version("makini-rotator")
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        from rotator import __version__ as number
+    typer.echo(f"rotator {number}")
+    raise typer.Exit()
+
+
 def root(
     config: ConfigOpt = None,
-    log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
-    log_format: Annotated[str | None, typer.Option(help="console or json.")] = None,
+    log_level: Annotated[
+        str | None,
+        typer.Option(metavar="LEVEL", help="debug, info, warning or error.", show_default=False),
+    ] = None,
+    log_format: Annotated[
+        str | None, typer.Option(metavar="FORMAT", help="console or json.", show_default=False)
+    ] = None,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            help="Print the rotator's version and exit.",
+            is_eager=True,
+            callback=_print_version,
+        ),
+    ] = False,
 ) -> None:
     """The options before the command (the app's callback)."""
     state.config_path = config

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
-from rotator.cli.context import JsonOpt, actor, command_config, open_journal
+from rotator.cli.context import EnvArg, JsonOpt, actor, command_config, open_journal
 from rotator.cli.render import escape
 from rotator.errors import ConfigError
 
@@ -34,11 +34,15 @@ def _with_journal(work: Callable[[Config, Journal], T]) -> T:
 
 @keys_app.command("create")
 def create(
-    environment: str,
-    name: Annotated[str, typer.Option("--name", help="The service that will use the key.")],
+    environment: EnvArg,
+    name: Annotated[
+        str, typer.Option("--name", metavar="NAME", help="The service that will use the key.")
+    ],
     credentials: Annotated[
         str | None,
-        typer.Option(help="Comma-separated credentials it may read (default: all)."),
+        typer.Option(
+            metavar="NAME,...", help="Comma-separated credentials it may read (default: all)."
+        ),
     ] = None,
     admin: Annotated[
         bool, typer.Option("--admin", help="An admin key (admin endpoints; reads no tokens).")
@@ -79,7 +83,9 @@ def create(
 
 @keys_app.command("list")
 def list_command(
-    environment: Annotated[str | None, typer.Option("--env", help="One environment.")] = None,
+    environment: Annotated[
+        str | None, typer.Option("--env", metavar="ENV", help="Only this environment.")
+    ] = None,
     revoked: Annotated[bool, typer.Option("--revoked", help="Include revoked keys.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -114,8 +120,15 @@ def list_command(
 
 @keys_app.command("revoke")
 def revoke(
-    key: Annotated[str, typer.Argument(help="Key id (or name, when one live key has it).")],
-    environment: Annotated[str | None, typer.Option("--env", help="Its environment.")] = None,
+    key: Annotated[
+        str,
+        typer.Argument(
+            metavar="KEY", help="Key id (or name, when one live key has it).", show_default=False
+        ),
+    ],
+    environment: Annotated[
+        str | None, typer.Option("--env", metavar="ENV", help="Its environment.")
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Revoke a key: every API replica refuses it within a second."""

@@ -8,7 +8,10 @@ import typer
 
 from rotator.cli import render
 from rotator.cli.context import (
+    EnvArg,
     JsonOpt,
+    NameArg,
+    OneEnvArg,
     command_config,
     open_journal,
     primary_backend,
@@ -23,7 +26,7 @@ if TYPE_CHECKING:
 
 
 def status(
-    environment: Annotated[str | None, typer.Argument(help="One environment.")] = None,
+    environment: OneEnvArg = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Each credential: current version, token age, expiry, next rotation, last outcome, and
@@ -44,11 +47,11 @@ def status(
 
 
 def get(
-    environment: str,
-    name: str,
+    environment: EnvArg,
+    name: NameArg,
     previous: Annotated[bool, typer.Option("--previous", help="The previous version.")] = False,
     field: Annotated[
-        str, typer.Option(help="access_token, refresh_token or json.")
+        str, typer.Option(metavar="FIELD", help="access_token, refresh_token or json.")
     ] = "access_token",
 ) -> None:
     """Print the current access token of a credential (for scripts). Reads the primary backend."""
@@ -80,7 +83,7 @@ def get(
 
 
 def plan(
-    environment: Annotated[str | None, typer.Argument(help="One environment.")] = None,
+    environment: OneEnvArg = None,
     json_out: JsonOpt = False,
 ) -> None:
     """What is due and what would happen, changing nothing."""
@@ -98,10 +101,21 @@ def plan(
 
 
 def audit(
-    environment: Annotated[str | None, typer.Option("--env")] = None,
-    credential: Annotated[str | None, typer.Option("--credential")] = None,
-    action: Annotated[str | None, typer.Option("--action")] = None,
-    limit: Annotated[int, typer.Option(min=1, max=10000)] = 50,
+    environment: Annotated[
+        str | None, typer.Option("--env", metavar="ENV", help="Only this environment.")
+    ] = None,
+    credential: Annotated[
+        str | None, typer.Option("--credential", metavar="NAME", help="Only this credential.")
+    ] = None,
+    action: Annotated[
+        str | None,
+        typer.Option(
+            "--action", metavar="ACTION", help="Only this action (e.g. rotation.promoted)."
+        ),
+    ] = None,
+    limit: Annotated[
+        int, typer.Option(min=1, max=10000, metavar="N", help="At most N entries (1-10000).")
+    ] = 50,
     json_out: JsonOpt = False,
 ) -> None:
     """The audit log, newest first."""

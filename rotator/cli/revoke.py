@@ -24,9 +24,17 @@ EXIT_INCOMPLETE = 1
 
 
 def revoke_command(
-    environment: Annotated[str, typer.Argument(help="The environment (one per command).")],
+    environment: Annotated[
+        str,
+        typer.Argument(
+            metavar="ENV", help="The environment (one per command).", show_default=False
+        ),
+    ],
     names: Annotated[
-        list[str] | None, typer.Argument(help="Credential name(s); or --all.", show_default=False)
+        list[str] | None,
+        typer.Argument(
+            metavar="NAME", help="Credential name(s); or --all.", show_default=False
+        ),
     ] = None,
     all_: Annotated[
         bool, typer.Option("--all", help="Every credential of the environment.")
@@ -34,7 +42,10 @@ def revoke_command(
     version: Annotated[
         str | None,
         typer.Option(
-            "--version", help="current (default), previous, or a version id.", show_default=False
+            "--version",
+            metavar="VERSION",
+            help="current (default), previous, or a version id.",
+            show_default=False,
         ),
     ] = None,
     no_replace: Annotated[
@@ -45,7 +56,10 @@ def revoke_command(
         ),
     ] = False,
     reason: Annotated[
-        str | None, typer.Option("--reason", help="Why (required; audit log).", show_default=False)
+        str | None,
+        typer.Option(
+            "--reason", metavar="TEXT", help="Why (required; audit log).", show_default=False
+        ),
     ] = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
     dry_run: Annotated[
@@ -59,6 +73,7 @@ def revoke_command(
         str | None,
         typer.Option(
             "--strategy",
+            metavar="STRATEGY",
             help="Override revoke_strategy: issue, refresh, disconnect or auto.",
             show_default=False,
         ),
