@@ -114,7 +114,7 @@ def audit(
         ),
     ] = None,
     limit: Annotated[
-        int, typer.Option(min=1, max=10000, metavar="N", help="At most N entries (1-10000).")
+        int, typer.Option(min=1, max=10000, metavar="N", help="At most N entries.")
     ] = 50,
     json_out: JsonOpt = False,
 ) -> None:
