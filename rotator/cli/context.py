@@ -15,8 +15,10 @@ import typer
 
 if TYPE_CHECKING:
     from backends.base import Backend
-    from rotator.journal import Journal
+    from rotator.journal import Journal, Lease, Rotation
+    from rotator.rotation.engine import RotationEngine
     from rotator.rotation.runtime import Runtime
+    from rotator.rotation.work import RotationResult
     from rotator.settings import Config
 
 T = TypeVar("T")
@@ -131,14 +133,23 @@ async def with_runtime(
     cfg: Config, work: Callable[[Runtime], Awaitable[T]], only: list[str] | None = None
 ) -> T:
     """Open the runtime of every environment (or ``only`` those), run ``work`` on it, close it."""
-    from rotator.revoke import resume_held
     from rotator.rotation.runtime import Runtime
 
-    runtime = Runtime.open(cfg, only=only, resume_revoke=resume_held)
+    runtime = Runtime.open(cfg, only=only, resume_revoke=_resume_held)
     try:
         return await work(runtime)
     finally:
         await runtime.aclose()
+
+
+async def _resume_held(
+    engine: RotationEngine, env: str, name: str, row: Rotation, lease: Lease
+) -> RotationResult:
+    """:func:`rotator.revoke.resume_held`, imported by the first drive that finds a revoke to
+    finish: a command that only reads (``status``) never imports the revoke package."""
+    from rotator.revoke import resume_held
+
+    return await resume_held(engine, env, name, row, lease)
 
 
 @contextmanager
