@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from rotator.rotation.work import RotationResult
 
 
-class _LazyConsole:
+class LazyConsole:
     """A rich Console made on first use: importing this module (every command does, ``--help``
     too) costs no terminal probing and no rich.console import."""
 
@@ -28,16 +28,27 @@ class _LazyConsole:
         self._options = options
         self._console: Console | None = None
 
-    def __getattr__(self, name: str) -> Any:
+    def real(self) -> Console:
+        """The Console itself (made now if it was not), for what needs the object: a
+        Progress, a ``with`` block."""
         if self._console is None:
             from rich.console import Console
 
             self._console = Console(**self._options)
-        return getattr(self._console, name)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real(), name)
+
+    def __enter__(self) -> Console:
+        return self.real().__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self.real().__exit__(*exc)
 
 
-console = cast("Console", _LazyConsole(highlight=False))
-err = cast("Console", _LazyConsole(stderr=True, highlight=False))
+console = cast("Console", LazyConsole(highlight=False))
+err = cast("Console", LazyConsole(stderr=True, highlight=False))
 
 
 def escape(text: str) -> str:
@@ -81,7 +92,7 @@ def progress(
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        console=err,
+        console=cast("LazyConsole", err).real(),
         transient=True,
     )
     task = bar.add_task(label, total=total)

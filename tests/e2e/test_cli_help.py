@@ -82,7 +82,14 @@ def test_version_prints_the_installed_distributions_version() -> None:
 
 
 def test_completion_script_is_generated_and_completes_commands() -> None:
-    script = rotator("--show-completion", "bash")
+    # typer detects the shell it runs under (shellingham): run it from bash, as a person would
+    # (a second command keeps bash from replacing itself with the first)
+    script = subprocess.run(
+        ["bash", "-c", f"{sys.executable} -m rotator --show-completion; exit $?"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert script.returncode == 0, script.stderr
     assert "_ROTATOR_COMPLETE=complete_bash" in script.stdout
     assert "complete -o default -F _rotator_completion rotator" in script.stdout

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import pytest
 
@@ -16,6 +17,9 @@ from rotator.crypto import generate_key
 from rotator.model import Secret, StoredVersion, TokenPair, new_version_id
 from rotator.settings import load_config
 from tests.factories import config_toml, credentials, environment_table, file_backend
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 pytestmark = pytest.mark.e2e
 
@@ -107,3 +111,26 @@ def test_get_on_a_file_backend_reads_it_without_journal_makini_client_or_logging
     assert missing.returncode != 0
     assert "nope" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_the_consoles_made_at_first_use_drive_a_progress_bar_like_rich_ones() -> None:
+    # render's consoles are made when first used (so that importing it costs nothing); what
+    # rich needs the object itself for (a Progress's Live, a `with` block) gets the real one
+    import io
+
+    from rotator.cli import render
+
+    out = io.StringIO()
+    lazy = render.LazyConsole(file=out, force_terminal=True, width=60)
+    original, render.err = render.err, cast("Console", lazy)
+    try:
+        with render.progress(False, label="rotating", total=3) as tick:
+            assert tick is not None
+            for i in range(3):
+                tick(i)
+        with render.err:
+            render.err.print("after the bar")
+    finally:
+        render.err = original
+    assert "3/3" in out.getvalue()
+    assert "after the bar" in out.getvalue()
