@@ -19,8 +19,6 @@ import os
 import stat
 from pathlib import Path
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pydantic import BaseModel, ConfigDict, PrivateAttr, model_validator
 
 from rotator.errors import ConfigError, CryptoError
@@ -252,6 +250,8 @@ class KeyRing:
     def __init__(self, keys: list[bytes]) -> None:
         if not keys:
             raise ValueError("a key ring needs at least one key")
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # only where it seals
+
         self._keys = {hashlib.sha256(k).digest()[:_KID]: AESGCM(k) for k in keys}
         self._active = hashlib.sha256(keys[0]).digest()[:_KID]
 
@@ -287,6 +287,8 @@ class KeyRing:
                 "one while rotating keys)",
             )
         nonce = blob[len(MAGIC) + _KID : len(MAGIC) + _KID + _NONCE]
+        from cryptography.exceptions import InvalidTag
+
         try:
             return aead.decrypt(nonce, blob[len(MAGIC) + _KID + _NONCE :], aad.encode())
         except InvalidTag:

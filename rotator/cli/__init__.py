@@ -18,4 +18,4 @@ def main() -> None:
     from rotator.cli.app import app
     from rotator.cli.guard import guarded
 
-    guarded(lambda: app(standalone_mode=True))
+    guarded(lambda: app(standalone_mode=True, prog_name="rotator"))

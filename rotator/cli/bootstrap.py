@@ -12,7 +12,10 @@ import typer
 
 from rotator.cli import render
 from rotator.cli.context import (
+    EnvArg,
     JsonOpt,
+    NameArg,
+    ReasonOpt,
     actor,
     command_config,
     run_command,
@@ -22,7 +25,6 @@ from rotator.cli.context import (
 from rotator.clock import SYSTEM
 from rotator.errors import ConfigError, RotatorError
 from rotator.model import Secret, TokenPair
-from rotator.settings import load_config
 
 if TYPE_CHECKING:
     from rotator.rotation.runtime import Runtime
@@ -32,11 +34,17 @@ config_app = typer.Typer(help="Validate the configuration.", no_args_is_help=Tru
 
 @config_app.command("check")
 def config_check(
-    path: Annotated[Path | None, typer.Argument(help="Default: --config / ROTATOR_CONFIG.")] = None,
+    path: Annotated[
+        Path | None,
+        typer.Argument(
+            metavar="FILE", help="Default: --config / ROTATOR_CONFIG.", show_default=False
+        ),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Validate the configuration and say what is wrong, key by key."""
     from rotator.apart import inspect_keys
+    from rotator.settings import load_config
 
     cfg = load_config(path or state.config_path)
     problems: list[str] = []
@@ -82,9 +90,9 @@ def keygen() -> None:
 
 
 def import_pair(
-    environment: str,
-    name: str,
-    reason: Annotated[str, typer.Option(help="Recorded in the audit log.")] = "bootstrap",
+    environment: EnvArg,
+    name: NameArg,
+    reason: ReasonOpt = "bootstrap",
 ) -> None:
     """Store a token pair obtained outside the rotator (Makini Link) as the current version.
     Reads JSON {"access_token", "refresh_token", "expires_in"|"expires_at"} from stdin; the

@@ -9,14 +9,23 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-
-from rich.console import Console
-from rich.markup import escape
+from functools import cache
+from typing import TYPE_CHECKING
 
 from rotator.errors import RotatorError
 from rotator.scrub import mask
 
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+if TYPE_CHECKING:
+    from rich.console import Console
+
+
+@cache
+def err_console() -> Console:
+    """stderr for errors, made when the first one is printed (a command that succeeds never
+    imports rich.console for it)."""
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def guarded(command: Callable[[], object]) -> None:
@@ -28,12 +37,14 @@ def guarded(command: Callable[[], object]) -> None:
         _print_error(exc)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        err_console.print("interrupted")
+        err_console().print("interrupted")
         sys.exit(130)
     except Exception as exc:  # a bug: one clear line, the traceback only when asked for
         if "--log-level=debug" in sys.argv or "debug" in sys.argv:
             raise
-        err_console.print(
+        from rich.markup import escape
+
+        err_console().print(
             f"[bold red]internal error:[/] {escape(type(exc).__name__)}: "
             f"{escape(mask(str(exc))[:300])}\n  this is a bug in the rotator; run again with "
             "--log-level debug for the traceback and report it",
@@ -42,7 +53,9 @@ def guarded(command: Callable[[], object]) -> None:
 
 
 def _print_error(exc: RotatorError) -> None:
+    from rich.markup import escape
+
     lines = exc.describe().splitlines()
-    err_console.print(f"[bold red]error:[/] {escape(lines[0])}")
+    err_console().print(f"[bold red]error:[/] {escape(lines[0])}")
     for line in lines[1:]:
-        err_console.print(f"  {line}", markup=False)
+        err_console().print(f"  {line}", markup=False)

@@ -6,10 +6,17 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 
 from rotator.cli import render
-from rotator.cli.context import JsonOpt, actor, command_config, open_journal
+from rotator.cli.context import (
+    EnvArg,
+    JsonOpt,
+    OneEnvArg,
+    actor,
+    command_config,
+    open_journal,
+)
+from rotator.cli.render import escape
 from rotator.errors import ConfigError, NotFound
 
 db_app = typer.Typer(
@@ -74,7 +81,7 @@ def db_upgrade() -> None:
 
 @unaccounted_app.command("list")
 def unaccounted_list(
-    environment: Annotated[str | None, typer.Argument(help="One environment.")] = None,
+    environment: OneEnvArg = None,
     closed: Annotated[
         bool, typer.Option("--all", help="Also the resolved and acknowledged ones.")
     ] = False,
@@ -134,9 +141,16 @@ def unaccounted_list(
 
 @unaccounted_app.command("ack")
 def unaccounted_ack(
-    environment: str,
-    ids: Annotated[list[int], typer.Argument(help="Entry ids (`rotator unaccounted list`).")],
-    reason: Annotated[str, typer.Option(help="Recorded in the audit log.")] = "",
+    environment: EnvArg,
+    ids: Annotated[
+        list[int],
+        typer.Argument(
+            metavar="ID", help="Entry ids (`rotator unaccounted list`).", show_default=False
+        ),
+    ],
+    reason: Annotated[
+        str, typer.Option(metavar="TEXT", help="Why they are dealt with (required; audit log).")
+    ] = "",
 ) -> None:
     """Acknowledge open entries once dealt with (audited with your name and the reason)."""
     from rotator.rotation import unaccounted

@@ -5,16 +5,18 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
-from rich.markup import escape
 
-from rotator.cli.context import JsonOpt, actor, command_config, open_journal
+from rotator.cli.context import EnvArg, JsonOpt, actor, command_config, open_journal
+from rotator.cli.render import escape
 from rotator.errors import ConfigError
-from rotator.journal import Journal
-from rotator.keys import KeyInfo, create_key, list_keys, revoke_key
-from rotator.settings import Config
+
+if TYPE_CHECKING:
+    from rotator.journal import Journal
+    from rotator.keys import KeyInfo
+    from rotator.settings import Config
 
 T = TypeVar("T")
 
@@ -32,11 +34,15 @@ def _with_journal(work: Callable[[Config, Journal], T]) -> T:
 
 @keys_app.command("create")
 def create(
-    environment: str,
-    name: Annotated[str, typer.Option("--name", help="The service that will use the key.")],
+    environment: EnvArg,
+    name: Annotated[
+        str, typer.Option("--name", metavar="NAME", help="The service that will use the key.")
+    ],
     credentials: Annotated[
         str | None,
-        typer.Option(help="Comma-separated credentials it may read (default: all)."),
+        typer.Option(
+            metavar="NAME,...", help="Comma-separated credentials it may read (default: all)."
+        ),
     ] = None,
     admin: Annotated[
         bool, typer.Option("--admin", help="An admin key (admin endpoints; reads no tokens).")
@@ -47,6 +53,7 @@ def create(
     json_out: JsonOpt = False,
 ) -> None:
     """Create a key and print it once: it is stored hashed and cannot be shown again."""
+    from rotator.keys import create_key
 
     def work(cfg: Config, journal: Journal) -> tuple[KeyInfo, str]:
         env = cfg.environment(environment)
@@ -81,11 +88,15 @@ def create(
 
 @keys_app.command("list")
 def list_command(
-    environment: Annotated[str | None, typer.Option("--env", help="One environment.")] = None,
+    environment: Annotated[
+        str | None, typer.Option("--env", metavar="ENV", help="Only this environment.")
+    ] = None,
     revoked: Annotated[bool, typer.Option("--revoked", help="Include revoked keys.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """The keys (never their secrets)."""
+    from rotator.keys import list_keys
+
     keys = _with_journal(lambda _cfg, journal: list_keys(journal, environment))
     if not revoked:
         keys = [k for k in keys if k.revoked_at is None]
@@ -120,11 +131,20 @@ def list_command(
 
 @keys_app.command("revoke")
 def revoke(
-    key: Annotated[str, typer.Argument(help="Key id (or name, when one live key has it).")],
-    environment: Annotated[str | None, typer.Option("--env", help="Its environment.")] = None,
+    key: Annotated[
+        str,
+        typer.Argument(
+            metavar="KEY", help="Key id (or name, when one live key has it).", show_default=False
+        ),
+    ],
+    environment: Annotated[
+        str | None, typer.Option("--env", metavar="ENV", help="Its environment.")
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Revoke a key: every API replica refuses it within a second."""
+    from rotator.keys import revoke_key
+
     info = _with_journal(
         lambda _cfg, journal: revoke_key(journal, key, environment=environment, actor=actor())
     )

@@ -5,10 +5,18 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.markup import escape
 
 from rotator.cli import render
-from rotator.cli.context import JsonOpt, actor, command_config, run_command, with_runtime
+from rotator.cli.context import (
+    EnvArg,
+    JsonOpt,
+    OneEnvArg,
+    actor,
+    command_config,
+    run_command,
+    with_runtime,
+)
+from rotator.cli.render import escape
 
 if TYPE_CHECKING:
     from rotator.rotation.repair import ProbeResult, SyncChange
@@ -16,7 +24,7 @@ if TYPE_CHECKING:
 
 
 def sync(
-    environment: str,
+    environment: EnvArg,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would change.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -69,7 +77,7 @@ def sync(
 
 
 def doctor(
-    environment: Annotated[str | None, typer.Argument(help="One environment.")] = None,
+    environment: OneEnvArg = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Check each backend online: reachable, and the identity in use may write, read, make

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, TextIO
@@ -11,15 +10,17 @@ import typer
 
 from rotator.cli import render
 from rotator.cli.context import (
+    EnvArg,
     JsonOpt,
+    NameArg,
+    OneEnvArg,
     command_config,
     open_journal,
+    primary_backend,
     run_command,
     with_runtime,
 )
-from rotator.clock import SYSTEM
 from rotator.errors import ConfigError, NotFound
-from rotator.model import Stage, StoredVersion
 
 if TYPE_CHECKING:
     from rotator.journal import Journal
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 
 
 def status(
-    environment: Annotated[str | None, typer.Argument(help="One environment.")] = None,
+    environment: OneEnvArg = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Each credential: current version, token age, expiry, next rotation, last outcome, and
@@ -50,11 +51,11 @@ def status(
 
 
 def get(
-    environment: str,
-    name: str,
+    environment: EnvArg,
+    name: NameArg,
     previous: Annotated[bool, typer.Option("--previous", help="The previous version.")] = False,
     field: Annotated[
-        str, typer.Option(help="access_token, refresh_token or json.")
+        str, typer.Option(metavar="FIELD", help="access_token, refresh_token or json.")
     ] = "access_token",
 ) -> None:
     """Print the current access token of a credential (for scripts). Reads the primary backend."""
@@ -65,18 +66,19 @@ def get(
             f"unknown --field {field!r}", hint="use access_token, refresh_token or json"
         )
 
-    async def work(rt: Runtime) -> tuple[StoredVersion | None, str]:
-        primary = rt.environments[environment].primary
-        stage = Stage.PREVIOUS if previous else Stage.CURRENT
-        found = await asyncio.to_thread(primary.read, name, stage)
-        if found is not None or not previous:
-            return found, ""
-        return None, await asyncio.to_thread(no_previous, rt, environment, name)
+    from rotator.model import Stage
 
-    version, why = run_command(with_runtime(cfg, work, [environment]))
+    with primary_backend(cfg, environment) as primary:
+        version = primary.read(name, Stage.PREVIOUS if previous else Stage.CURRENT)
     if version is None and previous:
+        import asyncio
+
+        async def why(rt: Runtime) -> str:  # the error path alone opens the journal
+            return await asyncio.to_thread(no_previous, rt, environment, name)
+
         raise NotFound(
-            f"{environment}/{name} has no previous token: {why}",
+            f"{environment}/{name} has no previous token: "
+            f"{run_command(with_runtime(cfg, why, [environment]))}",
             where=f"primary backend of {environment}",
             hint=f"readers use the current token: rotator get {environment} {name}",
         )
@@ -98,6 +100,7 @@ def get(
 
 def no_previous(rt: Runtime, environment: str, name: str) -> str:
     """Why a credential has no previous version to read."""
+    from rotator.model import Stage
     from rotator.rotation.schedule import human
 
     env = rt.config.environment(environment)
@@ -123,13 +126,14 @@ def no_previous(rt: Runtime, environment: str, name: str) -> str:
 
 
 def plan(
-    environment: Annotated[str | None, typer.Argument(help="One environment.")] = None,
+    environment: OneEnvArg = None,
     json_out: JsonOpt = False,
 ) -> None:
     """What is due and what would happen, changing nothing."""
     cfg = command_config()
     if environment:
         cfg.environment(environment)
+    from rotator.clock import SYSTEM
     from rotator.rotation.schedule import plan as make_plan
 
     with open_journal(cfg) as journal:
@@ -140,10 +144,21 @@ def plan(
 
 
 def audit(
-    environment: Annotated[str | None, typer.Option("--env")] = None,
-    credential: Annotated[str | None, typer.Option("--credential")] = None,
-    action: Annotated[str | None, typer.Option("--action")] = None,
-    limit: Annotated[int, typer.Option(min=1, max=10000)] = 50,
+    environment: Annotated[
+        str | None, typer.Option("--env", metavar="ENV", help="Only this environment.")
+    ] = None,
+    credential: Annotated[
+        str | None, typer.Option("--credential", metavar="NAME", help="Only this credential.")
+    ] = None,
+    action: Annotated[
+        str | None,
+        typer.Option(
+            "--action", metavar="ACTION", help="Only this action (e.g. rotation.promoted)."
+        ),
+    ] = None,
+    limit: Annotated[
+        int, typer.Option(min=1, max=10000, metavar="N", help="At most N entries.")
+    ] = 50,
     json_out: JsonOpt = False,
     since: Annotated[
         str | None,
@@ -221,6 +236,8 @@ def audit(
             where="rotator audit",
             hint="add --jsonl (JSON lines, oldest first), or leave them out for the table",
         )
+    from rotator.clock import SYSTEM
+
     now = SYSTEM.now()
     filters = log.Filters(
         environment=environment,

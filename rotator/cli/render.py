@@ -9,21 +9,62 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TextIO, cast
-
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
-from rich.text import Text
+from typing import TYPE_CHECKING, Any, TextIO, cast
 
 from rotator.model import utcnow
-from rotator.rotation.schedule import PlanItem, human
-from rotator.rotation.status import CredentialStatus
-from rotator.rotation.work import RotationResult
 
-console = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table as RichTable
+
+    from rotator.rotation.schedule import PlanItem
+    from rotator.rotation.status import CredentialStatus
+    from rotator.rotation.work import RotationResult
+
+
+class LazyConsole:
+    """A rich Console made on first use: importing this module (every command does, ``--help``
+    too) costs no terminal probing and no rich.console import."""
+
+    def __init__(self, **options: Any) -> None:
+        self._options = options
+        self._console: Console | None = None
+
+    def real(self) -> Console:
+        """The Console itself (made now if it was not), for what needs the object: a
+        Progress, a ``with`` block."""
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._options)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real(), name)
+
+    def __enter__(self) -> Console:
+        return self.real().__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self.real().__exit__(*exc)
+
+
+console = cast("Console", LazyConsole(highlight=False))
+err = cast("Console", LazyConsole(stderr=True, highlight=False))
+
+
+def escape(text: str) -> str:
+    """rich's markup escape (rich.markup imported at first use, not by ``--help``)."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
+
+def Table(*args: Any, **kwargs: Any) -> RichTable:
+    """A rich Table (rich.table imported at first use, not by ``--help``)."""
+    from rich.table import Table as RichTable
+
+    return RichTable(*args, **kwargs)
 
 
 # --- tables that fit -------------------------------------------------------------------------
@@ -48,6 +89,8 @@ _WRAP_MIN = 10
 
 
 def _plain(cell: str) -> str:
+    from rich.text import Text
+
     return Text.from_markup(cell).plain
 
 
@@ -69,7 +112,7 @@ def table(
     *,
     width: int | None = None,
     **options: Any,
-) -> Table:
+) -> RichTable:
     """A rich table that fits ``width`` (the console's: 80 when piped, unless COLUMNS says
     otherwise) without cutting an id or a name: free text wraps, whole cells stay whole, and
     when that is not enough the least useful columns (highest ``drop``) are left out, named in
@@ -158,12 +201,20 @@ def progress(
     if quiet or not err.is_terminal:
         yield None
         return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
     bar = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        console=err,
+        console=cast("LazyConsole", err).real(),
         transient=True,
     )
     task = bar.add_task(label, total=total)
@@ -272,10 +323,14 @@ def results(items: Sequence[RotationResult], as_json: bool) -> None:
 
 
 def _ago(moment: datetime | None, now: datetime) -> str:
+    from rotator.rotation.schedule import human
+
     return human(now - moment) if moment else "-"
 
 
 def _until(moment: datetime | None, now: datetime) -> str:
+    from rotator.rotation.schedule import human
+
     return human(moment - now) if moment else "-"
 
 

@@ -8,16 +8,15 @@ from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.markup import escape
 
 from rotator.cli import render
 from rotator.cli.context import JsonOpt, actor, command_config, run_command, with_runtime
-from rotator.cli.render import console, err
+from rotator.cli.render import console, err, escape
 from rotator.errors import ConfigError
-from rotator.revoke import STRATEGIES, CredentialPlan, CredentialReport, RevokeRequest
 from rotator.scrub import mask
 
 if TYPE_CHECKING:
+    from rotator.revoke import CredentialPlan, CredentialReport, RevokeRequest
     from rotator.rotation.runtime import Runtime
 
 EXIT_REFUSED = 2
@@ -25,9 +24,17 @@ EXIT_INCOMPLETE = 1
 
 
 def revoke_command(
-    environment: Annotated[str, typer.Argument(help="The environment (one per command).")],
+    environment: Annotated[
+        str,
+        typer.Argument(
+            metavar="ENV", help="The environment (one per command).", show_default=False
+        ),
+    ],
     names: Annotated[
-        list[str] | None, typer.Argument(help="Credential name(s); or --all.", show_default=False)
+        list[str] | None,
+        typer.Argument(
+            metavar="NAME", help="Credential name(s); or --all.", show_default=False
+        ),
     ] = None,
     all_: Annotated[
         bool, typer.Option("--all", help="Every credential of the environment.")
@@ -35,7 +42,10 @@ def revoke_command(
     version: Annotated[
         str | None,
         typer.Option(
-            "--version", help="current (default), previous, or a version id.", show_default=False
+            "--version",
+            metavar="VERSION",
+            help="current (default), previous, or a version id.",
+            show_default=False,
         ),
     ] = None,
     no_replace: Annotated[
@@ -46,7 +56,10 @@ def revoke_command(
         ),
     ] = False,
     reason: Annotated[
-        str | None, typer.Option("--reason", help="Why (required; audit log).", show_default=False)
+        str | None,
+        typer.Option(
+            "--reason", metavar="TEXT", help="Why (required; audit log).", show_default=False
+        ),
     ] = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
     dry_run: Annotated[
@@ -60,6 +73,7 @@ def revoke_command(
         str | None,
         typer.Option(
             "--strategy",
+            metavar="STRATEGY",
             help="Override revoke_strategy: issue, refresh, disconnect or auto.",
             show_default=False,
         ),
@@ -71,6 +85,8 @@ def revoke_command(
     Pre-empts any rotation in flight. Prints the plan and asks first (--all: type the
     environment's name); --dry-run changes nothing. Exits 1 if anything could not be done or
     confirmed, naming what to do next."""
+    from rotator.revoke import STRATEGIES, RevokeRequest
+
     if strategy is not None and strategy not in STRATEGIES:
         raise ConfigError(f"unknown --strategy {strategy!r}", hint=f"use {', '.join(STRATEGIES)}")
     req = RevokeRequest(

@@ -3,25 +3,35 @@ checking the current tokens."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from rotator.cli import render
-from rotator.cli.context import JsonOpt, actor, command_config, run_command, with_runtime
+from rotator.cli.context import (
+    EnvArg,
+    JsonOpt,
+    ReasonOpt,
+    actor,
+    command_config,
+    run_command,
+    with_runtime,
+)
 from rotator.cli.guard import guarded
 from rotator.rotation.work import RotationResult, Work
-from rotator.settings import Config
 
 if TYPE_CHECKING:
     from rotator.rotation.runtime import Runtime
     from rotator.rotation.workers import Rotate
+    from rotator.settings import Config
 
 
 def run_due(
-    env: Annotated[list[str] | None, typer.Option("--env", help="Only this environment.")] = None,
+    env: Annotated[
+        list[str] | None,
+        typer.Option("--env", metavar="ENV", help="Only this environment (repeatable)."),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Rotate, resume and retire whatever is due now, then exit (non-zero if anything failed).
@@ -79,9 +89,11 @@ def rotate_share(env: list[str] | None) -> Rotate:
 
 
 def rotate(
-    environment: str,
-    name: Annotated[list[str], typer.Argument(help="Credential name(s).")],
-    reason: Annotated[str, typer.Option(help="Recorded in the audit log.")] = "manual",
+    environment: EnvArg,
+    name: Annotated[
+        list[str], typer.Argument(metavar="NAME", help="Credential name(s).", show_default=False)
+    ],
+    reason: ReasonOpt = "manual",
     json_out: JsonOpt = False,
 ) -> None:
     """Rotate credentials now, whatever the schedule says."""
@@ -107,11 +119,16 @@ def rotate(
 
 
 def verify(
-    environment: str,
-    name: Annotated[str | None, typer.Argument(help="One credential (default: all).")] = None,
+    environment: EnvArg,
+    name: Annotated[
+        str | None,
+        typer.Argument(metavar="NAME", help="One credential (default: all).", show_default=False),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Check the current tokens with Makini (accepted, and for the right connection)."""
+    import asyncio
+
     cfg = command_config()
     env = cfg.environment(environment)
     names = [env.credential(name, environment).name] if name else [c.name for c in env.credentials]

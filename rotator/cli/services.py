@@ -2,27 +2,32 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from rotator import logs
 from rotator.cli.context import command_config, state
 from rotator.errors import ConfigError
 
 
 def serve(
-    host: Annotated[str, typer.Option(help="Address for the HTTP API.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port for the HTTP API.")] = 8080,
+    host: Annotated[str, typer.Option(metavar="ADDRESS", help="Address for the HTTP API.")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(metavar="PORT", help="Port for the HTTP API.")] = 8080,
     tls_cert: Annotated[
-        Path | None, typer.Option(help="PEM certificate (chain): serve HTTPS.")
+        Path | None,
+        typer.Option(metavar="FILE", help="PEM certificate (chain): serve HTTPS."),
     ] = None,
-    tls_key: Annotated[Path | None, typer.Option(help="PEM private key of --tls-cert.")] = None,
+    tls_key: Annotated[
+        Path | None, typer.Option(metavar="FILE", help="PEM private key of --tls-cert.")
+    ] = None,
 ) -> None:
     """Run the scheduler (rotate on schedule, resume, retire) until stopped."""
     cfg = command_config(service=True)
+    import asyncio
+
     from rotator.service import serve as run_service
 
     if (tls_cert is None) != (tls_key is None):
@@ -31,8 +36,10 @@ def serve(
 
 
 def makini_sim(
-    host: Annotated[str, typer.Option()] = "127.0.0.1",
-    port: Annotated[int, typer.Option()] = 8765,
+    host: Annotated[str, typer.Option(metavar="ADDRESS", help="Address to listen on.")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(metavar="PORT", help="Port to listen on.")] = 8765,
     issue_invalidates: Annotated[
         bool,
         typer.Option(
@@ -40,11 +47,19 @@ def makini_sim(
             help="Does issuing a token kill the previous one at once?",
         ),
     ] = True,
-    latency_ms: Annotated[float, typer.Option(help="Added to every API call.")] = 0.0,
-    error_rate: Annotated[float, typer.Option(help="Share of API calls answered 5xx.")] = 0.0,
-    token_lifetime_s: Annotated[int | None, typer.Option(help="Access token lifetime.")] = None,
+    latency_ms: Annotated[
+        float, typer.Option(metavar="MS", help="Milliseconds added to every API call.")
+    ] = 0.0,
+    error_rate: Annotated[
+        float, typer.Option(metavar="SHARE", help="Share of API calls answered 5xx (0-1).")
+    ] = 0.0,
+    token_lifetime_s: Annotated[
+        int | None,
+        typer.Option(metavar="SECONDS", help="Access token lifetime.", show_default=False),
+    ] = None,
     client: Annotated[
-        list[str] | None, typer.Option(help="ID:SECRET of an admin client (repeatable).")
+        list[str] | None,
+        typer.Option(metavar="ID:SECRET", help="An admin client (repeatable)."),
     ] = None,
 ) -> None:
     """Run the bundled Makini simulator (for local runs, tests and benchmarks)."""
@@ -65,5 +80,7 @@ def makini_sim(
                 raise ConfigError(f"--client {item.split(':', 1)[0]}:... is not ID:SECRET")
             pairs[cid] = secret
         options["clients"] = pairs
+    from rotator import logs
+
     logs.configure(state.log_level or "info", state.log_format or "console")
     serve_simulator(SimOptions(**options), host, port)

@@ -1,0 +1,143 @@
+"""Start-up of the ``rotator`` command: what a person (or a script calling ``rotator get`` in a
+loop) waits for before anything happens.
+
+Each command runs as a subprocess N times, alternating with ``python -c pass`` (the
+interpreter's own start-up) in the same run; printed: the median wall time and the peak RSS of
+each, beside ``python -c pass``. The configuration is a temporary one: one environment of 5
+credentials (by default) on a file backend and a SQLite journal, tokens issued by the bundled
+simulator (in a process of its own) before the timed runs. Figures, no pass/fail.
+
+    .venv/bin/python -m bench.bench_cli [--runs 15] [--credentials 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from bench.simulator import simulator
+from rotator.crypto import generate_key
+
+CLIENT, SECRET = "bench-cli", "bench-cli-secret"
+
+
+def write_config(folder: Path, url: str, count: int) -> Path:
+    lines = [
+        "[journal]",
+        'url = "sqlite:///journal.db"',
+        "[environments.prod]",
+        'sealing_key = { env = "BENCH_SEAL" }',
+        "[environments.prod.makini]",
+        f'base_url = "{url}"',
+        f'client_id = "{CLIENT}"',
+        'client_secret_env = "BENCH_SECRET"',
+        "[[environments.prod.backends]]",
+        'type = "file"',
+        'path = "files"',
+        'key = { file = "file.key", generate = true }',
+    ]
+    for i in range(count):
+        lines += [
+            "[[environments.prod.credentials]]",
+            f'name = "c{i}"',
+            f'connection_id = "cli-{i}"',
+        ]
+    path = folder / "rotator.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# Runs argv[1:] and prints its wall seconds, peak RSS (KB) and exit code. A launcher this
+# small keeps the figure the command's own: a child's peak RSS counts the pages of the
+# process it was forked from, and this benchmark's own process is several times larger.
+LAUNCHER = """
+import os, sys, time
+start = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.dup2(null, 2)
+    os.execv(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+print(time.perf_counter() - start, usage.ru_maxrss, os.waitstatus_to_exitcode(status))
+"""
+
+
+def run_once(argv: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float, int]:
+    """Wall seconds, peak RSS (MB) and exit code of one run of ``argv``."""
+    out = subprocess.run(
+        [sys.executable, "-c", LAUNCHER, *argv],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    return float(out[0]), int(out[1]) / 1024, int(out[2])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=15, help="runs of each command (median)")
+    parser.add_argument("--credentials", type=int, default=5)
+    parser.add_argument("--port", type=int, default=18767)
+    args = parser.parse_args()
+
+    rotator = [sys.executable, "-m", "rotator"]
+    baseline = [sys.executable, "-c", "pass"]
+    with tempfile.TemporaryDirectory(prefix="bench-cli-") as tmp:
+        folder = Path(tmp)
+        with simulator(args.port, 0, f"{CLIENT}:{SECRET}") as url:
+            config = write_config(folder, url, args.credentials)
+            env = {
+                **os.environ,
+                "BENCH_SEAL": generate_key(),
+                "BENCH_SECRET": SECRET,
+                "ROTATOR_CONFIG": str(config),
+            }
+            names = [f"c{i}" for i in range(args.credentials)]
+            subprocess.run(
+                [*rotator, "rotate", "prod", *names, "--json"],
+                env=env,
+                cwd=folder,
+                stdout=subprocess.DEVNULL,
+                check=True,
+            )
+            commands = {
+                "rotator --help": ["--help"],
+                "rotator get prod c0": ["get", "prod", "c0"],
+                "rotator keygen": ["keygen"],
+                f"rotator status ({args.credentials} credentials)": ["status"],
+            }
+            print(
+                f"start-up, median of {args.runs} runs each, alternating with `python -c pass`; "
+                f"file backend, SQLite journal, {args.credentials} credentials"
+            )
+            print(f"  {'command':34} {'wall':>8} {'peak RSS':>10}   {'python -c pass':>22}")
+            for label, extra in commands.items():
+                runs: list[tuple[float, float, int]] = []
+                bases: list[tuple[float, float, int]] = []
+                for _ in range(args.runs):
+                    bases.append(run_once(baseline, env, folder))
+                    runs.append(run_once([*rotator, *extra], env, folder))
+                codes = sorted({code for _, _, code in runs})
+                wall = statistics.median(r[0] for r in runs)
+                rss = max(r[1] for r in runs)
+                base_wall = statistics.median(b[0] for b in bases)
+                base_rss = max(b[1] for b in bases)
+                note = "" if codes == [0] else f"   exit {codes}"
+                print(
+                    f"  {label:34} {wall:6.3f} s {rss:7.1f} MB   "
+                    f"{base_wall:6.3f} s {base_rss:7.1f} MB   "
+                    f"x{wall / base_wall:4.1f}{note}"
+                )
+
+
+if __name__ == "__main__":
+    main()

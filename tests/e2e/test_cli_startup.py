@@ -1,0 +1,136 @@
+"""The light commands stay light: ``rotator --help``, ``keygen`` and ``get`` (file backend) run
+as a subprocess under ``python -X importtime``, and none of them may import the server's
+modules. Start-up time itself is measured by ``bench/bench_cli.py``, not asserted here: a
+heavy import that creeps back fails this test on any machine, however fast."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, cast
+
+import pytest
+
+from rotator.crypto import generate_key
+from rotator.model import Secret, StoredVersion, TokenPair, new_version_id
+from rotator.settings import load_config
+from tests.factories import config_toml, credentials, environment_table, file_backend
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+pytestmark = pytest.mark.e2e
+
+SERVER = (
+    "sqlalchemy", "alembic", "psycopg", "httpx", "httpcore", "fastapi", "starlette", "uvicorn",
+    "boto3", "botocore", "hvac", "azure", "apscheduler", "prometheus_client", "structlog",
+    "stamina", "aiohttp", "requests",
+)  # fmt: skip
+"""Top-level packages no light command needs."""
+
+
+def imported(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> tuple[
+    subprocess.CompletedProcess[str], set[str]
+]:
+    """Run ``rotator ARGS`` as the console script does (``python -m rotator``) with
+    ``-X importtime``: its result, and the top-level packages it imported."""
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "rotator", *args],
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    packages = {
+        line.rsplit("|", 1)[1].strip().split(".")[0]
+        for line in proc.stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+    assert "rotator" in packages, proc.stderr[-2000:]  # the importtime lines were read
+    return proc, packages
+
+
+def test_help_imports_nothing_but_typer_and_the_command_modules() -> None:
+    proc, packages = imported("--help")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Usage: rotator" in proc.stdout
+    # not even the configuration's or the sealing's libraries, nor rich: help is plain text
+    assert packages & {*SERVER, "pydantic", "pydantic_settings", "cryptography", "rich"} == set()
+
+
+def test_keygen_prints_a_key_without_the_server_or_the_cipher() -> None:
+    proc, packages = imported("keygen")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(proc.stdout.strip()) == 44  # 32 bytes, base64
+    assert packages & {*SERVER, "cryptography"} == set()
+
+
+def test_get_on_a_file_backend_reads_it_without_journal_makini_client_or_logging(
+    tmp_path: Path,
+) -> None:
+    text = config_toml(
+        "sqlite:///journal.db",
+        {
+            "prod": environment_table(
+                "http://127.0.0.1:9",  # no Makini is called to read a token
+                "startup-prod",
+                credentials("acme-sap"),
+                sealing_env="STARTUP_SEAL",
+                secret_env="STARTUP_SECRET",
+                backends=[file_backend("files/prod", "keys/prod-file.key")],
+            )
+        },
+    )
+    config = tmp_path / "rotator.toml"
+    config.write_text(text)
+    env = {"ROTATOR_CONFIG": str(config), "STARTUP_SEAL": generate_key()}
+    token = "startup-" + os.urandom(16).hex()
+
+    import backends
+
+    cfg = load_config(config)
+    backend = backends.build(cfg.environment("prod").backend_settings[0], "prod")
+    try:
+        version = StoredVersion("prod", "acme-sap", new_version_id(), TokenPair(Secret(token)))
+        backend.stage_pending(version)
+        backend.promote("acme-sap", version.version_id)
+    finally:
+        backend.close()
+
+    proc, packages = imported("get", "prod", "acme-sap", env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == token
+    assert packages & set(SERVER) == set()
+    assert not (tmp_path / "journal.db").exists()  # the journal was not even opened
+
+    # the light path keeps get's errors: an unknown credential is named, exit non-zero
+    missing, packages = imported("get", "prod", "nope", env=env, cwd=tmp_path)
+    assert missing.returncode != 0
+    assert "nope" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+
+def test_the_consoles_made_at_first_use_drive_a_progress_bar_like_rich_ones() -> None:
+    # render's consoles are made when first used (so that importing it costs nothing); what
+    # rich needs the object itself for (a Progress's Live, a `with` block) gets the real one
+    import io
+
+    from rotator.cli import render
+
+    out = io.StringIO()
+    lazy = render.LazyConsole(file=out, force_terminal=True, width=60)
+    original, render.err = render.err, cast("Console", lazy)
+    try:
+        with render.progress(False, label="rotating", total=3) as tick:
+            assert tick is not None
+            for i in range(3):
+                tick(i)
+        with render.err:
+            render.err.print("after the bar")
+    finally:
+        render.err = original
+    assert "3/3" in out.getvalue()
+    assert "after the bar" in out.getvalue()
