@@ -256,7 +256,10 @@ class MakiniSettings(_Model):
         description="How to read expires_in: Unix timestamp, a duration, or guess by size.",
     )
     default_token_lifetime: Annotated[PositiveDuration, bounds(least=_SECOND)] = Field(
-        default=timedelta(days=30), description="Assumed when Makini gives no expiry."
+        default=timedelta(days=30),
+        description="How long this environment's access tokens live (Makini documents 30 "
+        "days): assumed when Makini gives no expiry, and the bound the schedule's "
+        "rotate_before_expiry and grace_period must stay below.",
     )
     revoke_path: str | None = Field(
         default=None,
@@ -415,7 +418,7 @@ class SchedulerSettings(_Model):
         "are shared among them. auto: one per CPU the container may use (at most 4), once "
         "there are 200 rotations for each; 1: never fork.",
     )
-    retry_after_failure: Duration = Field(
+    retry_after_failure: Annotated[Duration, bounds(most=_DAY)] = Field(
         default=timedelta(minutes=10),
         description="After a failed attempt, wait this long before trying the credential again.",
     )
@@ -432,7 +435,7 @@ class ReaderSettings(_Model):
     flush_interval: Annotated[PositiveDuration, bounds(most=_HOUR)] = Field(
         default=timedelta(seconds=5)
     )
-    active_window: PositiveDuration = Field(
+    active_window: Annotated[PositiveDuration, bounds(most=timedelta(days=366))] = Field(
         default=timedelta(hours=24),
         description="A reader that read a credential within this window counts as using it.",
     )
@@ -487,6 +490,13 @@ class Config(_Model):
                         "a distinct 'name'"
                     )
                 names.add(name)
+        problems = [
+            line
+            for name, env in self.environments.items()
+            for line in _schedule_problems(name, env)
+        ]
+        if problems:
+            raise ValueError("\n".join(problems))
         resolved = {
             name: _resolved_environment(name, env, self.base_dir)
             for name, env in self.environments.items()
@@ -509,6 +519,59 @@ class Config(_Model):
     @property
     def base_dir(self) -> Path:
         return self.source.resolve().parent if self.source else Path.cwd()
+
+
+def _schedule_problems(name: str, env: EnvironmentSettings) -> list[str]:
+    """The schedule keys that make no sense against each other or against the environment's
+    token lifetime, each named by its key path (where it is written: the environment's schedule
+    or a credential's override) with what to do."""
+    lifetime = env.makini.default_token_lifetime
+    life = format_duration(lifetime)
+    schedules = [(f"environments.{name}.schedule", env.schedule, env.schedule.model_fields_set)]
+    for index, cred in enumerate(env.credentials):
+        if cred.schedule is not None:
+            schedules.append(
+                (
+                    f"environments.{name}.credentials[{index}].schedule",
+                    env.schedule_for(cred),
+                    cred.schedule.model_fields_set,
+                )
+            )
+    problems: list[str] = []
+    seen: set[str] = set()
+    for where, sched, written in schedules:
+
+        def at(key: str, where: str = where, written: set[str] = written) -> str:
+            return f"{where if key in written else f'environments.{name}.schedule'}.{key}"
+
+        lines = []
+        before = sched.rotate_before_expiry or timedelta(0)
+        if before >= lifetime:
+            lines.append(
+                f"{at('rotate_before_expiry')}: {format_duration(before)} is not below the "
+                f"token lifetime ({life}, environments.{name}.makini.default_token_lifetime): "
+                "every token would be due as soon as it is issued; set it well below "
+                f"{life} (e.g. a quarter of it), or set the lifetime your Makini tokens have"
+            )
+        grace = sched.grace_period or timedelta(0)
+        if grace >= lifetime:
+            lines.append(
+                f"{at('grace_period')}: {format_duration(grace)} is not below the token "
+                f"lifetime ({life}, environments.{name}.makini.default_token_lifetime): the "
+                "old token dies before its grace period ends; make it shorter (hours, not days)"
+            )
+        jitter = sched.jitter or timedelta(0)
+        if sched.interval is not None and jitter >= sched.interval:
+            lines.append(
+                f"{at('jitter')}: {format_duration(jitter)} is not below the interval "
+                f"({format_duration(sched.interval)}, {at('interval')}): rotations would "
+                "drift past their period; make the jitter a fraction of the interval"
+            )
+        for line in lines:
+            if line not in seen:
+                seen.add(line)
+                problems.append(line)
+    return problems
 
 
 class ProcessSettings(BaseSettings):
