@@ -241,8 +241,15 @@ class RetrySettings(_Model):
 class MakiniSettings(_Model):
     base_url: str = "https://api.makini.io"
     client_id: str = Field(min_length=1)
-    client_secret_env: str = Field(
-        min_length=1, description="Name of the environment variable holding the client secret."
+    client_secret_env: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Name of the environment variable holding the client secret.",
+    )
+    client_secret_file: Path | None = Field(
+        default=None,
+        description="Or a file holding it (a mounted secret; `make run` writes its own under "
+        ".run/). Relative to the configuration file's folder.",
     )
     timeout_s: float = Field(default=10.0, gt=0, le=300)
     retry: RetrySettings = RetrySettings()
@@ -276,15 +283,71 @@ class MakiniSettings(_Model):
             raise ValueError("must be an http(s) URL such as https://api.makini.io")
         return value.rstrip("/")
 
+    @model_validator(mode="after")
+    def _one_secret_source(self) -> MakiniSettings:
+        if (self.client_secret_env is None) == (self.client_secret_file is None):
+            raise ValueError(
+                "set exactly one of 'client_secret_env' (the variable's name) or "
+                "'client_secret_file' (a file holding the Makini client secret)"
+            )
+        return self
+
     def client_secret(self, where: str) -> str:
+        """The Makini client secret, from its variable or its file. ``where``: the key path
+        of this table's secret key (``environments.prod.makini.client_secret_env``); a
+        ConfigError names the key actually set, the variable or file, and what to do."""
+        base = where.rsplit(".", 1)[0] if where.endswith(".client_secret_env") else where
+        if self.client_secret_file is not None:
+            return _read_secret_file(self.client_secret_file, f"{base}.client_secret_file")
+        assert self.client_secret_env is not None
         secret = os.environ.get(self.client_secret_env)
         if not secret:
             raise ConfigError(
                 f"the environment variable {self.client_secret_env} is not set",
-                where=where,
-                hint=f"export {self.client_secret_env} with the Makini client secret",
+                where=f"{base}.client_secret_env",
+                hint=f"export {self.client_secret_env} with the Makini client secret "
+                "(read it from where it is kept, e.g. `read -rs`, not typed into a command "
+                "line), or name a file with client_secret_file",
             )
         return secret
+
+    def resolve_paths(self, base: Path) -> MakiniSettings:
+        path = self.client_secret_file
+        if path is not None and not path.is_absolute():
+            return self.model_copy(update={"client_secret_file": (base / path).resolve()})
+        return self
+
+
+_MAX_SECRET_FILE = 64 * 1024
+
+
+def _read_secret_file(path: Path, where: str) -> str:
+    """A secret kept in a file (surrounding whitespace dropped); never shown in an error."""
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(_MAX_SECRET_FILE + 1)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"the Makini client secret file {path} does not exist",
+            where=where,
+            hint=f"put the client secret in it (`chmod 600 {path}`); for config/local.toml, "
+            "start `make run` once: it writes it",
+        ) from None
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read the Makini client secret file {path}: "
+            f"{exc.strerror or type(exc).__name__}",
+            where=where,
+            hint="run as the user that owns the file, or point the key at a readable file",
+        ) from None
+    text = data.decode("utf-8", "replace").strip()
+    if not text or len(data) > _MAX_SECRET_FILE or "\n" in text:
+        raise ConfigError(
+            f"the Makini client secret file {path} does not hold one secret on one line",
+            where=where,
+            hint="write the client secret alone into the file",
+        )
+    return text
 
 
 class CredentialSettings(_Model):
@@ -714,10 +777,13 @@ def _resolved_environment(name: str, env: EnvironmentSettings, base: Path) -> En
             for setting, source in backend.key_sources().items()
         }
         backends.append(backend.model_copy(update=keys) if keys else backend)
+    makini = env.makini.resolve_paths(base)
     sealing = env.sealing_key.resolve_paths(base).named(
         f"environments.{name}.sealing_key", f"the sealing key of environment {name!r}"
     )
-    return env.model_copy(update={"backends": backends, "sealing_key": sealing})
+    return env.model_copy(
+        update={"backends": backends, "sealing_key": sealing, "makini": makini}
+    )
 
 
 def _resolve_paths(config: Config, base: Path) -> Config:

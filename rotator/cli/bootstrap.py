@@ -19,6 +19,7 @@ from rotator.cli.context import (
     state,
     with_runtime,
 )
+from rotator.cli.preflight import require_secrets
 from rotator.clock import SYSTEM
 from rotator.errors import ConfigError, RotatorError
 from rotator.model import Secret, TokenPair
@@ -91,6 +92,7 @@ def import_pair(
     token is verified with Makini first."""
     cfg = command_config()
     cfg.environment(environment).credential(name, environment)
+    require_secrets(cfg, [environment], what=f"import into {environment}")
     raw = sys.stdin.read()
     tokens = _parse_pair(raw)
 

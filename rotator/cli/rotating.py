@@ -12,6 +12,7 @@ import typer
 from rotator.cli import render
 from rotator.cli.context import JsonOpt, actor, command_config, run_command, with_runtime
 from rotator.cli.guard import guarded
+from rotator.cli.preflight import require_secrets
 from rotator.rotation.work import RotationResult, Work
 from rotator.settings import Config
 
@@ -86,6 +87,7 @@ def rotate(
     env = cfg.environment(environment)
     for n in name:
         env.credential(n, environment)
+    require_secrets(cfg, [environment], what=f"rotate in {environment}")
 
     async def work(rt: Runtime) -> list[RotationResult]:
         with render.progress(json_out or len(name) < 3) as tick:
@@ -112,6 +114,7 @@ def verify(
     cfg = command_config()
     env = cfg.environment(environment)
     names = [env.credential(name, environment).name] if name else [c.name for c in env.credentials]
+    require_secrets(cfg, [environment], what=f"verify in {environment}")
 
     async def work(rt: Runtime) -> list[tuple[str, bool, str]]:
         from rotator.rotation.queries import verify_current

@@ -570,7 +570,18 @@ class RotationEngine:
             asked_at=now,
             notes="[]",
         )
-        await self.worker.journal(self.journal.add_rotation, rot, lease=d.lease.key)
+        started = {
+            "actor": rot.actor,
+            "action": "rotation.started",
+            "outcome": "started",
+            "version_id": rot.version_id,
+            "rotation_id": rot.id,
+            "reason": rot.reason,
+            "old_version_id": rot.old_version_id,
+        }
+        await self.worker.journal(
+            self.journal.add_rotation, rot, lease=d.lease.key, audit=started
+        )
         d.old = current
         log.info(
             "rotation.started",
