@@ -177,3 +177,47 @@ def test_a_missing_secret_stops_each_command_before_it_starts_anything(
         finally:
             journal.close()
     assert sim.tokens(kind="access") == []
+
+
+def test_doctor_checks_makini_the_admin_token_and_each_connection(
+    tmp_path: Path, sim: SimServer
+) -> None:
+    from rotator.crypto import generate_key
+
+    def config(secret: str) -> RotatorCli:
+        prod = environment_table(
+            sim.url,
+            "test-prod",
+            [
+                {"name": "acme-sap", "connection_id": "conn-doctor-here"},
+                {"name": "globex", "connection_id": "conn-doctor-gone"},
+            ],
+            sealing_env="DOCTOR_SEAL",
+            secret_env="DOCTOR_SECRET",
+            backends=[file_backend("files/prod", "keys/prod-file.key")],
+            retry=None,
+        )
+        text = config_toml({"url": "sqlite:///journal.db"}, {"prod": prod})
+        return RotatorCli(
+            tmp_path, text, {"DOCTOR_SEAL": generate_key(), "DOCTOR_SECRET": secret}
+        )
+
+    sim.add_connection("conn-doctor-here", "test-prod")
+    proc = config("test-prod-secret")("doctor")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert any(line.startswith("ok prod/") for line in lines), proc.stdout  # the file backend
+    assert f"FAILED prod/makini at {sim.url}" in lines
+    assert "    admin token (client test-prod): ok" in lines
+    assert "    connection conn-doctor-here (acme-sap): exists" in lines
+    [gone] = [line for line in lines if "conn-doctor-gone" in line]
+    assert "FAILED: Makini has no connection conn-doctor-gone for client test-prod" in gone
+    assert "environments.prod.credentials[1].connection_id" in gone
+    assert sim.tokens(kind="access") == []  # nothing was issued
+
+    wrong = config("not-the-secret")("doctor", "--json")
+    assert wrong.returncode == 1
+    [makini] = [r for r in json.loads(wrong.stdout) if r["backend"] == "makini"]
+    [(step, outcome)] = makini["steps"].items()
+    assert step == "admin token (client test-prod)" and outcome.startswith("FAILED: ")
+    assert "not-the-secret" not in wrong.stdout + wrong.stderr
