@@ -92,7 +92,7 @@ def _write_private(path: Path, text: str) -> None:
     make_private_dirs(path.parent)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "w") as handle:
-        handle.write(text + "\n")
+        handle.write(text)  # no newline: `curl --data-urlencode name@file` sends it all
 
 
 def main() -> None:
