@@ -542,6 +542,9 @@ class RotationEngine:
         )
 
     async def _begin(self, d: _Drive, reason: str, actor: str) -> Rotation:
+        # a secret the rotation needs and cannot read (the Makini client secret, the sealing
+        # key) stops it here, before a rotation is opened that nothing could finish
+        _ = d.rt.makini, d.rt.sealer
         current = await self.worker.call(d.rt.primary.read, d.cred.name, Stage.CURRENT)
         if d.cred.method == "refresh" and (current is None or current.tokens.refresh is None):
             raise RotationError(

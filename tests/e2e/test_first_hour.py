@@ -181,16 +181,20 @@ def test_a_missing_secret_stops_each_command_before_it_starts_anything(
         assert "environments.prod.makini.client_secret_env" in proc.stderr
         assert "FIRST_HOUR_SECRET is not set" in proc.stderr
         assert "Traceback" not in proc.stderr
-    # nothing was opened: no rotation, no lease, no audit entry; Makini was never asked
-    journal_path = tmp_path / "journal.db"
-    if journal_path.exists():
-        journal = Journal(f"sqlite:///{journal_path}", migrate="off")
-        try:
-            assert journal.open_rotations() == []
-            assert journal.audit_entries() == []
-        finally:
-            journal.close()
-    assert sim.tokens(kind="access") == []
+    assert not (tmp_path / "journal.db").exists()  # nothing was written at all
+    # the scheduled path too: the credential fails, no rotation is opened that nothing
+    # could finish (and that serve would later finish in someone else's name)
+    due = cli("run-due", "--json")
+    assert due.returncode == 1, due.stdout + due.stderr
+    [result] = json.loads(due.stdout)
+    assert result["outcome"] == "failed" and "FIRST_HOUR_SECRET is not set" in result["error"]
+    journal = Journal(f"sqlite:///{tmp_path / 'journal.db'}", migrate="off")
+    try:
+        assert journal.open_rotations() == []
+        assert journal.audit_entries(action="rotation.started") == []
+    finally:
+        journal.close()
+    assert sim.tokens(kind="access") == []  # Makini was never asked
 
 
 def test_doctor_checks_makini_the_admin_token_and_each_connection(
