@@ -45,7 +45,9 @@ def config_check(
         try:
             env.makini.client_secret(f"environments.{name}.makini.client_secret_env")
         except RotatorError as exc:
-            problems.append(f"{name}: {exc.message}")
+            problems.append(
+                f"{exc.where or name}: {exc.message}" + (f"; next: {exc.hint}" if exc.hint else "")
+            )
     # every key that is here is loaded (none is created) and compared across environments;
     # one that is not here (a variable not set, no file) is a warning: the check may run
     # where the secrets are not
