@@ -10,9 +10,12 @@ check nothing here; the runtime reports a key they do need.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from rotator.errors import ConfigError, RotatorError
-from rotator.settings import Config
+
+if TYPE_CHECKING:  # light to import: the commands that call it have loaded it already
+    from rotator.settings import Config
 
 
 def require_secrets(cfg: Config, environments: Iterable[str], *, what: str) -> None:
