@@ -26,6 +26,7 @@ import contextlib
 import random
 import threading
 import time
+import warnings
 from collections.abc import AsyncGenerator, Generator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -63,12 +64,23 @@ class TokenDenied(ClientError):
 
 @dataclass(frozen=True)
 class Token:
-    """A Makini access token as served by the rotator. ``repr`` never shows the value."""
+    """A Makini access token as served by the rotator (``GET /v1/tokens/{env}/{name}``: the
+    fields are named as the API names them). ``repr`` never shows the token."""
 
-    value: str = field(repr=False)
+    token: str = field(repr=False)
     version: str
     expires_at: datetime | None
     rotated_at: datetime | None
+
+    @property
+    def value(self) -> str:
+        """Deprecated: the access token, named ``token`` as in the API."""
+        warnings.warn(
+            "Token.value is deprecated: use Token.token (the API's name)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.token
 
     def expired(self, now: datetime | None = None) -> bool:
         return self.expires_at is not None and self.expires_at <= (now or datetime.now(UTC))
@@ -128,13 +140,13 @@ class _Policy:
             try:
                 doc = response.json()
                 token = Token(
-                    value=str(doc["token"]),
+                    token=str(doc["token"]),
                     version=str(doc["version"]),
                     expires_at=_when(doc.get("expires_at")),
                     rotated_at=_when(doc.get("rotated_at")),
                 )
             except (ValueError, KeyError, TypeError):
-                return self.unavailable(env, name, "the rotator's answer does not parse")
+                return self.unavailable(env, name, "its answer does not parse")
             etag = response.headers.get("etag") or f'"{token.version}"'
             self.entries[key] = _Entry(token, etag, self.expiry())
             return token
@@ -145,11 +157,12 @@ class _Policy:
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 code = response.json()["error"]["code"]
             raise TokenDenied(
-                f"the rotator refused {env}/{name}: {response.status_code} {code or ''}".strip(),
+                f"the rotator at {self.base_url} refused {env}/{name}: "
+                f"{response.status_code} {code or ''}".strip(),
                 status=response.status_code,
                 code=code,
             )
-        return self.unavailable(env, name, f"the rotator answered {response.status_code}")
+        return self.unavailable(env, name, f"it answered {response.status_code}")
 
     def unavailable(self, env: str, name: str, why: str) -> Token:
         """Serve the cached token through an outage, until it expires at Makini."""
@@ -157,7 +170,28 @@ class _Policy:
         if entry is not None and not entry.token.expired():
             entry.fresh_until = time.monotonic() + min(self.retry_s, self.ttl_s)
             return entry.token
-        raise TokenUnavailable(f"no token for {env}/{name}: {why}")
+        raise TokenUnavailable(f"no token for {env}/{name} from {self.base_url}: {why}")
+
+
+def _transport_failure(exc: httpx.TransportError) -> str:
+    """What went wrong on the way to the rotator, in words (``connection refused``)."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.strerror:
+            return str(cause.strerror).lower()
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(exc, httpx.TimeoutException):
+        return f"timed out ({type(exc).__name__})"
+    text = str(exc).strip()
+    words = {
+        httpx.ConnectError: "could not connect",
+        httpx.RemoteProtocolError: "the connection broke",
+        httpx.ReadError: "the connection broke",
+    }
+    for kind, said in words.items():
+        if isinstance(exc, kind):
+            return f"{said}: {text}" if text else said
+    return text or type(exc).__name__
 
 
 class TokenClient:
@@ -200,7 +234,7 @@ class TokenClient:
                     policy.url(env, name), headers=policy.request_headers(env, name, force)
                 )
             except httpx.TransportError as exc:
-                return policy.unavailable(env, name, type(exc).__name__)
+                return policy.unavailable(env, name, _transport_failure(exc))
             return policy.answer(env, name, response)
 
     def close(self) -> None:
@@ -251,7 +285,7 @@ class AsyncTokenClient:
                     policy.url(env, name), headers=policy.request_headers(env, name, force)
                 )
             except httpx.TransportError as exc:
-                return policy.unavailable(env, name, type(exc).__name__)
+                return policy.unavailable(env, name, _transport_failure(exc))
             return policy.answer(env, name, response)
 
     async def aclose(self) -> None:
@@ -285,12 +319,12 @@ class MakiniAuth(httpx.Auth):
         if not isinstance(self.tokens, TokenClient):
             raise TypeError("MakiniAuth on httpx.Client needs a TokenClient")
         token = self.tokens.get(self.env, self.name)
-        request.headers["Authorization"] = f"Bearer {token.value}"
+        request.headers["Authorization"] = f"Bearer {token.token}"
         response = yield request
         if response.status_code == 401:
             fresh = self.tokens.on_unauthorized(self.env, self.name)
-            if fresh.value != token.value:
-                request.headers["Authorization"] = f"Bearer {fresh.value}"
+            if fresh.token != token.token:
+                request.headers["Authorization"] = f"Bearer {fresh.token}"
                 yield request
 
     async def async_auth_flow(
@@ -299,10 +333,10 @@ class MakiniAuth(httpx.Auth):
         if not isinstance(self.tokens, AsyncTokenClient):
             raise TypeError("MakiniAuth on httpx.AsyncClient needs an AsyncTokenClient")
         token = await self.tokens.get(self.env, self.name)
-        request.headers["Authorization"] = f"Bearer {token.value}"
+        request.headers["Authorization"] = f"Bearer {token.token}"
         response = yield request
         if response.status_code == 401:
             fresh = await self.tokens.on_unauthorized(self.env, self.name)
-            if fresh.value != token.value:
-                request.headers["Authorization"] = f"Bearer {fresh.value}"
+            if fresh.token != token.token:
+                request.headers["Authorization"] = f"Bearer {fresh.token}"
                 yield request

@@ -242,8 +242,15 @@ class RetrySettings(_Model):
 class MakiniSettings(_Model):
     base_url: str = "https://api.makini.io"
     client_id: str = Field(min_length=1)
-    client_secret_env: str = Field(
-        min_length=1, description="Name of the environment variable holding the client secret."
+    client_secret_env: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Name of the environment variable holding the client secret.",
+    )
+    client_secret_file: Path | None = Field(
+        default=None,
+        description="Or a file holding it (a mounted secret; `make run` writes its own under "
+        ".run/). Relative to the configuration file's folder.",
     )
     timeout_s: float = Field(default=10.0, gt=0, le=300)
     retry: RetrySettings = RetrySettings()
@@ -257,7 +264,10 @@ class MakiniSettings(_Model):
         description="How to read expires_in: Unix timestamp, a duration, or guess by size.",
     )
     default_token_lifetime: Annotated[PositiveDuration, bounds(least=_SECOND)] = Field(
-        default=timedelta(days=30), description="Assumed when Makini gives no expiry."
+        default=timedelta(days=30),
+        description="How long this environment's access tokens live (Makini documents 30 "
+        "days): assumed when Makini gives no expiry, and the bound the schedule's "
+        "rotate_before_expiry and grace_period must stay below.",
     )
     revoke_path: str | None = Field(
         default=None,
@@ -274,15 +284,71 @@ class MakiniSettings(_Model):
             raise ValueError("must be an http(s) URL such as https://api.makini.io")
         return value.rstrip("/")
 
+    @model_validator(mode="after")
+    def _one_secret_source(self) -> MakiniSettings:
+        if (self.client_secret_env is None) == (self.client_secret_file is None):
+            raise ValueError(
+                "set exactly one of 'client_secret_env' (the variable's name) or "
+                "'client_secret_file' (a file holding the Makini client secret)"
+            )
+        return self
+
     def client_secret(self, where: str) -> str:
+        """The Makini client secret, from its variable or its file. ``where``: the key path
+        of this table's secret key (``environments.prod.makini.client_secret_env``); a
+        ConfigError names the key actually set, the variable or file, and what to do."""
+        base = where.rsplit(".", 1)[0] if where.endswith(".client_secret_env") else where
+        if self.client_secret_file is not None:
+            return _read_secret_file(self.client_secret_file, f"{base}.client_secret_file")
+        assert self.client_secret_env is not None
         secret = os.environ.get(self.client_secret_env)
         if not secret:
             raise ConfigError(
                 f"the environment variable {self.client_secret_env} is not set",
-                where=where,
-                hint=f"export {self.client_secret_env} with the Makini client secret",
+                where=f"{base}.client_secret_env",
+                hint=f"export {self.client_secret_env} with the Makini client secret "
+                "(read it from where it is kept, e.g. `read -rs`, not typed into a command "
+                "line), or name a file with client_secret_file",
             )
         return secret
+
+    def resolve_paths(self, base: Path) -> MakiniSettings:
+        path = self.client_secret_file
+        if path is not None and not path.is_absolute():
+            return self.model_copy(update={"client_secret_file": (base / path).resolve()})
+        return self
+
+
+_MAX_SECRET_FILE = 64 * 1024
+
+
+def _read_secret_file(path: Path, where: str) -> str:
+    """A secret kept in a file (surrounding whitespace dropped); never shown in an error."""
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(_MAX_SECRET_FILE + 1)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"the Makini client secret file {path} does not exist",
+            where=where,
+            hint=f"put the client secret in it (`chmod 600 {path}`); for config/local.toml, "
+            "start `make run` once: it writes it",
+        ) from None
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read the Makini client secret file {path}: "
+            f"{exc.strerror or type(exc).__name__}",
+            where=where,
+            hint="run as the user that owns the file, or point the key at a readable file",
+        ) from None
+    text = data.decode("utf-8", "replace").strip()
+    if not text or len(data) > _MAX_SECRET_FILE or "\n" in text:
+        raise ConfigError(
+            f"the Makini client secret file {path} does not hold one secret on one line",
+            where=where,
+            hint="write the client secret alone into the file",
+        )
+    return text
 
 
 class CredentialSettings(_Model):
@@ -417,7 +483,7 @@ class SchedulerSettings(_Model):
         "are shared among them. auto: one per CPU the container may use (at most 4), once "
         "there are 200 rotations for each; 1: never fork.",
     )
-    retry_after_failure: Duration = Field(
+    retry_after_failure: Annotated[Duration, bounds(most=_DAY)] = Field(
         default=timedelta(minutes=10),
         description="After a failed attempt, wait this long before trying the credential again.",
     )
@@ -434,7 +500,7 @@ class ReaderSettings(_Model):
     flush_interval: Annotated[PositiveDuration, bounds(most=_HOUR)] = Field(
         default=timedelta(seconds=5)
     )
-    active_window: PositiveDuration = Field(
+    active_window: Annotated[PositiveDuration, bounds(most=timedelta(days=366))] = Field(
         default=timedelta(hours=24),
         description="A reader that read a credential within this window counts as using it.",
     )
@@ -489,6 +555,13 @@ class Config(_Model):
                         "a distinct 'name'"
                     )
                 names.add(name)
+        problems = [
+            line
+            for name, env in self.environments.items()
+            for line in _schedule_problems(name, env)
+        ]
+        if problems:
+            raise ValueError("\n".join(problems))
         resolved = {
             name: _resolved_environment(name, env, self.base_dir)
             for name, env in self.environments.items()
@@ -511,6 +584,59 @@ class Config(_Model):
     @property
     def base_dir(self) -> Path:
         return self.source.resolve().parent if self.source else Path.cwd()
+
+
+def _schedule_problems(name: str, env: EnvironmentSettings) -> list[str]:
+    """The schedule keys that make no sense against each other or against the environment's
+    token lifetime, each named by its key path (where it is written: the environment's schedule
+    or a credential's override) with what to do."""
+    lifetime = env.makini.default_token_lifetime
+    life = format_duration(lifetime)
+    schedules = [(f"environments.{name}.schedule", env.schedule, env.schedule.model_fields_set)]
+    for index, cred in enumerate(env.credentials):
+        if cred.schedule is not None:
+            schedules.append(
+                (
+                    f"environments.{name}.credentials[{index}].schedule",
+                    env.schedule_for(cred),
+                    cred.schedule.model_fields_set,
+                )
+            )
+    problems: list[str] = []
+    seen: set[str] = set()
+    for where, sched, written in schedules:
+
+        def at(key: str, where: str = where, written: set[str] = written) -> str:
+            return f"{where if key in written else f'environments.{name}.schedule'}.{key}"
+
+        lines = []
+        before = sched.rotate_before_expiry or timedelta(0)
+        if before >= lifetime:
+            lines.append(
+                f"{at('rotate_before_expiry')}: {format_duration(before)} is not below the "
+                f"token lifetime ({life}, environments.{name}.makini.default_token_lifetime): "
+                "every token would be due as soon as it is issued; set it well below "
+                f"{life} (e.g. a quarter of it), or set the lifetime your Makini tokens have"
+            )
+        grace = sched.grace_period or timedelta(0)
+        if grace >= lifetime:
+            lines.append(
+                f"{at('grace_period')}: {format_duration(grace)} is not below the token "
+                f"lifetime ({life}, environments.{name}.makini.default_token_lifetime): the "
+                "old token dies before its grace period ends; make it shorter (hours, not days)"
+            )
+        jitter = sched.jitter or timedelta(0)
+        if sched.interval is not None and jitter >= sched.interval:
+            lines.append(
+                f"{at('jitter')}: {format_duration(jitter)} is not below the interval "
+                f"({format_duration(sched.interval)}, {at('interval')}): rotations would "
+                "drift past their period; make the jitter a fraction of the interval"
+            )
+        for line in lines:
+            if line not in seen:
+                seen.add(line)
+                problems.append(line)
+    return problems
 
 
 class ProcessSettings(BaseSettings):
@@ -653,11 +779,14 @@ def _resolved_environment(name: str, env: EnvironmentSettings, base: Path) -> En
             for setting, source in backend.key_sources().items()
         }
         backends.append(backend.model_copy(update=keys) if keys else backend)
+    makini = env.makini.resolve_paths(base)
     sealing = env.sealing_key.resolve_paths(base).named(
         f"environments.{name}.sealing_key", f"the sealing key of environment {name!r}"
     )
     notify = env.notify.resolve_paths(base)
-    return env.model_copy(update={"backends": backends, "sealing_key": sealing, "notify": notify})
+    return env.model_copy(
+        update={"backends": backends, "sealing_key": sealing, "makini": makini, "notify": notify}
+    )
 
 
 def _resolve_paths(config: Config, base: Path) -> Config:

@@ -12,7 +12,7 @@ import structlog
 from fastapi import FastAPI
 
 from rotator.aio import woken
-from rotator.api import admin, docs, errors, ops, status, status_board, webhooks
+from rotator.api import admin, docs, errors, ops, status, status_board, swagger, webhooks
 from rotator.api.feed import ReplicaFeed
 from rotator.api.gate import KeyGate
 from rotator.api.limits import BodyLimit
@@ -143,9 +143,11 @@ def build_app(runtime: Runtime) -> ApiApp:
         version="1",
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,
         redoc_url=None,
     )
     errors.install(fastapi)
+    swagger.install(fastapi)
     webhook_limit = max(
         (rt.settings.webhook.max_body_bytes for rt in runtime.environments.values()),
         default=ADMIN_BODY_LIMIT,

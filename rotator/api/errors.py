@@ -114,16 +114,29 @@ def request_id_of(request: Request) -> str:
 
 
 def _validation_message(exc: RequestValidationError) -> str:
+    """Each problem as ``where: what``, where naming the field as the request carries it
+    (``body.if_version``, ``query.wait``, ``body.credentials[2]``)."""
     parts = []
     for err in exc.errors()[:5]:
+        loc = tuple(err.get("loc", ()))
         if err.get("type") == "json_invalid":  # the body as a whole: say why, and where
             why = (err.get("ctx") or {}).get("error", "not JSON")
-            at = err.get("loc", ("body", 0))[-1]
+            at = loc[-1] if loc else 0
             parts.append(f"body: refused as JSON: {why} (at character {at})")
             continue
-        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "request"
-        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+        msg = str(err.get("msg", "invalid"))
+        if loc == ("body",) and err.get("type") == "missing":
+            msg = "required: send a JSON object (Content-Type: application/json)"
+        parts.append(f"{field_path(loc)}: {msg}")
     return "; ".join(parts) or "invalid request"
+
+
+def field_path(loc: tuple[Any, ...]) -> str:
+    """``("body", "credentials", 2)`` as ``body.credentials[2]``."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else ("." if out else "") + str(part)
+    return out or "request"
 
 
 def internal_error(path: str) -> ApiError:

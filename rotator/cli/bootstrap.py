@@ -22,6 +22,7 @@ from rotator.cli.context import (
     state,
     with_runtime,
 )
+from rotator.cli.preflight import require_secrets
 from rotator.clock import SYSTEM
 from rotator.errors import ConfigError, RotatorError
 from rotator.model import Secret, TokenPair
@@ -52,7 +53,9 @@ def config_check(
         try:
             env.makini.client_secret(f"environments.{name}.makini.client_secret_env")
         except RotatorError as exc:
-            problems.append(f"{name}: {exc.message}")
+            problems.append(
+                f"{exc.where or name}: {exc.message}" + (f"; next: {exc.hint}" if exc.hint else "")
+            )
     # every key that is here is loaded (none is created) and compared across environments;
     # one that is not here (a variable not set, no file) is a warning: the check may run
     # where the secrets are not
@@ -99,6 +102,7 @@ def import_pair(
     token is verified with Makini first."""
     cfg = command_config()
     cfg.environment(environment).credential(name, environment)
+    require_secrets(cfg, [environment], what=f"import into {environment}")
     raw = sys.stdin.read()
     tokens = _parse_pair(raw)
 

@@ -81,7 +81,8 @@ def doctor(
     json_out: JsonOpt = False,
 ) -> None:
     """Check each backend online: reachable, and the identity in use may write, read, make
-    unreadable and delete in its own environment's location (with a throwaway credential)."""
+    unreadable and delete in its own environment's location (with a throwaway credential).
+    Then Makini: the admin client gets a token, and each configured connection exists."""
     cfg = command_config()
     if environment:
         cfg.environment(environment)
@@ -89,7 +90,11 @@ def doctor(
     async def work(rt: Runtime) -> list[ProbeResult]:
         from rotator.rotation.repair import probe
 
-        return await probe(rt, environment)
+        results = await probe(rt, environment)
+        for name in rt.environments:
+            if environment is None or name == environment:
+                results.append(await probe_makini(rt, name))
+        return results
 
     results = run_command(with_runtime(cfg, work, [environment] if environment else None))
     if json_out:
@@ -102,3 +107,46 @@ def doctor(
                 render.console.print(f"    {step}: {escape(outcome)}")
     if not all(r.ok for r in results):
         raise typer.Exit(1)
+
+
+async def probe_makini(rt: Runtime, environment: str) -> ProbeResult:
+    """One environment's Makini: its admin client gets a token, and every configured
+    credential's connection is among those the client lists. Each failure is one step that
+    says what is wrong and what to do; nothing is issued or changed at Makini."""
+    from rotator.errors import RotatorError
+    from rotator.rotation.repair import ProbeResult
+
+    env_rt = rt.environments[environment]
+    settings = env_rt.settings
+    result = ProbeResult(environment, "makini", settings.makini.base_url, ok=True)
+
+    def failed(step: str, exc: RotatorError) -> None:
+        result.ok = False
+        result.steps[step] = "FAILED: " + exc.message + (f"; next: {exc.hint}" if exc.hint else "")
+
+    admin = f"admin token (client {settings.makini.client_id})"
+    try:
+        client = env_rt.makini
+        await client.check_admin()
+    except RotatorError as exc:
+        failed(admin, exc)
+        return result
+    result.steps[admin] = "ok"
+    try:
+        known = await client.connection_ids()
+    except RotatorError as exc:
+        failed("list connections", exc)
+        return result
+    for index, cred in enumerate(settings.credentials):
+        step = f"connection {cred.connection_id} ({cred.name})"
+        if cred.connection_id in known:
+            result.steps[step] = "exists"
+        else:
+            result.ok = False
+            result.steps[step] = (
+                f"FAILED: Makini has no connection {cred.connection_id} for client "
+                f"{settings.makini.client_id}; next: check "
+                f"environments.{environment}.credentials[{index}].connection_id against the "
+                "Makini dashboard (a disconnected customer must reconnect)"
+            )
+    return result

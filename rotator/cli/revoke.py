@@ -11,6 +11,7 @@ import typer
 
 from rotator.cli import render
 from rotator.cli.context import JsonOpt, actor, command_config, run_command, with_runtime
+from rotator.cli.preflight import require_secrets
 from rotator.cli.render import console, err, escape
 from rotator.errors import ConfigError
 from rotator.scrub import mask
@@ -105,6 +106,7 @@ def revoke_command(
     env = cfg.environment(environment)
     for n in req.names:
         env.credential(n, environment)
+    require_secrets(cfg, [environment], what=f"revoke in {environment}")
 
     async def work(runtime: Runtime) -> tuple[list[CredentialPlan], list[CredentialReport] | None]:
         from rotator.revoke import Revoker

@@ -19,6 +19,7 @@ from rotator.cli.context import (
     with_runtime,
 )
 from rotator.cli.guard import guarded
+from rotator.cli.preflight import require_secrets
 from rotator.rotation.work import RotationResult, Work
 
 if TYPE_CHECKING:
@@ -101,6 +102,7 @@ def rotate(
     env = cfg.environment(environment)
     for n in name:
         env.credential(n, environment)
+    require_secrets(cfg, [environment], what=f"rotate in {environment}")
 
     async def work(rt: Runtime) -> list[RotationResult]:
         with render.progress(json_out or len(name) < 3, total=len(name)) as tick:
@@ -132,6 +134,7 @@ def verify(
     cfg = command_config()
     env = cfg.environment(environment)
     names = [env.credential(name, environment).name] if name else [c.name for c in env.credentials]
+    require_secrets(cfg, [environment], what=f"verify in {environment}")
 
     async def work(rt: Runtime) -> list[tuple[str, bool, str]]:
         from rotator.rotation.queries import verify_current

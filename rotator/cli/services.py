@@ -59,7 +59,19 @@ def makini_sim(
     ] = None,
     client: Annotated[
         list[str] | None,
-        typer.Option(metavar="ID:SECRET", help="An admin client (repeatable)."),
+        typer.Option(
+            metavar="ID:SECRET",
+            help="An admin client (repeatable); ID:@FILE reads the secret from FILE (kept out "
+            "of the process list).",
+        ),
+    ] = None,
+    state_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--state",
+            metavar="FILE",
+            help="Keep connections and tokens in this file across restarts.",
+        ),
     ] = None,
 ) -> None:
     """Run the bundled Makini simulator (for local runs, tests and benchmarks)."""
@@ -78,9 +90,28 @@ def makini_sim(
             cid, sep, secret = item.partition(":")
             if not sep or not cid or not secret:
                 raise ConfigError(f"--client {item.split(':', 1)[0]}:... is not ID:SECRET")
+            if secret.startswith("@"):
+                secret = _secret_file(cid, Path(secret[1:]))
             pairs[cid] = secret
         options["clients"] = pairs
     from rotator import logs
 
     logs.configure(state.log_level or "info", state.log_format or "console")
-    serve_simulator(SimOptions(**options), host, port)
+    try:
+        serve_simulator(SimOptions(**options), host, port, state_path=state_file)
+    except ValueError as exc:  # a state file that does not parse: the message says what to do
+        raise ConfigError(str(exc), where=str(state_file)) from None
+
+
+def _secret_file(client_id: str, path: Path) -> str:
+    try:
+        secret = path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read the secret of client {client_id} from {path}: "
+            f"{exc.strerror or type(exc).__name__}",
+            hint="give --client ID:@FILE a readable file holding the secret",
+        ) from None
+    if not secret:
+        raise ConfigError(f"the secret file {path} of client {client_id} is empty")
+    return secret

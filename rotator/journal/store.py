@@ -410,7 +410,15 @@ class Journal:
 
     # rotations -----------------------------------------------------------------------------
 
-    def add_rotation(self, rotation: Rotation, *, lease: LeaseKey | None = None) -> Rotation:
+    def add_rotation(
+        self,
+        rotation: Rotation,
+        *,
+        lease: LeaseKey | None = None,
+        audit: dict[str, Any] | None = None,
+    ) -> Rotation:
+        """Record a new rotation (under ``lease``), with its ``audit`` entry in the same
+        transaction when given (fields as for :meth:`audit`)."""
         values = {}
         for column in _ROTATIONS.c:
             value = getattr(rotation, column.key)
@@ -421,11 +429,19 @@ class Journal:
             values[f"p_{column.key}"] = value
         add = self._q.add_rotation
 
+        entry = None
+        if audit is not None:
+            where = {"environment": rotation.environment, "credential": rotation.credential}
+            entry = self._audit_params(**where, **audit)
+        add_audit = self._q.add_audit
+
         def work(conn: Connection) -> None:
             self.require(conn, lease)
             add.run(conn, values)
+            if entry is not None:
+                add_audit.run(conn, entry)
 
-        self._run("record a rotation", work, single=lease is None)
+        self._run("record a rotation", work, single=lease is None and entry is None)
         return rotation
 
     def update_rotation(

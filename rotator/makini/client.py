@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -42,6 +43,7 @@ from .transport import http_transport
 ADMIN_RENEW_MARGIN_S = 60.0
 TOKEN_PATH = "/link/token"  # noqa: S105 (a path, not a secret)
 CURRENT_PATH = "/api/integrations/current"
+CONNECTIONS_PATH = "/api/system/connections"
 
 # every exception httpx raises: the three outside HTTPError included
 _HTTPX_ERRORS = (httpx.HTTPError, httpx.InvalidURL, httpx.CookieConflict, httpx.StreamError)
@@ -260,6 +262,51 @@ class MakiniClient:
             provider=_text(data.get("provider")),
             request_id=request_id,
         )
+
+    async def check_admin(self) -> None:
+        """Make sure the admin client can get a token (the cached one, or a new one): raises
+        the :class:`MakiniError` that says why not (``rotator doctor``)."""
+        await self._admin_token()
+
+    async def connection_ids(self, *, max_pages: int = 100) -> set[str]:
+        """The ids of the connections this environment's admin client sees
+        (``GET /api/system/connections``; each item's ``key``, or ``id``), following
+        ``links.next`` pages."""
+        path: str | None = CONNECTIONS_PATH
+        found: set[str] = set()
+        pages = 0
+        while path is not None and pages < max_pages:
+            pages += 1
+            call = _Call("GET", path, "listing connections", ADMIN)
+            response = await self._request(call)
+            where = self._where(call)
+            try:
+                body = json.loads(response.content)
+            except (ValueError, UnicodeDecodeError):
+                body = None
+            if not isinstance(body, dict) or not isinstance(body.get("data"), list):
+                raise MakiniProtocolError(
+                    "listing connections: Makini's answer has no list under 'data'",
+                    status=response.status_code,
+                    where=where,
+                    request_id=request_id_from(response.headers),
+                    hint="check makini.base_url points at the Makini API",
+                )
+            for item in body["data"]:
+                if isinstance(item, dict):
+                    key = _text(item.get("key")) or _text(item.get("id"))
+                    if key is not None:
+                        found.add(key)
+            links = body.get("links")
+            following = links.get("next") if isinstance(links, dict) else None
+            path = None
+            if isinstance(following, str) and following:
+                base = self._settings.base_url
+                if following.startswith(base + "/"):
+                    following = following[len(base):]
+                # the admin token goes to Makini's own host only
+                path = following if following.startswith("/") else None
+        return found
 
     async def disconnect(self, connection_id: str) -> None:
         """Delete the connection: all its tokens die and syncs stop. A 404 raises BadRequest

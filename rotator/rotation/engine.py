@@ -542,6 +542,9 @@ class RotationEngine:
         )
 
     async def _begin(self, d: _Drive, reason: str, actor: str) -> Rotation:
+        # a secret the rotation needs and cannot read (the Makini client secret, the sealing
+        # key) stops it here, before a rotation is opened that nothing could finish
+        _ = d.rt.makini, d.rt.sealer
         current = await self.worker.call(d.rt.primary.read, d.cred.name, Stage.CURRENT)
         if d.cred.method == "refresh" and (current is None or current.tokens.refresh is None):
             raise RotationError(
@@ -570,7 +573,18 @@ class RotationEngine:
             asked_at=now,
             notes="[]",
         )
-        await self.worker.journal(self.journal.add_rotation, rot, lease=d.lease.key)
+        started = {
+            "actor": rot.actor,
+            "action": "rotation.started",
+            "outcome": "started",
+            "version_id": rot.version_id,
+            "rotation_id": rot.id,
+            "reason": rot.reason,
+            "old_version_id": rot.old_version_id,
+        }
+        await self.worker.journal(
+            self.journal.add_rotation, rot, lease=d.lease.key, audit=started
+        )
         d.old = current
         log.info(
             "rotation.started",

@@ -4,6 +4,7 @@ and MakiniAuth re-fetching after a 401 from the Makini simulator (sync and async
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import httpx
 import pytest
@@ -106,9 +107,40 @@ def test_server_errors_serve_the_cached_token() -> None:
 
     http = httpx.Client(transport=httpx.MockTransport(handler))
     tokens = TokenClient("http://rotator", "k", ttl_s=0.01, retry_s=0.01, http=http)
-    assert tokens.get("e", "n").value == "t"
-    assert tokens.refresh("e", "n").value == "t"  # 503: the cached one
-    assert tokens.refresh("e", "n").value == "t"  # 500: the cached one
+    assert tokens.get("e", "n").token == "t"
+    assert tokens.refresh("e", "n").token == "t"  # 503: the cached one
+    assert tokens.refresh("e", "n").token == "t"  # 500: the cached one
+
+
+def test_the_token_is_named_as_the_api_names_it_and_value_is_a_deprecated_alias() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = {"token": "t-1", "version": "v1", "expires_at": None, "rotated_at": None}
+        return httpx.Response(200, json=body)
+
+    http = httpx.Client(transport=httpx.MockTransport(handler))
+    token = TokenClient("http://rotator", "k", http=http).get("e", "n")
+    assert token.token == "t-1" and "t-1" not in repr(token)
+    with pytest.warns(DeprecationWarning, match="Token.token"):
+        assert token.value == "t-1"
+
+
+def test_errors_name_the_url_tried_and_what_went_wrong() -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    with pytest.raises(TokenUnavailable) as gone:
+        TokenClient(url, "k", timeout_s=2).get("prod", "acme-sap")
+    assert str(gone.value) == f"no token for prod/acme-sap from {url}: connection refused"
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(404, json={"error": {"code": "not_found"}})
+
+    http = httpx.Client(transport=httpx.MockTransport(handler))
+    with pytest.raises(TokenDenied) as denied:
+        TokenClient("http://rotator:8080/", "k", http=http).get("prod", "acme-sap")
+    assert str(denied.value) == (
+        "the rotator at http://rotator:8080 refused prod/acme-sap: 404 not_found"
+    )
 
 
 async def test_makini_auth_refetches_after_a_401_async(

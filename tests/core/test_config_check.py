@@ -121,3 +121,75 @@ def test_a_dev_backend_in_prods_folder_fails_the_check_and_the_run(
         assert "environments.dev.backends[0].path" in proc.stderr
         assert "environments.prod.backends[0].path" in proc.stderr
     assert not (tmp_path / "files" / "prod").exists()  # nothing was written
+
+
+def test_a_garbage_file_backend_key_fails_the_check(tmp_path: Path) -> None:
+    (tmp_path / "keys").mkdir(mode=0o700)
+    bad = tmp_path / "keys" / "prod-file.key"
+    bad.write_text("0123456789abcdef\n")
+    bad.chmod(0o600)
+    proc = cli(tmp_path)("config", "check")
+    clean(proc.stdout + proc.stderr)
+    assert proc.returncode == 2, proc.stdout
+    line = next(line for line in proc.stderr.splitlines() if "prod-file.key" in line)
+    assert "environments.prod.backends[0].key" in line
+    assert "not 32 bytes of base64" in line and "rotator keygen >" in line
+    assert "0123456789abcdef" not in proc.stderr  # not even a garbage key is shown
+
+
+@pytest.mark.parametrize(
+    ("top", "expected"),
+    [
+        # a token due as soon as it is issued: rotations without end
+        (
+            '[environments.prod.schedule]\nrotate_before_expiry = "40d"',
+            "environments.prod.schedule.rotate_before_expiry: 40d is not below the token "
+            "lifetime (30d, environments.prod.makini.default_token_lifetime)",
+        ),
+        # the lifetime is the environment's: 7d tokens, the default 7d margin
+        (
+            '[environments.prod.makini]\ndefault_token_lifetime = "7d"',
+            "environments.prod.schedule.rotate_before_expiry: 7d is not below the token "
+            "lifetime (7d,",
+        ),
+        (
+            '[environments.prod.schedule]\ngrace_period = "31d"',
+            "environments.prod.schedule.grace_period: 31d is not below the token lifetime",
+        ),
+        (
+            '[environments.prod.schedule]\ninterval = "1h"\njitter = "2h"',
+            "environments.prod.schedule.jitter: 2h is not below the interval (1h,",
+        ),
+        ("[scheduler]\ntick = -5", "scheduler.tick: must be positive, not -5s"),
+        ('[scheduler]\nretry_after_failure = "30d"', "scheduler.retry_after_failure: must be "
+         "at most 1d, not 30d"),
+        ('[api.readers]\nactive_window = "400d"', "api.readers.active_window: must be at most"),
+    ],
+)
+def test_durations_that_make_no_sense_fail_the_check(
+    tmp_path: Path, top: str, expected: str
+) -> None:
+    if top.startswith("[environments.prod.makini]"):  # a key of a table the file has
+        rotator = cli(tmp_path)
+        rotator.config.write_text(
+            rotator.config.read_text().replace('client_id = "p"', f'client_id = "p"\n{top[27:]}')
+        )
+    else:
+        rotator = cli(tmp_path, top=top)
+    proc = rotator("config", "check")
+    clean(proc.stdout + proc.stderr)
+    assert proc.returncode == 2, proc.stdout
+    assert expected in proc.stderr, proc.stderr
+    assert "`rotator config check` re-validates" in proc.stderr
+
+
+def test_a_credential_override_is_named_where_it_is_written(tmp_path: Path) -> None:
+    rotator = cli(tmp_path)
+    rotator.config.write_text(
+        rotator.config.read_text()
+        + '[[environments.prod.credentials]]\nname = "acme"\nconnection_id = "c-acme"\n'
+        + 'schedule = { rotate_before_expiry = "30d" }\n'
+    )
+    proc = rotator("config", "check")
+    assert proc.returncode == 2
+    assert "environments.prod.credentials[0].schedule.rotate_before_expiry: 30d" in proc.stderr

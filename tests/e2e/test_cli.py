@@ -90,7 +90,10 @@ def test_rotate_get_status_and_audit(tmp_path: Path, sim: SimServer) -> None:
     assert rows[("prod", "a")]["backends_agree"] and rows[("prod", "a")]["current_version"]
     assert rows[("dev", "a")]["current_version"] is None
     audit = json.loads(rotator("audit", "--json").stdout)
-    assert {e["action"] for e in audit} == {"rotation.promoted"}
+    assert {e["action"] for e in audit} == {"rotation.started", "rotation.promoted"}
+    # each rotation's start names who started it, whoever finishes it
+    started = [e for e in audit if e["action"] == "rotation.started"]
+    assert len(started) == 2 and all("@" in e["actor"] for e in started)
     # the token never shows up anywhere but `get`, and the files hold it encrypted
     for text in rotator.outputs:
         assert token not in text

@@ -156,6 +156,8 @@ class SimApp:
                 state.inflight[busy] -= 1
                 if state.inflight[busy] <= 0:
                     del state.inflight[busy]
+            if request.method != "GET":
+                state.save()  # a POST or DELETE may have issued, revoked or disconnected
             response.headers[opts.request_id_header] = request_id
             state.stats[(key, response.status_code)] += 1
             return response
@@ -251,6 +253,7 @@ class SimApp:
                 conn = state.add_connection(body.get("id") or uuid.uuid4().hex[:12], client_id)
             except ApiError as err:
                 return JSONResponse({"error": err.message}, err.status)
+            state.save()
             return JSONResponse(conn.view(state.now()), 201)
         now = state.now()
         return JSONResponse([c.view(now) for c in state.connections.values()])
@@ -287,6 +290,7 @@ class SimApp:
         if token is None:
             return JSONResponse({"error": "no such token"}, 404)
         self.state.revoke(token)
+        self.state.save()
         return JSONResponse(token.view(self.state.now()))
 
     async def sim_options(self, request: Request) -> Response:
@@ -306,6 +310,7 @@ class SimApp:
         raw = await request.body()
         body = json.loads(raw) if raw else {}
         self.state.reset()
+        self.state.save()
         if isinstance(body, dict) and isinstance(body.get("options"), dict):
             try:
                 self.state.set_options(SimOptions.model_validate(body["options"]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
@@ -30,10 +31,17 @@ def _config(app: Any, host: str, port: int, log_level: str) -> uvicorn.Config:
 
 
 def serve_simulator(
-    options: SimOptions, host: str, port: int, *, log_level: str = "warning"
+    options: SimOptions,
+    host: str,
+    port: int,
+    *,
+    log_level: str = "warning",
+    state_path: Path | None = None,
 ) -> None:
-    """Serve the simulator until interrupted (blocking; ``rotator makini-sim``)."""
-    uvicorn.Server(_config(create_app(SimState(options)), host, port, log_level)).run()
+    """Serve the simulator until interrupted (blocking; ``rotator makini-sim``). With
+    ``state_path`` its connections and tokens are kept in that file across restarts."""
+    state = SimState(options, path=state_path)
+    uvicorn.Server(_config(create_app(state), host, port, log_level)).run()
 
 
 def link_code(
@@ -65,8 +73,9 @@ class SimServer:
         host: str = "127.0.0.1",
         port: int = 0,
         log_level: str = "warning",
+        state_path: Path | None = None,
     ) -> None:
-        self.state = SimState(options)
+        self.state = SimState(options, path=state_path)
         self._server = uvicorn.Server(_config(SimApp(self.state).build(), host, port, log_level))
         self._host = host
         self._thread: threading.Thread | None = None

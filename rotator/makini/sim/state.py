@@ -15,20 +15,27 @@ Choices where Makini is silent (each is an option where the rotator must cope wi
   other admin tokens (what the docs say of admin refresh).
 - Disconnecting revokes every token of the connection; the id stays dead (404) until reset.
 
-Token values live only here; everything the inspection surface shows is a fingerprint.
+Token values live only here; everything the inspection surface shows is a fingerprint. Given
+a ``path``, the state (connections and their tokens, values included) is kept in that file,
+mode 0600, rewritten atomically after each change and read back at start: a simulator that
+restarts (``make run`` again) still knows the tokens it issued.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import math
+import os
 import random
 import secrets
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -38,6 +45,10 @@ from rotator.model import fingerprint
 Kind = Literal["access", "refresh", "admin", "admin_refresh"]
 DAY_S = 86400.0
 CODE_LIFETIME_S = 600.0
+KEEP_DEAD_S = 3600.0
+"""A token revoked or expired longer ago than this is not written to the state file (it is
+as dead to a client as a token never issued: 401)."""
+STATE_VERSION = 1
 _JWT_HEADER = base64.urlsafe_b64encode(b'{"alg":"HS256","typ":"JWT"}').rstrip(b"=").decode()
 
 
@@ -168,6 +179,10 @@ class LinkCode:
     used: bool = False
 
 
+def _float(value: object) -> float | None:
+    return None if value is None else float(value)  # type: ignore[arg-type]
+
+
 def _iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat() if ts is not None else None
 
@@ -180,10 +195,84 @@ def _b64(data: dict[str, Any]) -> str:
 class SimState:
     """Everything the simulator knows. Single-threaded: only the server's event loop uses it."""
 
-    def __init__(self, options: SimOptions | None = None) -> None:
+    def __init__(self, options: SimOptions | None = None, *, path: Path | None = None) -> None:
         self.options = options or SimOptions()
         self.rng = random.Random(self.options.seed)
+        self.path = path
         self.reset()
+        if path is not None:
+            self.load(path)
+
+    # --- persistence -------------------------------------------------------------------------
+
+    def load(self, path: Path) -> None:
+        """Read the connections and tokens saved at ``path`` (nothing there: start empty).
+        A file that does not parse is a ValueError naming the file, never a token."""
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return
+        try:
+            doc = json.loads(raw)
+            if doc.get("version") != STATE_VERSION:
+                raise ValueError(f"version {doc.get('version')!r}, not {STATE_VERSION}")
+            for item in doc["connections"]:
+                conn = Connection(
+                    str(item["id"]), str(item["client_id"]), float(item["created_at"]),
+                    _float(item.get("deleted_at")),
+                )
+                self.connections[conn.id] = conn
+            for item in doc["tokens"]:
+                token = Token(
+                    str(item["value"]), item["kind"], str(item["client_id"]),
+                    item.get("connection_id"), float(item["issued_at"]),
+                    float(item["expires_at"]), _float(item.get("revoked_at")),
+                )
+                self.tokens[token.value] = token
+                self.by_fingerprint[token.fingerprint] = token
+                if token.connection_id in self.connections:
+                    self.connections[token.connection_id].tokens.append(token)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(
+                f"the simulator's state file {path} does not parse ({type(exc).__name__}); "
+                "move it away to start with an empty simulator"
+            ) from None
+
+    def save(self) -> None:
+        """Write the state to ``path`` (if given): a temporary file beside it, fsynced, then
+        renamed over it, so a crash leaves the old state or the new one, never half."""
+        if self.path is None:
+            return
+        now = self.now()
+        doc = {
+            "version": STATE_VERSION,
+            "connections": [
+                {"id": c.id, "client_id": c.client_id, "created_at": c.created_at,
+                 "deleted_at": c.deleted_at}
+                for c in self.connections.values()
+            ],
+            "tokens": [
+                {"value": t.value, "kind": t.kind, "client_id": t.client_id,
+                 "connection_id": t.connection_id, "issued_at": t.issued_at,
+                 "expires_at": t.expires_at, "revoked_at": t.revoked_at}
+                for t in self.tokens.values()
+                if t.status(now) == "active"
+                or now - min(t.revoked_at or t.expires_at, t.expires_at) < KEEP_DEAD_S
+            ],
+        }
+        folder = self.path.parent
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=folder)  # mode 0600
+        try:
+            with os.fdopen(fd, "w") as handle:
+                json.dump(doc, handle, separators=(",", ":"))
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
     def reset(self) -> None:
         self.connections: dict[str, Connection] = {}
