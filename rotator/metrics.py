@@ -57,7 +57,7 @@ class Probes:
     """whether every backend holds the journal's current version"""
 
 
-class _JournalGauges(Collector):
+class JournalGauges(Collector):
     """Per credential, from the journal's credential state and the probes."""
 
     def __init__(self, config: Config, journal: Journal, probes: Callable[[], Probes]) -> None:
@@ -236,7 +236,7 @@ class Metrics:
         self._read_children: dict[tuple[str, int], Counter] = {}
         self._http_children: dict[tuple[str, str, int], Histogram] = {}
         if config is not None and journal is not None:
-            self.registry.register(_JournalGauges(config, journal, lambda: self.probes))
+            self.registry.register(JournalGauges(config, journal, lambda: self.probes))
 
     def read(self, environment: str, status: int) -> None:
         """Count a read (the hot path: the labelled child is looked up once)."""

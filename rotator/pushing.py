@@ -21,11 +21,13 @@ not pushed; its results are.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, TypeVar
+from urllib.error import HTTPError
 from urllib.parse import urlsplit, urlunsplit
 
 import structlog
@@ -35,7 +37,7 @@ from prometheus_client.registry import Collector
 
 import backends
 from rotator.journal import Journal
-from rotator.metrics import Metrics
+from rotator.metrics import JournalGauges, Metrics
 from rotator.observe import Observer
 from rotator.scrub import mask
 
@@ -155,9 +157,8 @@ class RunDuePush:
             for env in self.environments:
                 settings = self.config.environments[env]
                 built[env] = [backends.build(b, env) for b in settings.backend_settings]
-            observer = Observer(self.config, journal, built)
-            gauges = Metrics(self.config, journal, observer.probes())
-            return [f for f in gauges.registry.collect() if f.name.startswith(_JOURNAL_PREFIXES)]
+            probes = Observer(self.config, journal, built).probes()
+            return list(JournalGauges(self.config, journal, lambda: probes).collect())
         except Exception as exc:  # noqa: BLE001 - the run's own figures still go out
             log.warning(
                 "metrics.journal_unavailable",
@@ -171,16 +172,6 @@ class RunDuePush:
                     backend.close()
             if journal is not None:
                 journal.close()
-
-
-_JOURNAL_PREFIXES = (
-    "rotator_token_",
-    "rotator_last_rotation_",
-    "rotator_credential_",
-    "rotator_webhook_queue_",
-    "rotator_readers_",
-    "rotator_backends_",
-)
 
 
 class _Group(Collector):
@@ -217,7 +208,7 @@ def _push_group(gateway: PushgatewaySettings, env: str, families: list[MetricFam
             pushgateway=_shown(gateway.url),
             environment=env,
             error=type(exc).__name__,
-            detail=mask(str(exc).replace(gateway.url, _shown(gateway.url)))[:200],
+            detail=mask(_described(exc).replace(gateway.url, _shown(gateway.url)))[:300],
             hint="check metrics.pushgateway.url and that the Pushgateway is up; the run's "
             "outcome is unchanged",
         )
@@ -233,3 +224,11 @@ def _shown(url: str) -> str:
     host = parts.hostname or ""
     netloc = f"{host}:{parts.port}" if parts.port else host
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def _described(exc: Exception) -> str:
+    """The error, with the Pushgateway's own explanation where it answered one."""
+    if isinstance(exc, HTTPError):
+        with contextlib.suppress(Exception):
+            return f"{exc}: {exc.read().decode('utf-8', 'replace').strip()}"
+    return str(exc)
