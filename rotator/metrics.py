@@ -11,7 +11,7 @@ exported as Unix timestamps: a pushed age would freeze at the value of the push.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
@@ -233,6 +233,13 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.run_due_last_success = Gauge(
+            "rotator_run_due_last_success_timestamp_seconds",
+            "When a run over what is due (run-due, or a tick of serve's scheduler) last ended "
+            "with nothing failed in the environment (Unix time).",
+            ["environment"],
+            registry=self.registry,
+        )
         self._read_children: dict[tuple[str, int], Counter] = {}
         self._http_children: dict[tuple[str, str, int], Histogram] = {}
         if config is not None and journal is not None:
@@ -267,6 +274,16 @@ class Metrics:
         """An engine result listener: count the outcome and time the drive."""
         self.rotations.labels(result.environment, result.credential, result.outcome).inc()
         self.rotation_duration.labels(result.environment).observe(result.duration_s)
+
+    def run_due_done(
+        self, environments: Iterable[str], results: Iterable[RotationResult], now: float
+    ) -> None:
+        """A run over what is due ended: each environment none of whose ``results`` failed
+        succeeded at ``now``."""
+        failed = {r.environment for r in results if not r.ok}
+        for env in environments:
+            if env not in failed:
+                self.run_due_last_success.labels(env).set(now)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

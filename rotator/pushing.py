@@ -4,7 +4,8 @@ A one-shot run has nobody to scrape it, so it pushes what ``serve`` would expose
 gauges per credential (token expiry, last successful rotation, failing, attention, backend
 agreement, readers on old versions, the webhook queue), the run's outcome counters and Makini
 calls, build info, and ``rotator_run_due_last_run_timestamp_seconds`` (every run) and
-``rotator_run_due_last_success_timestamp_seconds`` (a run in which nothing failed).
+``rotator_run_due_last_success_timestamp_seconds`` (per environment: a run in which nothing of
+it failed).
 
 One group per environment the run covers: ``job`` (``metrics.pushgateway.job``),
 ``environment`` and the configured ``grouping`` labels; each group holds that environment's
@@ -68,11 +69,6 @@ class RunDuePush:
             "When the last run-due ended, whatever its outcome (Unix time).",
             registry=self.metrics.registry,
         )
-        self.last_success = Gauge(
-            "rotator_run_due_last_success_timestamp_seconds",
-            "When the last run-due in which nothing failed ended (Unix time).",
-            registry=self.metrics.registry,
-        )
         self.failed = Gauge(
             "rotator_run_due_failed_credentials",
             "Credentials the last run-due failed to rotate, retire or resume.",
@@ -114,9 +110,8 @@ class RunDuePush:
         """Count the run's results and push, with the journal's gauges."""
         for result in results:
             self.metrics.rotation(result)
-        failed = sum(1 for r in results if not r.ok)
-        self.failed.set(failed)
-        self._push(succeeded=failed == 0, with_journal=True)
+        self.failed.set(sum(1 for r in results if not r.ok))
+        self._push(results, with_journal=True)
 
     # --- plumbing --------------------------------------------------------------------------
 
@@ -125,9 +120,10 @@ class RunDuePush:
         without the journal: no thread may start this late). Not in forked workers, which
         inherit the handler."""
         if os.getpid() == self._pid and not self._pushed:
-            self._push(succeeded=False, with_journal=False)
+            self._push(None, with_journal=False)
 
-    def _push(self, *, succeeded: bool, with_journal: bool) -> None:
+    def _push(self, results: Sequence[RotationResult] | None, *, with_journal: bool) -> None:
+        """Push every environment's group; ``results`` None: the run never got to any."""
         self._pushed = True
         gateway = self.config.metrics.pushgateway
         if gateway is None:
@@ -135,14 +131,10 @@ class RunDuePush:
         now = time.time()
         self.last_run.set(now)
         self.duration.set(now - self.started)
-        if succeeded:
-            self.last_success.set(now)
-        families = [
-            f
-            for f in self.metrics.registry.collect()
-            # a failed run leaves it out: pushadd keeps the last success's timestamp in place
-            if succeeded or f.name != "rotator_run_due_last_success_timestamp_seconds"
-        ]
+        if results is not None:
+            # an environment that failed gets no sample: its group keeps the last success's
+            self.metrics.run_due_done(self.environments, results, now)
+        families = list(self.metrics.registry.collect())
         if with_journal:
             families += self._journal_families()
         for env in self.environments:
@@ -176,7 +168,8 @@ class RunDuePush:
 
 class _Group(Collector):
     """The families as one environment's group: its own series and those without an
-    environment label."""
+    environment label. A family with no sample is left out, so that ``pushadd`` keeps its
+    earlier values (an environment whose run failed keeps its last success's time)."""
 
     def __init__(self, env: str, families: list[MetricFamily]) -> None:
         self.env = env
@@ -185,7 +178,7 @@ class _Group(Collector):
     def collect(self) -> Iterator[MetricFamily]:
         for family in self.families:
             kept = [s for s in family.samples if s.labels.get("environment", self.env) == self.env]
-            if not kept and family.samples:
+            if not kept:  # nothing this run: the group keeps what an earlier run pushed
                 continue
             copy = MetricFamily(family.name, family.documentation, family.type, family.unit)
             copy.samples = kept

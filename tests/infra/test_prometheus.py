@@ -117,6 +117,13 @@ def test_every_dashboard_query_returns_data_from_serve_and_the_pushgateway(
             assert api.get("/v1/tokens/prod/nobody", headers=reads).status_code == 404
             rotated = api.post("/v1/admin/rotate/prod/alpha", headers=ops, json={})
             assert rotated.status_code == 200, rotated.text
+            # more Makini calls once Prometheus has seen the first: a latency needs a rate
+            wait_until(
+                "Prometheus to scrape serve's Makini calls",
+                lambda: query(
+                    prom, 'rotator_makini_request_duration_seconds_count{job="makini-rotator"}'
+                ),
+            )
             revoked = api.post(
                 "/v1/admin/revoke/prod",
                 headers=ops,
@@ -136,6 +143,9 @@ def test_every_dashboard_query_returns_data_from_serve_and_the_pushgateway(
             # serve and the Pushgateway both report the journal's gauges
             jobs = {s["metric"]["job"] for s in query(prom, "rotator_token_expiry_warning_seconds")}
             assert jobs == {"makini-rotator", "rotator-run-due"}
+            # as does a run over what is due: run-due's, and each of serve's scheduler ticks
+            runs = query(prom, "rotator_run_due_last_success_timestamp_seconds")
+            assert {s["metric"]["job"] for s in runs} == {"makini-rotator", "rotator-run-due"}
             rules = httpx.get(f"{prom}/api/v1/rules", timeout=10).json()["data"]["groups"]
             loaded = [r for g in rules for r in g["rules"]]
             assert len(loaded) == 8 and all(r["health"] == "ok" for r in loaded), loaded

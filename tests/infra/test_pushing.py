@@ -100,3 +100,10 @@ def test_a_push_that_fails_is_a_warning_and_the_run_succeeds(tmp_path: Path, sim
     out = proc.stdout + proc.stderr
     assert "metrics.push_failed" in out
     assert "pw" not in out.replace("push_failed", "")
+
+
+def test_the_metrics_section_is_validated(tmp_path: Path, sim: Any) -> None:
+    bad = Monitored(tmp_path, sim, {"pushgateway": {"url": "pushgateway:9091"}})
+    proc = run(bad, "config", "check")
+    assert proc.returncode != 0
+    assert "metrics.pushgateway.url" in proc.stdout + proc.stderr
