@@ -72,7 +72,7 @@ class Observer:
             .group_by(WebhookEvent.environment)
         )
         with self.journal.reader() as s:
-            return {env: int(n) for env, n in s.execute(q).tuples()}
+            return {str(row[0]): int(row[1]) for row in s.execute(q)}
 
     def stale_readers(self) -> dict[CredentialKey, int]:
         """Per credential, how many readers active within ``api.readers.active_window`` last

@@ -76,6 +76,14 @@ def test_run_due_pushes_per_environment_and_a_failed_run_keeps_the_last_success(
         assert value(found, "rotator_credential_failing", **cred) == 1
         assert value(found, "rotator_rotations_total", outcome="rotated", **cred) is None
         assert value(found, "rotator_rotations_total", outcome="failed", **cred) == 1
+        refused = [
+            v
+            for n, labels, v in found
+            if n == "rotator_makini_request_duration_seconds_count"
+            and labels.get("outcome") == "4xx"
+            and GROUP.items() <= labels.items()
+        ]
+        assert sum(refused) >= 2, found
         assert not any(t in text for t in tokens for text in rig.outputs)
 
 
