@@ -24,6 +24,7 @@ peers:
 	if [ -n "$$missing" ]; then \
 	    echo "peers: missing$$missing; installing $(PEER_PACKAGES) with apt-get"; \
 	    as_root=""; [ "$$(id -u)" = 0 ] || as_root="sudo -n"; \
+	    { [ -z "$$as_root" ] || command -v sudo >/dev/null 2>&1; } && \
 	    { $$as_root apt-get update -qq && \
 	      DEBIAN_FRONTEND=noninteractive $$as_root apt-get install -y -qq --no-install-recommends \
 	          $(PEER_PACKAGES); } >/dev/null \
