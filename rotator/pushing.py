@@ -134,7 +134,12 @@ class RunDuePush:
         if results is not None:
             # an environment that failed gets no sample: its group keeps the last success's
             self.metrics.run_due_done(self.environments, results, now)
-        families = list(self.metrics.registry.collect())
+        families = [
+            f
+            for f in self.metrics.registry.collect()
+            # a run that got to no results has no count of failed credentials to give
+            if results is not None or f.name != "rotator_run_due_failed_credentials"
+        ]
         if with_journal:
             families += self._journal_families()
         for env in self.environments:

@@ -99,6 +99,7 @@ def test_a_run_that_cannot_start_still_pushes_its_time(tmp_path: Path, sim: Any)
         assert value(found, "rotator_run_due_last_run_timestamp_seconds", **GROUP) is not None
         assert value(found, "rotator_build_info", **GROUP) == 1
         assert value(found, "rotator_run_due_last_success_timestamp_seconds", **GROUP) is None
+        assert value(found, "rotator_run_due_failed_credentials", **GROUP) is None
 
 
 def test_a_push_that_fails_is_a_warning_and_the_run_succeeds(tmp_path: Path, sim: Any) -> None:
