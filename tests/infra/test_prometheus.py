@@ -149,13 +149,21 @@ def test_every_dashboard_query_returns_data_from_serve_and_the_pushgateway(
             rules = httpx.get(f"{prom}/api/v1/rules", timeout=10).json()["data"]["groups"]
             loaded = [r for g in rules for r in g["rules"]]
             assert len(loaded) == 8 and all(r["health"] == "ok" for r in loaded), loaded
+
             # the shipped rules load in a real Prometheus; none fires, and the one the test
             # provoked (a reader read alpha, then alpha was rotated) is on its way
-            alerts = httpx.get(f"{prom}/api/v1/alerts", timeout=10).json()["data"]["alerts"]
-            assert [a for a in alerts if a["state"] == "firing"] == [], alerts
-            assert {(a["labels"]["alertname"], a["labels"].get("credential")) for a in alerts} == {
-                ("RotatorReadersOnOldVersion", "alpha")
-            }
+            # (serve writes reads to the journal every api.readers.flush_interval, 5 s)
+            def alerts() -> list[dict[str, Any]]:
+                found: list[dict[str, Any]] = httpx.get(f"{prom}/api/v1/alerts", timeout=10).json()[
+                    "data"
+                ]["alerts"]
+                return found
+
+            wait_until("the readers' alert to be pending", alerts, timeout_s=30, every_s=0.5)
+            assert [a for a in alerts() if a["state"] == "firing"] == []
+            assert {
+                (a["labels"]["alertname"], a["labels"].get("credential")) for a in alerts()
+            } == {("RotatorReadersOnOldVersion", "alpha")}
 
             text, found = scrape(serve)
             assert token not in text and reader not in text and admin not in text
