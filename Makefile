@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 -include infra/tools.mk
+-include infra/peers.mk
 
 run: $(STAMP)
 	$(BIN)/python -m rotator.devrun

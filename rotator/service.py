@@ -14,6 +14,7 @@ import contextlib
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC
 from pathlib import Path
@@ -261,7 +262,8 @@ async def serve(
         assert task is not None
         ticking.add(task)
         try:
-            await run_due_once(runtime, clock=clock)
+            results = await run_due_once(runtime, clock=clock)
+            app.state.metrics.run_due_done(runtime.environments, results, time.time())
         except Exception:  # a tick must never kill the scheduler; the journal keeps the work
             log.exception("tick.failed")
         finally:

@@ -531,6 +531,41 @@ class ApiSettings(_Model):
     readers: ReaderSettings = ReaderSettings()
 
 
+class PushgatewaySettings(_Model):
+    """Where ``rotator run-due`` pushes its metrics (a Prometheus Pushgateway)."""
+
+    url: str = Field(
+        min_length=1,
+        pattern=r"^https?://",
+        description="The Pushgateway's address, e.g. http://pushgateway.monitoring:9091.",
+    )
+    job: str = Field(default="rotator-run-due", min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
+    grouping: dict[str, str] = Field(
+        default_factory=dict,
+        description="More grouping labels (the job and the environments a run covers are "
+        "always there), e.g. {cluster = \"eu-1\"}.",
+    )
+    timeout_s: float = Field(default=5.0, gt=0, le=60)
+
+
+class MetricsSettings(_Model):
+    """Prometheus metrics: scraped from ``serve`` (``GET /metrics``), pushed by ``run-due``."""
+
+    expiry_warning: PositiveDuration = Field(
+        default=timedelta(days=3),
+        description="Exported per credential as rotator_token_expiry_warning_seconds: the "
+        "shipped alert fires when a token expires sooner than this with no successful rotation.",
+    )
+    backend_check_interval: Annotated[PositiveDuration, bounds(least=_SECOND, most=_DAY)] = (
+        Field(
+            default=timedelta(minutes=5),
+            description="How often serve reads every backend's current version for "
+            "rotator_backends_agree (at most once per this, on a scrape).",
+        )
+    )
+    pushgateway: PushgatewaySettings | None = None
+
+
 class Config(_Model):
     """The whole configuration, after validation and path resolution."""
 
@@ -538,6 +573,7 @@ class Config(_Model):
     scheduler: SchedulerSettings = SchedulerSettings()
     logging: LoggingSettings = LoggingSettings()
     api: ApiSettings = ApiSettings()
+    metrics: MetricsSettings = MetricsSettings()
     environments: dict[Annotated[str, Field(pattern=ENV_NAME_PATTERN)], EnvironmentSettings] = (
         Field(min_length=1)
     )

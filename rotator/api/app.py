@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -17,11 +18,14 @@ from rotator.api.feed import ReplicaFeed
 from rotator.api.gate import KeyGate
 from rotator.api.limits import BodyLimit
 from rotator.api.state import ApiState
-from rotator.api.tokens import TokenRoutes
+from rotator.api.tokens import PREFIX, TokenRoutes
+from rotator.observe import Observer
 from rotator.readers import write_batch
 from rotator.webhooks.queue import WebhookWorker
 
 if TYPE_CHECKING:
+    from starlette.types import Message, Receive, Scope, Send
+
     from rotator.rotation.runtime import Runtime
 
 log = structlog.get_logger("rotator.api")
@@ -44,6 +48,26 @@ class ApiApp(TokenRoutes):
     worker: WebhookWorker
     status: status_board.StatusBoard
 
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Every HTTP request, timed into ``rotator_http_request_duration_seconds``."""
+        if scope["type"] != "http":
+            return await super().__call__(scope, receive, send)
+        started = time.perf_counter()
+        status = 500  # a request that raised before it answered
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await super().__call__(scope, receive, sending)
+        finally:
+            self.state.metrics.http_request(
+                scope["method"], _route(scope), status, time.perf_counter() - started
+            )
+
     async def flush_reads(self) -> int:
         """Write the reads recorded in memory to the journal now; returns how many rows."""
         state = self.state
@@ -56,6 +80,16 @@ class ApiApp(TokenRoutes):
             state.reads.put_back(batch)
             raise
         return len(batch)
+
+
+def _route(scope: Scope) -> str:
+    """The route's template as a metric label (bounded: never the raw path)."""
+    path: str = scope["path"]
+    if path.startswith(PREFIX):  # the lean token router has no route object
+        return PREFIX + ("{env}/{name}" if "/" in path[len(PREFIX) :] else "{env}")
+    route = scope.get("route")
+    template = getattr(route, "path", None)
+    return template if isinstance(template, str) else "unmatched"
 
 
 async def _every(
@@ -75,6 +109,7 @@ async def _every(
 
 def build_app(runtime: Runtime) -> ApiApp:
     state = ApiState.build(runtime)
+    state.metrics.probes = Observer.of(runtime).probes()
     settings = state.settings
     feed = ReplicaFeed(
         runtime.journal, state.cache, state.keys, poll_s=settings.replica_poll.total_seconds()
@@ -99,6 +134,10 @@ def build_app(runtime: Runtime) -> ApiApp:
         engine.events.promoted.subscribe(state.cache.on_promoted)
         engine.events.revoked.subscribe(state.cache.on_revoked)
         engine.events.result.subscribe(state.metrics.rotation)
+        engine.events.revoked.subscribe(state.metrics.revoked_version)
+        for rt in runtime.environments.values():
+            if rt.makini_client is not None:
+                rt.makini_client.on_call = state.metrics.makini_call
 
         async def drain_webhooks() -> None:
             while await worker.run_once():
@@ -135,6 +174,7 @@ def build_app(runtime: Runtime) -> ApiApp:
             engine.events.revoked.unsubscribe(state.cache.on_revoked)
             engine.events.result.unsubscribe(state.metrics.rotation)
             await board.stop()
+            engine.events.revoked.unsubscribe(state.metrics.revoked_version)
             with contextlib.suppress(Exception):
                 await app.flush_reads()
 

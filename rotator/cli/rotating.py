@@ -38,12 +38,14 @@ def run_due(
     """Rotate, resume and retire whatever is due now, then exit (non-zero if anything failed).
     Made for a Kubernetes CronJob with concurrencyPolicy Forbid. A large run forks workers to
     use more than one core (scheduler.processes)."""
+    from rotator.pushing import RunDuePush
     from rotator.rotation import workers
     from rotator.service import flush_notifications, notifies
 
     cfg = command_config(service=True)
     for name in env or []:
         cfg.environment(name)
+    push = RunDuePush.start(cfg, env)  # to metrics.pushgateway, however the run ends
 
     async def plan_or_rotate(rt: Runtime) -> tuple[list[Work], int, list[RotationResult]]:
         from rotator.service import Stopper, due_work, rotate_work
@@ -58,13 +60,14 @@ def run_due(
             with render.progress(json_out, total=len(work)) as tick:
                 return work, 1, await rotate_work(rt, work, tick, wait_busy=True)
 
-    work, processes, results = run_command(with_runtime(cfg, plan_or_rotate, env))
+    work, processes, results = run_command(with_runtime(cfg, push.watching(plan_or_rotate), env))
     if processes > 1:
         with (
             workers.Shares(cfg, work, processes, rotate_share(env)) as shares,
             render.progress(json_out, total=len(work)) as tick,
         ):
             results = shares.gather(tick)
+    push.finished(results)
     if notifies(cfg):  # after the forked workers too: the journal has every result
         run_command(with_runtime(cfg, flush_notifications, env))
     render.results(results, json_out)

@@ -86,6 +86,7 @@ class _Call:
     json: dict[str, Any] | None = field(default=None, repr=False)  # may hold a token
     form: dict[str, str] | None = field(default=None, repr=False)
     secrets: tuple[str, ...] = field(default=(), repr=False)  # scrubbed from error text
+    operation: str = "other"  # a metric label: never a path (it names the connection)
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,9 @@ class _AdminToken:
     token: Secret
     renew_at: float
 
+
+CallHook = Callable[[str, str, str, float], None]
+"""``(environment, operation, outcome, seconds)`` of one request attempt"""
 
 _SHARD = 4
 """Connections per httpx pool (see MakiniClient.__init__)."""
@@ -108,8 +112,13 @@ class MakiniClient:
     """One environment's client for the Makini API. Use as ``async with`` or call ``aclose``.
 
     ``transport`` replaces the network (tests); ``sleep`` the backoff wait; ``clock`` (Unix
-    seconds) is used to read expiry times and to renew the admin token.
+    seconds) is used to read expiry times and to renew the admin token. ``on_call``, if set, is
+    told of every request attempt: ``(environment, operation, outcome, seconds)`` with an
+    operation such as ``issue`` or ``verify`` and an outcome of ``ok``, ``429``, ``4xx``,
+    ``5xx`` or ``network`` (the metrics' hook; it must not raise).
     """
+
+    on_call: CallHook | None = None
 
     def __init__(
         self,
@@ -194,6 +203,7 @@ class MakiniClient:
         call = _Call(
             "POST", f"/api/system/connections/{quote(connection_id, safe='')}/token",
             f"issuing a token for connection {connection_id}", ADMIN, idempotent=False, json={},
+            operation="issue",
         )
         return await self._issued(call)
 
@@ -210,6 +220,7 @@ class MakiniClient:
                 "client_secret": self._secret,
             },
             secrets=(refresh_token.reveal(), self._secret),
+            operation="refresh",
         )
         return await self._issued(call, grant=True)
 
@@ -225,6 +236,7 @@ class MakiniClient:
                 "client_secret": self._secret,
             },
             secrets=(code, self._secret),
+            operation="exchange_code",
         )
         return await self._issued(call, grant=True)
 
@@ -235,7 +247,9 @@ class MakiniClient:
         token of another connection.
         """
         what = f"verifying token {token.short}"
-        call = _Call("GET", CURRENT_PATH, what, token, secrets=(token.reveal(),))
+        call = _Call(
+            "GET", CURRENT_PATH, what, token, secrets=(token.reveal(),), operation="verify"
+        )
         response = await self._request(call)
         data = _parse.json_object(response, what=what, where=self._where(call), ambiguous=False)
         request_id = request_id_from(response.headers)
@@ -313,7 +327,7 @@ class MakiniClient:
         (the connection is unknown to this environment's client)."""
         await self._request(_Call(
             "DELETE", f"/api/system/connections/{quote(connection_id, safe='')}",
-            f"disconnecting connection {connection_id}", ADMIN,
+            f"disconnecting connection {connection_id}", ADMIN, operation="disconnect",
         ))
 
     async def revoke_token(self, token: Secret) -> bool:
@@ -323,7 +337,7 @@ class MakiniClient:
             return False
         await self._request(_Call(
             "POST", path, f"revoking token {token.short}", ADMIN,
-            json={"token": token.reveal()}, secrets=(token.reveal(),),
+            json={"token": token.reveal()}, secrets=(token.reveal(),), operation="revoke",
         ))
         return True
 
@@ -393,6 +407,7 @@ class MakiniClient:
                 "client_secret": self._secret,
             },
             secrets=(self._secret,),
+            operation="authenticate",
         )
         response = await self._request(call)
         now = self._clock()
@@ -453,6 +468,10 @@ class MakiniClient:
                 call.method, call.path, headers=headers, json=call.json, data=call.form
             )
         except _HTTPX_ERRORS as exc:
+            if self.on_call is not None:
+                self.on_call(
+                    self._environment, call.operation, "network", time.monotonic() - started
+                )
             error = error_from_exception(
                 exc, what=call.what, where=where, idempotent=call.idempotent,
                 now=self._clock(), secrets=secrets,
@@ -462,10 +481,15 @@ class MakiniClient:
                 error=type(exc).__name__,
             )
             raise error from exc
+        elapsed = time.monotonic() - started
+        if self.on_call is not None:
+            self.on_call(
+                self._environment, call.operation, _outcome(response.status_code), elapsed
+            )
         self._log.debug(
             "makini.request", method=call.method, path=call.path, status=response.status_code,
             request_id=request_id_from(response.headers), attempt=attempt,
-            elapsed_ms=round((time.monotonic() - started) * 1000, 1),
+            elapsed_ms=round(elapsed * 1000, 1),
         )
         if response.is_success:
             return response
@@ -473,6 +497,14 @@ class MakiniClient:
             response, what=call.what, where=where, idempotent=call.idempotent,
             now=self._clock(), secrets=secrets,
         )
+
+
+def _outcome(status: int) -> str:
+    if status < 400:
+        return "ok"
+    if status == 429:
+        return "429"
+    return "4xx" if status < 500 else "5xx"
 
 
 def _text(value: object) -> str | None:

@@ -28,7 +28,11 @@ MODES: dict[str, tuple[str, ...]] = {
     "cronjob": ("cronjob", "journal-sqlite"),
     "service": ("service", "journal-sqlite"),
     "both": ("cronjob", "service", "journal-postgres"),
+    # any mode plus the Prometheus Operator's objects (not shipped on: it needs their CRDs)
+    "monitored": ("cronjob", "service", "journal-postgres", "monitoring"),
 }
+CRD_GROUPS = ("monitoring.coreos.com/",)
+"""API groups of custom resources the Kubernetes schemas do not cover (checked on their own)"""
 KUBERNETES_VERSIONS = ("1.29.0", "1.37.0")  # oldest still commonly run, newest with schemas
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 

@@ -10,8 +10,18 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
+import yaml
 
-from tests.infra._infra import ENVS, KUBERNETES_VERSIONS, MODES, Render, container, shipped_mode
+from tests.infra._infra import (
+    CRD_GROUPS,
+    ENVS,
+    INFRA,
+    KUBERNETES_VERSIONS,
+    MODES,
+    Render,
+    container,
+    shipped_mode,
+)
 
 KEYS = [(env, mode) for env in ENVS for mode in (*MODES, "shipped")]
 IDS = [f"{env}-{mode}" for env, mode in KEYS]
@@ -69,7 +79,8 @@ def test_everything_is_in_the_environments_own_namespace(render: Render) -> None
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 def test_manifests_match_the_kubernetes_schemas(render: Render, version: str) -> None:
     for doc in render.docs:
-        kubernetes_validate.validate(doc, version, strict=True)
+        if not doc["apiVersion"].startswith(CRD_GROUPS):  # test_monitoring_objects_fit
+            kubernetes_validate.validate(doc, version, strict=True)
 
 
 def test_schema_validation_does_bite(renders: dict[tuple[str, str], Render]) -> None:
@@ -255,6 +266,7 @@ def test_network_policies_fence_the_namespace(render: Render) -> None:
             for peer in _peers(rule, "from"):
                 assert set(peer) == {"namespaceSelector"}, f"{name}: only labelled namespaces"
     expected = {53, 443} | ({5432} if "journal-postgres" in MODES[mode] else set())
+    expected |= {9091} if "monitoring" in MODES[mode] else set()  # run-due -> Pushgateway
     assert expected <= egress_ports <= expected | {8200}
     if "service" in MODES[mode]:
         ingress = policies["makini-rotator-api-ingress"]
@@ -265,6 +277,20 @@ def test_network_policies_fence_the_namespace(render: Render) -> None:
                    or s == {"makini-rotator/metrics-scraper": "true"} for s in selectors)
     else:
         assert "makini-rotator-api-ingress" not in policies
+
+
+def test_every_workload_may_resolve_names_and_reach_https(render: Render) -> None:
+    """The default deny holds every pod; each workload's pods must be selected by the policy
+    that lets them out (DNS, and HTTPS to Makini and the cloud backends)."""
+    policies = render.all("NetworkPolicy")
+    for workload, template in render.pod_templates():
+        labels = template.get("labels", {})
+        ports: set[int] = set()
+        for policy in policies:
+            wanted = policy["spec"]["podSelector"].get("matchLabels", {})
+            if wanted.items() <= labels.items():
+                ports |= {p["port"] for r in policy["spec"].get("egress", []) for p in r["ports"]}
+        assert {53, 443} <= ports, f"{workload['kind']}: its pods may not reach DNS and HTTPS"
 
 
 def test_identity_is_bound_for_irsa_workload_identity_and_vault(render: Render) -> None:
@@ -309,3 +335,33 @@ def test_the_pods_grace_period_covers_the_drain(render: Render) -> None:
     for workload, pod in render.workloads():
         grace = timedelta(seconds=pod.get("terminationGracePeriodSeconds", 30))
         assert grace >= needed, f"{render.id} {workload['kind']}: {grace} < drain + 5 s"
+
+
+MONITORED_KEYS = _with("monitoring")
+
+
+@pytest.mark.parametrize("key", MONITORED_KEYS, ids=[f"{e}-{m}" for e, m in MONITORED_KEYS])
+def test_monitoring_objects_fit(
+    key: tuple[str, str], renders: dict[tuple[str, str], Render]
+) -> None:
+    """The Prometheus Operator's objects (no Kubernetes schema covers them): the ServiceMonitor
+    scrapes the API Service's port at /metrics, the PrometheusRule holds the shipped rules, and
+    the CronJob's pods may reach a Pushgateway."""
+    render = renders[key]
+    service = render.one("Service", "makini-rotator-api")
+    monitor = render.one("ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= service["metadata"]["labels"].items()
+    ports = {p["name"] for p in service["spec"]["ports"]}
+    for endpoint in monitor["spec"]["endpoints"]:
+        assert endpoint["port"] in ports and endpoint["path"] == "/metrics"
+    # the job label is the Service's name, which RotatorDown matches
+    assert service["metadata"]["name"].startswith("makini-rotator")
+    rule = render.one("PrometheusRule")
+    shipped = yaml.safe_load((INFRA / "prometheus" / "rules.yml").read_text())
+    assert rule["spec"] == shipped
+    egress = render.one("NetworkPolicy", "makini-rotator-pushgateway-egress")
+    [(_, template)] = [(w, t) for w, t in render.pod_templates() if w["kind"] == "CronJob"]
+    wanted = egress["spec"]["podSelector"]["matchLabels"]
+    assert wanted.items() <= template["labels"].items()

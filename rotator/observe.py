@@ -1,0 +1,126 @@
+"""What the metrics read beyond the journal's credential state (:class:`rotator.metrics.Probes`):
+the webhook queue's depth, readers still on an old version, and whether every backend holds
+the current version. Serve and run-due build them on the same journal and backends.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+from sqlalchemy import func, select
+
+from rotator.errors import RotatorError
+from rotator.journal.schema import WebhookEvent
+from rotator.metrics import CredentialKey, Probes
+from rotator.model import Stage
+from rotator.readers import activity, stale_in
+from rotator.webhooks.queue import PENDING, WORKING
+
+if TYPE_CHECKING:
+    from backends.base import Backend
+    from rotator.journal import Journal
+    from rotator.rotation.runtime import Runtime
+    from rotator.settings import Config
+
+_READ_THREADS = 8
+
+
+class Observer:
+    """The probes on one journal and each environment's backends. Backend agreement reads
+    every backend, so it is cached for ``metrics.backend_check_interval``."""
+
+    def __init__(
+        self,
+        config: Config,
+        journal: Journal,
+        backends: Mapping[str, Sequence[Backend]],
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.journal = journal
+        self.backends = backends
+        self._monotonic = monotonic
+        self._agree: dict[CredentialKey, bool] | None = None
+        self._agree_at = 0.0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def of(cls, runtime: Runtime) -> Observer:
+        return cls(
+            runtime.config,
+            runtime.journal,
+            {env: rt.backends for env, rt in runtime.environments.items()},
+        )
+
+    def probes(self) -> Probes:
+        return Probes(
+            webhook_depth=self.webhook_depth,
+            stale_readers=self.stale_readers,
+            backends_agree=self.backends_agree,
+        )
+
+    def webhook_depth(self) -> dict[str, int]:
+        """Webhooks received and not yet processed (pending, or claimed by a worker)."""
+        q = (
+            select(WebhookEvent.environment, func.count())
+            .where(WebhookEvent.status.in_((PENDING, WORKING)))
+            .group_by(WebhookEvent.environment)
+        )
+        with self.journal.reader() as s:
+            return {str(row[0]): int(row[1]) for row in s.execute(q)}
+
+    def stale_readers(self) -> dict[CredentialKey, int]:
+        """Per credential, how many readers active within ``api.readers.active_window`` last
+        read a version that is not the current one."""
+        found = activity(self.journal, window=self.config.api.readers.active_window)
+        states = self.journal.states()
+        out: dict[CredentialKey, int] = {}
+        for key, readers in found.items():
+            state = states.get(key)
+            stale = stale_in(readers, state.current_version_id if state else None)
+            if stale:
+                out[key] = len(stale)
+        return out
+
+    def backends_agree(self) -> dict[CredentialKey, bool]:
+        """Per credential with a current version: does every backend of its environment hold
+        that version as current? A backend that cannot be read counts as disagreeing."""
+        interval = self.config.metrics.backend_check_interval.total_seconds()
+        with self._lock:  # one check at a time; scrapes meanwhile wait for its answer
+            if self._agree is None or self._monotonic() - self._agree_at >= interval:
+                self._agree = self._check_backends()
+                self._agree_at = self._monotonic()
+            return dict(self._agree)
+
+    def _check_backends(self) -> dict[CredentialKey, bool]:
+        states = self.journal.states()
+        todo = [
+            (env, cred.name, state.current_version_id)
+            for env, settings in self.config.environments.items()
+            if env in self.backends
+            for cred in settings.credentials
+            if (state := states.get((env, cred.name))) is not None
+            and state.current_version_id is not None
+        ]
+
+        def agrees(item: tuple[str, str, str]) -> bool:
+            env, cred, version = item
+            for backend in self.backends[env]:
+                try:
+                    held = backend.read(cred, Stage.CURRENT)
+                except RotatorError:
+                    return False
+                if held is None or held.version_id != version:
+                    return False
+            return True
+
+        if not todo:
+            return {}
+        with ThreadPoolExecutor(min(_READ_THREADS, len(todo))) as pool:
+            answers = list(pool.map(agrees, todo))
+        return {(env, cred): ok for (env, cred, _), ok in zip(todo, answers, strict=True)}
