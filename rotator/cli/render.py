@@ -42,6 +42,12 @@ class LazyConsole:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.real(), name)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.startswith("_"):  # the proxy's own state
+            object.__setattr__(self, name, value)
+        else:  # console.width = 80 sets the console's, as with a Console
+            setattr(self.real(), name, value)
+
     def __enter__(self) -> Console:
         return self.real().__enter__()
 

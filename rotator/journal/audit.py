@@ -48,6 +48,7 @@ ACTIONS = frozenset(
         "rotation.promoted",
         "rotation.retired",
         "rotation.rolled_back",
+        "rotation.started",
         "rotation.superseded",
         "token.unaccounted",
         "token.unaccounted_acknowledged",
