@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from rotator.errors import ConfigError, NotFound
-from rotator.settings import load_config, parse_duration
+from rotator.settings import ProcessSettings, load_config, parse_duration
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -98,7 +98,7 @@ def test_credential_schedule_overrides_environment(tmp_path: Path) -> None:
         ),
         (
             ('client_secret_env = "P_SECRET"', ""),
-            "environments.prod.makini.client_secret_env: required key is missing",
+            "environments.prod.makini: set exactly one of 'client_secret_env'",
         ),
         (
             ('connection_id = "c-1"', 'connection_id = "c-1"\ncolour = "red"'),
@@ -166,6 +166,20 @@ def test_missing_secret_names_the_variable(tmp_path: Path, monkeypatch: pytest.M
 def test_journal_url_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ROTATOR_JOURNAL_URL", "postgresql+psycopg://u@h/db")
     assert load_config(write(tmp_path, GOOD)).journal.url == "postgresql+psycopg://u@h/db"
+
+
+def test_process_settings_read_rotator_variables_only(tmp_path: Path) -> None:
+    process = ProcessSettings.from_environ(
+        {
+            "ROTATOR_CONFIG": str(tmp_path / "r.toml"),
+            "rotator_log_level": "DEBUG",  # any case, as before
+            "ROTATOR_SOMETHING_ELSE": "ignored",
+            "LOG_FORMAT": "json",  # not ours
+        }
+    )
+    assert process.config == tmp_path / "r.toml"
+    assert process.log_level == "DEBUG"
+    assert process.log_format is None and process.journal_url is None
 
 
 @pytest.mark.parametrize(
