@@ -21,7 +21,10 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/python -m rotator.devrun
 
+# The tests start `python -m rotator` hundreds of times: compiled once here, not at every start
+# (bytecode is not written where PYTHONDONTWRITEBYTECODE is set, as on CI machines).
 test: $(STAMP) $(TEST_TOOLS)
+	$(BIN)/python -m compileall -q -j 0 rotator backends clients tests bench > /dev/null
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)

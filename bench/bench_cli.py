@@ -5,7 +5,10 @@ Each command runs as a subprocess N times, alternating with ``python -c pass`` (
 interpreter's own start-up) in the same run; printed: the median wall time and the peak RSS of
 each, beside ``python -c pass``. The configuration is a temporary one: one environment of 5
 credentials (by default) on a file backend and a SQLite journal, tokens issued by the bundled
-simulator (in a process of its own) before the timed runs. Figures, no pass/fail.
+simulator (in a process of its own) before the timed runs. The project's modules are compiled
+to bytecode first, as ``pip install`` does for an installed package (a checkout run with
+``PYTHONDONTWRITEBYTECODE=1`` would otherwise compile every module at every start and measure
+that). Figures, no pass/fail.
 
     .venv/bin/python -m bench.bench_cli [--runs 15] [--credentials 5]
 """
@@ -13,6 +16,7 @@ simulator (in a process of its own) before the timed runs. Figures, no pass/fail
 from __future__ import annotations
 
 import argparse
+import compileall
 import os
 import statistics
 import subprocess
@@ -20,6 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import backends
+import rotator
 from bench.simulator import simulator
 from rotator.crypto import generate_key
 
@@ -89,7 +95,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=18767)
     args = parser.parse_args()
 
-    rotator = [sys.executable, "-m", "rotator"]
+    for package in (rotator, backends):  # the code under test: an A/B run's older tree too
+        compileall.compile_dir(Path(str(package.__file__)).parent, quiet=1)
+    command = [sys.executable, "-m", "rotator"]
     baseline = [sys.executable, "-c", "pass"]
     with tempfile.TemporaryDirectory(prefix="bench-cli-") as tmp:
         folder = Path(tmp)
@@ -103,7 +111,7 @@ def main() -> None:
             }
             names = [f"c{i}" for i in range(args.credentials)]
             subprocess.run(
-                [*rotator, "rotate", "prod", *names, "--json"],
+                [*command, "rotate", "prod", *names, "--json"],
                 env=env,
                 cwd=folder,
                 stdout=subprocess.DEVNULL,
@@ -125,7 +133,7 @@ def main() -> None:
                 bases: list[tuple[float, float, int]] = []
                 for _ in range(args.runs):
                     bases.append(run_once(baseline, env, folder))
-                    runs.append(run_once([*rotator, *extra], env, folder))
+                    runs.append(run_once([*command, *extra], env, folder))
                 codes = sorted({code for _, _, code in runs})
                 wall = statistics.median(r[0] for r in runs)
                 rss = max(r[1] for r in runs)
