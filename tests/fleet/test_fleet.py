@@ -553,6 +553,7 @@ def test_replicas_and_run_due_rotate_each_credential_once_per_due_period(fleet: 
         log = json.loads(audit.stdout())
         actions = {e["action"] for e in log}
         assert actions <= {
+            "rotation.started",
             "rotation.promoted",
             "rotation.retired",
             "key.created",
