@@ -277,7 +277,7 @@ def when(option: str, text: str | None, now: datetime) -> datetime | None:
     """``--since``/``--until``: an ISO 8601 time (UTC unless it says), or a time ago."""
     if text is None:
         return None
-    from rotator.settings import parse_duration
+    from rotator.durations import parse_duration
 
     try:
         ago = parse_duration(text)

@@ -8,7 +8,6 @@ holds them, like every other secret of the configuration.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from datetime import timedelta
@@ -20,11 +19,10 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    TypeAdapter,
-    ValidationError,
     model_validator,
 )
 
+from rotator.durations import parse_duration
 from rotator.errors import ConfigError
 
 ConditionName = Literal[
@@ -37,35 +35,19 @@ SINK_NAME = r"^[a-z][a-z0-9_-]{0,31}$"
 _URL = re.compile(r"^https?://[^/\s]+")
 
 
-_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_LONGEST_S = 3650 * 86400.0
-_ISO = TypeAdapter(timedelta)
+_LONGEST = timedelta(days=3650)
 
 
 def _period(value: object) -> timedelta:
-    """The configuration's duration syntax (``"3d"``, ``"90s"``, a number of seconds, ISO 8601
-    ``"P3D"``), as ``rotator.settings`` reads it (that module is a layer above this one), within
-    ten years and above zero."""
-    if isinstance(value, timedelta):
-        seconds = value.total_seconds()
-    elif isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = float(value)
-    elif isinstance(value, str) and value.strip().upper().startswith("P"):
-        try:
-            seconds = _ISO.validate_python(value.strip()).total_seconds()
-        except (ValidationError, OverflowError):
-            raise ValueError(f"{value[:40]!r} is not a duration: write e.g. '3d', '90s'") from None
-    elif isinstance(value, str):
-        text = value.replace(" ", "").lower()
-        parts = re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)", text)
-        if not parts or "".join(n + u for n, u in parts) != text:
-            raise ValueError(f"{value[:40]!r} is not a duration: write e.g. '3d', '90s'")
-        seconds = sum(float(n) * _UNITS[u] for n, u in parts)
-    else:
-        raise ValueError("not a duration: write e.g. '3d', '90s'")
-    if not math.isfinite(seconds) or seconds <= 0 or seconds > _LONGEST_S:
-        raise ValueError(f"{str(value)[:40]!r} must be above zero and at most ten years")
-    return timedelta(seconds=seconds)
+    """The configuration's duration syntax (:mod:`rotator.durations`), above zero and within
+    ten years."""
+    period = parse_duration(value)
+    assert isinstance(period, timedelta)
+    if not timedelta(0) < period <= _LONGEST:
+        raise ValueError(
+            f"{str(value)[:40]!r} must be above zero and at most ten years"
+        )
+    return period
 
 
 Period = Annotated[timedelta, BeforeValidator(_period)]

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from rotator.durations import parse_duration
 from rotator.errors import ConfigError, NotFound
-from rotator.settings import ProcessSettings, load_config, parse_duration
+from rotator.settings import ProcessSettings, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 
