@@ -17,6 +17,7 @@ import math
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -411,6 +412,109 @@ class WebhookSettings(_Model):
         return value.encode()
 
 
+_TEMPLATE_FIELDS = frozenset({"id", "platform", "company", "name"})
+_SAMPLE = {"id": "conn-1", "platform": "sap", "company": "acme", "name": "acme-sap"}
+
+
+def credential_name(template: str, fields: Mapping[str, str | None]) -> str:
+    """The credential name ``template`` gives a connection: each field lower-cased, every run
+    of characters a credential name may not hold made one ``-``, cut to 63 characters."""
+    slugs = {
+        key: re.sub(r"[^a-z0-9_]+", "-", (fields.get(key) or "none").lower()).strip("-")
+        or "none"
+        for key in _TEMPLATE_FIELDS
+    }
+    return template.format_map(slugs)[:63].rstrip("-_")
+
+
+class DiscoverFilter(_Model):
+    """Shell patterns (``fnmatch``, case-insensitive) a connection is matched against. Each
+    key given must match (one of its patterns); ``metadata`` maps a key of the connection's
+    metadata to a pattern of its value."""
+
+    id: list[str] = Field(default_factory=list)
+    name: list[str] = Field(default_factory=list)
+    platform: list[str] = Field(default_factory=list)
+    company: list[str] = Field(default_factory=list)
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.id or self.name or self.platform or self.company or self.metadata)
+
+
+class DiscoverSettings(_Model):
+    """``[environments.X.discover]``: enrol the connections Makini lists for this
+    environment's admin client as credentials, and off-board those that are gone."""
+
+    enabled: bool = False
+    interval: Annotated[PositiveDuration, bounds(least=timedelta(seconds=10))] = Field(
+        default=timedelta(minutes=15),
+        description="How often serve lists the connections (and at start; run-due at start).",
+    )
+    include: DiscoverFilter = Field(
+        default_factory=DiscoverFilter,
+        description="Only connections matching every key given here (nothing given: all).",
+    )
+    exclude: DiscoverFilter = Field(
+        default_factory=DiscoverFilter,
+        description="Connections matching any one key given here are left out.",
+    )
+    name_template: str = Field(
+        default="{platform}-{id}",
+        description="The credential name of a discovered connection, from {id}, {platform}, "
+        "{company} and {name} (each lower-cased, other characters made '-').",
+    )
+    schedule: ScheduleOverride | None = None
+    offboard_grace: Annotated[Duration, bounds(most=timedelta(days=366))] = Field(
+        default=timedelta(days=7),
+        description="A connection gone at Makini stops rotating at once; its tokens are made "
+        "unreadable this long after (readers have time to move). Nothing is deleted at Makini.",
+    )
+
+    @field_validator("name_template")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        import string
+
+        try:
+            used = {f for _, f, _, _ in string.Formatter().parse(value) if f is not None}
+        except ValueError as exc:
+            raise ValueError(f"not a template ({exc})") from None
+        unknown = used - _TEMPLATE_FIELDS
+        if unknown:
+            raise ValueError(
+                f"unknown field {{{sorted(unknown)[0]}}}: use {{id}}, {{platform}}, "
+                "{company} or {name}"
+            )
+        if "id" not in used:
+            raise ValueError("must contain {id}: two connections would get one name")
+        sample = credential_name(value, _SAMPLE)
+        if not re.match(NAME_PATTERN, sample):
+            raise ValueError(
+                f"gives {sample!r} for a connection, not a valid credential name (lower-case "
+                "letters, digits, '-' and '_', starting with a letter or digit)"
+            )
+        return value
+
+
+_INDEXES: dict[int, tuple[list[CredentialSettings], dict[str, CredentialSettings]]] = {}
+
+
+def _by_name(creds: list[CredentialSettings]) -> dict[str, CredentialSettings]:
+    """``creds`` by name, built once per list (status and the engine look a credential up per
+    row; a scan made 10,000 credentials quadratic). Kept outside the frozen model, whose
+    equality would otherwise depend on the cache; each entry holds its list, so an id is
+    never reused while cached, and a handful of lists are cached at most."""
+    entry = _INDEXES.get(id(creds))
+    if entry is None or entry[0] is not creds:
+        if len(_INDEXES) >= 32:
+            _INDEXES.clear()
+        entry = (creds, {c.name: c for c in creds})
+        _INDEXES[id(creds)] = entry
+    return entry[1]
+
+
 class EnvironmentSettings(_Model):
     makini: MakiniSettings
     sealing_key: KeySource
@@ -419,6 +523,7 @@ class EnvironmentSettings(_Model):
     credentials: list[CredentialSettings] = Field(default_factory=list)
     webhook: WebhookSettings = WebhookSettings()
     notify: NotifySettings = NotifySettings()
+    discover: DiscoverSettings = DiscoverSettings()
 
     @field_validator("credentials")
     @classmethod
@@ -435,9 +540,9 @@ class EnvironmentSettings(_Model):
         return list(self.backends)
 
     def credential(self, name: str, env: str) -> CredentialSettings:
-        for cred in self.credentials:
-            if cred.name == name:
-                return cred
+        found = _by_name(self.credentials).get(name)
+        if found is not None:
+            return found
         known = ", ".join(c.name for c in self.credentials) or "none"
         raise NotFound(
             f"environment {env!r} has no credential {name!r}",
