@@ -29,6 +29,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     TypeAdapter,
     ValidationError,
     create_model,
@@ -524,6 +525,8 @@ class EnvironmentSettings(_Model):
     webhook: WebhookSettings = WebhookSettings()
     notify: NotifySettings = NotifySettings()
     discover: DiscoverSettings = DiscoverSettings()
+    _configured: list[CredentialSettings] | None = PrivateAttr(default=None)
+    _offboarded: frozenset[str] = PrivateAttr(default=frozenset())
 
     @field_validator("credentials")
     @classmethod
@@ -549,6 +552,35 @@ class EnvironmentSettings(_Model):
             where=f"environments.{env}.credentials",
             hint=f"known credentials: {known}",
         )
+
+    @property
+    def configured_credentials(self) -> list[CredentialSettings]:
+        """The credentials the configuration file lists (``credentials`` adds the ones
+        discovery enrolled, see :meth:`with_discovered`)."""
+        return self.credentials if self._configured is None else self._configured
+
+    @property
+    def offboarded(self) -> frozenset[str]:
+        """Discovered credentials gone at Makini: readable for the grace, never rotated."""
+        return self._offboarded
+
+    def with_discovered(
+        self, enrolled: list[CredentialSettings], offboarded: set[str]
+    ) -> EnvironmentSettings:
+        """These settings with ``enrolled`` (discovery's credentials, already kept clear of
+        the configured ones) after the configured credentials."""
+        configured = self.configured_credentials
+        copy = self.model_copy(update={"credentials": [*configured, *enrolled]})
+        copy.mark_discovered(configured, offboarded)
+        return copy
+
+    def mark_discovered(
+        self, configured: list[CredentialSettings], offboarded: set[str]
+    ) -> None:
+        """Record which credentials the file lists and which are off-boarded (a fresh copy's
+        private attributes: the fields stay frozen)."""
+        self._configured = configured
+        self._offboarded = frozenset(offboarded)
 
     def schedule_for(self, cred: CredentialSettings) -> Schedule:
         return self.schedule.merged(cred.schedule)

@@ -11,6 +11,7 @@ from rotator.crypto import KeyRing
 from rotator.errors import ConfigError
 from rotator.journal import Journal
 from rotator.makini import MakiniClient
+from rotator.rotation import discovery
 from rotator.rotation.engine import RevokeResumer, RotationEngine
 from rotator.rotation.environment import EnvironmentRuntime
 from rotator.settings import Config
@@ -68,7 +69,14 @@ class Runtime:
             clock=clock,
             resume_revoke=resume_revoke,
         )
-        return cls(config=config, journal=journal, engine=engine, environments=envs)
+        runtime = cls(config=config, journal=journal, engine=engine, environments=envs)
+        try:
+            for name in envs:  # the credentials discovery enrolled join the configured ones
+                discovery.refresh(runtime, name)
+        except BaseException:
+            journal.close()
+            raise
+        return runtime
 
     async def aclose(self) -> None:
         await self.engine.aclose()  # first: it gives back any lease still held

@@ -1,0 +1,194 @@
+"""Discovery against the simulator over a socket: enrol what the admin client lists, off-board
+what is gone (unreadable after the grace), filters, pages, dry runs, config wins, and never
+another environment's connections."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rotator.errors import ConfigError
+from rotator.journal.schema import AuditEntry
+from rotator.makini.sim import SimServer
+from rotator.model import Stage
+from rotator.rotation import discovery
+from rotator.rotation.runtime import Runtime
+from rotator.rotation.schedule import plan
+from rotator.rotation.status import collect
+from tests.clock import FakeClock
+from tests.factories import Runtimes, environment, make_config
+
+DAY = 86400.0
+
+
+def _env(sim: SimServer, name: str, client: str, tmp_path: Path, *,
+         discover: dict[str, Any] | None, credentials: list[dict[str, Any]] | None = None,
+         ) -> dict[str, Any]:
+    table = environment(
+        sim.url, client, credentials or [], sealing_env=f"SEAL_DISC_{name.upper()}",
+        backends=[{"type": "file", "name": "file", "path": f"files-{name}",
+                   "key": {"file": f"{name}.key", "generate": True}}],
+    )
+    if discover is not None:
+        table["discover"] = discover
+    return table
+
+
+def _open(runtimes: Runtimes, sim: SimServer, tmp_path: Path, *,
+          discover: dict[str, Any] | None = None, dev: dict[str, Any] | None = None,
+          credentials: list[dict[str, Any]] | None = None,
+          clock: FakeClock | None = None) -> Runtime:
+    envs = {"prod": _env(sim, "prod", "test-prod", tmp_path,
+                         discover={"enabled": True, **(discover or {})},
+                         credentials=credentials)}
+    if dev is not None:
+        envs["dev"] = _env(sim, "dev", "test-dev", tmp_path, discover={"enabled": True, **dev})
+    config = make_config(tmp_path, f"sqlite:///{tmp_path / 'journal.db'}", envs)
+    return runtimes.open(config, clock=clock) if clock else runtimes.open(config)
+
+
+def _audits(runtime: Runtime, action: str) -> list[AuditEntry]:
+    return runtime.journal.audit_entries(action=action)
+
+
+def _names(runtime: Runtime, env: str = "prod") -> set[str]:
+    return {c.name for c in runtime.environments[env].settings.credentials}
+
+
+async def test_a_new_connection_is_enrolled_and_gets_its_first_token_at_once(
+    sim: SimServer, runtimes: Runtimes, tmp_path: Path
+) -> None:
+    sim.add_connection("c-1", "test-prod", platform="SAP", company="Acme")
+    runtime = _open(runtimes, sim, tmp_path)
+    change = await discovery.discover(runtime, "prod")
+    assert [c.credential for c in change.new] == ["sap-c-1"]
+    assert [r.outcome for r in change.results] == ["rotated"]
+    assert "sap-c-1" in _names(runtime)
+    assert runtime.environments["prod"].primary.read("sap-c-1", Stage.CURRENT) is not None
+    assert sim.tokens("c-1", kind="access", status="active")
+    [entry] = _audits(runtime, "discovery.enrolled")
+    assert entry.credential == "sap-c-1"
+    # status and the schedule see it like a configured credential
+    statuses = await collect(runtime, "prod")
+    assert [s.credential for s in statuses] == ["sap-c-1"]
+    # a second run changes nothing
+    again = await discovery.discover(runtime, "prod")
+    assert not again.changed and again.kept == ["sap-c-1"]
+
+
+async def test_a_gone_connection_is_offboarded_then_unreadable_after_the_grace(
+    sim: SimServer, runtimes: Runtimes, tmp_path: Path
+) -> None:
+    clock = FakeClock()
+    sim.add_connection("c-gone", "test-prod")
+    runtime = _open(runtimes, sim, tmp_path, discover={"offboard_grace": "1d"}, clock=clock)
+    await discovery.discover(runtime, "prod")
+    name = "simulated-c-gone"
+    backend = runtime.environments["prod"].primary
+    assert backend.read(name, Stage.CURRENT) is not None
+    issued = len(sim.tokens("c-gone", kind="access"))
+    sim.remove_connection("c-gone")
+    change = await discovery.discover(runtime, "prod")
+    assert [c.credential for c in change.gone] == [name]
+    assert _audits(runtime, "discovery.offboarded")
+    # no more rotations, but still readable during the grace
+    items = plan(runtime.config, runtime.journal, clock.now() + timedelta(days=60))
+    assert name not in {i.credential for i in items}
+    assert backend.read(name, Stage.CURRENT) is not None
+    clock.advance(DAY / 2)
+    assert not (await discovery.discover(runtime, "prod")).purge
+    clock.advance(DAY / 2 + 1)
+    change = await discovery.discover(runtime, "prod")
+    assert [c.credential for c in change.purge] == [name]
+    assert backend.read(name, Stage.CURRENT) is None
+    assert all(not v.readable for v in backend.versions(name))
+    assert name not in _names(runtime)
+    assert _audits(runtime, "discovery.purged")
+    assert len(sim.tokens("c-gone", kind="access")) == issued  # nothing more asked of Makini
+
+
+async def test_filters_and_the_name_template(
+    sim: SimServer, runtimes: Runtimes, tmp_path: Path
+) -> None:
+    sim.add_connection("p-1", "test-prod", platform="sap", company="Acme",
+                       metadata={"tier": "gold"})
+    sim.add_connection("p-2", "test-prod", platform="sap", company="Beta",
+                       metadata={"tier": "free"})
+    sim.add_connection("p-3", "test-prod", platform="maximo", company="Acme",
+                       metadata={"tier": "gold"})
+    sim.add_connection("test-4", "test-prod", platform="sap", company="Acme",
+                       metadata={"tier": "gold"})
+    runtime = _open(runtimes, sim, tmp_path, discover={
+        "include": {"platform": ["SAP"], "metadata": {"tier": "g*"}},
+        "exclude": {"id": ["test-*"]},
+        "name_template": "{company}-{id}",
+    })
+    change = await discovery.discover(runtime, "prod", first_tokens=False)
+    assert [c.credential for c in change.new] == ["acme-p-1"]
+    assert change.filtered == 3
+
+
+async def test_more_than_one_page(sim: SimServer, runtimes: Runtimes, tmp_path: Path) -> None:
+    sim.set(page_size=7)
+    sim.add_connections(30, prefix="pg-", client_id="test-prod")
+    runtime = _open(runtimes, sim, tmp_path)
+    change = await discovery.discover(runtime, "prod", first_tokens=False)
+    assert len(change.new) == 30 and change.complete
+    assert sim.stats()["received"]["GET /api/system/connections"] == 5
+
+
+async def test_a_dry_run_changes_nothing(
+    sim: SimServer, runtimes: Runtimes, tmp_path: Path
+) -> None:
+    sim.add_connection("d-1", "test-prod")
+    runtime = _open(runtimes, sim, tmp_path)
+    change = await discovery.discover(runtime, "prod", dry_run=True)
+    assert [c.credential for c in change.new] == ["simulated-d-1"]
+    assert not discovery.rows(runtime.journal, "prod")
+    assert "simulated-d-1" not in _names(runtime)
+    assert not _audits(runtime, "discovery.enrolled")
+    assert not sim.tokens("d-1")
+
+
+async def test_never_crossing_environments(
+    sim: SimServer, runtimes: Runtimes, tmp_path: Path
+) -> None:
+    sim.add_connection("prod-only", "test-prod")
+    sim.add_connection("dev-only", "test-dev")
+    runtime = _open(runtimes, sim, tmp_path, dev={})
+    prod = await discovery.discover(runtime, "prod", first_tokens=False)
+    dev = await discovery.discover(runtime, "dev", first_tokens=False)
+    assert [c.connection_id for c in prod.new] == ["prod-only"]
+    assert [c.connection_id for c in dev.new] == ["dev-only"]
+    assert "simulated-dev-only" not in _names(runtime, "prod")
+    assert "simulated-prod-only" not in _names(runtime, "dev")
+
+
+async def test_the_configuration_wins(
+    sim: SimServer, runtimes: Runtimes, tmp_path: Path
+) -> None:
+    sim.add_connection("cfg-1", "test-prod")
+    sim.add_connection("new-1", "test-prod")
+    runtime = _open(runtimes, sim, tmp_path, credentials=[
+        {"name": "hand-made", "connection_id": "cfg-1", "schedule": {"interval": "2d"}},
+        {"name": "simulated-new-1", "connection_id": "elsewhere"},
+    ])
+    change = await discovery.discover(runtime, "prod", first_tokens=False)
+    assert change.configured == ["cfg-1"]
+    assert not change.new  # its name is a configured credential's
+    assert change.skipped and change.skipped[0][0] == "new-1"
+    cred = runtime.environments["prod"].settings.credential("hand-made", "prod")
+    assert cred.schedule is not None and cred.schedule.interval is not None
+
+
+async def test_discovery_off_is_an_error_that_says_where(
+    sim: SimServer, runtimes: Runtimes, tmp_path: Path
+) -> None:
+    envs = {"prod": _env(sim, "prod", "test-prod", tmp_path, discover=None)}
+    runtime = runtimes.open(make_config(tmp_path, f"sqlite:///{tmp_path / 'j.db'}", envs))
+    with pytest.raises(ConfigError, match="not enabled") as caught:
+        await discovery.discover(runtime, "prod")
+    assert caught.value.where == "environments.prod.discover.enabled"
