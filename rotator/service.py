@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 import uvicorn
@@ -32,6 +33,9 @@ from rotator.rotation.schedule import plan
 from rotator.rotation.work import RotationResult, Work
 from rotator.settings import Config
 
+if TYPE_CHECKING:
+    from rotator.rotation.discovery import Change
+
 log = structlog.get_logger("rotator.service")
 
 
@@ -44,6 +48,27 @@ async def run_due_once(
 ) -> list[RotationResult]:
     """Resume open rotations, retire what is past its grace period, rotate what is due."""
     return await rotate_work(runtime, await due_work(runtime, environments, clock=clock), progress)
+
+
+async def discover_all(
+    runtime: Runtime, environments: Sequence[str] | None = None, *, first_tokens: bool = False
+) -> list[Change]:
+    """Run discovery for each served environment that has it enabled (``run-due`` at its
+    start, ``serve`` at start and every ``discover.interval``). A failure (Makini down) is
+    logged and leaves that environment's credentials as they were: it never stops the run.
+    Without ``first_tokens`` the new credentials' first tokens come from the work that
+    follows (they are due: they have none)."""
+    from rotator.rotation import discovery
+
+    changes = []
+    for env in discovery.enabled(runtime):
+        if environments and env not in environments:
+            continue
+        try:
+            changes.append(await discovery.discover(runtime, env, first_tokens=first_tokens))
+        except RotatorError as exc:
+            log.warning("discovery.failed", environment=env, error=exc.message)
+    return changes
 
 
 async def due_work(

@@ -29,7 +29,7 @@ import structlog
 from pydantic import ValidationError
 from sqlalchemy import select
 
-from rotator.errors import ConfigError
+from rotator.errors import ConfigError, NotFound
 from rotator.journal.schema import DiscoveredConnection
 from rotator.makini import ListedConnection
 from rotator.rotation.work import RotationResult, Work
@@ -43,6 +43,7 @@ from rotator.settings import (
 if TYPE_CHECKING:
     from rotator.journal import Journal
     from rotator.rotation.runtime import Runtime
+    from rotator.settings import Config
 
 log = structlog.get_logger("rotator.discovery")
 
@@ -411,3 +412,23 @@ def enabled(runtime: Runtime) -> list[str]:
         name for name, rt in runtime.environments.items()
         if rt.settings.discover.enabled and rt.makini_client is not None
     ]
+
+
+def require_credential(config: Config, environment: str, name: str) -> None:
+    """Raise the configuration's NotFound unless ``name`` is a credential of ``environment``:
+    configured, or enrolled by discovery (the journal is opened on that path alone, so a
+    command that reads a configured credential starts without it)."""
+    from rotator.journal import Journal as JournalStore
+
+    env = config.environment(environment)
+    try:
+        env.credential(name, environment)
+    except NotFound:
+        journal = JournalStore.open(config.journal)
+        try:
+            found = effective(env, rows(journal, environment))
+        finally:
+            journal.close()
+        if name in found.offboarded:
+            return
+        found.credential(name, environment)
