@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import uvicorn
@@ -304,6 +304,7 @@ async def serve(
         misfire_grace_time=None,
     )
     app = build_app(runtime)
+    _schedule_discovery(scheduler, runtime, clock)
     drain_s = config.scheduler.drain.total_seconds()
     server = _Server(
         uvicorn.Config(
@@ -367,6 +368,33 @@ async def serve(
             where="rotator serve",
             hint="the port is in use or not allowed here: stop what holds it, or choose "
             "another with --port",
+        )
+
+
+def _schedule_discovery(scheduler: Any, runtime: Runtime, clock: Clock) -> None:
+    """One job per environment with discovery enabled: at start, then every
+    ``discover.interval``; its new credentials get their first tokens at once."""
+    from apscheduler.triggers.interval import IntervalTrigger
+
+    from rotator.rotation import discovery
+
+    for env in discovery.enabled(runtime):
+        every = runtime.environments[env].settings.discover.interval.total_seconds()
+
+        async def run(env: str = env) -> None:
+            try:
+                await discover_all(runtime, [env], first_tokens=True)
+            except Exception:  # a run must never kill the scheduler
+                log.exception("discovery.failed", environment=env)
+
+        scheduler.add_job(
+            run,
+            IntervalTrigger(seconds=every),
+            id=f"discover-{env}",
+            next_run_time=clock.now(),
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=None,
         )
 
 

@@ -467,6 +467,15 @@ class DiscoverSettings(_Model):
         "{company} and {name} (each lower-cased, other characters made '-').",
     )
     schedule: ScheduleOverride | None = None
+    events: list[str] = Field(
+        default_factory=lambda: [
+            "*connection*created*", "*connection*added*", "*connection*connected*",
+            "*connection*updated*", "*connection*changed*", "*connection*status*",
+            "*connection*deleted*", "*connection*disconnected*", "*connection*removed*",
+        ],
+        description="Makini webhook event types (shell patterns, case-insensitive) that run "
+        "discovery at once: for a connection no credential has, or one that went away.",
+    )
     offboard_grace: Annotated[Duration, bounds(most=timedelta(days=366))] = Field(
         default=timedelta(days=7),
         description="A connection gone at Makini stops rotating at once; its tokens are made "

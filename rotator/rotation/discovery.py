@@ -174,6 +174,8 @@ def refresh(runtime: Runtime, environment: str) -> EnvironmentSettings:
     # the configuration is frozen but its environments are a plain dict: every holder of
     # this Config (the CLI, the webhook worker, metrics) sees the change
     runtime.config.environments[environment] = settings
+    for listener in runtime.credentials_changed:
+        listener(environment)
     return settings
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import backends
@@ -23,6 +24,9 @@ class Runtime:
     journal: Journal
     engine: RotationEngine
     environments: dict[str, EnvironmentRuntime] = field(default_factory=dict)
+    credentials_changed: list[Callable[[str], None]] = field(default_factory=list)
+    """Called with an environment's name once discovery changed its credentials (the API's
+    list of served names follows)."""
 
     @classmethod
     def open(

@@ -4,6 +4,10 @@ another environment's connections."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
+import os
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -11,15 +15,18 @@ from typing import Any
 import pytest
 
 from rotator.errors import ConfigError
-from rotator.journal.schema import AuditEntry
+from rotator.journal.schema import AuditEntry, WebhookEvent
 from rotator.makini.sim import SimServer
 from rotator.model import Stage
 from rotator.rotation import discovery
 from rotator.rotation.runtime import Runtime
 from rotator.rotation.schedule import plan
 from rotator.rotation.status import collect
+from rotator.webhooks.queue import DONE
+from tests.api.conftest import start_server, stop_server
 from tests.clock import FakeClock
 from tests.factories import Runtimes, environment, make_config
+from tests.wait import until
 
 DAY = 86400.0
 
@@ -192,3 +199,34 @@ async def test_discovery_off_is_an_error_that_says_where(
     with pytest.raises(ConfigError, match="not enabled") as caught:
         await discovery.discover(runtime, "prod")
     assert caught.value.where == "environments.prod.discover.enabled"
+
+
+async def test_a_webhook_about_a_new_connection_enrols_it(
+    sim: SimServer, runtimes: Runtimes, tmp_path: Path
+) -> None:
+    os.environ["DISC_WEBHOOK_SECRET"] = "disc-webhook-secret"
+    envs = {"prod": _env(sim, "prod", "test-prod", tmp_path, discover={"enabled": True})}
+    envs["prod"]["webhook"] = {"secret_env": "DISC_WEBHOOK_SECRET"}
+    runtime = runtimes.open(make_config(tmp_path, f"sqlite:///{tmp_path / 'j.db'}", envs))
+    served = await start_server(runtime)
+    try:
+        assert "simulated-hooked" not in served.app.state.credentials["prod"]
+        sim.add_connection("hooked", "test-prod")
+        body = json.dumps({"id": "w1", "event": "connection.created",
+                           "connection_id": "hooked"}).encode()
+        sig = hmac.new(b"disc-webhook-secret", body, hashlib.sha256).hexdigest()
+        answer = await served.http.post("/v1/webhooks/makini/prod", content=body, headers={
+            "content-type": "application/json", "X-Webhook-Signature": sig})
+        assert answer.status_code == 200
+
+        def done() -> WebhookEvent | None:
+            with runtime.journal.reader() as s:
+                row = s.query(WebhookEvent).filter_by(webhook_id="w1").one_or_none()
+            return row if row is not None and row.status == DONE else None
+
+        row = await until("the webhook processed", done, timeout_s=20)
+        assert "1 new" in (row.outcome or "")
+        assert "simulated-hooked" in served.app.state.credentials["prod"]
+        assert sim.tokens("hooked", kind="access", status="active")
+    finally:
+        await stop_server(served)
