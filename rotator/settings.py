@@ -13,9 +13,11 @@ problem with its key path (``environments.prod.credentials[2].connection_id``).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
+import string
 import tomllib
 from collections.abc import Mapping
 from datetime import UTC, datetime, time, timedelta
@@ -414,16 +416,23 @@ class WebhookSettings(_Model):
 
 
 _TEMPLATE_FIELDS = frozenset({"id", "platform", "company", "name"})
+_NOT_IN_NAME = re.compile(r"[^a-z0-9_]+")
 _SAMPLE = {"id": "conn-1", "platform": "sap", "company": "acme", "name": "acme-sap"}
+
+
+@functools.lru_cache(maxsize=64)
+def _template_fields(template: str) -> frozenset[str]:
+    return frozenset(
+        f for _, f, _, _ in string.Formatter().parse(template) if f
+    ) & _TEMPLATE_FIELDS
 
 
 def credential_name(template: str, fields: Mapping[str, str | None]) -> str:
     """The credential name ``template`` gives a connection: each field lower-cased, every run
     of characters a credential name may not hold made one ``-``, cut to 63 characters."""
     slugs = {
-        key: re.sub(r"[^a-z0-9_]+", "-", (fields.get(key) or "none").lower()).strip("-")
-        or "none"
-        for key in _TEMPLATE_FIELDS
+        key: _NOT_IN_NAME.sub("-", (fields.get(key) or "none").lower()).strip("-") or "none"
+        for key in _template_fields(template)
     }
     return template.format_map(slugs)[:63].rstrip("-_")
 
@@ -485,8 +494,6 @@ class DiscoverSettings(_Model):
     @field_validator("name_template")
     @classmethod
     def _template(cls, value: str) -> str:
-        import string
-
         try:
             used = {f for _, f, _, _ in string.Formatter().parse(value) if f is not None}
         except ValueError as exc:
