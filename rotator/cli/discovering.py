@@ -46,6 +46,12 @@ def show(change: Change, as_json: bool) -> None:
     if as_json:
         render.print_json(change.as_dict())
         return
+    if change.busy:
+        render.console.print(
+            f"another process is discovering {change.environment} right now: nothing done "
+            "here; `rotator audit --action discovery` shows what it did"
+        )
+        return
     rows: list[list[str]] = []
     verb = "would " if change.dry_run else ""
     for what, items in (

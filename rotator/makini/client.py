@@ -302,7 +302,7 @@ class MakiniClient:
         the :class:`MakiniError` that says why not (``rotator doctor``)."""
         await self._admin_token()
 
-    async def connection_ids(self, *, max_pages: int = 100) -> set[str]:
+    async def connection_ids(self, *, max_pages: int = 10_000) -> set[str]:
         """The ids of the connections this environment's admin client sees (see
         :meth:`connections`)."""
         listing = await self.connections(max_pages=max_pages)

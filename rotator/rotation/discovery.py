@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -48,6 +49,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("rotator.discovery")
 
 ENROLLED, OFFBOARDED, PURGED = "enrolled", "offboarded", "purged"
+_LEASE = timedelta(minutes=10)
+"""How long a discovery's lease outlives a process that died holding it."""
 ACTOR = "discovery"
 
 
@@ -90,6 +93,8 @@ class Change:
     listed: int = 0
     complete: bool = True
     dry_run: bool = False
+    busy: bool = False
+    """Another process was discovering this environment: nothing was done here."""
     results: list[RotationResult] = field(default_factory=list)
 
     @property
@@ -100,6 +105,7 @@ class Change:
         return {
             "environment": self.environment,
             "dry_run": self.dry_run,
+            "busy": self.busy,
             "listed": self.listed,
             "complete": self.complete,
             "new": [c.as_dict() for c in self.new],
@@ -378,22 +384,28 @@ async def discover(
             f"{environment}.discover] table",
         )
     journal = runtime.journal
-    listing = await rt.makini.connections()
-    now = runtime.engine.clock.now()
-    known = await asyncio.to_thread(rows, journal, environment)
-    change = compute(
-        environment, settings, listing.items, known, complete=listing.complete, now=now
-    )
-    change.dry_run = dry_run
-    bound = log.bind(environment=environment)
     if dry_run:
-        return change
-    if change.new or change.returned or change.gone:
-        await asyncio.to_thread(_record, journal, change, now)
-    for cand in change.purge:
-        versions = await asyncio.to_thread(_purge_backends, runtime, environment, cand.credential)
-        await asyncio.to_thread(_purged, journal, environment, cand, versions, now)
-    await asyncio.to_thread(refresh, runtime, environment)
+        return await _compute_now(runtime, environment, dry_run=True)
+    # one discovery of an environment at a time across replicas (two would enrol one
+    # connection twice): another's run is as good as this one; take what it recorded
+    lease, owner = f"discover:{environment}", uuid.uuid4().hex
+    if not await asyncio.to_thread(journal.acquire, lease, owner, _LEASE):
+        await asyncio.to_thread(refresh, runtime, environment)
+        return Change(environment=environment, busy=True)
+    try:
+        change = await _compute_now(runtime, environment, dry_run=False)
+        now = runtime.engine.clock.now()
+        if change.new or change.returned or change.gone:
+            await asyncio.to_thread(_record, journal, change, now)
+        for cand in change.purge:
+            versions = await asyncio.to_thread(
+                _purge_backends, runtime, environment, cand.credential
+            )
+            await asyncio.to_thread(_purged, journal, environment, cand, versions, now)
+        await asyncio.to_thread(refresh, runtime, environment)
+    finally:
+        await asyncio.to_thread(journal.release, lease, owner)
+    bound = log.bind(environment=environment)
     if change.changed or not change.complete:
         bound.info(
             "discovery.done", listed=change.listed, new=len(change.new),
@@ -405,6 +417,19 @@ async def discover(
         work += [Work(environment, c.credential, "discovered again", forced=True)
                  for c in change.returned]
         change.results = await runtime.engine.rotate_many(work, actor=ACTOR)
+    return change
+
+
+async def _compute_now(runtime: Runtime, environment: str, *, dry_run: bool) -> Change:
+    """List the connections with the environment's own admin client and compute the change."""
+    rt = runtime.environments[environment]
+    listing = await rt.makini.connections()
+    known = await asyncio.to_thread(rows, runtime.journal, environment)
+    change = compute(
+        environment, rt.settings, listing.items, known, complete=listing.complete,
+        now=runtime.engine.clock.now(),
+    )
+    change.dry_run = dry_run
     return change
 
 
