@@ -10,11 +10,11 @@ from pathlib import Path
 
 import httpx
 
-from rotator.journal.schema import DiscoveredConnection
+from rotator.crypto import KeySource
 from rotator.makini import ListedConnection
 from rotator.makini.sim import SimServer
 from rotator.rotation import discovery
-from rotator.settings import EnvironmentSettings
+from rotator.settings import EnvironmentSettings, MakiniSettings
 from tests.discovery.test_discovery import _open
 from tests.factories import Runtimes
 
@@ -68,12 +68,12 @@ async def test_ten_thousand_connections(
 
 
 def test_an_incomplete_listing_offboards_nothing() -> None:
-    env = EnvironmentSettings.model_construct(credentials=[]).model_copy()
+    env = EnvironmentSettings.model_construct(
+        makini=MakiniSettings(client_id="c", client_secret_env="S"),
+        sealing_key=KeySource(env="K"), backends=[], credentials=[],
+    )
     now = datetime.now(UTC)
-    known = [DiscoveredConnection(
-        environment="prod", connection_id="was-here", credential="simulated-was-here",
-        status=discovery.ENROLLED, enrolled_at=now, seen_at=now,
-    )]
+    known = [discovery.Known("was-here", "simulated-was-here", discovery.ENROLLED)]
     listed = [ListedConnection("new-one")]
     partial = discovery.compute("prod", env, listed, known, complete=False, now=now)
     assert not partial.gone and [c.connection_id for c in partial.new] == ["new-one"]
