@@ -4,12 +4,15 @@ subprocesses against the simulator."""
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 from rotator.crypto import generate_key
 from rotator.makini.sim import SimServer
 from tests.cli import RotatorCli
+from tests.e2e.test_drain import free_port, listening
 from tests.factories import config_toml, environment_table, file_backend
+from tests.wait import wait_until
 
 
 def _cli(tmp_path: Path, sim: SimServer) -> RotatorCli:
@@ -61,3 +64,32 @@ def test_discovery_not_enabled_says_what_to_do(tmp_path: Path, sim: SimServer) -
     assert out.returncode != 0
     assert "environments.prod.discover.enabled" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_serve_discovers_at_start_and_at_its_interval(tmp_path: Path, sim: SimServer) -> None:
+    sim.add_connection("srv-1", "test-prod", company="Gamma")
+    prod = environment_table(
+        sim.url, "test-prod", [], sealing_env="DISC_SEAL", secret_env="DISC_SECRET",
+        backends=[file_backend("files/prod", "keys/prod-file.key")],
+    )
+    prod["discover"] = {"enabled": True, "interval": "10s", "name_template": "{company}-{id}"}
+    text = config_toml({"url": "sqlite:///journal.db"}, {"prod": prod},
+                       scheduler={"tick": "1s"})
+    cli = RotatorCli(tmp_path, text, {"DISC_SEAL": generate_key(),
+                                      "DISC_SECRET": "test-prod-secret"})
+    port = free_port()
+    proc = cli.start("serve", "--port", str(port))
+    try:
+        wait_until("serve", lambda: listening(port))
+        wait_until("the first token at start",
+                   lambda: sim.tokens("srv-1", kind="access", status="active"), timeout_s=30)
+        sim.add_connection("srv-2", "test-prod", company="Delta")  # the next interval
+        wait_until("the first token at the interval",
+                   lambda: sim.tokens("srv-2", kind="access", status="active"), timeout_s=40)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "Traceback" not in stderr
+    audit = cli("audit", "--action", "discovery.enrolled", "--json")
+    assert {e["credential"] for e in json.loads(audit.stdout)} == {"gamma-srv-1", "delta-srv-2"}

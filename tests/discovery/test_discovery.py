@@ -230,3 +230,18 @@ async def test_a_webhook_about_a_new_connection_enrols_it(
         assert sim.tokens("hooked", kind="access", status="active")
     finally:
         await stop_server(served)
+
+
+async def test_one_discovery_at_a_time_across_processes(
+    sim: SimServer, runtimes: Runtimes, tmp_path: Path
+) -> None:
+    sim.add_connection("l-1", "test-prod")
+    runtime = _open(runtimes, sim, tmp_path)
+    assert runtime.journal.acquire("discover:prod", "another-replica")
+    busy = await discovery.discover(runtime, "prod")
+    assert busy.busy and not busy.new
+    assert not discovery.rows(runtime.journal, "prod")
+    runtime.journal.release("discover:prod", "another-replica")
+    done = await discovery.discover(runtime, "prod", first_tokens=False)
+    assert [c.connection_id for c in done.new] == ["l-1"]
+    assert runtime.journal.lock_holder("discover:prod") is None
