@@ -245,3 +245,22 @@ async def test_one_discovery_at_a_time_across_processes(
     done = await discovery.discover(runtime, "prod", first_tokens=False)
     assert [c.connection_id for c in done.new] == ["l-1"]
     assert runtime.journal.lock_holder("discover:prod") is None
+
+
+@pytest.mark.parametrize(
+    ("template", "said"),
+    [
+        ("{platform}", "must contain {id}"),
+        ("{id}-{customer}", "unknown field {customer}"),
+        ("X{id}", "not a valid credential name"),
+    ],
+)
+def test_a_bad_name_template_is_named_by_its_key(
+    sim: SimServer, tmp_path: Path, template: str, said: str
+) -> None:
+    envs = {"prod": _env(sim, "prod", "test-prod", tmp_path,
+                         discover={"enabled": True, "name_template": template})}
+    with pytest.raises(ConfigError) as caught:
+        make_config(tmp_path, f"sqlite:///{tmp_path / 'j.db'}", envs)
+    assert "environments.prod.discover.name_template: " in caught.value.message
+    assert said in caught.value.message
