@@ -782,7 +782,7 @@ def _schedule_problems(name: str, env: EnvironmentSettings) -> list[str]:
     lifetime = env.makini.default_token_lifetime
     life = format_duration(lifetime)
     schedules = [(f"environments.{name}.schedule", env.schedule, env.schedule.model_fields_set)]
-    for index, cred in enumerate(env.credentials):
+    for index, cred in enumerate(env.configured_credentials):
         if cred.schedule is not None:
             schedules.append(
                 (
@@ -791,6 +791,14 @@ def _schedule_problems(name: str, env: EnvironmentSettings) -> list[str]:
                     cred.schedule.model_fields_set,
                 )
             )
+    if env.discover.schedule is not None:  # every discovered credential's
+        schedules.append(
+            (
+                f"environments.{name}.discover.schedule",
+                env.schedule.merged(env.discover.schedule),
+                env.discover.schedule.model_fields_set,
+            )
+        )
     problems: list[str] = []
     seen: set[str] = set()
     for where, sched, written in schedules:

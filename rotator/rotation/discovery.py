@@ -253,7 +253,7 @@ def compute(
     configured_ids = {c.connection_id for c in configured}
     taken = {c.name for c in configured}
     by_id = {row.connection_id: row for row in known}
-    taken |= {row.credential for row in known if row.status != PURGED}
+    taken |= {row.credential for row in known}  # a purged one's name too: it may come back
     wanted: set[str] = set()
     for item in listed:
         if item.connection_id in configured_ids:

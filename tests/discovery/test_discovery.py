@@ -264,3 +264,13 @@ def test_a_bad_name_template_is_named_by_its_key(
         make_config(tmp_path, f"sqlite:///{tmp_path / 'j.db'}", envs)
     assert "environments.prod.discover.name_template: " in caught.value.message
     assert said in caught.value.message
+
+
+def test_the_discovered_schedule_is_checked_against_the_token_lifetime(
+    sim: SimServer, tmp_path: Path
+) -> None:
+    envs = {"prod": _env(sim, "prod", "test-prod", tmp_path, discover={
+        "enabled": True, "schedule": {"rotate_before_expiry": "40d"}})}
+    with pytest.raises(ConfigError) as caught:
+        make_config(tmp_path, f"sqlite:///{tmp_path / 'j.db'}", envs)
+    assert "environments.prod.discover.schedule.rotate_before_expiry" in caught.value.message
