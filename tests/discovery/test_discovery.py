@@ -22,7 +22,7 @@ from rotator.rotation import discovery
 from rotator.rotation.runtime import Runtime
 from rotator.rotation.schedule import plan
 from rotator.rotation.status import collect
-from rotator.webhooks.queue import DONE
+from rotator.webhooks.queue import DONE, WebhookWorker, enqueue, parse_event
 from tests.api.conftest import start_server, stop_server
 from tests.clock import FakeClock
 from tests.factories import Runtimes, environment, make_config
@@ -274,3 +274,36 @@ def test_the_discovered_schedule_is_checked_against_the_token_lifetime(
     with pytest.raises(ConfigError) as caught:
         make_config(tmp_path, f"sqlite:///{tmp_path / 'j.db'}", envs)
     assert "environments.prod.discover.schedule.rotate_before_expiry" in caught.value.message
+
+
+async def test_a_burst_of_connection_webhooks_lists_once(
+    sim: SimServer, runtimes: Runtimes, tmp_path: Path
+) -> None:
+    runtime = _open(runtimes, sim, tmp_path)
+    for n in range(3):
+        sim.add_connection(f"burst-{n}", "test-prod")
+        body = json.dumps({"id": f"b{n}", "event": "connection.created",
+                           "connection_id": f"burst-{n}"}).encode()
+        assert enqueue(runtime.journal, "prod", parse_event(body), body)
+    worker = WebhookWorker(runtime.config, runtime.journal, runtime.engine, runtime=runtime)
+    assert await worker.run_once() == 3
+    assert sim.stats()["received"]["GET /api/system/connections"] == 1
+    with runtime.journal.reader() as s:
+        outcomes = [r.outcome for r in s.query(WebhookEvent).order_by(WebhookEvent.id)]
+    assert outcomes[0] is not None and "3 new" in outcomes[0]
+    assert not any("discovered" in (o or "") for o in outcomes[1:]), outcomes
+    assert {f"simulated-burst-{n}" for n in range(3)} <= _names(runtime)
+    # two connections go away: two events, one listing, both off-boarded
+    for n in range(2):
+        sim.remove_connection(f"burst-{n}")
+        body = json.dumps({"id": f"d{n}", "event": "connection.deleted",
+                           "connection_id": f"burst-{n}"}).encode()
+        assert enqueue(runtime.journal, "prod", parse_event(body), body)
+    assert await worker.run_once() == 2
+    assert sim.stats()["received"]["GET /api/system/connections"] == 2
+    with runtime.journal.reader() as s:
+        rows = list(s.query(WebhookEvent).filter(WebhookEvent.webhook_id.in_(["d0", "d1"]))
+                    .order_by(WebhookEvent.id))
+    assert "2 gone" in (rows[0].outcome or "") and "covered" in (rows[1].outcome or "")
+    assert runtime.environments["prod"].settings.offboarded == {
+        "simulated-burst-0", "simulated-burst-1"}
