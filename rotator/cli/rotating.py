@@ -137,12 +137,20 @@ def verify(
     import asyncio
 
     cfg = command_config()
-    env = cfg.environment(environment)
-    names = [env.credential(name, environment).name] if name else [c.name for c in env.credentials]
+    cfg.environment(environment)
+    if name is not None:
+        from rotator.rotation.discovery import require_credential
+
+        require_credential(cfg, environment, name)  # configured, or enrolled by discovery
     require_secrets(cfg, [environment], what=f"verify in {environment}")
 
     async def work(rt: Runtime) -> list[tuple[str, bool, str]]:
         from rotator.rotation.queries import verify_current
+
+        settings = rt.environments[environment].settings  # with the discovered credentials
+        names = [name] if name else [
+            c.name for c in settings.credentials if c.name not in settings.offboarded
+        ]
 
         async def one(n: str) -> tuple[str, bool, str]:
             ok, detail = await verify_current(rt.engine, environment, n)

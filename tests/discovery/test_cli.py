@@ -40,6 +40,10 @@ def test_discover_dry_run_then_apply(tmp_path: Path, sim: SimServer) -> None:
     assert sim.tokens("cli-1", kind="access", status="active")
     status = cli("status", "prod", "--json")
     assert "acme-cli-1" in status.stdout
+    verify = cli("verify", "prod", "--json")
+    assert verify.returncode == 0, verify.stderr
+    assert [(r["credential"], r["ok"]) for r in json.loads(verify.stdout)] == [
+        ("acme-cli-1", True)]
     token = cli("get", "prod", "acme-cli-1")
     assert token.returncode == 0 and token.stdout.strip()
     assert all(token.stdout.strip() not in out for out in cli.outputs)
