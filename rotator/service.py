@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import uvicorn
@@ -32,6 +33,9 @@ from rotator.rotation.schedule import plan
 from rotator.rotation.work import RotationResult, Work
 from rotator.settings import Config
 
+if TYPE_CHECKING:
+    from rotator.rotation.discovery import Change
+
 log = structlog.get_logger("rotator.service")
 
 
@@ -44,6 +48,27 @@ async def run_due_once(
 ) -> list[RotationResult]:
     """Resume open rotations, retire what is past its grace period, rotate what is due."""
     return await rotate_work(runtime, await due_work(runtime, environments, clock=clock), progress)
+
+
+async def discover_all(
+    runtime: Runtime, environments: Sequence[str] | None = None, *, first_tokens: bool = False
+) -> list[Change]:
+    """Run discovery for each served environment that has it enabled (``run-due`` at its
+    start, ``serve`` at start and every ``discover.interval``). A failure (Makini down) is
+    logged and leaves that environment's credentials as they were: it never stops the run.
+    Without ``first_tokens`` the new credentials' first tokens come from the work that
+    follows (they are due: they have none)."""
+    from rotator.rotation import discovery
+
+    changes = []
+    for env in discovery.enabled(runtime):
+        if environments and env not in environments:
+            continue
+        try:
+            changes.append(await discovery.discover(runtime, env, first_tokens=first_tokens))
+        except RotatorError as exc:
+            log.warning("discovery.failed", environment=env, error=exc.message)
+    return changes
 
 
 async def due_work(
@@ -279,6 +304,7 @@ async def serve(
         misfire_grace_time=None,
     )
     app = build_app(runtime)
+    _schedule_discovery(scheduler, runtime, clock)
     drain_s = config.scheduler.drain.total_seconds()
     server = _Server(
         uvicorn.Config(
@@ -342,6 +368,33 @@ async def serve(
             where="rotator serve",
             hint="the port is in use or not allowed here: stop what holds it, or choose "
             "another with --port",
+        )
+
+
+def _schedule_discovery(scheduler: Any, runtime: Runtime, clock: Clock) -> None:
+    """One job per environment with discovery enabled: at start, then every
+    ``discover.interval``; its new credentials get their first tokens at once."""
+    from apscheduler.triggers.interval import IntervalTrigger
+
+    from rotator.rotation import discovery
+
+    for env in discovery.enabled(runtime):
+        every = runtime.environments[env].settings.discover.interval.total_seconds()
+
+        async def run(env: str = env) -> None:
+            try:
+                await discover_all(runtime, [env], first_tokens=True)
+            except Exception:  # a run must never kill the scheduler
+                log.exception("discovery.failed", environment=env)
+
+        scheduler.add_job(
+            run,
+            IntervalTrigger(seconds=every),
+            id=f"discover-{env}",
+            next_run_time=clock.now(),
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=None,
         )
 
 

@@ -13,8 +13,10 @@ problem with its key path (``environments.prod.credentials[2].connection_id``).
 
 from __future__ import annotations
 
+import functools
 import os
 import re
+import string
 import tomllib
 from collections.abc import Mapping
 from datetime import UTC, datetime, time, timedelta
@@ -28,6 +30,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     create_model,
     field_validator,
@@ -352,6 +355,123 @@ class WebhookSettings(_Model):
         return value.encode()
 
 
+_TEMPLATE_FIELDS = frozenset({"id", "platform", "company", "name"})
+_NOT_IN_NAME = re.compile(r"[^a-z0-9_]+")
+_SAMPLE = {"id": "conn-1", "platform": "sap", "company": "acme", "name": "acme-sap"}
+
+
+@functools.lru_cache(maxsize=64)
+def _template_fields(template: str) -> frozenset[str]:
+    return frozenset(
+        f for _, f, _, _ in string.Formatter().parse(template) if f
+    ) & _TEMPLATE_FIELDS
+
+
+def credential_name(template: str, fields: Mapping[str, str | None]) -> str:
+    """The credential name ``template`` gives a connection: each field lower-cased, every run
+    of characters a credential name may not hold made one ``-``, cut to 63 characters."""
+    slugs = {
+        key: _NOT_IN_NAME.sub("-", (fields.get(key) or "none").lower()).strip("-") or "none"
+        for key in _template_fields(template)
+    }
+    return template.format_map(slugs)[:63].rstrip("-_")
+
+
+class DiscoverFilter(_Model):
+    """Shell patterns (``fnmatch``, case-insensitive) a connection is matched against. Each
+    key given must match (one of its patterns); ``metadata`` maps a key of the connection's
+    metadata to a pattern of its value."""
+
+    id: list[str] = Field(default_factory=list)
+    name: list[str] = Field(default_factory=list)
+    platform: list[str] = Field(default_factory=list)
+    company: list[str] = Field(default_factory=list)
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.id or self.name or self.platform or self.company or self.metadata)
+
+
+class DiscoverSettings(_Model):
+    """``[environments.X.discover]``: enrol the connections Makini lists for this
+    environment's admin client as credentials, and off-board those that are gone."""
+
+    enabled: bool = False
+    interval: Annotated[PositiveDuration, bounds(least=timedelta(seconds=10))] = Field(
+        default=timedelta(minutes=15),
+        description="How often serve lists the connections (and at start; run-due at start).",
+    )
+    include: DiscoverFilter = Field(
+        default_factory=DiscoverFilter,
+        description="Only connections matching every key given here (nothing given: all).",
+    )
+    exclude: DiscoverFilter = Field(
+        default_factory=DiscoverFilter,
+        description="Connections matching any one key given here are left out.",
+    )
+    name_template: str = Field(
+        default="{platform}-{id}",
+        description="The credential name of a discovered connection, from {id}, {platform}, "
+        "{company} and {name} (each lower-cased, other characters made '-').",
+    )
+    schedule: ScheduleOverride | None = None
+    events: list[str] = Field(
+        default_factory=lambda: [
+            "*connection*created*", "*connection*added*", "*connection*connected*",
+            "*connection*updated*", "*connection*changed*", "*connection*status*",
+            "*connection*deleted*", "*connection*disconnected*", "*connection*removed*",
+        ],
+        description="Makini webhook event types (shell patterns, case-insensitive) that run "
+        "discovery at once: for a connection no credential has, or one that went away.",
+    )
+    offboard_grace: Annotated[Duration, bounds(most=timedelta(days=366))] = Field(
+        default=timedelta(days=7),
+        description="A connection gone at Makini stops rotating at once; its tokens are made "
+        "unreadable this long after (readers have time to move). Nothing is deleted at Makini.",
+    )
+
+    @field_validator("name_template")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        try:
+            used = {f for _, f, _, _ in string.Formatter().parse(value) if f is not None}
+        except ValueError as exc:
+            raise ValueError(f"not a template ({exc})") from None
+        unknown = used - _TEMPLATE_FIELDS
+        if unknown:
+            raise ValueError(
+                f"unknown field {{{sorted(unknown)[0]}}}: use {{id}}, {{platform}}, "
+                "{company} or {name}"
+            )
+        if "id" not in used:
+            raise ValueError("must contain {id}: two connections would get one name")
+        sample = credential_name(value, _SAMPLE)
+        if not re.match(NAME_PATTERN, sample):
+            raise ValueError(
+                f"gives {sample!r} for a connection, not a valid credential name (lower-case "
+                "letters, digits, '-' and '_', starting with a letter or digit)"
+            )
+        return value
+
+
+_INDEXES: dict[int, tuple[list[CredentialSettings], dict[str, CredentialSettings]]] = {}
+
+
+def _by_name(creds: list[CredentialSettings]) -> dict[str, CredentialSettings]:
+    """``creds`` by name, built once per list (status and the engine look a credential up per
+    row; a scan made 10,000 credentials quadratic). Kept outside the frozen model, whose
+    equality would otherwise depend on the cache; each entry holds its list, so an id is
+    never reused while cached, and a handful of lists are cached at most."""
+    entry = _INDEXES.get(id(creds))
+    if entry is None or entry[0] is not creds:
+        if len(_INDEXES) >= 32:
+            _INDEXES.clear()
+        entry = (creds, {c.name: c for c in creds})
+        _INDEXES[id(creds)] = entry
+    return entry[1]
+
+
 class EnvironmentSettings(_Model):
     makini: MakiniSettings
     sealing_key: KeySource
@@ -360,6 +480,9 @@ class EnvironmentSettings(_Model):
     credentials: list[CredentialSettings] = Field(default_factory=list)
     webhook: WebhookSettings = WebhookSettings()
     notify: NotifySettings = NotifySettings()
+    discover: DiscoverSettings = DiscoverSettings()
+    _configured: list[CredentialSettings] | None = PrivateAttr(default=None)
+    _offboarded: frozenset[str] = PrivateAttr(default=frozenset())
 
     @field_validator("credentials")
     @classmethod
@@ -376,15 +499,44 @@ class EnvironmentSettings(_Model):
         return list(self.backends)
 
     def credential(self, name: str, env: str) -> CredentialSettings:
-        for cred in self.credentials:
-            if cred.name == name:
-                return cred
+        found = _by_name(self.credentials).get(name)
+        if found is not None:
+            return found
         known = ", ".join(c.name for c in self.credentials) or "none"
         raise NotFound(
             f"environment {env!r} has no credential {name!r}",
             where=f"environments.{env}.credentials",
             hint=f"known credentials: {known}",
         )
+
+    @property
+    def configured_credentials(self) -> list[CredentialSettings]:
+        """The credentials the configuration file lists (``credentials`` adds the ones
+        discovery enrolled, see :meth:`with_discovered`)."""
+        return self.credentials if self._configured is None else self._configured
+
+    @property
+    def offboarded(self) -> frozenset[str]:
+        """Discovered credentials gone at Makini: readable for the grace, never rotated."""
+        return self._offboarded
+
+    def with_discovered(
+        self, enrolled: list[CredentialSettings], offboarded: set[str]
+    ) -> EnvironmentSettings:
+        """These settings with ``enrolled`` (discovery's credentials, already kept clear of
+        the configured ones) after the configured credentials."""
+        configured = self.configured_credentials
+        copy = self.model_copy(update={"credentials": [*configured, *enrolled]})
+        copy.mark_discovered(configured, offboarded)
+        return copy
+
+    def mark_discovered(
+        self, configured: list[CredentialSettings], offboarded: set[str]
+    ) -> None:
+        """Record which credentials the file lists and which are off-boarded (a fresh copy's
+        private attributes: the fields stay frozen)."""
+        self._configured = configured
+        self._offboarded = frozenset(offboarded)
 
     def schedule_for(self, cred: CredentialSettings) -> Schedule:
         return self.schedule.merged(cred.schedule)
@@ -570,7 +722,7 @@ def _schedule_problems(name: str, env: EnvironmentSettings) -> list[str]:
     lifetime = env.makini.default_token_lifetime
     life = format_duration(lifetime)
     schedules = [(f"environments.{name}.schedule", env.schedule, env.schedule.model_fields_set)]
-    for index, cred in enumerate(env.credentials):
+    for index, cred in enumerate(env.configured_credentials):
         if cred.schedule is not None:
             schedules.append(
                 (
@@ -579,6 +731,14 @@ def _schedule_problems(name: str, env: EnvironmentSettings) -> list[str]:
                     cred.schedule.model_fields_set,
                 )
             )
+    if env.discover.schedule is not None:  # every discovered credential's
+        schedules.append(
+            (
+                f"environments.{name}.discover.schedule",
+                env.schedule.merged(env.discover.schedule),
+                env.discover.schedule.model_fields_set,
+            )
+        )
     problems: list[str] = []
     seen: set[str] = set()
     for where, sched, written in schedules:

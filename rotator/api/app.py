@@ -109,6 +109,11 @@ async def _every(
 
 def build_app(runtime: Runtime) -> ApiApp:
     state = ApiState.build(runtime)
+    runtime.credentials_changed.append(  # discovery changed an environment's credentials
+        lambda env: state.credentials.__setitem__(
+            env, frozenset(c.name for c in runtime.environments[env].settings.credentials)
+        )
+    )
     state.metrics.probes = Observer.of(runtime).probes()
     settings = state.settings
     feed = ReplicaFeed(
@@ -121,6 +126,7 @@ def build_app(runtime: Runtime) -> ApiApp:
         on_event=lambda env, outcome: state.metrics.webhook_events.labels(
             state.env_label(env), outcome
         ).inc(),
+        runtime=runtime,  # webhooks about connections run discovery
     )
 
     board = status_board.StatusBoard(state)

@@ -13,7 +13,17 @@ from typing import Any
 import typer
 from typer.core import TyperCommand
 
-from rotator.cli import bootstrap, journal, keys, ops, reading, revoke, rotating, services
+from rotator.cli import (
+    bootstrap,
+    discovering,
+    journal,
+    keys,
+    ops,
+    reading,
+    revoke,
+    rotating,
+    services,
+)
 from rotator.cli.context import root
 
 
@@ -86,6 +96,12 @@ app.command(
     )
 )(rotating.rotate)
 app.command()(rotating.verify)
+app.command(
+    epilog=_examples(
+        "rotator discover prod --dry-run   # what would be enrolled and off-boarded",
+        "rotator discover prod --json",
+    )
+)(discovering.discover)
 # reading
 app.command(
     epilog=_examples(

@@ -60,7 +60,10 @@ def get(
 ) -> None:
     """Print the current access token of a credential (for scripts). Reads the primary backend."""
     cfg = command_config()
-    cfg.environment(environment).credential(name, environment)
+    if name not in {c.name for c in cfg.environment(environment).credentials}:
+        from rotator.rotation.discovery import require_credential  # enrolled by discovery?
+
+        require_credential(cfg, environment, name)
     if field not in ("access_token", "refresh_token", "json"):
         raise ConfigError(
             f"unknown --field {field!r}", hint="use access_token, refresh_token or json"

@@ -48,9 +48,10 @@ def run_due(
     push = RunDuePush.start(cfg, env)  # to metrics.pushgateway, however the run ends
 
     async def plan_or_rotate(rt: Runtime) -> tuple[list[Work], int, list[RotationResult]]:
-        from rotator.service import Stopper, due_work, rotate_work
+        from rotator.service import Stopper, discover_all, due_work, rotate_work
 
         async with Stopper(rt, cfg.scheduler.drain.total_seconds()) as stopper:
+            await discover_all(rt, env)  # enrolled connections are due: they have no token
             work = await due_work(rt, env)
             processes = workers.process_count(
                 cfg.scheduler.processes, len(work), workers.smallest_limit(cfg)
@@ -101,10 +102,11 @@ def rotate(
     json_out: JsonOpt = False,
 ) -> None:
     """Rotate credentials now, whatever the schedule says."""
+    from rotator.rotation.discovery import require_credential
+
     cfg = command_config()
-    env = cfg.environment(environment)
     for n in name:
-        env.credential(n, environment)
+        require_credential(cfg, environment, n)  # configured, or enrolled by discovery
     require_secrets(cfg, [environment], what=f"rotate in {environment}")
 
     async def work(rt: Runtime) -> list[RotationResult]:
@@ -135,12 +137,20 @@ def verify(
     import asyncio
 
     cfg = command_config()
-    env = cfg.environment(environment)
-    names = [env.credential(name, environment).name] if name else [c.name for c in env.credentials]
+    cfg.environment(environment)
+    if name is not None:
+        from rotator.rotation.discovery import require_credential
+
+        require_credential(cfg, environment, name)  # configured, or enrolled by discovery
     require_secrets(cfg, [environment], what=f"verify in {environment}")
 
     async def work(rt: Runtime) -> list[tuple[str, bool, str]]:
         from rotator.rotation.queries import verify_current
+
+        settings = rt.environments[environment].settings  # with the discovered credentials
+        names = [name] if name else [
+            c.name for c in settings.credentials if c.name not in settings.offboarded
+        ]
 
         async def one(n: str) -> tuple[str, bool, str]:
             ok, detail = await verify_current(rt.engine, environment, n)

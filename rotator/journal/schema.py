@@ -370,3 +370,32 @@ class NotifyOutbox(Base):
     claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
     last_error: Mapped[str | None] = mapped_column(Text)
+
+
+# --- discovery (``rotator.rotation.discovery``) -------------------------------------------------
+
+
+class DiscoveredConnection(Base):
+    """A Makini connection discovery enrolled as a credential of its environment. ``status``:
+    ``enrolled`` (rotates like a configured credential), ``offboarded`` (gone at Makini since
+    ``gone_at``: no more rotations; its tokens stay readable for the grace), ``purged`` (its
+    tokens made unreadable). Names and ids, never a token."""
+
+    __tablename__ = "discovered_connections"
+    __table_args__ = (
+        UniqueConstraint(
+            "environment", "credential", name="uq_discovered_connections_credential"
+        ),
+    )
+
+    environment: Mapped[str] = mapped_column(String(64), primary_key=True)
+    connection_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    credential: Mapped[str] = mapped_column(String(64))
+    platform: Mapped[str | None] = mapped_column(String(200))
+    company: Mapped[str | None] = mapped_column(String(200))
+    name: Mapped[str | None] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16))
+    enrolled_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    seen_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    gone_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

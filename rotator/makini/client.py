@@ -69,6 +69,26 @@ class ConnectionInfo:
     request_id: str | None
 
 
+@dataclass(frozen=True)
+class ListedConnection:
+    """One connection as ``GET /api/system/connections`` lists it (no token)."""
+
+    connection_id: str
+    name: str | None = None
+    platform: str | None = None
+    company: str | None = None
+    status: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ConnectionList:
+    """An admin client's connections; ``complete`` False: some may be missing."""
+
+    items: list[ListedConnection]
+    complete: bool
+
+
 class _Admin:
     """Marks a request that carries the admin token."""
 
@@ -282,16 +302,30 @@ class MakiniClient:
         the :class:`MakiniError` that says why not (``rotator doctor``)."""
         await self._admin_token()
 
-    async def connection_ids(self, *, max_pages: int = 100) -> set[str]:
-        """The ids of the connections this environment's admin client sees
-        (``GET /api/system/connections``; each item's ``key``, or ``id``), following
-        ``links.next`` pages."""
+    async def connection_ids(self, *, max_pages: int = 10_000) -> set[str]:
+        """The ids of the connections this environment's admin client sees (see
+        :meth:`connections`)."""
+        listing = await self.connections(max_pages=max_pages)
+        return {item.connection_id for item in listing.items}
+
+    async def connections(self, *, max_pages: int = 10_000) -> ConnectionList:
+        """Every connection this environment's admin client sees (``GET
+        /api/system/connections``; each item's ``key``, or ``id``), following ``links.next``
+        pages on Makini's own host. ``complete`` is False when the listing stopped early (a
+        next page on another host, a loop, ``max_pages``) or saw fewer connections than
+        ``meta.total`` says exist (a connection deleted meanwhile shifts the pages): a caller
+        that off-boards what is missing must not trust an incomplete listing."""
         path: str | None = CONNECTIONS_PATH
-        found: set[str] = set()
-        pages = 0
-        while path is not None and pages < max_pages:
-            pages += 1
-            call = _Call("GET", path, "listing connections", ADMIN)
+        found: dict[str, ListedConnection] = {}
+        visited: set[str] = set()
+        complete = True
+        total: int | None = None
+        while path is not None:
+            if len(visited) >= max_pages or path in visited:
+                complete = False
+                break
+            visited.add(path)
+            call = _Call("GET", path, "listing connections", ADMIN, operation="list")
             response = await self._request(call)
             where = self._where(call)
             try:
@@ -307,10 +341,12 @@ class MakiniClient:
                     hint="check makini.base_url points at the Makini API",
                 )
             for item in body["data"]:
-                if isinstance(item, dict):
-                    key = _text(item.get("key")) or _text(item.get("id"))
-                    if key is not None:
-                        found.add(key)
+                listed = _listed(item)
+                if listed is not None:
+                    found.setdefault(listed.connection_id, listed)
+            meta = body.get("meta")
+            if isinstance(meta, dict) and isinstance(meta.get("total"), int):
+                total = meta["total"]
             links = body.get("links")
             following = links.get("next") if isinstance(links, dict) else None
             path = None
@@ -320,7 +356,12 @@ class MakiniClient:
                     following = following[len(base):]
                 # the admin token goes to Makini's own host only
                 path = following if following.startswith("/") else None
-        return found
+                if path is None:
+                    complete = False
+                    self._log.warning("makini.next_page_elsewhere", note="listing stopped")
+        if total is not None and len(found) < total:
+            complete = False
+        return ConnectionList(items=list(found.values()), complete=complete)
 
     async def disconnect(self, connection_id: str) -> None:
         """Delete the connection: all its tokens die and syncs stop. A 404 raises BadRequest
@@ -505,6 +546,36 @@ def _outcome(status: int) -> str:
     if status == 429:
         return "429"
     return "4xx" if status < 500 else "5xx"
+
+
+def _listed(item: object) -> ListedConnection | None:
+    """A listed connection from one item of the list (``key`` or ``id``; the platform is
+    ``integration_name`` or ``provider``; ``user_metadata`` an object or a JSON string)."""
+    if not isinstance(item, dict):
+        return None
+    key = _text(item.get("key")) or _text(item.get("id"))
+    if key is None:
+        return None
+    raw = item.get("user_metadata", item.get("metadata"))
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except ValueError:
+            raw = None
+    metadata = (
+        {str(k): v for k, v in raw.items() if isinstance(v, str)}
+        | {str(k): str(v) for k, v in raw.items() if isinstance(v, int | float)
+           and not isinstance(v, bool)}
+        if isinstance(raw, dict) else {}
+    )
+    return ListedConnection(
+        connection_id=key,
+        name=_text(item.get("name")),
+        platform=_text(item.get("integration_name")) or _text(item.get("provider")),
+        company=_text(item.get("company_name")) or _text(item.get("company")),
+        status=_text(item.get("status")),
+        metadata=metadata,
+    )
 
 
 def _text(value: object) -> str | None:

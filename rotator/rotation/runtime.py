@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import backends
@@ -11,6 +12,7 @@ from rotator.crypto import KeyRing
 from rotator.errors import ConfigError
 from rotator.journal import Journal
 from rotator.makini import MakiniClient
+from rotator.rotation import discovery
 from rotator.rotation.engine import RevokeResumer, RotationEngine
 from rotator.rotation.environment import EnvironmentRuntime
 from rotator.settings import Config
@@ -22,6 +24,9 @@ class Runtime:
     journal: Journal
     engine: RotationEngine
     environments: dict[str, EnvironmentRuntime] = field(default_factory=dict)
+    credentials_changed: list[Callable[[str], None]] = field(default_factory=list)
+    """Called with an environment's name once discovery changed its credentials (the API's
+    list of served names follows)."""
 
     @classmethod
     def open(
@@ -68,7 +73,14 @@ class Runtime:
             clock=clock,
             resume_revoke=resume_revoke,
         )
-        return cls(config=config, journal=journal, engine=engine, environments=envs)
+        runtime = cls(config=config, journal=journal, engine=engine, environments=envs)
+        try:
+            for name in envs:  # the credentials discovery enrolled join the configured ones
+                discovery.refresh(runtime, name)
+        except BaseException:
+            journal.close()
+            raise
+        return runtime
 
     async def aclose(self) -> None:
         await self.engine.aclose()  # first: it gives back any lease still held

@@ -199,6 +199,8 @@ def plan(
         if environments and env_name not in environments:
             continue
         for cred in env.credentials:
+            if cred.name in env.offboarded:
+                continue  # gone at Makini: readable for its grace, never rotated again
             key = (env_name, cred.name)
             items.append(
                 plan_credential(

@@ -38,6 +38,7 @@ from rotator.model import utcnow
 
 if TYPE_CHECKING:
     from rotator.rotation.engine import RotationEngine
+    from rotator.rotation.runtime import Runtime
     from rotator.settings import Config, WebhookSettings
 
 log = structlog.get_logger("rotator.webhooks")
@@ -160,10 +161,16 @@ class WebhookWorker:
         engine: RotationEngine,
         *,
         on_event: Any = None,
+        runtime: Runtime | None = None,
     ) -> None:
         self.config = config
         self.journal = journal
         self.engine = engine
+        self.runtime = runtime
+        """what discovery runs on (without it, events never run discovery)"""
+        self._listed_at: dict[str, datetime] = {}
+        """per environment, when the last discovery started listing: an event received
+        before that is covered by it (a burst of events lists once)"""
         self.on_event = on_event
         """called with (environment, outcome) after each event (metrics)"""
 
@@ -252,6 +259,14 @@ class WebhookWorker:
         if settings is None or env not in self.engine.environments:
             return IGNORED, "environment not served here"
         cred = self.credential_for(env, row.connection_id)
+        discover = settings.discover
+        if (
+            self.runtime is not None
+            and discover.enabled
+            and matches(row.event_type, discover.events)
+            and (cred is None or matches(row.event_type, ["*delet*", "*disconnect*", "*remov*"]))
+        ):  # a connection appeared (no credential has it) or went away
+            return DONE, await self._discover(env, row.received_at)
         if cred is None:
             return IGNORED, f"no credential for connection {row.connection_id!r}"
         hook = settings.webhook
@@ -263,6 +278,24 @@ class WebhookWorker:
             bound.info("webhook.verified", ok=ok, detail=detail)
             return DONE, f"verified: {'ok' if ok else 'FAILED'}: {detail}"
         return IGNORED, "event type needs no action"
+
+    async def _discover(self, env: str, received_at: datetime | None) -> str:
+        """Discovery for ``env`` now (a connection appeared, changed or went away): new
+        credentials get their first tokens at once. A failed listing raises: the event is
+        tried again."""
+        from rotator.rotation import discovery
+
+        assert self.runtime is not None
+        last = self._listed_at.get(env)
+        if last is not None and received_at is not None and received_at <= last:
+            return "covered by a discovery that started after it arrived"
+        started = utcnow()
+        change = await discovery.discover(self.runtime, env)
+        self._listed_at[env] = started  # only once it succeeded: a failed one covers nothing
+        log.info("webhook.discovered", environment=env, new=len(change.new),
+                 gone=len(change.gone))
+        return (f"discovered: {len(change.new)} new, {len(change.returned)} back, "
+                f"{len(change.gone)} gone")
 
     async def _verify(self, env: str, cred: str) -> tuple[bool, str]:
         from rotator.rotation.queries import verify_current

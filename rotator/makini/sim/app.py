@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from .state import ApiError, SimOptions, SimState
+from .state import ApiError, Connection, SimOptions, SimState
 from .webhooks import send_endpoint as send_webhooks
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -105,6 +105,7 @@ class SimApp:
             Route("/api/system/tokens/revoke",
                   api("POST /api/system/tokens/revoke", self.revoke), methods=["POST"]),
             Route("/_sim/connections", self.sim_connections, methods=["GET", "POST"]),
+            Route("/_sim/connections/{id}", self.sim_connection, methods=["GET", "DELETE"]),
             Route("/_sim/connections/{id}/link-code", self.sim_link_code,
                   methods=["GET", "POST"]),
             Route("/_sim/tokens", self.sim_tokens, methods=["GET"]),
@@ -210,13 +211,44 @@ class SimApp:
         return JSONResponse({"data": self.state.current(_bearer(request))})
 
     async def list_connections(self, request: Request) -> Response:
-        client_id = self.state.admin_client(_bearer(request))
-        data = [
-            {"key": c.id, "name": f"Company {c.id}", "status": "active", "client_id": client_id}
-            for c in self.state.connections.values()
-            if c.client_id == client_id and c.deleted_at is None
-        ]
-        return JSONResponse({"data": data, "meta": {"total": len(data)}})
+        """Paginated like Makini (Laravel): ``?page=N`` (from 1) and ``?per_page=M``; ``links``
+        holds absolute URLs (``next`` null on the last page) and ``meta`` the counts."""
+        state = self.state
+        client_id = state.admin_client(_bearer(request))
+        opts = state.options
+        page = _positive(request.query_params.get("page"), 1, "page")
+        per_page = min(
+            _positive(request.query_params.get("per_page"), opts.page_size, "per_page"),
+            opts.max_page_size,
+        )
+        items, total = state.page(client_id, page, per_page)
+        last = max(1, math.ceil(total / per_page))
+        path = str(request.url.replace(query=""))
+
+        def link(n: int) -> str:
+            extra = "" if "per_page" not in request.query_params else f"&per_page={per_page}"
+            return f"{path}?page={n}{extra}"
+
+        start = (page - 1) * per_page
+        body = {
+            "data": [c.listed() for c in items],
+            "links": {
+                "first": link(1),
+                "last": link(last),
+                "prev": link(page - 1) if 1 < page <= last + 1 else None,
+                "next": link(page + 1) if page < last else None,
+            },
+            "meta": {
+                "current_page": page,
+                "from": start + 1 if items else None,
+                "last_page": last,
+                "path": path,
+                "per_page": per_page,
+                "to": start + len(items) if items else None,
+                "total": total,
+            },
+        }
+        return JSONResponse(body)
 
     async def issue(self, request: Request) -> Response:
         client_id = self.state.admin_client(_bearer(request))
@@ -245,18 +277,44 @@ class SimApp:
     # --- /_sim/ inspection and control ------------------------------------------------------
 
     async def sim_connections(self, request: Request) -> Response:
+        """GET: every connection. POST: create one (``id``, ``client_id``, ``platform``,
+        ``company``, ``name``, ``metadata``: an object of strings), or ``count`` of them at
+        once named ``{prefix}{n:05d}`` (10,000 in well under a second)."""
         state = self.state
         if request.method == "POST":
-            body = await _fields(request)
-            client_id = body.get("client_id") or next(iter(state.options.clients), "")
+            raw = await request.body()
             try:
-                conn = state.add_connection(body.get("id") or uuid.uuid4().hex[:12], client_id)
+                body = json.loads(raw) if raw else {}
+                if not isinstance(body, dict):
+                    raise ValueError("the body must be a JSON object")
+                created = _create(state, body)
+            except (ValueError, TypeError) as exc:
+                return JSONResponse({"error": str(exc)}, 422)
             except ApiError as err:
                 return JSONResponse({"error": err.message}, err.status)
             state.save()
-            return JSONResponse(conn.view(state.now()), 201)
+            if "count" in body:
+                return JSONResponse({"created": len(created)}, 201)
+            return JSONResponse(created[0].view(state.now()), 201)
         now = state.now()
         return JSONResponse([c.view(now) for c in state.connections.values()])
+
+    async def sim_connection(self, request: Request) -> Response:
+        """GET: one connection. DELETE: it disappears at Makini (tokens die, no longer
+        listed), as when a customer disconnects."""
+        state = self.state
+        ident = request.path_params["id"]
+        if request.method == "DELETE":
+            try:
+                conn = state.remove_connection(ident)
+            except ApiError as err:
+                return JSONResponse({"error": err.message}, err.status)
+            state.save()
+            return JSONResponse(conn.view(state.now()))
+        found = state.connections.get(ident)
+        if found is None:
+            return JSONResponse({"error": "no such connection"}, 404)
+        return JSONResponse(found.view(state.now()))
 
     async def sim_link_code(self, request: Request) -> Response:
         params = dict(request.query_params)
@@ -340,6 +398,42 @@ class SimApp:
                 "received": dict(sorted(self.state.received.items())),
             }
         )
+
+
+def _positive(value: str | None, default: int, name: str) -> int:
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise ApiError(422, "VALIDATION_FAILED", f"{name} must be a whole number.") from None
+    if number < 1:
+        raise ApiError(422, "VALIDATION_FAILED", f"{name} must be at least 1.")
+    return number
+
+
+def _create(state: SimState, body: dict[str, Any]) -> list[Connection]:
+    client_id = str(body.get("client_id") or next(iter(state.options.clients), ""))
+    metadata = body.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise ValueError("metadata must be an object of strings")
+    fields: dict[str, Any] = {
+        "platform": str(body.get("platform") or "simulated"),
+        "company": None if body.get("company") is None else str(body["company"]),
+        "name": None if body.get("name") is None else str(body["name"]),
+        "metadata": {str(k): str(v) for k, v in metadata.items()},
+    }
+    if "count" in body:
+        count, prefix = int(body["count"]), str(body.get("prefix") or "conn-")
+        if not 0 <= count <= 1_000_000:
+            raise ValueError("count must be between 0 and 1000000")
+        start = int(body.get("start", 0))
+        return [
+            state.add_connection(f"{prefix}{n:05d}", client_id, **fields)
+            for n in range(start, start + count)
+        ]
+    return [state.add_connection(str(body.get("id") or uuid.uuid4().hex[:12]), client_id,
+                                 **fields)]
 
 
 def patched(state: SimState, changes: dict[str, Any]) -> SimOptions:

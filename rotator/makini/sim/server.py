@@ -164,9 +164,24 @@ class SimServer:
         result: list[dict[str, Any]] = self._call("GET", "/_sim/connections")
         return result
 
-    def add_connection(self, connection_id: str, client_id: str | None = None) -> None:
-        body = {"id": connection_id, **({"client_id": client_id} if client_id else {})}
+    def add_connection(
+        self, connection_id: str, client_id: str | None = None, **fields: Any
+    ) -> None:
+        """Create a connection; ``fields``: platform, company, name, metadata (a dict)."""
+        body = {"id": connection_id, **({"client_id": client_id} if client_id else {}), **fields}
         self._call("POST", "/_sim/connections", json=body)
+
+    def add_connections(
+        self, count: int, *, prefix: str = "conn-", client_id: str | None = None, **fields: Any
+    ) -> None:
+        """Create ``count`` connections named ``{prefix}00000`` on, in one request."""
+        body = {"count": count, "prefix": prefix, **fields,
+                **({"client_id": client_id} if client_id else {})}
+        self._call("POST", "/_sim/connections", json=body)
+
+    def remove_connection(self, connection_id: str) -> None:
+        """The connection disappears at Makini: its tokens die, it is no longer listed."""
+        self._call("DELETE", f"/_sim/connections/{connection_id}")
 
     def inflight(self) -> list[dict[str, Any]]:
         """The API requests being answered right now: route, connection id, count."""

@@ -92,6 +92,12 @@ class SimOptions(BaseModel):
     garbage: bool = False
     revoke_endpoint: bool = False
     clock_offset_s: float = Field(default=0.0, description="Added to the real clock (tests).")
+    page_size: int = Field(
+        default=100, ge=1, le=10_000,
+        description="Connections per page of GET /api/system/connections (a request's "
+        "per_page overrides it, up to max_page_size).",
+    )
+    max_page_size: int = Field(default=1000, ge=1, le=10_000)
 
 
 class ApiError(Exception):
@@ -147,14 +153,40 @@ class Connection:
     created_at: float
     deleted_at: float | None = None
     tokens: list[Token] = field(default_factory=list)
+    platform: str = "simulated"
+    company: str | None = None
+    name: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def listed(self) -> dict[str, Any]:
+        """One item of ``GET /api/system/connections`` (Makini's ``Connection`` schema;
+        ``user_metadata`` is a JSON string there)."""
+        return {
+            "key": self.id,
+            "name": self.name or self.company_name,
+            "email": f"{self.id}@example.com",
+            "status": "active",
+            "integration_name": self.platform,
+            "company_name": self.company_name,
+            "tags": [],
+            "user_metadata": json.dumps(self.metadata, separators=(",", ":")),
+            "client_id": self.client_id,
+            "created_at": _iso(self.created_at),
+            "updated_at": _iso(self.created_at),
+            "connected_at": _iso(self.created_at),
+        }
+
+    @property
+    def company_name(self) -> str:
+        return self.company or f"Company {self.id}"
 
     def integration(self) -> dict[str, Any]:
         """The ``data`` of ``GET /api/integrations/current``."""
         return {
             "id": self.id,
-            "company_name": f"Company {self.id}",
+            "company_name": self.company_name,
             "email": f"{self.id}@example.com",
-            "provider": "simulated",
+            "provider": self.platform,
             "updated_at": _iso(self.created_at),
             "sync_status": "done",
             "sync_updated_at": _iso(self.created_at),
@@ -165,6 +197,8 @@ class Connection:
         return {
             **self.integration(),
             "client_id": self.client_id,
+            "name": self.name,
+            "metadata": dict(self.metadata),
             "status": "disconnected" if self.deleted_at is not None else "active",
             "tokens": dict(statuses),
         }
@@ -220,8 +254,11 @@ class SimState:
                 conn = Connection(
                     str(item["id"]), str(item["client_id"]), float(item["created_at"]),
                     _float(item.get("deleted_at")),
+                    platform=str(item.get("platform", "simulated")),
+                    company=item.get("company"), name=item.get("name"),
+                    metadata={str(k): str(v) for k, v in (item.get("metadata") or {}).items()},
                 )
-                self.connections[conn.id] = conn
+                self._keep(conn)
             for item in doc["tokens"]:
                 token = Token(
                     str(item["value"]), item["kind"], str(item["client_id"]),
@@ -248,7 +285,8 @@ class SimState:
             "version": STATE_VERSION,
             "connections": [
                 {"id": c.id, "client_id": c.client_id, "created_at": c.created_at,
-                 "deleted_at": c.deleted_at}
+                 "deleted_at": c.deleted_at, "platform": c.platform, "company": c.company,
+                 "name": c.name, "metadata": c.metadata}
                 for c in self.connections.values()
             ],
             "tokens": [
@@ -276,6 +314,9 @@ class SimState:
 
     def reset(self) -> None:
         self.connections: dict[str, Connection] = {}
+        self.live: dict[str, dict[str, Connection]] = {}
+        """Each client's connections that are not deleted, in the order they were created."""
+        self._pages: dict[str, list[Connection]] = {}  # live[client] as a list, until a change
         self.tokens: dict[str, Token] = {}  # by value
         self.by_fingerprint: dict[str, Token] = {}
         self.codes: dict[str, LinkCode] = {}
@@ -373,14 +414,56 @@ class SimState:
             raise ApiError(404, "NOT_FOUND", "Connection not found.")
         return conn
 
-    def add_connection(self, connection_id: str, client_id: str) -> Connection:
+    def add_connection(
+        self,
+        connection_id: str,
+        client_id: str,
+        *,
+        platform: str = "simulated",
+        company: str | None = None,
+        name: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> Connection:
         if connection_id in self.connections:
             raise ApiError(409, "CONFLICT", "The connection exists.")
         if client_id not in self.options.clients:
             raise ApiError(422, "VALIDATION_FAILED", "Unknown client.")
-        conn = Connection(connection_id, client_id, self.now())
-        self.connections[connection_id] = conn
+        conn = Connection(
+            connection_id, client_id, self.now(), platform=platform, company=company,
+            name=name, metadata=dict(metadata or {}),
+        )
+        self._keep(conn)
         return conn
+
+    def _keep(self, conn: Connection) -> None:
+        self.connections[conn.id] = conn
+        if conn.deleted_at is None:
+            self.live.setdefault(conn.client_id, {})[conn.id] = conn
+            self._pages.pop(conn.client_id, None)
+
+    def _gone(self, conn: Connection) -> None:
+        conn.deleted_at = self.now()
+        self.live.get(conn.client_id, {}).pop(conn.id, None)
+        self._pages.pop(conn.client_id, None)
+
+    def remove_connection(self, connection_id: str) -> Connection:
+        """The connection disappears (as when the customer disconnects at Makini): its tokens
+        die and the admin API no longer lists it."""
+        conn = self.connections.get(connection_id)
+        if conn is None or conn.deleted_at is not None:
+            raise ApiError(404, "NOT_FOUND", "Connection not found.")
+        self._revoke_live(conn)
+        self._gone(conn)
+        return conn
+
+    def page(self, client_id: str, page: int, per_page: int) -> tuple[list[Connection], int]:
+        """One page (from 1) of the client's live connections, and how many there are: a
+        slice of a list kept until the next change, never a scan of every connection."""
+        listed = self._pages.get(client_id)
+        if listed is None:
+            listed = self._pages[client_id] = list(self.live.get(client_id, {}).values())
+        start = (page - 1) * per_page
+        return listed[start:start + per_page], len(listed)
 
     def rate_check(self, connection_id: str) -> None:
         limit = self.options.rate_limit_per_minute
@@ -465,7 +548,7 @@ class SimState:
         conn = self.connection(client_id, connection_id, create=False)
         self.rate_check(conn.id)
         self._revoke_live(conn)
-        conn.deleted_at = self.now()
+        self._gone(conn)
 
     def revoke_value(self, client_id: str, value: str) -> None:
         """RFC 7009 style: an unknown token is not an error; another client's is left alone."""
