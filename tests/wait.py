@@ -67,3 +67,19 @@ def waiting_in(function: str) -> bool:
                 return True
             at = at.f_back
     return False
+
+
+def tasks_awaiting_in(function: str) -> int:
+    """How many asyncio tasks of the running loop are suspended inside ``function`` (anywhere in
+    their chain of awaits): how a test knows a task on its own loop reached the point it waits
+    at, as :func:`waiting_in` does for threads."""
+    count = 0
+    for task in asyncio.all_tasks():
+        coro: Any = task.get_coro()
+        while coro is not None:
+            frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+            if frame is not None and frame.f_code.co_name == function:
+                count += 1
+                break
+            coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return count

@@ -24,8 +24,8 @@ async def test_the_app_stops_when_its_loops_are_woken_as_the_shutdown_cancels_th
         if not sent:
             return {"type": "lifespan.startup"}
         await started.wait()
-        for _ in range(5):
-            await asyncio.sleep(0)  # the loops the startup began reach their waits
+        for _ in range(5):  # not a wait for time: the loop runs the first steps of the tasks
+            await asyncio.sleep(0)  # the startup began, so that the shutdown meets them there
         app.feed.changed()
         app.state.webhook_wake.set()
         return {"type": "lifespan.shutdown"}  # the app cancels its loops in this same step
