@@ -22,10 +22,11 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, PrivateAttr, model_validator
 
 from rotator.errors import ConfigError, CryptoError
+from rotator.keyformat import KEY_BYTES
+from rotator.keyformat import generate_key as generate_key  # where callers have found it
 from rotator.places import make_private_dirs
 
 MAGIC = b"RS1"
-KEY_BYTES = 32
 _KID = 8
 _NONCE = 12
 
@@ -87,11 +88,6 @@ class KeySource(BaseModel):
     def where(self) -> str:
         """``environments.prod.sealing_key (key file /etc/rotator/prod.key)``."""
         return f"{self._key_path} ({self.describe()})" if self._key_path else self.describe()
-
-
-def generate_key() -> str:
-    """A fresh key, base64 (what goes into the environment variable or key file)."""
-    return base64.urlsafe_b64encode(os.urandom(KEY_BYTES)).decode()
 
 
 def key_fingerprint(key: bytes) -> str:

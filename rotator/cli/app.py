@@ -8,8 +8,6 @@ journal, the engine, the server... when it runs (``tests/e2e/test_cli_startup.py
 
 from __future__ import annotations
 
-from typing import Any
-
 import typer
 from typer.core import TyperCommand
 
@@ -24,44 +22,8 @@ from rotator.cli import (
     rotating,
     services,
 )
+from rotator.cli.command import Command, Group
 from rotator.cli.context import root
-
-
-class _Command(TyperCommand):
-    """typer's command, with arguments shown as click shows them: ``rotator rotate [OPTIONS]
-    ENV NAME...`` and ``ENV  The environment.`` (typer writes ``{ENV} {NAME}...`` and adds the
-    Python type, ``ENV <str>``)."""
-
-    def collect_usage_pieces(self, ctx: Any) -> list[str]:
-        pieces = [self.options_metavar] if self.options_metavar else []
-        for param in self.get_params(ctx):
-            if param.param_type_name == "argument":
-                pieces.append(_usage(param))
-            else:
-                pieces.extend(param.get_usage_pieces(ctx))
-        return pieces
-
-    def format_options(self, ctx: Any, formatter: Any) -> None:
-        args, opts = [], []
-        for param in self.get_params(ctx):
-            record = param.get_help_record(ctx)
-            if record is None:
-                continue
-            if param.param_type_name == "argument":
-                args.append((_usage(param), record[1]))
-            elif param.param_type_name == "option":
-                opts.append(record)
-        for title, rows in (("Arguments", args), ("Options", opts)):
-            if rows:
-                with formatter.section(title):
-                    formatter.write_dl(rows)
-
-
-def _usage(param: Any) -> str:
-    name = str(param.metavar or param.name.upper())
-    if param.nargs != 1:
-        name += "..."
-    return name if param.required else f"[{name}]"
 
 
 def _examples(*lines: str) -> str:
@@ -77,9 +39,10 @@ app = typer.Typer(
     add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, ...)
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
+    cls=Group,
 )
 app.callback()(root)
-app.add_typer(bootstrap.config_app, name="config")
+app.add_typer(bootstrap.config_app, name="config", cls=Group)
 
 # rotating
 app.command(
@@ -135,7 +98,7 @@ app.command(
 )(services.serve)
 app.command("makini-sim")(services.makini_sim)
 # keys, the emergency revoke, the journal, repairs
-app.add_typer(keys.keys_app, name="keys")
+app.add_typer(keys.keys_app, name="keys", cls=Group)
 app.command(
     "revoke",
     epilog=_examples(
@@ -145,12 +108,12 @@ app.command(
         "rotator revoke prod --resume",
     ),
 )(revoke.revoke_command)
-app.add_typer(journal.db_app, name="db")
-app.add_typer(journal.unaccounted_app, name="unaccounted")
+app.add_typer(journal.db_app, name="db", cls=Group)
+app.add_typer(journal.unaccounted_app, name="unaccounted", cls=Group)
 app.command()(ops.sync)
 app.command()(ops.doctor)
 
 for _typer in (app, bootstrap.config_app, keys.keys_app, journal.db_app, journal.unaccounted_app):
     for _info in _typer.registered_commands:
         if _info.cls in (None, TyperCommand):
-            _info.cls = _Command
+            _info.cls = Command

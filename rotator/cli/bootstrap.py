@@ -87,7 +87,7 @@ def config_check(
 
 def keygen() -> None:
     """Print a new random key (for a sealing key or a file backend key variable)."""
-    from rotator.crypto import generate_key
+    from rotator.keyformat import generate_key
 
     typer.echo(generate_key())
 
