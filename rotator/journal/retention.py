@@ -1,0 +1,371 @@
+"""Retention: deleting the journal's history once it is older than the configuration keeps it.
+
+What each table keeps, whatever its age:
+
+``rotations`` (and their ``revoke_records``)
+    only finished rows are pruned (a rotation in a terminal step, a revoke with ``finished_at``),
+    by ``finished_at``. Kept: any row still holding a sealed token; every row of a credential
+    with an open rotation or an unfinished revoke (a revoke's record names the rotations it
+    superseded); each credential's latest rotation and latest revoke (``status`` and the
+    notifier read them); the rotation that made the credential's current version; a rotation
+    an open unaccounted token names.
+``audit``
+    by ``at``; the entry with the highest sequence number always stays, so a SQLite journal
+    never hands a number out twice and a SIEM cursor (``rotator audit --jsonl --cursor-file``)
+    past pruned entries carries on with the next one.
+``webhook_events``
+    processed ones (done, ignored, failed) by ``received_at``; pending and in-work ones stay.
+``unaccounted_tokens``
+    closed ones (resolved, acknowledged) by ``closed_at``; open ones stay.
+``reader_reads``
+    by ``last_at``, never within the readers' active window.
+Left alone: ``credential_state``, ``locks``, ``reader_keys``, ``token_drops``,
+``notify_conditions`` (one row per thing, not history), ``discovered_connections`` (a purged
+credential's name stays taken), ``notify_outbox`` (the notifier forgets what it delivered).
+
+Every batch is a transaction of its own (on SQLite, one piece of the writer's group commit), so
+no writer waits long and a pass that dies has committed what it deleted: the next pass goes on.
+One process prunes at a time (the lease :data:`LEASE`); were two to, each batch deletes what is
+still there, which is harmless.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, cast
+
+from sqlalchemy import Table, and_, delete, exists, func, or_, select, tuple_
+from sqlalchemy.engine import Connection
+from sqlalchemy.sql import Select
+
+from rotator.faults import checkpoint
+from rotator.journal.schema import (
+    AuditEntry,
+    CredentialState,
+    ReaderRead,
+    RevokeRecord,
+    Rotation,
+    Step,
+    UnaccountedToken,
+    WebhookEvent,
+)
+
+if TYPE_CHECKING:
+    from rotator.journal.store import Journal
+    from rotator.settings import RetentionSettings
+
+LEASE = "journal/prune"
+"""The lease a pruning process holds (in ``locks``): one at a time, across replicas."""
+
+TABLES = (
+    "rotations",
+    "revoke_records",
+    "audit",
+    "webhook_events",
+    "unaccounted_tokens",
+    "reader_reads",
+)
+"""The tables pruned, in the order they are."""
+
+_ROT = cast(Table, Rotation.__table__)
+_RECORDS = cast(Table, RevokeRecord.__table__)
+_AUDIT = cast(Table, AuditEntry.__table__)
+_STATES = cast(Table, CredentialState.__table__)
+_UNACCOUNTED = cast(Table, UnaccountedToken.__table__)
+_WEBHOOKS = cast(Table, WebhookEvent.__table__)
+_READS = cast(Table, ReaderRead.__table__)
+
+_REVOKE = "revoke"  # Rotation.kind of an emergency revoke (rotator.revoke.model.KIND)
+_OPEN_UNACCOUNTED = "open"  # rotator.rotation.unaccounted.OPEN
+_PROCESSED_WEBHOOKS = ("done", "ignored", "failed")  # rotator.webhooks.queue
+
+
+@dataclass(frozen=True)
+class Cutoffs:
+    """Rows older than these go (``None``: that history is kept forever)."""
+
+    audit: datetime | None
+    rotations: datetime | None
+    readers: datetime | None
+
+    @classmethod
+    def at(
+        cls, now: datetime, retention: RetentionSettings, *, active_window: timedelta
+    ) -> Cutoffs:
+        keep = retention.rotations
+        return cls(
+            audit=None if retention.audit is None else now - retention.audit,
+            rotations=None if keep is None else now - keep,
+            readers=None if keep is None else now - max(keep, active_window),
+        )
+
+
+@dataclass
+class Pruned:
+    """What one pass deleted (or, in a dry run, would delete), per table."""
+
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TABLES, 0))
+    dry_run: bool = False
+    complete: bool = True
+    """False when the pass stopped early (its budget, or its lease lost): rows are left."""
+    batches: int = 0
+    seconds: float = 0.0
+    longest_batch_s: float = 0.0
+    cutoffs: Cutoffs | None = None
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        cut = self.cutoffs
+
+        def iso(at: datetime | None) -> str | None:
+            return None if at is None else at.isoformat()
+
+        return {
+            "dry_run": self.dry_run,
+            "complete": self.complete,
+            "counts": dict(self.counts),
+            "total": self.total,
+            "batches": self.batches,
+            "seconds": round(self.seconds, 3),
+            "longest_batch_s": round(self.longest_batch_s, 4),
+            "before": {
+                "audit": iso(cut.audit if cut else None),
+                "rotations": iso(cut.rotations if cut else None),
+                "reader_reads": iso(cut.readers if cut else None),
+            },
+        }
+
+
+# --- what may go, table by table -----------------------------------------------------------
+
+
+def _rotations(cutoff: datetime) -> Select[Any]:
+    """Finished rotations and revokes older than ``cutoff`` that nothing needs any more."""
+    r = _ROT.alias("r")
+    newer = _ROT.alias("newer")
+    other = _ROT.alias("other")
+
+    def of_credential(t: Any) -> Any:
+        return and_(t.c.environment == r.c.environment, t.c.credential == r.c.credential)
+
+    is_revoke = r.c.kind == _REVOKE
+    same_kind = or_(
+        and_(is_revoke, newer.c.kind == _REVOKE), and_(~is_revoke, newer.c.kind != _REVOKE)
+    )
+    return (
+        select(r.c.id)
+        .where(
+            r.c.finished_at.is_not(None),
+            r.c.finished_at < cutoff,
+            r.c.updated_at < cutoff,
+            r.c.sealed.is_(None),
+            or_(is_revoke, r.c.step.in_(Step.TERMINAL)),
+            # the credential's latest rotation (and revoke) stays: one newer of its kind exists
+            exists().where(of_credential(newer), newer.c.started_at > r.c.started_at, same_kind),
+            # nothing of a credential with an open rotation or an unfinished revoke
+            ~exists().where(
+                of_credential(other),
+                or_(other.c.finished_at.is_(None), other.c.step.in_(Step.OPEN)),
+            ),
+            ~exists().where(of_credential(_STATES), _STATES.c.current_version_id == r.c.version_id),
+            ~exists().where(
+                _UNACCOUNTED.c.rotation_id == r.c.id,
+                or_(
+                    _UNACCOUNTED.c.status == _OPEN_UNACCOUNTED, _UNACCOUNTED.c.closed_at.is_(None)
+                ),
+            ),
+        )
+        .order_by(r.c.finished_at)
+    )
+
+
+def _audit(cutoff: datetime) -> Select[Any]:
+    top = select(func.max(_AUDIT.c.id)).scalar_subquery()
+    return (
+        select(_AUDIT.c.id)
+        .where(_AUDIT.c.at < cutoff, _AUDIT.c.id < top)
+        .order_by(_AUDIT.c.id)
+    )
+
+
+def _webhooks(cutoff: datetime) -> Select[Any]:
+    w = _WEBHOOKS.c
+    return (
+        select(w.id)
+        .where(
+            w.received_at < cutoff,
+            w.status.in_(_PROCESSED_WEBHOOKS),
+            or_(w.processed_at.is_(None), w.processed_at < cutoff),
+        )
+        .order_by(w.id)
+    )
+
+
+def _unaccounted(cutoff: datetime) -> Select[Any]:
+    u = _UNACCOUNTED.c
+    return (
+        select(u.id)
+        .where(u.status != _OPEN_UNACCOUNTED, u.closed_at.is_not(None), u.closed_at < cutoff)
+        .order_by(u.id)
+    )
+
+
+def _reads(cutoff: datetime) -> Select[Any]:
+    c = _READS.c
+    return select(c.key_id, c.environment, c.credential, c.version_id).where(c.last_at < cutoff)
+
+
+def _delete_rotations(conn: Connection, ids: list[Any]) -> dict[str, int]:
+    records = conn.execute(delete(_RECORDS).where(_RECORDS.c.rotation_id.in_(ids))).rowcount
+    # the same conditions hold on PostgreSQL's read committed: only a finished row, no token
+    rows = conn.execute(
+        delete(_ROT).where(
+            _ROT.c.id.in_(ids), _ROT.c.finished_at.is_not(None), _ROT.c.sealed.is_(None)
+        )
+    ).rowcount
+    return {"rotations": int(rows), "revoke_records": int(records)}
+
+
+@dataclass(frozen=True)
+class _Target:
+    table: str
+    candidates: Callable[[datetime], Select[Any]]
+    cutoff: Callable[[Cutoffs], datetime | None]
+
+    def delete(self, conn: Connection, cutoff: datetime, batch: int) -> dict[str, int]:
+        chosen = self.candidates(cutoff).limit(batch)
+        if self.table == "rotations":
+            ids = list(conn.execute(chosen).scalars())
+            return _delete_rotations(conn, ids) if ids else {}
+        table = {
+            "audit": _AUDIT,
+            "webhook_events": _WEBHOOKS,
+            "unaccounted_tokens": _UNACCOUNTED,
+            "reader_reads": _READS,
+        }[self.table]
+        keys = list(table.primary_key.columns)
+        key = keys[0] if len(keys) == 1 else tuple_(*keys)
+        # a subquery of the rows chosen (MySQL-style DELETE ... LIMIT is not portable)
+        chosen_rows = select(*chosen.subquery().c)
+        count = conn.execute(delete(table).where(key.in_(chosen_rows))).rowcount
+        return {self.table: int(count)}
+
+    def count(self, conn: Connection, cutoff: datetime) -> dict[str, int]:
+        found = self.candidates(cutoff).order_by(None).subquery()
+        n = int(conn.execute(select(func.count()).select_from(found)).scalar_one())
+        if self.table != "rotations":
+            return {self.table: n}
+        ids = select(found.c.id)
+        records = conn.execute(
+            select(func.count()).where(_RECORDS.c.rotation_id.in_(ids))
+        ).scalar_one()
+        return {"rotations": n, "revoke_records": int(records)}
+
+
+_TARGETS = (
+    _Target("rotations", _rotations, lambda c: c.rotations),
+    _Target("audit", _audit, lambda c: c.audit),
+    _Target("webhook_events", _webhooks, lambda c: c.rotations),
+    _Target("unaccounted_tokens", _unaccounted, lambda c: c.rotations),
+    _Target("reader_reads", _reads, lambda c: c.readers),
+)
+
+
+# --- a pass ----------------------------------------------------------------------------------
+
+
+class Busy(Exception):
+    """Another process holds the pruning lease (:attr:`holder`)."""
+
+    def __init__(self, holder: str) -> None:
+        super().__init__(holder)
+        self.holder = holder
+
+
+def prune(
+    journal: Journal,
+    retention: RetentionSettings,
+    *,
+    active_window: timedelta,
+    owner: str,
+    actor: str = "rotator",
+    dry_run: bool = False,
+    budget_s: float | None = None,
+    batch: int | None = None,
+    on_batch: Callable[[dict[str, int]], None] | None = None,
+) -> Pruned:
+    """One pass: delete (``dry_run``: count) what is older than ``retention`` keeps, batch by
+    batch, under the pruning lease held as ``owner``. ``budget_s``: stop starting batches after
+    this long (``None``: run to the end). ``on_batch``: called with each batch's counts once it
+    is committed (metrics). Writes one ``journal.pruned`` audit entry when anything was deleted.
+    Raises :class:`Busy` when another process holds the lease, JournalError when the journal
+    fails (what was committed stays deleted)."""
+    size = batch or retention.batch
+    now = journal.clock.now()
+    cutoffs = Cutoffs.at(now, retention, active_window=active_window)
+    result = Pruned(dry_run=dry_run, cutoffs=cutoffs)
+    clock = journal.clock
+    started = clock.monotonic()
+    began_pass = time.perf_counter()
+    if dry_run:
+        def count_all(conn: Connection) -> None:
+            for target in _TARGETS:
+                cutoff = target.cutoff(cutoffs)
+                if cutoff is not None:
+                    result.counts.update(target.count(conn, cutoff))
+
+        with journal.reader() as s:
+            count_all(s.connection())
+        result.seconds = time.perf_counter() - began_pass
+        return result
+
+    ttl = max(journal.lock_ttl, timedelta(seconds=30))
+    if not journal.acquire(LEASE, owner, ttl):
+        holder = journal.lock_holder(LEASE)
+        raise Busy(holder.owner if holder is not None else "another process")
+    try:
+        for target in _TARGETS:
+            cutoff = target.cutoff(cutoffs)
+            if cutoff is None:
+                continue
+            while True:
+                if budget_s is not None and clock.monotonic() - started >= budget_s:
+                    result.complete = False
+                    break
+                if not journal.renew(LEASE, owner, ttl):
+                    result.complete = False  # another process prunes now: leave it the rest
+                    break
+                began = time.perf_counter()
+                counts = journal.transaction(
+                    "prune the journal", functools.partial(target.delete, cutoff=cutoff, batch=size)
+                )
+                took = time.perf_counter() - began
+                result.batches += 1
+                result.longest_batch_s = max(result.longest_batch_s, took)
+                for table, n in counts.items():
+                    result.counts[table] += n
+                checkpoint("prune-batch", target.table)  # crash tests: die between batches
+                if on_batch is not None and any(counts.values()):
+                    on_batch(counts)
+                if counts.get(target.table, 0) < size:
+                    break
+            if not result.complete:
+                break
+        result.seconds = time.perf_counter() - began_pass
+        if result.total:
+            journal.audit(
+                actor=actor,
+                action="journal.pruned",
+                outcome="ok" if result.complete else "partial",
+                **result.as_dict(),
+            )
+    finally:
+        journal.release(LEASE, owner)
+    return result
