@@ -32,7 +32,10 @@ still there, which is harmless.
 from __future__ import annotations
 
 import functools
+import os
+import socket
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -42,6 +45,7 @@ from sqlalchemy import Table, and_, delete, exists, func, or_, select, tuple_
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql import Select
 
+from rotator.errors import LockBusy
 from rotator.faults import checkpoint
 from rotator.journal.schema import (
     AuditEntry,
@@ -281,12 +285,21 @@ _TARGETS = (
 # --- a pass ----------------------------------------------------------------------------------
 
 
-class Busy(Exception):
+class Busy(LockBusy):
     """Another process holds the pruning lease (:attr:`holder`)."""
 
     def __init__(self, holder: str) -> None:
-        super().__init__(holder)
+        super().__init__(
+            f"another process is pruning the journal now ({holder})",
+            where=LEASE,
+            hint="nothing to do: it deletes what is due; run it again once that pass is over",
+        )
         self.holder = holder
+
+
+def owner() -> str:
+    """This process's name as the holder of the pruning lease."""
+    return f"{socket.gethostname()[:60]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 def prune(
