@@ -83,6 +83,11 @@ _UNACCOUNTED = cast(Table, UnaccountedToken.__table__)
 _WEBHOOKS = cast(Table, WebhookEvent.__table__)
 _READS = cast(Table, ReaderRead.__table__)
 
+BATCH_TARGET_S = 0.05
+"""A batch that takes longer than this is halved for the next (a rotation's row carries six
+indexes: deleting a thousand takes a few hundred milliseconds on SQLite), one much quicker
+doubled back up to ``journal.retention.batch``: other writers wait at most about this long."""
+
 _REVOKE = "revoke"  # Rotation.kind of an emergency revoke (rotator.revoke.model.KIND)
 _OPEN_UNACCOUNTED = "open"  # rotator.rotation.unaccounted.OPEN
 _PROCESSED_WEBHOOKS = ("done", "ignored", "failed")  # rotator.webhooks.queue
@@ -119,6 +124,8 @@ class Pruned:
     batches: int = 0
     seconds: float = 0.0
     longest_batch_s: float = 0.0
+    durations: list[float] = field(default_factory=list)
+    """Each batch's transaction, in seconds (what other writers may have waited behind)."""
     cutoffs: Cutoffs | None = None
 
     @property
@@ -150,11 +157,23 @@ class Pruned:
 # --- what may go, table by table -----------------------------------------------------------
 
 
-def _rotations(cutoff: datetime) -> Select[Any]:
-    """Finished rotations and revokes older than ``cutoff`` that nothing needs any more."""
+def _busy(conn: Connection) -> list[tuple[str, str]]:
+    """The credentials with an open rotation or an unfinished revoke: few, read once a batch
+    (through the step and finished_at indexes) rather than once per candidate row."""
+    r = _ROT.c
+    found = conn.execute(
+        select(r.environment, r.credential)
+        .where(or_(r.finished_at.is_(None), r.step.in_(Step.OPEN)))
+        .distinct()
+    )
+    return [(str(env), str(cred)) for env, cred in found]
+
+
+def _rotations(cutoff: datetime, busy: list[tuple[str, str]] | None = None) -> Select[Any]:
+    """Finished rotations and revokes older than ``cutoff`` that nothing needs any more, none
+    of the ``busy`` credentials'."""
     r = _ROT.alias("r")
     newer = _ROT.alias("newer")
-    other = _ROT.alias("other")
 
     def of_credential(t: Any) -> Any:
         return and_(t.c.environment == r.c.environment, t.c.credential == r.c.credential)
@@ -163,7 +182,7 @@ def _rotations(cutoff: datetime) -> Select[Any]:
     same_kind = or_(
         and_(is_revoke, newer.c.kind == _REVOKE), and_(~is_revoke, newer.c.kind != _REVOKE)
     )
-    return (
+    query = (
         select(r.c.id)
         .where(
             r.c.finished_at.is_not(None),
@@ -173,13 +192,9 @@ def _rotations(cutoff: datetime) -> Select[Any]:
             or_(is_revoke, r.c.step.in_(Step.TERMINAL)),
             # the credential's latest rotation (and revoke) stays: one newer of its kind exists
             exists().where(of_credential(newer), newer.c.started_at > r.c.started_at, same_kind),
-            # nothing of a credential with an open rotation or an unfinished revoke
-            ~exists().where(
-                of_credential(other),
-                or_(other.c.finished_at.is_(None), other.c.step.in_(Step.OPEN)),
-            ),
             ~exists().where(of_credential(_STATES), _STATES.c.current_version_id == r.c.version_id),
             ~exists().where(
+                of_credential(_UNACCOUNTED),
                 _UNACCOUNTED.c.rotation_id == r.c.id,
                 or_(
                     _UNACCOUNTED.c.status == _OPEN_UNACCOUNTED, _UNACCOUNTED.c.closed_at.is_(None)
@@ -188,6 +203,10 @@ def _rotations(cutoff: datetime) -> Select[Any]:
         )
         .order_by(r.c.finished_at)
     )
+    if busy:
+        # nothing of a credential with an open rotation or an unfinished revoke
+        query = query.where(tuple_(r.c.environment, r.c.credential).not_in(busy))
+    return query
 
 
 def _audit(cutoff: datetime) -> Select[Any]:
@@ -244,10 +263,11 @@ class _Target:
     cutoff: Callable[[Cutoffs], datetime | None]
 
     def delete(self, conn: Connection, cutoff: datetime, batch: int) -> dict[str, int]:
-        chosen = self.candidates(cutoff).limit(batch)
         if self.table == "rotations":
+            chosen = _rotations(cutoff, _busy(conn)).limit(batch)
             ids = list(conn.execute(chosen).scalars())
             return _delete_rotations(conn, ids) if ids else {}
+        chosen = self.candidates(cutoff).limit(batch)
         table = {
             "audit": _AUDIT,
             "webhook_events": _WEBHOOKS,
@@ -262,7 +282,8 @@ class _Target:
         return {self.table: int(count)}
 
     def count(self, conn: Connection, cutoff: datetime) -> dict[str, int]:
-        found = self.candidates(cutoff).order_by(None).subquery()
+        query = _rotations(cutoff, _busy(conn)) if self.table == "rotations" else None
+        found = (query if query is not None else self.candidates(cutoff)).order_by(None).subquery()
         n = int(conn.execute(select(func.count()).select_from(found)).scalar_one())
         if self.table != "rotations":
             return {self.table: n}
@@ -320,7 +341,7 @@ def prune(
     is committed (metrics). Writes one ``journal.pruned`` audit entry when anything was deleted.
     Raises :class:`Busy` when another process holds the lease, JournalError when the journal
     fails (what was committed stays deleted)."""
-    size = batch or retention.batch
+    most = batch or retention.batch
     now = journal.clock.now()
     cutoffs = Cutoffs.at(now, retention, active_window=active_window)
     result = Pruned(dry_run=dry_run, cutoffs=cutoffs)
@@ -348,6 +369,7 @@ def prune(
             cutoff = target.cutoff(cutoffs)
             if cutoff is None:
                 continue
+            size = most
             while True:
                 if budget_s is not None and clock.monotonic() - started >= budget_s:
                     result.complete = False
@@ -361,6 +383,7 @@ def prune(
                 )
                 took = time.perf_counter() - began
                 result.batches += 1
+                result.durations.append(took)
                 result.longest_batch_s = max(result.longest_batch_s, took)
                 for table, n in counts.items():
                     result.counts[table] += n
@@ -369,6 +392,11 @@ def prune(
                     on_batch(counts)
                 if counts.get(target.table, 0) < size:
                     break
+                # a batch that held the journal long is halved; a quick one grows back
+                if took > BATCH_TARGET_S:
+                    size = max(10, size // 2)
+                elif took < BATCH_TARGET_S / 4:
+                    size = min(most, size * 2)
             if not result.complete:
                 break
         result.seconds = time.perf_counter() - began_pass
