@@ -154,8 +154,11 @@ def main() -> None:
               f"{counts['audit']} audit, {counts['rotations']} rotations; "
               f"{result.total / max(result.seconds, 1e-9):,.0f} rows/s, "
               f"{result.batches} batches of {args.batch})")
-        print(f"  each batch's transaction:   {_ms(result.durations)}")
-        print(f"  mean batch:                 {statistics.fmean(result.durations) * 1000:6.2f} ms")
+        durations = getattr(result, "durations", None)  # an older commit's pass has none
+        if durations:
+            print(f"  each batch's transaction:   {_ms(durations)}")
+            print(f"  mean batch:                 {statistics.fmean(durations) * 1000:6.2f} ms")
+        print(f"  longest batch:              {result.longest_batch_s * 1000:6.2f} ms")
         print(f"audit append, idle:           {_ms(idle[0][0])}")
         print(f"audit append, during prune:   {_ms(during[0][0])}")
         print(f"state read, idle:             {_ms(idle[0][1])}")

@@ -31,6 +31,7 @@ still there, which is harmless.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import socket
@@ -45,7 +46,7 @@ from sqlalchemy import Table, and_, delete, exists, func, or_, select, tuple_
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql import Select
 
-from rotator.errors import LockBusy
+from rotator.errors import LockBusy, RotatorError
 from rotator.faults import checkpoint
 from rotator.journal.schema import (
     AuditEntry,
@@ -323,6 +324,46 @@ def owner() -> str:
     return f"{socket.gethostname()[:60]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+def _table(
+    journal: Journal,
+    target: _Target,
+    batch_of: Callable[[_Target, datetime, int, Connection], dict[str, int] | None],
+    cutoff: datetime,
+    most: int,
+    out_of_time: Callable[[], bool],
+    result: Pruned,
+    on_batch: Callable[[dict[str, int]], None] | None,
+) -> bool:
+    """Prune one table batch by batch until nothing is left (True), or until the pass is out of
+    time or lost its lease (False)."""
+    size = most
+    while True:
+        if out_of_time():
+            return False
+        began = time.perf_counter()
+        counts = journal.transaction(
+            "prune the journal", functools.partial(batch_of, target, cutoff, size)
+        )
+        took = time.perf_counter() - began
+        if counts is None:
+            return False
+        result.batches += 1
+        result.durations.append(took)
+        result.longest_batch_s = max(result.longest_batch_s, took)
+        for table, n in counts.items():
+            result.counts[table] += n
+        checkpoint("prune-batch", target.table)  # crash tests: die between batches
+        if on_batch is not None and any(counts.values()):
+            on_batch(counts)
+        if counts.get(target.table, 0) < size:
+            return True
+        # a batch that held the journal long is halved; a quick one grows back
+        if took > BATCH_TARGET_S:
+            size = max(10, size // 2)
+        elif took < BATCH_TARGET_S / 4:
+            size = min(most, size * 2)
+
+
 def prune(
     journal: Journal,
     retention: RetentionSettings,
@@ -364,49 +405,46 @@ def prune(
     if not journal.acquire(LEASE, owner, ttl):
         holder = journal.lock_holder(LEASE)
         raise Busy(holder.owner if holder is not None else "another process")
+
+    def batch_of(
+        target: _Target, cutoff: datetime, size: int, conn: Connection
+    ) -> dict[str, int] | None:
+        # the lease is extended in the batch's own transaction: no commit of its own
+        if not journal.renew_in(conn, LEASE, owner, ttl):
+            return None  # another process prunes now (this one was paused past its lease)
+        return target.delete(conn, cutoff, size)
+
+    def out_of_time() -> bool:
+        return budget_s is not None and clock.monotonic() - started >= budget_s
+
+    failed: Exception | None = None
     try:
-        for target in _TARGETS:
-            cutoff = target.cutoff(cutoffs)
-            if cutoff is None:
-                continue
-            size = most
-            while True:
-                if budget_s is not None and clock.monotonic() - started >= budget_s:
+        try:
+            for target in _TARGETS:
+                cutoff = target.cutoff(cutoffs)
+                if cutoff is None:
+                    continue
+                done = _table(
+                    journal, target, batch_of, cutoff, most, out_of_time, result, on_batch
+                )
+                if not done:
                     result.complete = False
                     break
-                if not journal.renew(LEASE, owner, ttl):
-                    result.complete = False  # another process prunes now: leave it the rest
-                    break
-                began = time.perf_counter()
-                counts = journal.transaction(
-                    "prune the journal", functools.partial(target.delete, cutoff=cutoff, batch=size)
-                )
-                took = time.perf_counter() - began
-                result.batches += 1
-                result.durations.append(took)
-                result.longest_batch_s = max(result.longest_batch_s, took)
-                for table, n in counts.items():
-                    result.counts[table] += n
-                checkpoint("prune-batch", target.table)  # crash tests: die between batches
-                if on_batch is not None and any(counts.values()):
-                    on_batch(counts)
-                if counts.get(target.table, 0) < size:
-                    break
-                # a batch that held the journal long is halved; a quick one grows back
-                if took > BATCH_TARGET_S:
-                    size = max(10, size // 2)
-                elif took < BATCH_TARGET_S / 4:
-                    size = min(most, size * 2)
-            if not result.complete:
-                break
+        except Exception as exc:  # noqa: BLE001 - audited below, then raised again
+            result.complete = False
+            failed = exc
         result.seconds = time.perf_counter() - began_pass
-        if result.total:
-            journal.audit(
-                actor=actor,
-                action="journal.pruned",
-                outcome="ok" if result.complete else "partial",
-                **result.as_dict(),
-            )
+        if result.total:  # what was committed is deleted, and said so, however the pass ended
+            with contextlib.suppress(RotatorError) if failed else contextlib.nullcontext():
+                journal.audit(
+                    actor=actor,
+                    action="journal.pruned",
+                    outcome="ok" if result.complete else "partial",
+                    **result.as_dict(),
+                )
     finally:
-        journal.release(LEASE, owner)
+        with contextlib.suppress(RotatorError):  # else it expires within its ttl
+            journal.release(LEASE, owner)
+    if failed is not None:
+        raise failed
     return result

@@ -235,11 +235,14 @@ def test_a_pass_commits_batch_by_batch_and_the_next_goes_on(journal: Journal) ->
     with pytest.raises(Crash):
         _prune(journal, batch=10, on_batch=crash_after_two)
     assert seen == [{"audit": 10}, {"audit": 10}]
-    assert len(journal.audit_entries(limit=None)) == 46 - 20  # both batches committed
+    assert len(journal.audit_entries(action="rotation", limit=None)) == 46 - 20  # committed
+    partial = journal.audit_entries(action="journal.pruned")
+    assert [e.outcome for e in partial] == ["partial"]  # what it deleted is said
+    assert json.loads(partial[0].detail)["counts"]["audit"] == 20
     assert journal.lock_holder(LEASE) is None  # the lease went back
     done = _prune(journal, batch=10)
     assert done.counts["audit"] == 25 and done.batches == 3 + 4  # one empty look per other table
-    assert len(journal.audit_entries(limit=None)) == 2  # the recent one and journal.pruned
+    assert len(journal.audit_entries(action="rotation", limit=None)) == 1  # the recent one
 
 
 def test_a_pass_stops_at_its_budget_and_leaves_the_rest(journal: Journal) -> None:
@@ -377,3 +380,18 @@ def test_retention_accepts_durations_and_forever(tmp_path: Path) -> None:
     default = _load(tmp_path, "")
     assert default.audit == timedelta(days=400) and default.rotations == timedelta(days=90)
     assert default.interval == timedelta(hours=1)
+
+
+def test_a_pass_whose_lease_was_taken_over_stops(journal: Journal) -> None:
+    clock = journal.clock
+    assert isinstance(clock, FakeClock)
+    _audit_at(journal, clock, [500.0 - i * 0.01 for i in range(30)] + [1])
+
+    def paused_past_its_lease(_counts: dict[str, int]) -> None:
+        clock.advance(31)  # a long GC pause: the lease expired, another replica took it
+        assert journal.acquire(LEASE, "replica-2", timedelta(seconds=30))
+
+    done = _prune(journal, batch=10, on_batch=paused_past_its_lease)
+    assert done.counts["audit"] == 10 and not done.complete  # it deleted nothing more
+    assert journal.lock_holder(LEASE) is not None  # and left replica-2's lease alone
+    assert journal.lock_holder(LEASE).owner == "replica-2"  # type: ignore[union-attr]
