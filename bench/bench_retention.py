@@ -125,6 +125,9 @@ def main() -> None:
         journal = Journal(url)
         started = time.perf_counter()
         _fill(journal, args)
+        if not journal.is_sqlite:  # table statistics, as autovacuum keeps them on a live one
+            with journal.engine.begin() as conn:
+                conn.exec_driver_sql("ANALYZE")
         print(f"backlog written (not timed):  {time.perf_counter() - started:6.1f} s  "
               f"({args.audit} old audit entries, {args.rotations} old rotations, "
               f"{args.credentials} credentials)")
