@@ -22,6 +22,7 @@ import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import insert
 
@@ -110,6 +111,73 @@ def _probe(journal: Journal, stop: threading.Event) -> tuple[list[float], list[f
     return writes, reads
 
 
+def _print_pass(result: Any, args: argparse.Namespace) -> None:
+    counts = result.counts
+    print(f"prune pass:                   {result.seconds:6.2f} s  ({result.total} rows: "
+          f"{counts['audit']} audit, {counts['rotations']} rotations; "
+          f"{result.total / max(result.seconds, 1e-9):,.0f} rows/s, "
+          f"{result.batches} batches of {args.batch})")
+    durations = getattr(result, "durations", None)  # an older commit's pass has none
+    if durations:
+        print(f"  each batch's transaction:   {_ms(durations)}")
+        print(f"  mean batch:                 {statistics.fmean(durations) * 1000:6.2f} ms")
+    print(f"  longest batch:              {result.longest_batch_s * 1000:6.2f} ms")
+
+
+def _serve_reads(
+    url_folder: Path, args: argparse.Namespace, run_prune: Any
+) -> tuple[dict[str, float], dict[str, float], Any]:
+    """``rotator serve`` on the journal (file backend, the simulator in this process): wrk on
+    a cached authenticated token read for ``--wrk-s`` idle, then for as long while
+    ``run_prune()`` runs in a thread. Returns (idle, during, the prune's result)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import httpx
+
+    from bench.bench_api import (
+        CLIENT,
+        CRED,
+        SECRET,
+        free_port,
+        rotator,
+        wait_until,
+        write_config,
+        wrk,
+    )
+    from rotator.crypto import generate_key
+    from rotator.makini.sim import SimOptions, SimServer
+
+    with SimServer(SimOptions(clients={CLIENT: SECRET})) as sim:
+        config = write_config(url_folder, sim.url)
+        env = {**os.environ, "ROTATOR_CONFIG": str(config), "BENCH_SEAL": generate_key(),
+               "BENCH_SECRET": SECRET}
+        reader = json.loads(rotator(env, "keys", "create", "prod", "--name", "bench", "--json"))
+        port = free_port()
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "rotator", "serve", "--port", str(port)],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=url_folder,
+        )
+        try:
+            read = f"http://127.0.0.1:{port}/v1/tokens/prod/{CRED}"
+            auth = {"Authorization": f"Bearer {reader['key']}"}
+            wait_until(lambda: httpx.get(read, headers=auth).json().get("token"), "first token")
+            header = f"Authorization: Bearer {reader['key']}"
+            wrk(read, header, args, 2)  # warm up
+            idle = wrk(read, header, args, args.wrk_s)
+            done: list[Any] = []
+            t = threading.Thread(target=lambda: done.append(run_prune()))
+            t.start()
+            during = wrk(read, header, args, args.wrk_s)
+            t.join()
+            return idle, during, done[0]
+        finally:
+            serve.terminate()
+            serve.wait(30)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--audit", type=int, default=1_000_000)
@@ -118,10 +186,19 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--idle-s", type=float, default=3.0)
     parser.add_argument("--url", default=None, help="a PostgreSQL URL (default: a SQLite file)")
+    parser.add_argument(
+        "--serve",
+        action="store_true",
+        help="also rotator serve on the (SQLite) journal: wrk on a token read, idle and during "
+        "the pass (the journal probes are left out)",
+    )
+    parser.add_argument("--wrk-s", type=float, default=10.0)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     logs.configure("warning", "console")
     with tempfile.TemporaryDirectory() as tmp:
-        url = args.url or f"sqlite:///{Path(tmp) / 'journal.db'}"
+        url = args.url or f"sqlite:///{Path(tmp) / 'journal.db'}"  # serve's config names it
         journal = Journal(url)
         started = time.perf_counter()
         _fill(journal, args)
@@ -131,6 +208,24 @@ def main() -> None:
         print(f"backlog written (not timed):  {time.perf_counter() - started:6.1f} s  "
               f"({args.audit} old audit entries, {args.rotations} old rotations, "
               f"{args.credentials} credentials)")
+
+        def run_prune() -> Any:
+            return prune(
+                journal,
+                RetentionSettings(batch=args.batch),
+                active_window=timedelta(hours=24),
+                owner="bench",
+            )
+
+        if args.serve:
+            idle_reads, during_reads, result = _serve_reads(Path(tmp), args, run_prune)
+            _print_pass(result, args)
+            for name, got in (("idle", idle_reads), ("during prune", during_reads)):
+                print(f"serve token read, {name + ':':14s}{got['rps']:8,.0f} req/s  "
+                      f"p50 {got['p50_ms']:6.2f} ms  p99 {got['p99_ms']:6.2f} ms  "
+                      f"(wrk -c{args.connections}, {args.wrk_s:g} s, non-2xx {got['non_2xx']:g})")
+            journal.close()
+            return
         # the probes: idle, then during the pass (another Journal object: another writer)
         other = Journal(url)
         stop = threading.Event()
@@ -144,24 +239,10 @@ def main() -> None:
         during: list[tuple[list[float], list[float]]] = []
         t = threading.Thread(target=lambda: during.append(_probe(other, stop)))
         t.start()
-        result = prune(
-            journal,
-            RetentionSettings(batch=args.batch),
-            active_window=timedelta(hours=24),
-            owner="bench",
-        )
+        result = run_prune()
         stop.set()
         t.join()
-        counts = result.counts
-        print(f"prune pass:                   {result.seconds:6.2f} s  ({result.total} rows: "
-              f"{counts['audit']} audit, {counts['rotations']} rotations; "
-              f"{result.total / max(result.seconds, 1e-9):,.0f} rows/s, "
-              f"{result.batches} batches of {args.batch})")
-        durations = getattr(result, "durations", None)  # an older commit's pass has none
-        if durations:
-            print(f"  each batch's transaction:   {_ms(durations)}")
-            print(f"  mean batch:                 {statistics.fmean(durations) * 1000:6.2f} ms")
-        print(f"  longest batch:              {result.longest_batch_s * 1000:6.2f} ms")
+        _print_pass(result, args)
         print(f"audit append, idle:           {_ms(idle[0][0])}")
         print(f"audit append, during prune:   {_ms(during[0][0])}")
         print(f"state read, idle:             {_ms(idle[0][1])}")

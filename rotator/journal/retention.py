@@ -170,9 +170,12 @@ def _busy(conn: Connection) -> list[tuple[str, str]]:
     return [(str(env), str(cred)) for env, cred in found]
 
 
-def _rotations(cutoff: datetime, busy: list[tuple[str, str]] | None = None) -> Select[Any]:
+def _rotations(
+    cutoff: datetime, busy: list[tuple[str, str]], after: Any = None
+) -> Select[Any]:
     """Finished rotations and revokes older than ``cutoff`` that nothing needs any more, none
-    of the ``busy`` credentials'."""
+    of the ``busy`` credentials': their ids, and ``finished_at`` (the position) from ``after``
+    on."""
     r = _ROT.alias("r")
     newer = _ROT.alias("newer")
 
@@ -184,7 +187,7 @@ def _rotations(cutoff: datetime, busy: list[tuple[str, str]] | None = None) -> S
         and_(is_revoke, newer.c.kind == _REVOKE), and_(~is_revoke, newer.c.kind != _REVOKE)
     )
     query = (
-        select(r.c.id)
+        select(r.c.id, r.c.finished_at)
         .where(
             r.c.finished_at.is_not(None),
             r.c.finished_at < cutoff,
@@ -207,43 +210,47 @@ def _rotations(cutoff: datetime, busy: list[tuple[str, str]] | None = None) -> S
     if busy:
         # nothing of a credential with an open rotation or an unfinished revoke
         query = query.where(tuple_(r.c.environment, r.c.credential).not_in(busy))
+    if after is not None:
+        query = query.where(r.c.finished_at >= after)
     return query
 
 
-def _audit(cutoff: datetime) -> Select[Any]:
-    top = select(func.max(_AUDIT.c.id)).scalar_subquery()
-    return (
-        select(_AUDIT.c.id)
-        .where(_AUDIT.c.at < cutoff, _AUDIT.c.id < top)
-        .order_by(_AUDIT.c.id)
-    )
+def _audit(cutoff: datetime, after: Any = None) -> Select[Any]:
+    c = _AUDIT.c
+    top = select(func.max(c.id)).scalar_subquery()
+    query = select(c.id, c.id.label("position")).where(c.at < cutoff, c.id < top)
+    return _from(query.order_by(c.id), c.id, after)
 
 
-def _webhooks(cutoff: datetime) -> Select[Any]:
+def _webhooks(cutoff: datetime, after: Any = None) -> Select[Any]:
     w = _WEBHOOKS.c
-    return (
-        select(w.id)
-        .where(
-            w.received_at < cutoff,
-            w.status.in_(_PROCESSED_WEBHOOKS),
-            or_(w.processed_at.is_(None), w.processed_at < cutoff),
-        )
-        .order_by(w.id)
+    query = select(w.id, w.id.label("position")).where(
+        w.received_at < cutoff,
+        w.status.in_(_PROCESSED_WEBHOOKS),
+        or_(w.processed_at.is_(None), w.processed_at < cutoff),
     )
+    return _from(query.order_by(w.id), w.id, after)
 
 
-def _unaccounted(cutoff: datetime) -> Select[Any]:
+def _unaccounted(cutoff: datetime, after: Any = None) -> Select[Any]:
     u = _UNACCOUNTED.c
-    return (
-        select(u.id)
-        .where(u.status != _OPEN_UNACCOUNTED, u.closed_at.is_not(None), u.closed_at < cutoff)
-        .order_by(u.id)
+    query = select(u.id, u.id.label("position")).where(
+        u.status != _OPEN_UNACCOUNTED, u.closed_at.is_not(None), u.closed_at < cutoff
     )
+    return _from(query.order_by(u.id), u.id, after)
 
 
-def _reads(cutoff: datetime) -> Select[Any]:
+def _reads(cutoff: datetime, after: Any = None) -> Select[Any]:
     c = _READS.c
-    return select(c.key_id, c.environment, c.credential, c.version_id).where(c.last_at < cutoff)
+    query = select(c.key_id, c.environment, c.credential, c.version_id, c.last_at)
+    return _from(query.where(c.last_at < cutoff).order_by(c.last_at), c.last_at, after)
+
+
+def _from(query: Select[Any], position: Any, after: Any) -> Select[Any]:
+    """``query`` from ``after`` on: each batch starts where the last one ended, so that it
+    neither reads again the rows kept before it nor, on PostgreSQL, walks the index entries of
+    the rows deleted before it (dead until a vacuum)."""
+    return query if after is None else query.where(position >= after)
 
 
 def _delete_rotations(conn: Connection, ids: list[Any]) -> dict[str, int]:
@@ -257,34 +264,48 @@ def _delete_rotations(conn: Connection, ids: list[Any]) -> dict[str, int]:
     return {"rotations": int(rows), "revoke_records": int(records)}
 
 
+_TABLES = {
+    "audit": _AUDIT,
+    "webhook_events": _WEBHOOKS,
+    "unaccounted_tokens": _UNACCOUNTED,
+    "reader_reads": _READS,
+}
+
+Batch = tuple[dict[str, int], Any, int]
+"""What a batch did: rows deleted per table, the position of the last row it chose (where
+the next batch starts), and how many it chose."""
+
+
 @dataclass(frozen=True)
 class _Target:
     table: str
-    candidates: Callable[[datetime], Select[Any]]
+    candidates: Callable[[Connection, datetime, Any], Select[Any]]
+    """The rows that may go: their primary key, then their position (what they are ordered
+    by), from a position on."""
     cutoff: Callable[[Cutoffs], datetime | None]
 
-    def delete(self, conn: Connection, cutoff: datetime, batch: int) -> dict[str, int]:
+    def _query(self, conn: Connection, cutoff: datetime, after: Any = None) -> Select[Any]:
+        return self.candidates(conn, cutoff, after)
+
+    def delete(self, conn: Connection, cutoff: datetime, batch: int, after: Any) -> Batch:
+        rows = conn.execute(self._query(conn, cutoff, after).limit(batch)).all()
+        if not rows:
+            return {}, after, 0
+        keys = [tuple(row[:-1]) for row in rows]
+        last = rows[-1][-1]
         if self.table == "rotations":
-            chosen = _rotations(cutoff, _busy(conn)).limit(batch)
-            ids = list(conn.execute(chosen).scalars())
-            return _delete_rotations(conn, ids) if ids else {}
-        chosen = self.candidates(cutoff).limit(batch)
-        table = {
-            "audit": _AUDIT,
-            "webhook_events": _WEBHOOKS,
-            "unaccounted_tokens": _UNACCOUNTED,
-            "reader_reads": _READS,
-        }[self.table]
-        keys = list(table.primary_key.columns)
-        key = keys[0] if len(keys) == 1 else tuple_(*keys)
-        # a subquery of the rows chosen (MySQL-style DELETE ... LIMIT is not portable)
-        chosen_rows = select(*chosen.subquery().c)
-        count = conn.execute(delete(table).where(key.in_(chosen_rows))).rowcount
-        return {self.table: int(count)}
+            return _delete_rotations(conn, [k[0] for k in keys]), last, len(rows)
+        table = _TABLES[self.table]
+        columns = list(table.primary_key.columns)
+        if len(columns) == 1:
+            where = columns[0].in_([k[0] for k in keys])
+        else:
+            where = tuple_(*columns).in_(keys)
+        count = conn.execute(delete(table).where(where)).rowcount
+        return {self.table: int(count)}, last, len(rows)
 
     def count(self, conn: Connection, cutoff: datetime) -> dict[str, int]:
-        query = _rotations(cutoff, _busy(conn)) if self.table == "rotations" else None
-        found = (query if query is not None else self.candidates(cutoff)).order_by(None).subquery()
+        found = self._query(conn, cutoff).order_by(None).subquery()
         n = int(conn.execute(select(func.count()).select_from(found)).scalar_one())
         if self.table != "rotations":
             return {self.table: n}
@@ -296,11 +317,25 @@ class _Target:
 
 
 _TARGETS = (
-    _Target("rotations", _rotations, lambda c: c.rotations),
-    _Target("audit", _audit, lambda c: c.audit),
-    _Target("webhook_events", _webhooks, lambda c: c.rotations),
-    _Target("unaccounted_tokens", _unaccounted, lambda c: c.rotations),
-    _Target("reader_reads", _reads, lambda c: c.readers),
+    _Target(
+        "rotations",
+        lambda conn, cutoff, after: _rotations(cutoff, _busy(conn), after),
+        lambda c: c.rotations,
+    ),
+    _Target("audit", lambda _conn, cutoff, after: _audit(cutoff, after), lambda c: c.audit),
+    _Target(
+        "webhook_events",
+        lambda _conn, cutoff, after: _webhooks(cutoff, after),
+        lambda c: c.rotations,
+    ),
+    _Target(
+        "unaccounted_tokens",
+        lambda _conn, cutoff, after: _unaccounted(cutoff, after),
+        lambda c: c.rotations,
+    ),
+    _Target(
+        "reader_reads", lambda _conn, cutoff, after: _reads(cutoff, after), lambda c: c.readers
+    ),
 )
 
 
@@ -327,7 +362,7 @@ def owner() -> str:
 def _table(
     journal: Journal,
     target: _Target,
-    batch_of: Callable[[_Target, datetime, int, Connection], dict[str, int] | None],
+    batch_of: Callable[[_Target, datetime, int, Any, Connection], Batch | None],
     cutoff: datetime,
     most: int,
     out_of_time: Callable[[], bool],
@@ -336,17 +371,18 @@ def _table(
 ) -> bool:
     """Prune one table batch by batch until nothing is left (True), or until the pass is out of
     time or lost its lease (False)."""
-    size = most
+    size, after = most, None
     while True:
         if out_of_time():
             return False
         began = time.perf_counter()
-        counts = journal.transaction(
-            "prune the journal", functools.partial(batch_of, target, cutoff, size)
+        done = journal.transaction(
+            "prune the journal", functools.partial(batch_of, target, cutoff, size, after)
         )
         took = time.perf_counter() - began
-        if counts is None:
+        if done is None:
             return False
+        counts, after, chosen = done
         result.batches += 1
         result.durations.append(took)
         result.longest_batch_s = max(result.longest_batch_s, took)
@@ -355,8 +391,8 @@ def _table(
         checkpoint("prune-batch", target.table)  # crash tests: die between batches
         if on_batch is not None and any(counts.values()):
             on_batch(counts)
-        if counts.get(target.table, 0) < size:
-            return True
+        if chosen < size or not any(counts.values()):
+            return True  # the end; or rows chosen and not deleted (changed since): next pass
         # a batch that held the journal long is halved; a quick one grows back
         if took > BATCH_TARGET_S:
             size = max(10, size // 2)
@@ -407,12 +443,12 @@ def prune(
         raise Busy(holder.owner if holder is not None else "another process")
 
     def batch_of(
-        target: _Target, cutoff: datetime, size: int, conn: Connection
-    ) -> dict[str, int] | None:
+        target: _Target, cutoff: datetime, size: int, after: Any, conn: Connection
+    ) -> Batch | None:
         # the lease is extended in the batch's own transaction: no commit of its own
         if not journal.renew_in(conn, LEASE, owner, ttl):
             return None  # another process prunes now (this one was paused past its lease)
-        return target.delete(conn, cutoff, size)
+        return target.delete(conn, cutoff, size, after)
 
     def out_of_time() -> bool:
         return budget_s is not None and clock.monotonic() - started >= budget_s
