@@ -185,7 +185,9 @@ def main() -> None:
     parser.add_argument("--credentials", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--idle-s", type=float, default=3.0)
-    parser.add_argument("--url", default=None, help="a PostgreSQL URL (default: a SQLite file)")
+    parser.add_argument(
+        "--url", default=None, help="a PostgreSQL database it empties first (default: SQLite)"
+    )
     parser.add_argument(
         "--serve",
         action="store_true",
@@ -199,6 +201,14 @@ def main() -> None:
     logs.configure("warning", "console")
     with tempfile.TemporaryDirectory() as tmp:
         url = args.url or f"sqlite:///{Path(tmp) / 'journal.db'}"  # serve's config names it
+        if args.url:  # a database of its own, emptied first
+            from sqlalchemy import create_engine
+
+            engine = create_engine(args.url)
+            with engine.begin() as conn:
+                conn.exec_driver_sql("DROP SCHEMA public CASCADE")
+                conn.exec_driver_sql("CREATE SCHEMA public")
+            engine.dispose()
         journal = Journal(url)
         started = time.perf_counter()
         _fill(journal, args)
