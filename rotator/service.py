@@ -165,10 +165,16 @@ async def flush_notifications(runtime: Runtime, timeout_s: float = 15.0) -> None
         await notifier.aclose()
 
 
-def prune_journal(config: Config, journal: Journal, metrics: Metrics | None) -> Pruned | None:
+def prune_journal(
+    config: Config,
+    journal: Journal,
+    metrics: Metrics | None,
+    stopping: Callable[[], bool] = lambda: False,
+) -> Pruned | None:
     """One retention pass (``serve`` every ``journal.retention.interval``, ``run-due`` at its
-    end) for at most ``journal.retention.budget``; what is left waits for the next pass. None
-    when another process prunes now or the journal failed (logged: never stops the caller)."""
+    end) for at most ``journal.retention.budget``, or until ``stopping()`` (a drain); what is
+    left waits for the next pass. None when another process prunes now or the journal failed
+    (logged: never stops the caller)."""
     from rotator.journal import retention
 
     keep = config.journal.retention
@@ -183,6 +189,7 @@ def prune_journal(config: Config, journal: Journal, metrics: Metrics | None) -> 
             actor="scheduler",
             budget_s=keep.budget.total_seconds(),
             on_batch=metrics.pruned if metrics is not None else None,
+            stopping=stopping,
         )
     except retention.Busy as busy:
         log.info("journal.prune_busy", holder=busy.holder)
@@ -450,7 +457,10 @@ def _schedule_pruning(scheduler: Any, runtime: Runtime, metrics: Metrics, clock:
 
     async def run() -> None:
         try:
-            await asyncio.to_thread(prune_journal, runtime.config, runtime.journal, metrics)
+            stopping = lambda: runtime.engine.stopping  # noqa: E731 - a drain ends the pass
+            await asyncio.to_thread(
+                prune_journal, runtime.config, runtime.journal, metrics, stopping
+            )
         except Exception:  # a pass must never kill the scheduler
             log.exception("journal.prune_failed")
 

@@ -411,11 +411,13 @@ def prune(
     budget_s: float | None = None,
     batch: int | None = None,
     on_batch: Callable[[dict[str, int]], None] | None = None,
+    stopping: Callable[[], bool] = lambda: False,
 ) -> Pruned:
     """One pass: delete (``dry_run``: count) what is older than ``retention`` keeps, batch by
     batch, under the pruning lease held as ``owner``. ``budget_s``: stop starting batches after
     this long (``None``: run to the end). ``on_batch``: called with each batch's counts once it
-    is committed (metrics). Writes one ``journal.pruned`` audit entry when anything was deleted.
+    is committed (metrics). ``stopping``: the process is stopping (a drain): no more batches.
+    Writes one ``journal.pruned`` audit entry when anything was deleted.
     Raises :class:`Busy` when another process holds the lease, JournalError when the journal
     fails (what was committed stays deleted)."""
     most = batch or retention.batch
@@ -451,7 +453,7 @@ def prune(
         return target.delete(conn, cutoff, size, after)
 
     def out_of_time() -> bool:
-        return budget_s is not None and clock.monotonic() - started >= budget_s
+        return stopping() or (budget_s is not None and clock.monotonic() - started >= budget_s)
 
     failed: Exception | None = None
     try:

@@ -395,3 +395,15 @@ def test_a_pass_whose_lease_was_taken_over_stops(journal: Journal) -> None:
     assert done.counts["audit"] == 10 and not done.complete  # it deleted nothing more
     assert journal.lock_holder(LEASE) is not None  # and left replica-2's lease alone
     assert journal.lock_holder(LEASE).owner == "replica-2"  # type: ignore[union-attr]
+
+
+def test_a_pass_ends_after_its_batch_when_the_process_drains(journal: Journal) -> None:
+    clock = journal.clock
+    assert isinstance(clock, FakeClock)
+    _audit_at(journal, clock, [500.0 - i * 0.01 for i in range(30)] + [1])
+    drained: list[bool] = []
+    done = _prune(
+        journal, batch=10, on_batch=lambda _c: drained.append(True), stopping=lambda: bool(drained)
+    )
+    assert done.counts["audit"] == 10 and not done.complete
+    assert journal.lock_holder(LEASE) is None  # given back for the next replica
