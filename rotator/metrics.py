@@ -240,6 +240,12 @@ class Metrics:
             ["environment"],
             registry=self.registry,
         )
+        self.journal_pruned = Counter(
+            "rotator_journal_pruned_rows",
+            "Rows the journal's retention deleted, by table (rotator db prune, serve, run-due).",
+            ["table"],
+            registry=self.registry,
+        )
         self._read_children: dict[tuple[str, int], Counter] = {}
         self._http_children: dict[tuple[str, str, int], Histogram] = {}
         if config is not None and journal is not None:
@@ -284,6 +290,12 @@ class Metrics:
         for env in environments:
             if env not in failed:
                 self.run_due_last_success.labels(env).set(now)
+
+    def pruned(self, counts: Mapping[str, int]) -> None:
+        """A retention batch committed: count the rows it deleted, per table."""
+        for table, rows in counts.items():
+            if rows:
+                self.journal_pruned.labels(table).inc(rows)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from datetime import UTC
+from datetime import UTC, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +34,9 @@ from rotator.rotation.work import RotationResult, Work
 from rotator.settings import Config
 
 if TYPE_CHECKING:
+    from rotator.journal import Journal
+    from rotator.journal.retention import Pruned
+    from rotator.metrics import Metrics
     from rotator.rotation.discovery import Change
 
 log = structlog.get_logger("rotator.service")
@@ -160,6 +163,49 @@ async def flush_notifications(runtime: Runtime, timeout_s: float = 15.0) -> None
         log.warning("notify.flush_failed", error=type(exc).__name__)
     finally:
         await notifier.aclose()
+
+
+def prune_journal(
+    config: Config,
+    journal: Journal,
+    metrics: Metrics | None,
+    stopping: Callable[[], bool] = lambda: False,
+) -> Pruned | None:
+    """One retention pass (``serve`` every ``journal.retention.interval``, ``run-due`` at its
+    end) for at most ``journal.retention.budget``, or until ``stopping()`` (a drain); what is
+    left waits for the next pass. None when another process prunes now or the journal failed
+    (logged: never stops the caller)."""
+    from rotator.journal import retention
+
+    keep = config.journal.retention
+    if not keep.enabled:
+        return None
+    try:
+        result = retention.prune(
+            journal,
+            keep,
+            active_window=config.api.readers.active_window,
+            owner=retention.owner(),
+            actor="scheduler",
+            budget_s=keep.budget.total_seconds(),
+            on_batch=metrics.pruned if metrics is not None else None,
+            stopping=stopping,
+        )
+    except retention.Busy as busy:
+        log.info("journal.prune_busy", holder=busy.holder)
+        return None
+    except RotatorError as exc:
+        log.warning("journal.prune_failed", error=exc.message)
+        return None
+    if result.total or not result.complete:
+        log.info(
+            "journal.pruned",
+            **result.counts,
+            complete=result.complete,
+            seconds=round(result.seconds, 3),
+            longest_batch_s=round(result.longest_batch_s, 4),
+        )
+    return result
 
 
 class Stopper:
@@ -305,6 +351,7 @@ async def serve(
     )
     app = build_app(runtime)
     _schedule_discovery(scheduler, runtime, clock)
+    _schedule_pruning(scheduler, runtime, app.state.metrics, clock)
     drain_s = config.scheduler.drain.total_seconds()
     server = _Server(
         uvicorn.Config(
@@ -396,6 +443,36 @@ def _schedule_discovery(scheduler: Any, runtime: Runtime, clock: Clock) -> None:
             coalesce=True,
             misfire_grace_time=None,
         )
+
+
+def _schedule_pruning(scheduler: Any, runtime: Runtime, metrics: Metrics, clock: Clock) -> None:
+    """The journal's retention: a pass every ``journal.retention.interval`` (the first a minute
+    after start, or sooner with a shorter interval), by one replica at a time."""
+    from apscheduler.triggers.interval import IntervalTrigger
+
+    keep = runtime.config.journal.retention
+    if not keep.enabled:
+        return
+    every = keep.interval.total_seconds()
+
+    async def run() -> None:
+        try:
+            stopping = lambda: runtime.engine.stopping  # noqa: E731 - a drain ends the pass
+            await asyncio.to_thread(
+                prune_journal, runtime.config, runtime.journal, metrics, stopping
+            )
+        except Exception:  # a pass must never kill the scheduler
+            log.exception("journal.prune_failed")
+
+    scheduler.add_job(
+        run,
+        IntervalTrigger(seconds=every),
+        id="prune-journal",
+        next_run_time=clock.now() + timedelta(seconds=min(every, 60.0)),
+        max_instances=1,
+        coalesce=True,
+        misfire_grace_time=None,
+    )
 
 
 def _signal_name(sig: int | None) -> str | None:

@@ -542,6 +542,71 @@ class EnvironmentSettings(_Model):
         return self.schedule.merged(cred.schedule)
 
 
+_FOREVER = ("forever", "off", "never")
+
+
+def _retention(value: object) -> object:
+    """A retention: a duration, or ``"forever"`` (also ``"off"``, ``"never"``: never pruned)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in _FOREVER):
+        return None
+    return parse_duration(value)
+
+
+def _kept_at_least(least: timedelta) -> AfterValidator:
+    def check(value: timedelta | None) -> timedelta | None:
+        if value is not None and value < least:
+            raise ValueError(
+                f"must be at least {format_duration(least)} (or \"forever\"), not "
+                f"{format_duration(value)}"
+            )
+        return value
+
+    return AfterValidator(check)
+
+
+Retention = Annotated[timedelta | None, BeforeValidator(_retention)]
+"""How long history is kept: a duration, or ``"forever"`` (``None``: never pruned)."""
+
+
+class RetentionSettings(_Model):
+    """How long the journal keeps its history; ``serve`` prunes what is older every
+    ``interval``, ``run-due`` at its end, ``rotator db prune`` on demand. Open rotations and
+    revokes, what they need, each credential's latest rotation and revoke, open unaccounted
+    tokens and undelivered notifications are never pruned (see rotator/journal/retention.py)."""
+
+    audit: Annotated[Retention, _kept_at_least(timedelta(days=30))] = Field(
+        default=timedelta(days=400),
+        description="Audit entries older than this are deleted (\"forever\": never). The "
+        "default keeps 13 months: a year of history, as PCI DSS and most security teams ask, "
+        "plus a month to ship it to a SIEM (`rotator audit --jsonl --cursor-file`).",
+    )
+    rotations: Annotated[Retention, _kept_at_least(timedelta(days=7))] = Field(
+        default=timedelta(days=90),
+        description="Finished rotations and revokes (and processed webhooks, closed "
+        "unaccounted tokens, old reader records) older than this are deleted (\"forever\": "
+        "never). Each credential keeps its latest rotation and revoke whatever their age.",
+    )
+    interval: Annotated[PositiveDuration, bounds(least=timedelta(minutes=1), most=_DAY)] = Field(
+        default=_HOUR, description="How often serve prunes (one replica at a time)."
+    )
+    batch: int = Field(
+        default=1000,
+        ge=10,
+        le=10_000,
+        description="Rows deleted per transaction: the journal stays free for other writers "
+        "between batches.",
+    )
+    budget: Annotated[PositiveDuration, bounds(least=_SECOND, most=_HOUR)] = Field(
+        default=timedelta(seconds=30),
+        description="How long one pass of serve or run-due may prune; what is left waits "
+        "for the next pass (`rotator db prune` runs to the end).",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.audit is not None or self.rotations is not None
+
+
 class JournalSettings(_Model):
     url: str = "sqlite:///rotator-journal.db"
     lock_ttl: Annotated[PositiveDuration, bounds(least=_SECOND, most=_HOUR)] = Field(
@@ -557,6 +622,7 @@ class JournalSettings(_Model):
         "time, under a lock); manual: it refuses a journal that is behind, and `rotator db "
         "upgrade` migrates it.",
     )
+    retention: RetentionSettings = RetentionSettings()
 
 
 class SchedulerSettings(_Model):

@@ -20,7 +20,8 @@ from rotator.cli.render import escape
 from rotator.errors import ConfigError, NotFound
 
 db_app = typer.Typer(
-    help="The journal's schema: which revision it is at, and migrating it.", no_args_is_help=True
+    help="The journal: its schema (which revision, migrating it) and pruning its history.",
+    no_args_is_help=True,
 )
 unaccounted_app = typer.Typer(
     help="Tokens Makini may have issued that no backend holds (a request whose answer was "
@@ -174,3 +175,63 @@ def unaccounted_ack(
             f"no open unaccounted token with id {', '.join(map(str, missing))} in {environment}",
             hint=f"`rotator unaccounted list {environment}` shows the open ones",
         )
+
+
+@db_app.command("prune")
+def db_prune(
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Count what would be deleted; delete nothing.")
+    ] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Delete the journal's history older than journal.retention keeps it (audit entries,
+    finished rotations and revokes, processed webhooks, closed unaccounted tokens, old reader
+    records), in batches, to the end. Never an open rotation or revoke, what they need, or a
+    credential's latest rotation. serve does this every journal.retention.interval and run-due
+    at its end; this is for a first clean-up or to see what they would do."""
+    from rotator.journal import retention
+
+    cfg = command_config()
+    keep = cfg.journal.retention
+    with open_journal(cfg) as journal:
+        result = retention.prune(
+            journal,
+            keep,
+            active_window=cfg.api.readers.active_window,
+            owner=retention.owner(),
+            actor=actor(),
+            dry_run=dry_run,
+        )
+    if json_out:
+        render.print_json(result.as_dict())
+        return
+    if not keep.enabled:
+        render.console.print(
+            "journal.retention keeps everything (audit and rotations are \"forever\"): "
+            "nothing to prune"
+        )
+        return
+    verb = "would delete" if dry_run else "deleted"
+    cut = result.as_dict()["before"]
+    columns = [
+        render.Column("table", whole=True),
+        render.Column(f"rows {verb}", whole=True),
+        render.Column("older than (UTC)", drop=1),
+    ]
+    older = {
+        "audit": cut["audit"],
+        "reader_reads": cut["reader_reads"],
+    }
+    cells = [
+        [
+            table,
+            str(result.counts[table]),
+            escape((older.get(table, cut["rotations"]) or "kept forever")[:19].replace("T", " ")),
+        ]
+        for table in retention.TABLES
+    ]
+    render.console.print(render.table(f"journal retention ({verb})", columns, cells))
+    render.console.print(
+        f"{verb} {result.total} rows in {result.seconds:.1f}s"
+        + ("" if dry_run else f" ({result.batches} batches, longest {result.longest_batch_s:.3f}s)")
+    )

@@ -15,6 +15,7 @@ from rotator.cli.context import (
     ReasonOpt,
     actor,
     command_config,
+    open_journal,
     run_command,
     with_runtime,
 )
@@ -68,6 +69,11 @@ def run_due(
             render.progress(json_out, total=len(work)) as tick,
         ):
             results = shares.gather(tick)
+    if cfg.journal.retention.enabled:  # the journal's history, for at most retention.budget
+        from rotator.service import prune_journal
+
+        with open_journal(cfg) as journal:
+            prune_journal(cfg, journal, push.metrics)
     push.finished(results)
     if notifies(cfg):  # after the forked workers too: the journal has every result
         run_command(with_runtime(cfg, flush_notifications, env))

@@ -33,6 +33,7 @@ ACTIONS = frozenset(
         "discovery.enrolled",
         "discovery.offboarded",
         "discovery.purged",
+        "journal.pruned",
         "key.created",
         "key.revoked",
         "revoke.adopted",

@@ -312,6 +312,16 @@ class Journal:
         renew = self._q.renew
         return bool(self._run("renew a lock", lambda c: renew.run(c, params), single=True))
 
+    def renew_in(
+        self, conn: Connection, name: str, owner: str, ttl: timedelta | None = None
+    ) -> bool:
+        """:meth:`renew` inside ``conn``'s transaction (work that must stop once its lease is
+        another's, and extends it as it goes)."""
+        now = self.clock.now()
+        expires = now + (ttl or self.lock_ttl)
+        params = {"p_name": name, "p_owner": owner, "p_now": now, "p_expires": expires}
+        return bool(self._q.renew.run(conn, params))
+
     def renew_many(self, owners: Sequence[str], ttl: timedelta | None = None) -> set[str]:
         """The heartbeat: extend every live lease these holders have, in one statement; the
         holders whose lease was extended (the others expired or were taken over)."""
