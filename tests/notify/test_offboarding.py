@@ -9,12 +9,21 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from rotator.crypto import generate_key
 from rotator.makini.sim import SimServer
 from rotator.notify.notifier import Notifier
 from rotator.rotation import discovery
 from rotator.rotation.runtime import Runtime
+from tests.cli import RotatorCli
 from tests.clock import FakeClock
-from tests.factories import Runtimes, environment, make_config
+from tests.factories import (
+    Runtimes,
+    config_toml,
+    environment,
+    environment_table,
+    file_backend,
+    make_config,
+)
 from tests.notify.conftest import Receiver
 from tests.notify.test_notify import SECRET, conditions, webhook
 
@@ -114,3 +123,26 @@ async def test_an_offboarded_credential_near_expiry_is_not_notified(
     assert ("near_expiry", "firing", "simulated-x-kept") in sent  # the control
     assert ("offboarded", "firing", "simulated-x-gone") in sent
     assert not any(c == "near_expiry" and who == "simulated-x-gone" for c, _, who in sent)
+
+
+def test_discover_notifies_an_offboarding_at_once(
+    tmp_path: Path, sim: SimServer, https_receiver: Receiver, test_ca: Any
+) -> None:
+    """``rotator discover`` (a subprocess) sends the notification itself, before it exits."""
+    prod = environment_table(
+        sim.url, "test-prod", [], sealing_env="DISC_SEAL", secret_env="DISC_SECRET",
+        backends=[file_backend("files/prod", "keys/prod-file.key")],
+    )
+    prod["discover"] = {"enabled": True}
+    prod["notify"] = {"sinks": [webhook(https_receiver, test_ca[1])]}
+    cli = RotatorCli(tmp_path, config_toml({"url": "sqlite:///journal.db"}, {"prod": prod}), {
+        "DISC_SEAL": generate_key(), "DISC_SECRET": "test-prod-secret",
+        "NOTIFY_TEST_SECRET": SECRET,
+    })
+    sim.add_connection("cli-off", "test-prod")
+    assert cli("discover", "prod").returncode == 0
+    assert conditions(https_receiver) == []
+    sim.remove_connection("cli-off")
+    out = cli("discover", "prod")
+    assert out.returncode == 0, out.stderr
+    assert conditions(https_receiver) == [("offboarded", "firing", "simulated-cli-off")]
