@@ -9,12 +9,14 @@ import json
 from pathlib import Path
 
 from rotator.crypto import generate_key
+from rotator.journal.schema import WebhookEvent
 from rotator.keys import create_key
 from rotator.makini.sim import SimServer
 from rotator.revoke import Revoker, RevokeRequest
 from rotator.rotation import discovery
 from rotator.rotation.runtime import Runtime
 from rotator.rotation.work import Work
+from rotator.webhooks.queue import IGNORED, WebhookWorker, enqueue, parse_event
 from tests.api.conftest import bearer, start_server, stop_server
 from tests.cli import RotatorCli
 from tests.discovery.test_discovery import _open
@@ -172,3 +174,22 @@ def test_keys_create_takes_enrolled_credentials_and_names_the_known_ones(
     assert "Traceback" not in wrong.stderr
     listed = cli("keys", "list", "--json")
     assert [k["name"] for k in json.loads(listed.stdout)] == ["svc"]
+
+
+async def test_a_webhook_about_an_offboarded_connection_does_nothing(
+    sim: SimServer, runtimes: Runtimes, tmp_path: Path
+) -> None:
+    runtime = await _offboarded(sim, runtimes, tmp_path)
+    calls = sim.stats()["received"]
+    worker = WebhookWorker(runtime.config, runtime.journal, runtime.engine, runtime=runtime)
+    for n, event in enumerate(("connection.token.failed", "connection.auth_required")):
+        body = json.dumps({"id": f"o{n}", "event": event, "connection_id": "c-gone"}).encode()
+        assert enqueue(runtime.journal, "prod", parse_event(body), body)
+    assert await worker.run_once() == 2
+    with runtime.journal.reader() as s:
+        rows = list(s.query(WebhookEvent).order_by(WebhookEvent.id))
+    assert [r.status for r in rows] == [IGNORED, IGNORED]
+    assert all("'simulated-c-gone' is off-boarded" in (r.outcome or "") for r in rows)
+    state = runtime.journal.state("prod", GONE)
+    assert state is None or state.attention is None  # no person is called for a gone one
+    assert sim.stats()["received"] == calls  # Makini was not asked anything
