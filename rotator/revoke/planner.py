@@ -129,9 +129,16 @@ async def plan_one(
     p.notes.insert(0, f"kill: {kill.describe(method)}, then check that Makini answers 401")
     wants = p.replace and target.stage == "current"
     if req.replace and not p.replace:
+        issues = method in ("issue", "refresh")
         p.warnings.append(
-            f"{cred.name} is off-boarded (its connection {cred.connection_id} is gone at "
-            "Makini): no replacement is issued; its tokens are killed and purged only"
+            f"{cred.name} is off-boarded (Makini no longer lists its connection "
+            f"{cred.connection_id}): no replacement is asked for"
+            + (
+                "; the kill itself asks Makini for a new token, which Makini refuses if it "
+                "deleted the connection (its tokens died with it; the revoke then reports the "
+                "refusal), and stores it if Makini still issues one"
+                if issues else "; its tokens are killed and purged only"
+            )
         )
     if method == "disconnect":
         p.replacement = "none: the connection is deleted"

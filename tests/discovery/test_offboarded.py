@@ -101,7 +101,7 @@ async def test_the_admin_api_refuses_it_with_409(
     assert len(sim.tokens("c-gone")) == issued
 
 
-async def test_a_revoke_kills_and_purges_without_a_replacement(
+async def test_a_revoke_asks_for_no_replacement(
     sim: SimServer, runtimes: Runtimes, tmp_path: Path
 ) -> None:
     runtime = await _offboarded(sim, runtimes, tmp_path)
@@ -109,7 +109,11 @@ async def test_a_revoke_kills_and_purges_without_a_replacement(
     req = RevokeRequest(environment="prod", names=(GONE,), reason="leaked", actor="someone")
     [p] = await service.plan(req)
     assert not p.replace
-    assert any("off-boarded" in w and "no replacement" in w for w in p.warnings)
+    assert any("off-boarded" in w and "no replacement is asked for" in w for w in p.warnings)
+    # the kill (issuing by default) is all Makini is asked: it refuses a deleted connection
+    [report] = await service.run(req, [p])
+    assert report.outcome != "done" and "Connection not found" in (report.error or "")
+    assert report.replacement_version is None
     [kept] = await service.plan(RevokeRequest(
         environment="prod", names=("simulated-c-kept",), reason="leaked", actor="someone"))
     assert kept.replace
