@@ -1,13 +1,17 @@
-"""Discovery at scale: N connections at the simulator (20 ms a call, 100 a page), listed and
-enrolled in one environment (file backend, SQLite journal), in one run:
+"""Discovery at scale: N connections at the simulator (in a process of its own, 20 ms a call,
+100 a page), listed and enrolled in one environment (file backend, SQLite journal), in one run:
 
     .venv/bin/python -m bench.bench_discovery [--connections 10000] [--latency-ms 20]
-        [--first-tokens]
+        [--first-tokens] [--max-concurrency 32] [--processes auto]
 
 Prints the listing alone (the Makini calls: the lower bound), a first discovery (list, compute,
 record 2 rows a connection, make them effective), a second one (nothing changes), ``status``
-over the enrolled credentials and, with ``--first-tokens``, the first tokens of all of them
-(``makini.max_concurrency`` honoured). Target (issue 18): discovery of 10,000 under 10 s.
+over the enrolled credentials and, with ``--first-tokens``, the first tokens of all of them as
+a CronJob gives them: ``rotator run-due`` as a subprocess (it discovers first, finds nothing new,
+and forks ``scheduler.processes`` workers sharing ``makini.max_concurrency``), beside the same
+run's lower bound: the Makini calls alone (issue + verify per credential, the same client at the
+same concurrency). Targets (issue 18): discovery of 10,000 under 10 s; first tokens for 10,000
+under 60 s.
 """
 
 from __future__ import annotations
@@ -19,35 +23,50 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
+
+from bench.bench_rotation import run_due
+from bench.simulator import makini_calls_alone, simulator
 from rotator import logs
 from rotator.crypto import generate_key
-from rotator.makini.sim import SimOptions, SimServer
 from rotator.rotation import discovery
 from rotator.rotation.runtime import Runtime
 from rotator.rotation.status import collect
-from rotator.settings import parse_config
+from rotator.settings import load_config
+
+CLIENT, SECRET = "bench", "bench-secret"
 
 
-def _config(sim_url: str, folder: Path, max_concurrency: int) -> Runtime:
-    os.environ["BENCH_DISC_SEAL"] = generate_key()
-    os.environ["BENCH_DISC_SECRET"] = "bench-secret"
-    data = {
-        "journal": {"url": f"sqlite:///{folder / 'journal.db'}"},
-        "environments": {"prod": {
-            "sealing_key": {"env": "BENCH_DISC_SEAL"},
-            "makini": {"base_url": sim_url, "client_id": "bench",
-                       "client_secret_env": "BENCH_DISC_SECRET",
-                       "max_concurrency": max_concurrency},
-            "backends": [{"type": "file", "path": str(folder / "files"),
-                          "key": {"file": str(folder / "file.key"), "generate": True}}],
-            "discover": {"enabled": True},
-        }},
-    }
-    return Runtime.open(parse_config(data, source=folder / "rotator.toml"))
+def _write_config(
+    folder: Path, sim_url: str, max_concurrency: int, processes: str
+) -> Path:
+    lines = [
+        "[journal]",
+        'url = "sqlite:///journal.db"',
+        "[scheduler]",
+        f"concurrency = {max_concurrency}",
+        f"processes = {processes if processes.isdigit() else repr(processes)}",
+        "[environments.prod]",
+        'sealing_key = { env = "BENCH_DISC_SEAL" }',
+        "[environments.prod.makini]",
+        f'base_url = "{sim_url}"',
+        f'client_id = "{CLIENT}"',
+        'client_secret_env = "BENCH_DISC_SECRET"',
+        f"max_concurrency = {max_concurrency}",
+        "[[environments.prod.backends]]",
+        'type = "file"',
+        'path = "files"',
+        'key = { file = "file.key", generate = true }',
+        "[environments.prod.discover]",
+        "enabled = true",
+    ]
+    path = folder / "rotator.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
-async def _run(sim: SimServer, folder: Path, args: argparse.Namespace) -> None:
-    runtime = _config(sim.url, folder, args.max_concurrency)
+async def _discovery(config: Path) -> None:
+    runtime = Runtime.open(load_config(config))
     try:
         client = runtime.environments["prod"].makini
         await client.check_admin()
@@ -67,16 +86,22 @@ async def _run(sim: SimServer, folder: Path, args: argparse.Namespace) -> None:
         rows = await collect(runtime, "prod")
         print(f"status of the enrolled:        {time.perf_counter() - started:6.2f} s  "
               f"({len(rows)} rows)")
-        if args.first_tokens:
-            from rotator.service import due_work, rotate_work
-
-            started = time.perf_counter()
-            results = await rotate_work(runtime, await due_work(runtime))
-            ok = sum(r.ok for r in results)
-            print(f"first tokens:                  {time.perf_counter() - started:6.2f} s  "
-                  f"({ok}/{len(results)} ok, max_concurrency {args.max_concurrency})")
     finally:
         await runtime.aclose()
+
+
+def _first_tokens(config: Path, url: str, args: argparse.Namespace) -> None:
+    env = {**os.environ, "ROTATOR_LOG_LEVEL": "warning"}
+    run = run_due(config, env)
+    bound = asyncio.run(makini_calls_alone(
+        url, f"{CLIENT}:{SECRET}", args.connections, args.max_concurrency, verifies=1,
+        prefix="bound",
+    ))
+    print(f"first tokens (run-due):        {run['secs']:6.2f} s  exit {run['exit']:.0f}, "
+          f"CPU {run['cpu']:.1f} s, {run['processes']:.0f} process(es), peak PSS together "
+          f"{run['pss']:.0f} MB")
+    print(f"  Makini calls alone:          {bound:6.2f} s  (issue + verify each, concurrency "
+          f"{args.max_concurrency})  ratio {run['secs'] / bound:4.2f}x")
 
 
 def main() -> None:
@@ -84,17 +109,34 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=10_000)
     parser.add_argument("--latency-ms", type=float, default=20.0)
     parser.add_argument("--max-concurrency", type=int, default=32)
+    parser.add_argument("--processes", default="auto", help="scheduler.processes (run-due)")
     parser.add_argument("--first-tokens", action="store_true")
+    parser.add_argument("--port", type=int, default=18767)
     args = parser.parse_args()
     logs.configure("warning", "console")
-    with SimServer(SimOptions(clients={"bench": "bench-secret"})) as sim:
+    os.environ["BENCH_DISC_SEAL"] = generate_key()
+    os.environ["BENCH_DISC_SECRET"] = SECRET
+    os.environ["BENCH_SECRET"] = SECRET
+    with (
+        simulator(args.port, args.latency_ms, f"{CLIENT}:{SECRET}") as url,
+        tempfile.TemporaryDirectory(prefix="bench-discovery-") as tmp,
+    ):
         started = time.perf_counter()
-        sim.add_connections(args.connections, client_id="bench")
-        print(f"simulator: {args.connections} connections made in "
+        httpx.post(f"{url}/_sim/connections", json={
+            "count": args.connections, "prefix": "conn-", "client_id": CLIENT,
+        }, timeout=120).raise_for_status()
+        print(f"simulator (own process): {args.connections} connections made in "
               f"{time.perf_counter() - started:.2f} s; {args.latency_ms:.0f} ms a call")
-        sim.set(latency_ms=args.latency_ms)
-        with tempfile.TemporaryDirectory() as folder:
-            asyncio.run(_run(sim, Path(folder), args))
+        folder = Path(tmp)
+        config = _write_config(folder, url, args.max_concurrency, args.processes)
+        cwd = Path.cwd()
+        os.chdir(folder)  # the configuration's relative paths
+        try:
+            asyncio.run(_discovery(config))
+        finally:
+            os.chdir(cwd)
+        if args.first_tokens:
+            _first_tokens(config, url, args)
 
 
 if __name__ == "__main__":

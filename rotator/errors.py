@@ -14,6 +14,7 @@ vendor exception. No message ever contains a token: messages name things by fing
     │       ├── Superseded           an emergency revoke took the rotation over: it stops
     │       └── Stopping             the process is draining (SIGTERM): the work is parked
     ├── RotationError                a rotation could not complete (carries the rotation id)
+    ├── Offboarded                   the credential's connection is gone at Makini: no token
     ├── MakiniError                  the Makini API (status, code, request id)
     │   ├── MakiniRejected           a definite answer: do not retry
     │   │   ├── InvalidToken         401
@@ -100,6 +101,10 @@ class Superseded(LockBusy):
 class Stopping(LockBusy):
     """The process is stopping (SIGTERM, Ctrl-C): the drive stops at a step boundary, the last
     journaled step stands, and the lease is given back for another worker to resume."""
+
+
+class Offboarded(RotatorError):
+    """A discovered credential whose connection is gone at Makini: nothing issues it a token."""
 
 
 class RotationError(RotatorError):

@@ -7,7 +7,7 @@ returns the plan and the per-credential reports.
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Path
 from pydantic import BaseModel, ConfigDict, Field
@@ -18,11 +18,14 @@ from rotator.api.auth import KeyGuard, check_cred_name
 from rotator.api.errors import ApiError, responses
 from rotator.api.routing import api_router
 from rotator.api.state import ApiState
-from rotator.errors import ConfigError, NotFound, RotatorError
+from rotator.errors import ConfigError, NotFound, Offboarded, RotatorError
 from rotator.keys import KeyInfo
 from rotator.revoke import revoke_from_api
 from rotator.scrub import mask
 from rotator.settings import ENV_NAME_PATTERN
+
+if TYPE_CHECKING:
+    from rotator.rotation.runtime import Runtime
 
 # Patterns are documented but checked by the handlers: the key decides first (the guard, and
 # the key gate in front of the app), so a stranger gets 401 whatever the path or body holds.
@@ -109,6 +112,7 @@ def router(state: ApiState) -> APIRouter:
             raise ApiError(404, f"environment {env!r} has no credential {name!r}")
         reason = body.reason if body else "admin api"
         if_version = body.if_version if body else None
+        await asyncio.to_thread(_refuse_offboarded, runtime, env, name)
         result = await runtime.engine.rotate(
             env,
             name,
@@ -176,3 +180,17 @@ def router(state: ApiState) -> APIRouter:
         return JSONResponse(report)
 
     return api
+
+
+def _refuse_offboarded(runtime: Runtime, env: str, name: str) -> None:
+    """409 for a discovered credential whose connection is gone at Makini (as the journal
+    says now): no token is issued for it."""
+    from rotator.rotation import discovery
+
+    rt = runtime.environments.get(env)
+    if rt is None:
+        return
+    try:
+        discovery.refuse_offboarded(runtime.journal, rt.settings, env, name)
+    except Offboarded as exc:
+        raise ApiError(409, f"{exc.message}; next: {exc.hint}", "offboarded") from None

@@ -35,6 +35,11 @@ def discover(
         return await discovery.discover(rt, environment, dry_run=dry_run)
 
     change = run_command(with_runtime(cfg, work, [environment]))
+    if change.changed and not dry_run:
+        from rotator.service import flush_notifications, notifies
+
+        if notifies(cfg):  # an off-boarding (and its end) is notified at once
+            run_command(with_runtime(cfg, flush_notifications, [environment]))
     show(change, json_out)
     if any(not r.ok for r in change.results):
         raise typer.Exit(1)

@@ -67,8 +67,16 @@ def create(
                     hint="name at least one (--credentials a,b), or leave the option out for a "
                     "key that reads every credential of the environment",
                 )
-        for n in names or []:
-            env.credential(n, environment)
+        if names:  # configured, or enrolled by discovery
+            from rotator.rotation.discovery import known_credentials, unknown_error
+
+            known = {c.name for c in env.credentials}
+            if any(n not in known for n in names):
+                env = known_credentials(journal, env, environment)
+                known = {c.name for c in env.credentials}
+                unknown = [n for n in names if n not in known]
+                if unknown:
+                    raise unknown_error(env, environment, unknown)
         return create_key(
             journal, environment, name, credentials=names, admin=admin, status=status, actor=actor()
         )

@@ -111,8 +111,8 @@ def rotate(
     from rotator.rotation.discovery import require_credential
 
     cfg = command_config()
-    for n in name:
-        require_credential(cfg, environment, n)  # configured, or enrolled by discovery
+    for n in name:  # configured, or enrolled by discovery and not off-boarded
+        require_credential(cfg, environment, n, issuing=True)
     require_secrets(cfg, [environment], what=f"rotate in {environment}")
 
     async def work(rt: Runtime) -> list[RotationResult]:
@@ -147,7 +147,9 @@ def verify(
     if name is not None:
         from rotator.rotation.discovery import require_credential
 
-        require_credential(cfg, environment, name)  # configured, or enrolled by discovery
+        # configured, or enrolled by discovery: an off-boarded one's connection is gone at
+        # Makini, which can only reject its token
+        require_credential(cfg, environment, name, issuing=True)
     require_secrets(cfg, [environment], what=f"verify in {environment}")
 
     async def work(rt: Runtime) -> list[tuple[str, bool, str]]:

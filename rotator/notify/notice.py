@@ -17,6 +17,7 @@ class Condition(StrEnum):
     REVOKE = "revoke"
     REVOKE_UNCONFIRMED = "revoke_unconfirmed"
     DRIFT = "drift"
+    OFFBOARDED = "offboarded"
 
 
 _TITLES: dict[Condition, tuple[str, str]] = {
@@ -41,6 +42,10 @@ _TITLES: dict[Condition, tuple[str, str]] = {
         "the backends of {where} disagree on the current version",
         "the backends of {where} agree again",
     ),
+    Condition.OFFBOARDED: (
+        "{where} is off-boarded: its Makini connection is gone",
+        "the off-boarding of {where} is over",
+    ),
 }
 
 SEVERITY = {
@@ -50,6 +55,7 @@ SEVERITY = {
     Condition.REVOKE: "info",
     Condition.REVOKE_UNCONFIRMED: "critical",
     Condition.DRIFT: "warning",
+    Condition.OFFBOARDED: "warning",
 }
 
 

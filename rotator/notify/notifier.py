@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import random
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 import structlog
@@ -33,6 +33,7 @@ from rotator.notify.notice import Condition, Notice
 from rotator.notify.outbox import Change, Key
 from rotator.notify.settings import AlertmanagerSink, NotifySettings
 from rotator.notify.sinks import AlertmanagerSender, DeliveryError, Sender, build
+from rotator.rotation import discovery
 from rotator.rotation.runtime import Runtime
 from rotator.rotation.schedule import human
 from rotator.rotation.status import CredentialStatus, collect
@@ -173,12 +174,35 @@ class Notifier:
             revoke_seen = (
                 seen is not None and revoke is not None and (seen.started_at >= revoke.started_at)
             )
+            offboarded = view.credential in self.runtime.environments[
+                view.environment].settings.offboarded
             for change in _changes(view, revoke, revoke_seen, settings, now):
+                if offboarded and change.firing and change.condition in _NOT_ROTATED:
+                    # never rotated again: its expiry is the off-boarding's business
+                    change = replace(change, firing=False,
+                                     detail="off-boarded: it is rotated no more")
                 if change.firing == (change.key in on):
                     continue  # already so: nothing to write
                 changed += await asyncio.to_thread(self.record, change)
                 (on.add if change.firing else on.discard)(change.key)
+        for env in envs:
+            changed += await self._offboarding(env, on)
         await asyncio.to_thread(outbox.purge, self.journal, now - outbox.KEEP)
+        return changed
+
+    async def _offboarding(self, environment: str, on: set[Key]) -> int:
+        """An off-boarding (discovery found the connection gone at Makini) is a condition: it
+        starts when discovery off-boards the credential and is over once the credential is
+        purged (its tokens made unreadable after ``discover.offboard_grace``) or enrolled
+        again (Makini lists the connection again)."""
+        env = self.runtime.environments[environment].settings
+        changed = 0
+        for row in await asyncio.to_thread(discovery.rows, self.journal, environment):
+            change = _offboarding(environment, env.discover.offboard_grace, row)
+            if change.firing == (change.key in on):
+                continue
+            changed += await asyncio.to_thread(self.record, change)
+            (on.add if change.firing else on.discard)(change.key)
         return changed
 
     # delivering ----------------------------------------------------------------------------
@@ -584,6 +608,39 @@ def _changes(
                 unconfirmed,
                 (s.attention or "") if unconfirmed else "the attention on it was cleared",
             )
+
+
+_NOT_ROTATED = frozenset({Condition.NEAR_EXPIRY, Condition.ROTATION_FAILED})
+"""Conditions of a credential's rotations, which an off-boarded credential no longer has."""
+
+
+def _offboarding(environment: str, grace: timedelta, row: discovery.Known) -> Change:
+    """The off-boarding condition of one discovered connection, as its row says."""
+    where = f"connection {row.connection_id}"
+    described = " ".join(dict.fromkeys(p for p in (row.platform, row.company, row.name) if p))
+    if described:
+        where += f" ({described})"
+    if row.status == discovery.OFFBOARDED:
+        since = row.gone_at.isoformat(timespec="seconds") if row.gone_at else "unknown"
+        until = (
+            (row.gone_at + grace).isoformat(timespec="seconds") if row.gone_at else "the grace"
+        )
+        detail = (
+            f"{where} is no longer listed by Makini (gone, or filtered out) since {since}: "
+            f"{row.credential} is rotated no more; its tokens stay readable until {until}, then "
+            "are made unreadable in every backend (nothing is deleted at Makini). If that is "
+            "not expected, check the connection in Makini: once listed again it is enrolled "
+            "again at the next discovery"
+        )
+        firing = True
+    elif row.status == discovery.PURGED:
+        detail = f"{where} stays gone: the tokens of {row.credential} are unreadable everywhere"
+        firing = False
+    else:
+        detail = f"{where} is listed by Makini again: {row.credential} is enrolled again"
+        firing = False
+    return Change(environment, row.credential, Condition.OFFBOARDED, firing,
+                  scrub(detail, limit=1000))
 
 
 def _notice(row: NotifyCondition) -> Notice:

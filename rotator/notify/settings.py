@@ -26,7 +26,8 @@ from rotator.durations import parse_duration
 from rotator.errors import ConfigError
 
 ConditionName = Literal[
-    "rotation_failed", "attention", "near_expiry", "revoke", "revoke_unconfirmed", "drift"
+    "rotation_failed", "attention", "near_expiry", "revoke", "revoke_unconfirmed", "drift",
+    "offboarded",
 ]
 """What can be notified (``rotator.notify.notice.Condition``'s values)."""
 CONDITIONS: tuple[str, ...] = get_args(ConditionName)

@@ -103,7 +103,7 @@ async def plan_one(
         cred.connection_id,
         "revoke",
         backends=[b.name for b in rt.backends],
-        replace=req.replace,
+        replace=req.replace and cred.name not in rt.settings.offboarded,
     )
     if open_revoke:
         resumed = await _plan_resume(engine, rt, cred)
@@ -127,7 +127,19 @@ async def plan_one(
     p.method, p.escalate = method, escalate
     p.notes.extend(notes)
     p.notes.insert(0, f"kill: {kill.describe(method)}, then check that Makini answers 401")
-    wants = req.replace and target.stage == "current"
+    wants = p.replace and target.stage == "current"
+    if req.replace and not p.replace:
+        issues = method in ("issue", "refresh")
+        p.warnings.append(
+            f"{cred.name} is off-boarded (Makini no longer lists its connection "
+            f"{cred.connection_id}): no replacement is asked for"
+            + (
+                "; the kill itself asks Makini for a new token, which Makini refuses if it "
+                "deleted the connection (its tokens died with it; the revoke then reports the "
+                "refusal), and stores it if Makini still issues one"
+                if issues else "; its tokens are killed and purged only"
+            )
+        )
     if method == "disconnect":
         p.replacement = "none: the connection is deleted"
         p.warnings.append(kill.DISCONNECT_WARNING.format(conn=cred.connection_id))
@@ -138,7 +150,7 @@ async def plan_one(
             )
         if method in ("issue", "refresh"):
             p.replacement = "the token the kill produces, verified and made current everywhere"
-            if not req.replace:
+            if not p.replace:
                 p.notes.append(
                     "--no-replace: the kill itself produces a new token; it is stored as current "
                     "anyway (it may be the connection's only working token, and a token Makini "
@@ -146,8 +158,8 @@ async def plan_one(
                 )
         elif wants:
             p.replacement = f"a new token ({cred.method}), verified and made current everywhere"
-        elif not req.replace:
-            p.replacement = "none (--no-replace)"
+        elif not p.replace:
+            p.replacement = "none (--no-replace)" if not req.replace else "none: off-boarded"
         else:
             p.replacement = "none: the current version is not the target and is left as it is"
     if rotation is not None:

@@ -226,7 +226,8 @@ class Revoker:
             strategy=strategy,
             method=method,
             escalate=escalate,
-            replace=req.replace,
+            # an off-boarded credential's connection is gone at Makini: nothing replaces it
+            replace=req.replace and cred.name not in rt.settings.offboarded,
             target_stage=stage,
             current_version=target.current.version_id if target.current else None,
         )
@@ -247,7 +248,7 @@ class Revoker:
                 "method": method,
                 "may_disconnect": method == "disconnect" or escalate,
                 "warnings": p.warnings,
-                "replace": req.replace,
+                "replace": record.replace,
                 "target_stage": stage,
                 "notes": notes,
             },

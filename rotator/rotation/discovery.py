@@ -31,7 +31,7 @@ from pydantic import ValidationError
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.engine import Connection
 
-from rotator.errors import ConfigError, NotFound
+from rotator.errors import ConfigError, NotFound, Offboarded
 from rotator.journal.schema import AuditEntry, DiscoveredConnection
 from rotator.makini import ListedConnection
 from rotator.rotation.work import RotationResult, Work
@@ -480,10 +480,96 @@ def enabled(runtime: Runtime) -> list[str]:
     ]
 
 
-def require_credential(config: Config, environment: str, name: str) -> None:
+def gone_row(journal: Journal, environment: str, connection_id: str) -> Known | None:
+    """The discovered connection's row where it is off-boarded or purged (gone at Makini);
+    ``None`` for an enrolled or a configured one."""
+    t = DiscoveredConnection
+    with journal.reader() as s:
+        row = s.execute(
+            select(t.connection_id, t.credential, t.status, t.platform, t.company, t.name,
+                   t.gone_at)
+            .where(t.environment == environment, t.connection_id == connection_id)
+        ).first()
+    if row is None or row.status == ENROLLED:
+        return None
+    return Known(*row)
+
+
+def offboarded_error(
+    env: EnvironmentSettings, environment: str, name: str, connection_id: str,
+    gone_at: datetime | None, *, purged: bool = False,
+) -> Offboarded:
+    """The error every path that would issue ``name`` a token raises or reports: what (the
+    connection is gone, since when), where, and what to do next."""
+    since = f" since {gone_at.isoformat(timespec='seconds')}" if gone_at else ""
+    if purged:
+        tokens = "its tokens have been made unreadable"
+    elif gone_at is not None:
+        until = (gone_at + env.discover.offboard_grace).isoformat(timespec="seconds")
+        tokens = f"its tokens stay readable until {until}, then are made unreadable"
+    else:
+        tokens = "its tokens stay readable for discover.offboard_grace, then are made unreadable"
+    return Offboarded(
+        f"credential {name!r} is off-boarded: its Makini connection {connection_id} is gone "
+        f"at Makini{since}, so no token is issued for it ({tokens})",
+        where=f"{environment}/{name} (discovered)",
+        hint=f"if the connection is listed at Makini again, `rotator discover {environment}` "
+        "re-enrols it and gives it a new token; a customer who reconnected through Makini Link "
+        "has a new connection, which discovery enrols as a credential of its own",
+    )
+
+
+def refuse_offboarded(journal: Journal, env: EnvironmentSettings, environment: str,
+                      name: str) -> None:
+    """Raise :class:`Offboarded` if ``name`` is a discovered credential whose connection is
+    gone at Makini, as the journal says now (a configured credential never is)."""
+    if name in {c.name for c in env.configured_credentials}:
+        return
+    try:
+        cred = env.credential(name, environment)
+    except NotFound:
+        return
+    row = gone_row(journal, environment, cred.connection_id)
+    if row is not None and row.credential == name:
+        raise offboarded_error(env, environment, name, row.connection_id, row.gone_at,
+                               purged=row.status == PURGED)
+
+
+def known_credentials(journal: Journal, env: EnvironmentSettings,
+                      environment: str) -> EnvironmentSettings:
+    """The environment's credentials with the ones discovery enrolled, as the journal says."""
+    return effective(env, rows(journal, environment))
+
+
+def unknown_error(env: EnvironmentSettings, environment: str, names: Sequence[str]) -> NotFound:
+    """No such credential: naming the known ones (a few, and the closest to each name given,
+    where an environment has thousands)."""
+    import difflib
+
+    known = [c.name for c in env.credentials]
+    close = sorted({m for n in names for m in difflib.get_close_matches(n, known, n=3)})
+    shown = ", ".join(known[:20]) or "none"
+    if len(known) > 20:
+        shown += f" ... and {len(known) - 20} more (`rotator status {environment}` lists them)"
+    hint = f"known credentials: {shown}"
+    if close:
+        hint = f"did you mean {', '.join(close)}? " + hint
+    listed = ", ".join(repr(n) for n in names)
+    return NotFound(
+        f"environment {environment!r} has no credential {listed}",
+        where=f"environments.{environment}.credentials (configured or discovered)",
+        hint=hint,
+    )
+
+
+def require_credential(
+    config: Config, environment: str, name: str, *, issuing: bool = False
+) -> None:
     """Raise the configuration's NotFound unless ``name`` is a credential of ``environment``:
     configured, or enrolled by discovery (the journal is opened on that path alone, so a
-    command that reads a configured credential starts without it)."""
+    command that reads a configured credential starts without it). ``issuing`` (rotate): an
+    off-boarded one raises :class:`Offboarded` too; otherwise it is a credential like any
+    other (its tokens stay readable for the grace)."""
     from rotator.journal import Journal as JournalStore
 
     env = config.environment(environment)
@@ -492,9 +578,24 @@ def require_credential(config: Config, environment: str, name: str) -> None:
     except NotFound:
         journal = JournalStore.open(config.journal)
         try:
-            found = effective(env, rows(journal, environment))
+            known = rows(journal, environment)
+            found = effective(env, known)
+            if name not in {c.name for c in found.credentials}:
+                purged = next((r for r in known if r.credential == name), None)
+                if purged is not None and purged.status == PURGED:
+                    if not issuing:
+                        raise NotFound(
+                            f"credential {name!r} of environment {environment!r} was "
+                            f"off-boarded and purged: its connection {purged.connection_id} "
+                            "is gone at Makini and its tokens were made unreadable",
+                            where=f"{environment}/{name} (discovered)",
+                            hint=f"`rotator discover {environment}` re-enrols it if Makini "
+                            "lists the connection again",
+                        ) from None
+                    raise offboarded_error(found, environment, name, purged.connection_id,
+                                           purged.gone_at, purged=True) from None
+                raise unknown_error(found, environment, [name]) from None
+            if issuing and name in found.offboarded:
+                refuse_offboarded(journal, found, environment, name)
         finally:
             journal.close()
-        if name in found.offboarded:
-            return
-        found.credential(name, environment)

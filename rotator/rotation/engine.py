@@ -53,7 +53,7 @@ from rotator.errors import (
 )
 from rotator.journal import DriveStart, Journal, Lease, LeaseKeeper, Rotation, Step
 from rotator.model import Stage, StoredVersion, TokenPair, new_version_id
-from rotator.rotation import unaccounted
+from rotator.rotation import discovery, unaccounted
 from rotator.rotation.environment import EnvironmentRuntime
 from rotator.rotation.events import Events
 from rotator.rotation.schedule import plan_credential
@@ -320,6 +320,9 @@ class RotationEngine:
         if self.stopping:
             parked = RotationResult(env, name, Outcome.PARKED, detail="the process is stopping")
             return parked, None
+        refused = await self._refuse_offboarded(rt, cred, work)
+        if refused is not None:  # not a failed rotation: none was started
+            return refused, None
         started = asyncio.get_running_loop().time()
         d = _Drive(rt, cred, self.new_lease(env, name))
         task = asyncio.current_task()
@@ -349,6 +352,30 @@ class RotationEngine:
         result.duration_s = asyncio.get_running_loop().time() - started
         self.events.result.publish(result)
         return result, d.released
+
+    async def _refuse_offboarded(
+        self, rt: EnvironmentRuntime, cred: CredentialSettings, work: Work
+    ) -> RotationResult | None:
+        """Nothing issues a token for a discovered credential whose connection is gone at
+        Makini: the schedule skips it, and a forced rotation (a person, the admin API, a
+        re-enrolment) is checked against the journal as it is now, since another process may
+        have off-boarded it or enrolled it again after this one last looked."""
+        if cred.name not in rt.settings.offboarded and not (
+            work.forced and not any(c is cred for c in rt.settings.configured_credentials)
+        ):
+            return None
+        row = await self.worker.read(discovery.gone_row, self.journal, rt.name, cred.connection_id)
+        if row is None or row.credential != cred.name:
+            return None
+        exc = discovery.offboarded_error(
+            rt.settings, rt.name, cred.name, row.connection_id, row.gone_at,
+            purged=row.status == discovery.PURGED,
+        )
+        log.warning("rotation.refused", environment=rt.name, credential=cred.name,
+                    error=exc.message)
+        return RotationResult(
+            rt.name, cred.name, Outcome.FAILED, error=f"{exc.message}; next: {exc.hint}"
+        )
 
     def _drive_finished(self, _: object) -> None:
         self._active -= 1

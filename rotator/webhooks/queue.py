@@ -269,6 +269,11 @@ class WebhookWorker:
             return DONE, await self._discover(env, row.received_at)
         if cred is None:
             return IGNORED, f"no credential for connection {row.connection_id!r}"
+        if cred in settings.offboarded:  # nothing to verify, rotate or mark: it is gone
+            return IGNORED, (
+                f"credential {cred!r} is off-boarded (its connection is gone at Makini): "
+                "no action"
+            )
         hook = settings.webhook
         bound = log.bind(environment=env, credential=cred, event_type=row.event_type, id=row.id)
         if matches(row.event_type, hook.attention_events):
