@@ -310,7 +310,9 @@ def test_status_names_a_credential_whose_lease_holder_stopped_and_the_next_run_r
     # exits 3 (before, it exited 0 with no attention and run-due reported "busy")
     rotator = Rotator(tmp_path, sim)
     config = rotator.config.read_text()
-    rotator.config.write_text(config.replace('lock_ttl = "1s"', 'lock_ttl = "3s"'))
+    # long enough that the leases are still live when run-due starts on a loaded machine
+    # (at 3 s, a start that took longer found them expired and never waited)
+    rotator.config.write_text(config.replace('lock_ttl = "1s"', 'lock_ttl = "8s"'))
     killed = rotator("rotate", "prod", "a", env={"ROTATOR_FAULT_KILL_AFTER": "issued:a"})
     assert killed.returncode == -signal.SIGKILL
     # once the dead holder has missed its heartbeats (well before its 3 s lease expires)
@@ -339,7 +341,9 @@ def test_a_run_right_after_a_crash_resumes_its_rotations_instead_of_calling_them
     # Makini had killed) until the next scheduled run
     rotator = Rotator(tmp_path, sim)
     config = rotator.config.read_text()
-    rotator.config.write_text(config.replace('lock_ttl = "1s"', 'lock_ttl = "3s"'))
+    # long enough that the leases are still live when run-due starts on a loaded machine
+    # (at 3 s, a start that took longer found them expired and never waited)
+    rotator.config.write_text(config.replace('lock_ttl = "1s"', 'lock_ttl = "8s"'))
     killed = rotator("rotate", "prod", "a", "b", env={"ROTATOR_FAULT_KILL_AFTER": "issued"})
     assert killed.returncode == -signal.SIGKILL
     resumed = rotator("--log-level", "info", "run-due", "--json")
