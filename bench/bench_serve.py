@@ -2,25 +2,32 @@
 PostgreSQL journal, the simulator in its own process at 20 ms a call), in one run:
 
     .venv/bin/python -m bench.bench_serve [--credentials 10000] [--latency-ms 20] [--starts 2]
-        [--settle 15] [--idle 30] [--postgres]
+        [--settle 15] [--idle 30] [--tick 10s] [--postgres] [--before REV]
 
 Setup (not timed against the targets): the configuration lists N credentials; one
 ``rotator run-due`` gives each its first token with the simulator at 0 ms; then the simulator
-goes to ``--latency-ms``. Each start of ``rotator serve`` (``--starts``, on the same journal:
-the later ones are restarts) prints:
+goes to ``--latency-ms``. Each start of ``rotator serve`` runs on a fresh copy of that journal
+and backend, and prints:
 
 - *ready*: from the process's start until ``/readyz`` answers 200, and until a token read of a
-  credential picked at random also answers 200 (the target: both under 3 s); the version read
-  is checked against the journal's current one;
-- *settle CPU*: the CPU seconds the process used in the ``--settle`` seconds after ready
-  (loading what it loads after ready, the scheduler's first tick);
-- *idle CPU*: the share of one core over the next ``--idle`` seconds (utime + stime from
-  ``/proc/PID/stat``; the target: under 1%);
+  credential picked at random also answers 200 (the target: both under 3 s), with the CPU
+  seconds the process had used by then (less sensitive to other load than the wall time); the
+  version read is checked against the journal's current one;
+- *settle CPU*: the CPU seconds used in the ``--settle`` seconds after ready (what it reads after
+  ready, the scheduler's first tick);
+- *idle*: the share of one core over the next ``--idle`` seconds (utime + stime from
+  ``/proc/PID/stat``; the target: under 1%), with ``scheduler.tick`` as given (``--tick 1h``
+  leaves the scheduler out of the window);
 - *RSS* at the end of the idle window, and its peak (``VmHWM``; the target: under 200 MB idle).
 
+``--before REV``: the A/B in one run. The setup runs on REV's code (a worktree under ``.ab/``,
+as ``bench.ab`` makes), so both codes can open the journal (this checkout migrates its copy at
+start, which its first ready figure includes), and the starts alternate A (REV), B (this
+checkout), B, A, ...
+
 ``--postgres`` uses a fresh database on the server at 127.0.0.1:5432 (``ROTATOR_BENCH_PG``: an
-admin URL whose user may create databases). Runs on older commits too (``bench.ab
---same-script``): it only drives the command line and HTTP.
+admin URL whose user may create databases), copied per start with ``CREATE DATABASE ...
+TEMPLATE``.
 """
 
 from __future__ import annotations
@@ -30,13 +37,13 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -47,7 +54,8 @@ from rotator.crypto import generate_key
 
 CLIENT, SECRET = "bench-prod", "bench-prod-secret"
 PG_ADMIN = os.environ.get("ROTATOR_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
-TICK_S = os.sysconf("SC_CLK_TCK")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
@@ -56,28 +64,42 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@contextlib.contextmanager
-def journal_url(folder: Path, postgres: bool) -> Iterator[str]:
-    if not postgres:
-        yield f"sqlite:///{folder / 'journal.db'}"
-        return
-    import psycopg
+class Journals:
+    """Where each copy's journal lives: files in its folder, or PostgreSQL databases."""
 
-    name = f"rotator_bench_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
-    try:
-        yield f"{base}/{name}"
-    finally:
+    def __init__(self, postgres: bool) -> None:
+        self.postgres = postgres
+        self.made: list[str] = []
+
+    def url(self, folder: Path, template: str | None = None) -> str:
+        if not self.postgres:
+            return "sqlite:///journal.db"  # relative to the folder: a copied folder is a copy
+        import psycopg
+
+        name = f"rotator_bench_{uuid.uuid4().hex[:10]}"
         with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            copy = f' TEMPLATE "{template}"' if template else ""
+            admin.execute(f'CREATE DATABASE "{name}"{copy}')
+        self.made.append(name)
+        base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
+        return f"{base}/{name}"
+
+    def drop_all(self) -> None:
+        if not self.postgres:
+            return
+        import psycopg
+
+        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+            for name in self.made:
+                admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def write_config(folder: Path, journal: str, url: str, count: int) -> Path:
+def write_config(folder: Path, journal: str, url: str, count: int, tick: str) -> Path:
     lines = [
         "[journal]",
         f'url = "{journal}"',
+        "[scheduler]",
+        f'tick = "{tick}"',
         "[logging]",
         'level = "warning"',
         "[environments.prod]",
@@ -106,6 +128,11 @@ def write_config(folder: Path, journal: str, url: str, count: int) -> Path:
     return path
 
 
+def python_env(env: dict[str, str], tree: Path) -> dict[str, str]:
+    """``env`` running ``tree``'s code (its modules first on the path)."""
+    return {**env, "PYTHONPATH": str(tree)}
+
+
 def rotator(env: dict[str, str], cwd: Path, *args: str) -> str:
     out = subprocess.run(
         [sys.executable, "-m", "rotator", *args], env=env, cwd=cwd, capture_output=True
@@ -117,7 +144,7 @@ def rotator(env: dict[str, str], cwd: Path, *args: str) -> str:
 
 def cpu_s(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK_S  # utime, stime
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
 
 
 def memory_mb(pid: int) -> tuple[float, float]:
@@ -130,7 +157,9 @@ def memory_mb(pid: int) -> tuple[float, float]:
     return found["VmRSS"], found["VmHWM"]
 
 
-def current_versions(url: str) -> dict[str, str | None]:
+def current_versions(url: str, folder: Path) -> dict[str, str | None]:
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        url = f"sqlite:///{folder / url.removeprefix('sqlite:///')}"
     engine = sa.create_engine(url)
     try:
         with engine.connect() as conn:
@@ -142,11 +171,13 @@ def current_versions(url: str) -> dict[str, str | None]:
         engine.dispose()
 
 
-def start_serve(folder: Path, env: dict[str, str], url: str, count: int) -> dict[str, float]:
+def start_serve(
+    folder: Path, env: dict[str, str], url: str, args: argparse.Namespace
+) -> dict[str, float]:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    versions = current_versions(url)
-    name = f"c{random.randrange(count):05d}"
+    versions = current_versions(url, folder)
+    name = f"c{random.randrange(args.credentials):05d}"
     started = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-m", "rotator", "serve", "--port", str(port)],
@@ -157,11 +188,11 @@ def start_serve(folder: Path, env: dict[str, str], url: str, count: int) -> dict
     )
     figures: dict[str, float] = {}
     try:
-        with httpx.Client(timeout=30) as http:
+        with httpx.Client(timeout=60) as http:
             while "read" not in figures:
                 if proc.poll() is not None:
                     raise SystemExit(f"rotator serve exited {proc.returncode}: see serve.log")
-                try:
+                with contextlib.suppress(httpx.TransportError):
                     if "readyz" not in figures and http.get(f"{base}/readyz").status_code == 200:
                         figures["readyz"] = time.perf_counter() - started
                     if "readyz" in figures:
@@ -171,20 +202,17 @@ def start_serve(folder: Path, env: dict[str, str], url: str, count: int) -> dict
                         )
                         if got.status_code == 200:
                             figures["read"] = time.perf_counter() - started
+                            figures["ready_cpu"] = cpu_s(proc.pid)
                             if got.json()["version"] != versions[name]:
                                 raise SystemExit(f"served a version of {name} not current")
-                except httpx.TransportError:
-                    pass
                 time.sleep(0.02)
-        ready_cpu = cpu_s(proc.pid)
-        time.sleep(args_settle)
+        time.sleep(args.settle)
         settled = cpu_s(proc.pid)
-        figures["settle_cpu"] = settled - ready_cpu
+        figures["settle_cpu"] = settled - figures["ready_cpu"]
         window_start = time.perf_counter()
-        time.sleep(args_idle)
-        figures["idle_pct"] = (
-            100 * (cpu_s(proc.pid) - settled) / (time.perf_counter() - window_start)
-        )
+        time.sleep(args.idle)
+        used = cpu_s(proc.pid) - settled
+        figures["idle_pct"] = 100 * used / (time.perf_counter() - window_start)
         figures["rss"], figures["hwm"] = memory_mb(proc.pid)
     finally:
         proc.terminate()
@@ -196,62 +224,82 @@ def start_serve(folder: Path, env: dict[str, str], url: str, count: int) -> dict
     return figures
 
 
-args_settle = 15.0
-args_idle = 30.0
-
-
 def main() -> None:
-    global args_settle, args_idle
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--credentials", type=int, default=10_000)
     parser.add_argument("--latency-ms", type=float, default=20.0)
-    parser.add_argument("--starts", type=int, default=2)
+    parser.add_argument("--starts", type=int, default=2, help="starts of each code")
     parser.add_argument("--settle", type=float, default=15.0)
     parser.add_argument("--idle", type=float, default=30.0)
+    parser.add_argument("--tick", default="10s", help="scheduler.tick (the default: 10s)")
     parser.add_argument("--postgres", action="store_true")
+    parser.add_argument("--before", help="the older commit: an A/B in one run")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    args_settle, args_idle = args.settle, args.idle
+    trees = {"B": ROOT}
+    if args.before:
+        from bench.ab import worktree
+
+        trees = {"A": worktree(args.before), "B": ROOT}
+    setup_tree = trees.get("A", ROOT)
+    journals = Journals(args.postgres)
     port = free_port()
-    with (
-        tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp,
-        simulator(port, 0, f"{CLIENT}:{SECRET}") as sim_url,
-        journal_url(Path(tmp), args.postgres) as url,
-    ):
-        folder = Path(tmp)
-        config = write_config(folder, url, sim_url, args.credentials)
-        env = {
-            **os.environ,
-            "ROTATOR_CONFIG": str(config),
-            "BENCH_SEAL": generate_key(),
-            "BENCH_SECRET": SECRET,
-        }
-        began = time.perf_counter()
-        rotator(env, folder, "run-due", "--json")
-        held = sum(v is not None for v in current_versions(url).values())
-        env["BENCH_KEY"] = json.loads(
-            rotator(env, folder, "keys", "create", "prod", "--name", "bench", "--json")
-        )["key"]
-        httpx.patch(f"{sim_url}/_sim/options", json={"latency_ms": args.latency_ms})
-        journal = "PostgreSQL" if args.postgres else "SQLite"
-        print(
-            f"{args.credentials} credentials ({held} with a token; first tokens "
-            f"{time.perf_counter() - began:.1f} s), {journal} journal, file backend, "
-            f"simulator {args.latency_ms:.0f} ms a call"
-        )
-        results = []
-        for n in range(args.starts):
-            f = start_serve(folder, env, url, args.credentials)
-            results.append(f)
+    try:
+        with (
+            tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp,
+            simulator(port, 0, f"{CLIENT}:{SECRET}") as sim_url,
+        ):
+            template = Path(tmp) / "template"
+            template.mkdir()
+            url = journals.url(template)
+            write_config(template, url, sim_url, args.credentials, args.tick)
+            env = {
+                **os.environ,
+                "ROTATOR_CONFIG": "rotator.toml",
+                "BENCH_SEAL": generate_key(),
+                "BENCH_SECRET": SECRET,
+            }
+            began = time.perf_counter()
+            rotator(python_env(env, setup_tree), template, "run-due", "--json")
+            held = sum(v is not None for v in current_versions(url, template).values())
+            env["BENCH_KEY"] = json.loads(
+                rotator(
+                    python_env(env, setup_tree),
+                    template,
+                    *("keys", "create", "prod", "--name", "bench", "--json"),
+                )
+            )["key"]
+            httpx.patch(f"{sim_url}/_sim/options", json={"latency_ms": args.latency_ms})
             print(
-                f"  start {n + 1}: ready {f['readyz']:5.2f} s (/readyz), {f['read']:5.2f} s "
-                f"(token read)   settle CPU {f['settle_cpu']:5.2f} s in {args.settle:g} s   "
-                f"idle {f['idle_pct']:5.2f}% of a core over {args.idle:g} s   "
-                f"RSS {f['rss']:5.0f} MB (peak {f['hwm']:.0f} MB)",
+                f"{args.credentials} credentials ({held} with a token; first tokens "
+                f"{time.perf_counter() - began:.1f} s), "
+                f"{'PostgreSQL' if args.postgres else 'SQLite'} journal, file backend, "
+                f"simulator {args.latency_ms:.0f} ms a call, scheduler.tick {args.tick}",
                 flush=True,
             )
-        if args.json:
-            print(json.dumps(results))
+            order = list(trees)
+            results: list[dict[str, object]] = []
+            for n in range(args.starts):
+                for label in order if n % 2 == 0 else reversed(order):
+                    folder = Path(tmp) / f"{label}-{n}"
+                    shutil.copytree(template, folder)
+                    copy = journals.url(folder, url.rsplit("/", 1)[1]) if args.postgres else url
+                    write_config(folder, copy, sim_url, args.credentials, args.tick)
+                    f = start_serve(folder, python_env(env, trees[label]), copy, args)
+                    results.append({"code": label, **f})
+                    print(
+                        f"  {label} start {n + 1}: ready {f['readyz']:5.2f} s /readyz, "
+                        f"{f['read']:5.2f} s token read ({f['ready_cpu']:4.2f} s CPU)   "
+                        f"settle CPU {f['settle_cpu']:5.2f} s in {args.settle:g} s   "
+                        f"idle {f['idle_pct']:5.2f}% of a core over {args.idle:g} s   "
+                        f"RSS {f['rss']:4.0f} MB (peak {f['hwm']:.0f} MB)",
+                        flush=True,
+                    )
+                    shutil.rmtree(folder, ignore_errors=True)
+            if args.json:
+                print(json.dumps(results))
+    finally:
+        journals.drop_all()
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ class ReplicaFeed:
         self._named: set[Key] = set()
         self._full = False
         self._marks: deque[tuple[float, int, int]] = deque()
-        """PostgreSQL: (when, last change number, last drop) at each safety poll."""
+        """PostgreSQL: (when, last change number, last drop) at start and each safety poll."""
         self._wake = asyncio.Event()
         self.polls = 0
         self.rows_read = 0
@@ -118,6 +118,7 @@ class ReplicaFeed:
             drops = self._drops(s, 0)
         self._key_mark = (marker[2], marker[3])
         self._apply(states, drops, initial=True)
+        self._marks.append((time.monotonic(), self._last_seq, self._last_drop))
 
     # --- reading (a worker thread) ------------------------------------------------------------
 
