@@ -65,6 +65,27 @@ class JournalGauges(Collector):
         self.journal = journal
         self.probes = probes
 
+    NAMES = (
+        "rotator_token_age_seconds",
+        "rotator_token_expires_in_seconds",
+        "rotator_token_expiry_timestamp_seconds",
+        "rotator_last_rotation_success_timestamp_seconds",
+        "rotator_token_expiry_warning_seconds",
+        "rotator_credential_attention",
+        "rotator_credential_failing",
+        "rotator_webhook_queue_depth",
+        "rotator_readers_on_old_version",
+        "rotator_backends_agree",
+    )
+    """Every family :meth:`collect` may yield."""
+
+    def describe(self) -> Iterator[Metric]:
+        """The families' names alone: registering the collector must not read the journal (a
+        registry with ``auto_describe`` calls :meth:`collect` otherwise, every credential's
+        state before ``serve`` is ready)."""
+        for name in self.NAMES:
+            yield GaugeMetricFamily(name, name)
+
     def collect(self) -> Iterator[Metric]:
         cred = ["environment", "credential"]
 

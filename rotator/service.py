@@ -82,9 +82,14 @@ async def due_work(
 
     # where configured, a grace period ends once every recent reader has the new version
     await asyncio.to_thread(end_grace_early, runtime.config, runtime.journal)
+    # on a worker thread: at 10,000 credentials a plan takes most of a second of CPU, which
+    # would stall every API request of `serve` meanwhile (its first tick comes as it starts)
+    items = await asyncio.to_thread(
+        plan, runtime.config, runtime.journal, clock.now(), environments=environments
+    )
     return [
         Work(i.environment, i.credential, i.reason)
-        for i in plan(runtime.config, runtime.journal, clock.now(), environments=environments)
+        for i in items
         if i.is_due and i.environment in runtime.environments
     ]
 

@@ -151,6 +151,8 @@ def build_app(runtime: Runtime) -> ApiApp:
 
         tasks = [
             asyncio.ensure_future(feed.run()),
+            # token bodies after start, not before ready (reads load what is not warm yet)
+            asyncio.ensure_future(state.cache.warm(feed.versions(), state.credentials)),
             asyncio.ensure_future(
                 _every(
                     settings.readers.flush_interval.total_seconds(),

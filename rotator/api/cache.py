@@ -16,6 +16,10 @@ read is a dict lookup and one ``send``. Entries change in three ways:
 A miss reads the environment's primary backend on a worker thread, one load per credential at
 a time. Entries only move forward: versions are time-ordered ids, so a slow load never replaces
 a newer value. Long-polls wait on :meth:`TokenCache.wait_change`.
+
+Nothing is read before the API is ready: :meth:`TokenCache.warm` reads the credentials the
+journal names a current version for after start, a chunk at a time on one worker thread, while
+reads of credentials not warmed yet load them on demand.
 """
 
 from __future__ import annotations
@@ -29,21 +33,26 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import structlog
+from sqlalchemy import select
 
 from rotator.aio import within
+from rotator.journal.schema import CredentialState
 from rotator.model import Stage, StoredVersion, utcnow
 from rotator.rotation.drops import record_drop
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
     from datetime import datetime
 
+    from backends.base import Backend
     from rotator.journal import Journal
     from rotator.rotation.runtime import Runtime
 
 log = structlog.get_logger("rotator.api.cache")
 
 CacheKey = tuple[str, str]
+WARM_CHUNK = 64
+"""Credentials read per worker-thread call of the warm-up."""
 _CACHES: weakref.WeakSet[TokenCache] = weakref.WeakSet()
 
 
@@ -209,6 +218,42 @@ class TokenCache:
         self.put(render(version, rotated_at))
         return self.entries.get((env, cred))
 
+    async def warm(
+        self, versions: Mapping[CacheKey, str | None], served: Mapping[str, frozenset[str]]
+    ) -> int:
+        """Read the current version of every served credential the journal names one for and
+        that is not cached yet, :data:`WARM_CHUNK` at a time on one worker thread (reads and
+        promotions go on meanwhile: entries only move forward). Returns how many were cached.
+        A backend that fails stops the warm-up of its environment: reads load on demand."""
+        todo: dict[str, list[str]] = {}
+        for (env, cred), current in versions.items():
+            if current is None or cred not in served.get(env, ()) or (env, cred) in self.entries:
+                continue
+            todo.setdefault(env, []).append(cred)
+        cached = 0
+        for env, creds in todo.items():
+            if env not in self.runtime.environments:
+                continue
+            primary = self.runtime.environments[env].primary
+            rotated = await asyncio.to_thread(_rotated_at, self.runtime.journal, env)
+            for start in range(0, len(creds), WARM_CHUNK):
+                chunk = creds[start : start + WARM_CHUNK]
+                part = [c for c in chunk if (env, c) not in self.entries]
+                try:
+                    found = await asyncio.to_thread(_read_current, primary, part)
+                except Exception as exc:  # noqa: BLE001 - reads load on demand, and say so
+                    if self.on_backend_error is not None:
+                        self.on_backend_error(env, primary.name)
+                    log.warning("cache.warm_failed", environment=env, error=type(exc).__name__)
+                    break
+                for version in found:
+                    if version is None or version.version_id in self.dropped:
+                        continue
+                    journal = rotated.get(version.credential)
+                    at = journal[1] if journal and journal[0] == version.version_id else None
+                    cached += self.put(render(version, at))
+        return cached
+
     def reload(self, env: str, cred: str) -> None:
         """Re-read a credential in the background (the feed saw it change)."""
         if self.loop is None or env not in self.runtime.environments:
@@ -263,6 +308,23 @@ class TokenCache:
                 waiters = self._waiters.get(key)
                 if waiters and fut in waiters:
                     waiters.remove(fut)
+
+
+def _read_current(primary: Backend, names: list[str]) -> list[StoredVersion | None]:
+    return [primary.read(name, Stage.CURRENT) for name in names]
+
+
+def _rotated_at(journal: Journal, env: str) -> dict[str, tuple[str | None, datetime | None]]:
+    """credential -> (current version, rotated at) of ``env``, in one query."""
+    with journal.reader() as s:
+        rows = s.execute(
+            select(
+                CredentialState.credential,
+                CredentialState.current_version_id,
+                CredentialState.rotated_at,
+            ).where(CredentialState.environment == env)
+        )
+        return {cred: (vid, at) for cred, vid, at in rows}
 
 
 def drop_everywhere(journal: Journal, env: str, cred: str, version_id: str) -> None:

@@ -16,6 +16,7 @@ from enum import StrEnum, nonmember
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     DateTime,
     Index,
     Integer,
@@ -138,6 +139,9 @@ class CredentialState(Base):
     unaccounted: Mapped[int] = mapped_column(Integer, server_default="0")
     """Open entries in ``unaccounted_tokens`` (tokens Makini may have issued that no backend
     holds)."""
+    change_seq: Mapped[int | None] = mapped_column(BigInteger, index=True)
+    """Set by a trigger whenever ``current_version_id`` changes (migration 0007): readers ask
+    only for the rows above the highest number they have seen (``rotator.api.feed``)."""
 
 
 class AuditEntry(Base):
