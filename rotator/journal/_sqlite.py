@@ -32,7 +32,8 @@ from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.orm import Session
 
 from rotator.errors import JournalError
-from rotator.journal.schema import AuditEntry, CredentialState, Lock, Rotation, Step, UTCDateTime
+from rotator.journal.rows import Step
+from rotator.journal.schema import AuditEntry, CredentialState, Lock, Rotation, UTCDateTime
 
 try:
     import fcntl

@@ -27,15 +27,13 @@ from sqlalchemy.exc import DatabaseError, SQLAlchemyError
 
 from rotator.errors import JournalError
 from rotator.journal._sqlite import WRITER_FLAG
+from rotator.journal.rows import HEAD, REVISIONS
 
 try:
     import fcntl
 except ImportError:  # not POSIX: SQLite's own write lock alone orders the migrators
     fcntl = None  # type: ignore[assignment]
 
-REVISIONS = ("0001", "0002", "0003", "0004", "0005", "0006", "0007")
-"""Every revision this release knows, oldest first (a test checks them against the scripts)."""
-HEAD = REVISIONS[-1]
 SCRIPTS = Path(__file__).parent / "migrations"
 _PG_LOCK = 726354102
 """The advisory lock key every migrating process takes (any constant no other lock uses)."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from enum import StrEnum, nonmember
 from typing import Any
 
 from sqlalchemy import (
@@ -28,6 +27,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from rotator.journal.rows import Step
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -52,30 +53,6 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 class Base(DeclarativeBase):
     pass
-
-
-class Step(StrEnum):
-    """Where a rotation stands. Open steps are resumed; terminal ones are history.
-
-    The journal stores the value (``rotations.step``), so a member compares equal to what a
-    row holds."""
-
-    STARTED = "started"  # row written, Makini not yet asked (or asked and crashed)
-    ISSUED = "issued"  # new token sealed in the journal
-    STAGED = "staged"  # pending in every backend
-    VERIFIED = "verified"  # Makini accepted it for the right connection
-    PROMOTED = "promoted"  # current everywhere; sealed copy dropped; waiting to retire the old
-    RETIRING = "retiring"  # the old pair sealed here, to revoke it at Makini once unreadable
-    DONE = "done"  # old version retired
-    ROLLED_BACK = "rolled_back"  # verify rejected the new token; pending removed
-    FAILED = "failed"  # stopped; needs a person (see error)
-    SUPERSEDED = "superseded"  # pre-empted by a revoke
-
-    OPEN = nonmember((STARTED, ISSUED, STAGED, VERIFIED, PROMOTED, RETIRING))
-    IN_FLIGHT = nonmember((STARTED, ISSUED, STAGED, VERIFIED, PROMOTED))
-    """What an emergency revoke supersedes: a *retiring* rotation only concerns the old
-    version, and finishes after the revoke (its sealed pair is the old one, to revoke)."""
-    TERMINAL = nonmember((DONE, ROLLED_BACK, FAILED, SUPERSEDED))
 
 
 class Rotation(Base):

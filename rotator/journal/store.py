@@ -55,6 +55,7 @@ from rotator.journal._sqlite import (
     prepare_file,
     sqlite_file,
 )
+from rotator.journal.rows import Step
 from rotator.journal.schema import (
     AuditEntry,
     Base,
@@ -62,7 +63,6 @@ from rotator.journal.schema import (
     Lock,
     RevokeRecord,
     Rotation,
-    Step,
 )
 
 if TYPE_CHECKING:
