@@ -14,14 +14,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from sqlalchemy import select
-
-from rotator.journal import Journal, Step
-from rotator.journal.schema import ReaderKey, ReaderRead
+from rotator.journal.rows import Step
 from rotator.model import utcnow
-from rotator.settings import Config
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from rotator.journal import Journal
+    from rotator.settings import Config
 
 ReadKey = tuple[str, str, str, str]
 """(key id, environment, credential, version id)"""
@@ -65,6 +67,8 @@ def write_batch(journal: Journal, batch: dict[ReadKey, list[Any]]) -> None:
     """Upsert a batch of reads (one statement per row, one transaction)."""
     if not batch:
         return
+    from rotator.journal.schema import ReaderRead
+
     insert = journal.dialect_insert
     with journal.session("record reads") as s:
         for (key_id, env, cred, version), (first, last, count, name) in batch.items():
@@ -111,6 +115,23 @@ Activity = dict[tuple[str, str], dict[str, tuple[ReaderView, set[str]]]]
 """(environment, credential) → key id → (its latest read, every version it read)"""
 
 
+class Read(Protocol):
+    """A row of ``reader_reads``, as :func:`fold` reads it."""
+
+    @property
+    def key_id(self) -> str: ...
+    @property
+    def key_name(self) -> str: ...
+    @property
+    def environment(self) -> str: ...
+    @property
+    def credential(self) -> str: ...
+    @property
+    def version_id(self) -> str: ...
+    @property
+    def last_at(self) -> datetime: ...
+
+
 def activity(
     journal: Journal,
     *,
@@ -120,6 +141,10 @@ def activity(
     cred: str | None = None,
 ) -> Activity:
     """What live keys read within ``window`` (of one credential, or of all)."""
+    from sqlalchemy import select
+
+    from rotator.journal.schema import ReaderKey, ReaderRead
+
     since = (now or utcnow()) - window
     q = (
         select(ReaderRead)
@@ -129,13 +154,19 @@ def activity(
     )
     if env is not None and cred is not None:
         q = q.where(ReaderRead.environment == env, ReaderRead.credential == cred)
-    out: Activity = {}
     with journal.reader() as s:
-        for r in s.scalars(q):
-            readers = out.setdefault((r.environment, r.credential), {})
-            seen = readers[r.key_id][1] if r.key_id in readers else set()
-            seen.add(r.version_id)
-            readers[r.key_id] = (ReaderView(r.key_id, r.key_name, r.version_id, r.last_at), seen)
+        return fold(s.scalars(q))
+
+
+def fold(reads: Iterable[Read]) -> Activity:
+    """Activity from the reads of live keys, oldest first (``rotator.journal.snapshot`` reads
+    them for ``status``)."""
+    out: Activity = {}
+    for r in reads:
+        readers = out.setdefault((r.environment, r.credential), {})
+        seen = readers[r.key_id][1] if r.key_id in readers else set()
+        seen.add(r.version_id)
+        readers[r.key_id] = (ReaderView(r.key_id, r.key_name, r.version_id, r.last_at), seen)
     return out
 
 

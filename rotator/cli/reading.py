@@ -38,13 +38,19 @@ def status(
     cfg = command_config()
     if environment:
         cfg.environment(environment)
+    from rotator.rotation.status import read_status
 
-    async def work(rt: Runtime) -> list[CredentialStatus]:
-        from rotator.rotation.status import collect
+    # the journal and the backends alone; the whole runtime where the journal cannot be read
+    # without it (PostgreSQL, a journal to create or migrate, an error to report)
+    rows = read_status(cfg, environment)
+    if rows is None:
 
-        return await collect(rt, environment)
+        async def work(rt: Runtime) -> list[CredentialStatus]:
+            from rotator.rotation.status import collect
 
-    rows = run_command(with_runtime(cfg, work, [environment] if environment else None))
+            return await collect(rt, environment)
+
+        rows = run_command(with_runtime(cfg, work, [environment] if environment else None))
     render.status(rows, json_out)
     if any(not r.healthy for r in rows):
         raise typer.Exit(3)

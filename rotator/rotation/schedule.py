@@ -8,11 +8,16 @@ the credential and its last rotation (a hash), so every replica and every restar
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
-from rotator.journal import CredentialState, Journal, Rotation, Step
+from rotator.journal.rows import RotationView, StateView, Step
 from rotator.settings import Config, CredentialSettings, EnvironmentSettings, Schedule
+
+if TYPE_CHECKING:
+    from rotator.journal import Journal
 
 RESUME = "resume"
 RETIRE = "retire"
@@ -86,12 +91,12 @@ def plan_credential(
     env_name: str,
     env: EnvironmentSettings,
     cred: CredentialSettings,
-    state: CredentialState | None,
-    open_rotation: Rotation | None,
+    state: StateView | None,
+    open_rotation: RotationView | None,
     now: datetime,
     retry_after_failure: timedelta,
     *,
-    open_revoke: Rotation | None = None,
+    open_revoke: RotationView | None = None,
 ) -> PlanItem:
     schedule = env.schedule_for(cred)
 
@@ -186,9 +191,29 @@ def plan(
     retry_after_failure: timedelta | None = None,
 ) -> list[PlanItem]:
     """Every credential of the chosen environments with what is due for it."""
-    states = journal.states()
-    open_by_cred = {(r.environment, r.credential): r for r in journal.open_rotations()}
-    revokes = {(r.environment, r.credential): r for r in journal.open_revokes()}
+    return plan_from(
+        config,
+        journal.states(),
+        {(r.environment, r.credential): r for r in journal.open_rotations()},
+        {(r.environment, r.credential): r for r in journal.open_revokes()},
+        now,
+        environments=environments,
+        retry_after_failure=retry_after_failure,
+    )
+
+
+def plan_from(
+    config: Config,
+    states: Mapping[tuple[str, str], StateView],
+    open_rotations: Mapping[tuple[str, str], RotationView],
+    open_revokes: Mapping[tuple[str, str], RotationView],
+    now: datetime,
+    *,
+    environments: list[str] | None = None,
+    retry_after_failure: timedelta | None = None,
+) -> list[PlanItem]:
+    """:func:`plan` from journal rows already read: each credential's state, its latest open
+    rotation and its unfinished revoke, by (environment, credential)."""
     backoff = (
         retry_after_failure
         if retry_after_failure is not None
@@ -208,10 +233,10 @@ def plan(
                     env,
                     cred,
                     states.get(key),
-                    open_by_cred.get(key),
+                    open_rotations.get(key),
                     now,
                     backoff,
-                    open_revoke=revokes.get(key),
+                    open_revoke=open_revokes.get(key),
                 )
             )
     return items

@@ -1,19 +1,33 @@
-"""The state of every credential: what the journal knows, what each backend holds, what is next."""
+"""The state of every credential: what the journal knows, what each backend holds, what is next.
+
+:func:`collect` reads it through a live :class:`~rotator.rotation.runtime.Runtime`;
+:func:`read_status` (``rotator status``) opens only what status reads: the journal read as a
+snapshot with the database's own driver where it can be (see :mod:`rotator.journal.snapshot`)
+and the backends of the environments shown, not the Makini clients, the engine or the
+journal's engine. Both end in :func:`gather`, which reads each table once and each backend's
+current version of each credential once.
+"""
 
 from __future__ import annotations
 
-import asyncio
+import os
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
 
-from backends.base import Backend
 from rotator.errors import BackendError
-from rotator.journal import CredentialState, Lock, Rotation
+from rotator.journal.snapshot import Snapshot
 from rotator.model import Stage
-from rotator.readers import ReaderView, activity, stale_in
-from rotator.rotation.runtime import Runtime
-from rotator.rotation.schedule import PlanItem, human, plan
+from rotator.readers import Activity, ReaderView, stale_in
+from rotator.rotation.schedule import human, plan_from
+
+if TYPE_CHECKING:
+    from backends.base import Backend
+    from rotator.journal.rows import LockView
+    from rotator.rotation.runtime import Runtime
+    from rotator.settings import Config
 
 
 @dataclass(frozen=True)
@@ -103,36 +117,83 @@ def _current_id(backend: Backend, credential: str) -> str | None:
     return version.version_id if version else None
 
 
-async def collect(runtime: Runtime, environment: str | None = None) -> list[CredentialStatus]:
-    config = runtime.config
-    envs = [environment] if environment else list(runtime.environments)
-    for name in envs:
-        config.environment(name)
-    now = runtime.engine.clock.now()
-    items = plan(config, runtime.journal, now, environments=envs)
-    states = runtime.journal.states()
-    open_rot = {(r.environment, r.credential): r for r in runtime.journal.open_rotations()}
-    revokes = {(r.environment, r.credential): r for r in runtime.journal.open_revokes()}
+@dataclass(frozen=True)
+class Sources:
+    """What :func:`gather` reads: the configuration (with each environment's effective
+    credentials), the journal's rows, the readers' recent activity and the live backends of
+    the environments shown."""
+
+    config: Config
+    snapshot: Snapshot
+    activity: Activity
+    backends: Mapping[str, Sequence[Backend]]
+    lock_ttl: timedelta
+    now: datetime
+
+
+def _workers() -> int:
+    return min(32, (os.cpu_count() or 1) + 4)  # what asyncio.to_thread would use
+
+
+def current_ids(
+    backends: Mapping[str, Sequence[Backend]], keys: Sequence[tuple[str, str]]
+) -> list[dict[str, str | None]]:
+    """For each (environment, credential) of ``keys``, the current version id each backend of
+    its environment holds (``"error: ..."`` where a backend could not be read). The reads run
+    in a pool of threads, a share of one backend's credentials per task."""
+    names: dict[str, list[str]] = {}
+    for env, cred in keys:
+        names.setdefault(env, []).append(cred)
+    workers = _workers()
+    held: dict[tuple[str, int], list[str | None]] = {}
+    tasks: list[tuple[Backend, list[str], list[str | None], int]] = []
+    for env, creds in names.items():
+        share = max(1, -(-len(creds) // (workers * 4)))
+        for i, backend in enumerate(backends[env]):
+            ids = held[(env, i)] = [None] * len(creds)
+            for start in range(0, len(creds), share):
+                tasks.append((backend, creds[start : start + share], ids, start))
+
+    def run(backend: Backend, creds: list[str], ids: list[str | None], start: int) -> None:
+        for j, cred in enumerate(creds):
+            ids[start + j] = _current_id(backend, cred)
+
+    if len(tasks) == 1:
+        run(*tasks[0])
+    elif tasks:
+        with ThreadPoolExecutor(max_workers=min(workers, len(tasks))) as pool:
+            for future in [pool.submit(run, *task) for task in tasks]:
+                future.result()
+    out: list[dict[str, str | None]] = []
+    seen: dict[str, int] = {}
+    for env, _ in keys:
+        n = seen[env] = seen.get(env, -1) + 1
+        out.append({b.name: held[(env, i)][n] for i, b in enumerate(backends[env])})
+    return out
+
+
+def gather(src: Sources, environments: list[str]) -> list[CredentialStatus]:
+    """Every credential of ``environments`` (in the configuration's order) with its state."""
+    config, snap, now = src.config, src.snapshot, src.now
+    items = plan_from(
+        config, snap.states, snap.open_rotations, snap.open_revokes, now, environments=environments
+    )
     # a holder renews its leases every third of lock_ttl: one with less than a third left has
     # missed a heartbeat and more (it crashed, or it is stopped)
-    missed = runtime.journal.lock_ttl / 3
-    stalled = {
-        lock.name: lock for lock in runtime.journal.locks() if lock.expires_at - now < missed
+    missed = src.lock_ttl / 3
+    stalled = {lock.name: lock for lock in snap.locks if lock.expires_at - now < missed}
+    held_by = current_ids(src.backends, [(i.environment, i.credential) for i in items])
+    settings = {
+        name: {c.name: c for c in config.environments[name].credentials} for name in environments
     }
-
-    async def one(env: str, cred: str) -> dict[str, str | None]:
-        rt = runtime.environments[env]
-        ids = await asyncio.gather(*(asyncio.to_thread(_current_id, b, cred) for b in rt.backends))
-        return {b.name: vid for b, vid in zip(rt.backends, ids, strict=True)}
-
-    per_backend = await asyncio.gather(*(one(i.environment, i.credential) for i in items))
-    stale = await asyncio.to_thread(_stale_readers, runtime, items, states)
     out = []
-    for item, held in zip(items, per_backend, strict=True):
-        env = config.environments[item.environment]
-        cred = env.credential(item.credential, item.environment)
-        state = states.get((item.environment, item.credential))
-        rot = open_rot.get((item.environment, item.credential))
+    for item, held in zip(items, held_by, strict=True):
+        key = (item.environment, item.credential)
+        cred = settings[item.environment][item.credential]
+        state = snap.states.get(key)
+        rot = snap.open_rotations.get(key)
+        revoke = snap.open_revokes.get(key)
+        views = stale_in(src.activity.get(key, {}), state.current_version_id if state else None)
         out.append(
             CredentialStatus(
                 environment=item.environment,
@@ -150,8 +211,8 @@ async def collect(runtime: Runtime, environment: str | None = None) -> list[Cred
                 attention=state.attention if state else None,
                 open_step=rot.step if rot else None,
                 backends=held,
-                stale_readers=stale.get((item.environment, item.credential), ()),
-                open_revoke=_revoke_step(revokes, item.environment, item.credential),
+                stale_readers=tuple(views),
+                open_revoke=revoke.step if revoke is not None else None,
                 stalled_lease=_stalled(stalled, item.environment, item.credential, now)
                 if item.is_due
                 else None,
@@ -161,7 +222,90 @@ async def collect(runtime: Runtime, environment: str | None = None) -> list[Cred
     return out
 
 
-def _stalled(locks: dict[str, Lock], env: str, cred: str, now: datetime) -> str | None:
+async def collect(runtime: Runtime, environment: str | None = None) -> list[CredentialStatus]:
+    """Every credential's status, read through the live ``runtime`` (of ``environment`` or of
+    every environment it holds)."""
+    import asyncio
+
+    from rotator.journal.snapshot import of_journal
+    from rotator.readers import activity
+
+    config = runtime.config
+    envs = [environment] if environment else list(runtime.environments)
+    for name in envs:
+        config.environment(name)
+
+    def read() -> list[CredentialStatus]:
+        journal = runtime.journal
+        src = Sources(
+            config=config,
+            snapshot=of_journal(journal),
+            activity=activity(journal, window=config.api.readers.active_window),
+            backends={name: runtime.environments[name].backends for name in envs},
+            lock_ttl=journal.lock_ttl,
+            now=runtime.engine.clock.now(),
+        )
+        return gather(src, envs)
+
+    return await asyncio.to_thread(read)
+
+
+def read_status(config: Config, environment: str | None = None) -> list[CredentialStatus] | None:
+    """``rotator status`` without a runtime: the journal's snapshot, the effective credentials
+    (configured, and discovered where the journal holds discovered connections), and the
+    backends of the environments shown, closed on the way out. ``None`` where the journal
+    cannot be read that way (see :func:`rotator.journal.snapshot.read`): open the runtime and
+    :func:`collect`. Raises ConfigError for keys shared across environments, as a runtime
+    does, and for a backend that cannot be opened."""
+    import backends as registry
+    from rotator.apart import refuse_shared_keys
+    from rotator.clock import SYSTEM
+    from rotator.journal import snapshot
+    from rotator.readers import fold
+
+    envs = [environment] if environment else list(config.environments)
+    refuse_shared_keys(config)
+    now = SYSTEM.now()
+    snap = snapshot.read(
+        config.journal.url, since=now - config.api.readers.active_window, environments=envs
+    )
+    if snap is None:
+        return None
+    for name in envs:
+        if snap.discovered.get(name):  # the credentials discovery enrolled join the configured
+            from rotator.rotation import discovery
+
+            known = [discovery.Known(*_fields(r)) for r in snap.discovered[name]]
+            config.environments[name] = discovery.effective(config.environments[name], known)
+    opened: dict[str, list[Backend]] = {}
+    try:
+        for name in envs:
+            opened[name] = []
+            for settings in config.environments[name].backend_settings:
+                opened[name].append(registry.build(settings, name))
+        src = Sources(
+            config=config,
+            snapshot=snap,
+            activity=fold(snap.reads),
+            backends=opened,
+            lock_ttl=config.journal.lock_ttl,
+            now=now,
+        )
+        return gather(src, envs)
+    finally:
+        for built in opened.values():
+            for backend in built:
+                backend.close()
+
+
+def _fields(row: Any) -> tuple[Any, ...]:
+    return (
+        row.connection_id, row.credential, row.status, row.platform, row.company, row.name,
+        row.gone_at,
+    )  # fmt: skip
+
+
+def _stalled(locks: dict[str, LockView], env: str, cred: str, now: datetime) -> str | None:
     lock = locks.get(f"{env}/{cred}")
     if lock is None:
         return None
@@ -175,22 +319,3 @@ def _stalled(locks: dict[str, Lock], env: str, cred: str, now: datetime) -> str 
         "process crashed or is stopped mid-drive; once it expires another replica or the next "
         "`rotator run-due` takes the credential over from its last journaled step"
     )
-
-
-def _stale_readers(
-    runtime: Runtime, items: list[PlanItem], states: dict[tuple[str, str], CredentialState]
-) -> dict[tuple[str, str], tuple[ReaderView, ...]]:
-    found = activity(runtime.journal, window=runtime.config.api.readers.active_window)
-    out = {}
-    for item in items:
-        key = (item.environment, item.credential)
-        state = states.get(key)
-        views = stale_in(found.get(key, {}), state.current_version_id if state else None)
-        if views:
-            out[key] = tuple(views)
-    return out
-
-
-def _revoke_step(revokes: dict[tuple[str, str], Rotation], env: str, cred: str) -> str | None:
-    row = revokes.get((env, cred))
-    return row.step if row is not None else None
