@@ -164,12 +164,23 @@ def short_versions(ids: Iterable[str | None], least: int = 8) -> Callable[[str |
     end is random), ``least`` characters, more where two ids of the screen end alike. Every
     command that takes a version id accepts this form (:func:`expand_version`)."""
     known = {i for i in ids if i}
+    ends: dict[int, dict[str, int]] = {}  # length → ending → how many known ids end so
+
+    def others(vid: str, n: int) -> bool:
+        """Whether a known id other than ``vid`` ends with its last ``n`` characters."""
+        if n not in ends:
+            counts: dict[str, int] = {}
+            for o in known:
+                if len(o) >= n:
+                    counts[o[-n:]] = counts.get(o[-n:], 0) + 1
+            ends[n] = counts
+        return ends[n].get(vid[-n:], 0) > (1 if vid in known else 0)
 
     def show(vid: str | None) -> str:
         if not vid:
             return "-"
         n = min(least, len(vid))
-        while n < len(vid) and any(o != vid and o.endswith(vid[-n:]) for o in known):
+        while n < len(vid) and others(vid, n):
             n += 1
         return vid[-n:]
 

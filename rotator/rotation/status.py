@@ -25,6 +25,7 @@ from rotator.rotation.schedule import human, plan_from
 
 if TYPE_CHECKING:
     from backends.base import Backend
+    from rotator.clock import Clock
     from rotator.journal.rows import LockView
     from rotator.rotation.runtime import Runtime
     from rotator.settings import Config
@@ -250,13 +251,15 @@ async def collect(runtime: Runtime, environment: str | None = None) -> list[Cred
     return await asyncio.to_thread(read)
 
 
-def read_status(config: Config, environment: str | None = None) -> list[CredentialStatus] | None:
+def read_status(
+    config: Config, environment: str | None = None, *, clock: Clock | None = None
+) -> list[CredentialStatus] | None:
     """``rotator status`` without a runtime: the journal's snapshot, the effective credentials
     (configured, and discovered where the journal holds discovered connections), and the
     backends of the environments shown, closed on the way out. ``None`` where the journal
     cannot be read that way (see :func:`rotator.journal.snapshot.read`): open the runtime and
     :func:`collect`. Raises ConfigError for keys shared across environments, as a runtime
-    does, and for a backend that cannot be opened."""
+    does, and for a backend that cannot be opened. ``clock``: the system's unless given."""
     import backends as registry
     from rotator.apart import refuse_shared_keys
     from rotator.clock import SYSTEM
@@ -265,7 +268,7 @@ def read_status(config: Config, environment: str | None = None) -> list[Credenti
 
     envs = [environment] if environment else list(config.environments)
     refuse_shared_keys(config)
-    now = SYSTEM.now()
+    now = (clock or SYSTEM).now()
     snap = snapshot.read(
         config.journal.url, since=now - config.api.readers.active_window, environments=envs
     )
