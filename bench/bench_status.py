@@ -27,6 +27,8 @@ import uuid
 from datetime import timedelta
 from pathlib import Path
 
+from sqlalchemy import insert
+
 import backends
 import rotator
 from bench.bench_cli import run_once, write_config
@@ -71,8 +73,8 @@ def seed(config: Path, count: int) -> None:
         journal.transaction(
             "seed the benchmark",
             lambda conn: (
-                conn.execute(CredentialState.__table__.insert(), states),
-                conn.execute(Rotation.__table__.insert(), rotations),
+                conn.execute(insert(CredentialState), states),
+                conn.execute(insert(Rotation), rotations),
             ),
         )
     finally:
