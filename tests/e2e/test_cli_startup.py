@@ -1,10 +1,12 @@
-"""The light commands stay light: ``rotator --help``, ``keygen`` and ``get`` (file backend) run
-as a subprocess under ``python -X importtime``, and none of them may import the server's
-modules. Start-up time itself is measured by ``bench/bench_cli.py``, not asserted here: a
-heavy import that creeps back fails this test on any machine, however fast."""
+"""The light commands stay light: ``rotator --help``, ``keygen``, ``get`` and ``status`` (file
+backend, SQLite journal) run as a subprocess under ``python -X importtime``, and none of them
+may import the server's modules. Start-up time itself is measured by ``bench/bench_cli.py``,
+not asserted here: a heavy import that creeps back fails this test on any machine, however
+fast."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -112,6 +114,63 @@ def test_get_on_a_file_backend_reads_it_without_journal_makini_client_or_logging
     assert missing.returncode != 0
     assert "nope" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_status_reads_the_journal_and_the_backends_without_sqlalchemy_makini_or_the_server(
+    tmp_path: Path,
+) -> None:
+    text = config_toml(
+        "sqlite:///journal.db",
+        {
+            "prod": environment_table(
+                "http://127.0.0.1:9",  # status calls no Makini
+                "startup-prod",
+                credentials("acme-sap", "globex-fiix"),
+                sealing_env="STARTUP_SEAL",
+                secret_env="STARTUP_SECRET",
+                backends=[file_backend("files/prod", "keys/prod-file.key")],
+            )
+        },
+    )
+    config = tmp_path / "rotator.toml"
+    config.write_text(text)
+    env = {"ROTATOR_CONFIG": str(config), "STARTUP_SEAL": generate_key()}
+    import backends
+
+    cfg = load_config(config)
+    backend = backends.build(cfg.environment("prod").backend_settings[0], "prod")
+    try:
+        version = StoredVersion("prod", "acme-sap", new_version_id(), TokenPair(Secret("t" * 40)))
+        backend.stage_pending(version)
+        backend.promote("acme-sap", version.version_id)
+    finally:
+        backend.close()
+
+    # a journal that does not exist yet is the runtime's to create and migrate: the first
+    # status opens it (whatever it imports), the next ones only read it
+    first, _ = imported("status", "--json", env=env, cwd=tmp_path)
+    assert (tmp_path / "journal.db").exists()
+    proc, packages = imported("status", "--json", env=env, cwd=tmp_path)
+    assert packages & {*SERVER, "pydantic_settings", "alembic"} == set()
+    # the same rows and the same verdict as the runtime's: exit 3, neither credential has a
+    # token the journal knows (acme-sap's backend holds one the journal never recorded)
+    assert first.returncode == proc.returncode == 3, proc.stderr[-2000:]
+    rows = json.loads(proc.stdout)
+    due_now = [{**r, "next_at": None} for r in rows]  # "now", a moment later
+    assert due_now == [{**r, "next_at": None} for r in json.loads(first.stdout)]
+    assert [(r["credential"], r["next_action"]) for r in rows] == [
+        ("acme-sap", "rotate"),
+        ("globex-fiix", "rotate"),
+    ]
+    assert rows[0]["backends"] == {"file": version.version_id}
+    assert rows[0]["backends_agree"] is False  # the journal knows of no current version
+    assert rows[1]["backends"] == {"file": None} and rows[1]["backends_agree"] is True
+    assert "Traceback" not in proc.stderr
+
+    # an unknown environment is still named, exit non-zero, no traceback
+    unknown, _ = imported("status", "nope", env=env, cwd=tmp_path)
+    assert unknown.returncode not in (0, 3) and "nope" in unknown.stderr
+    assert "Traceback" not in unknown.stderr
 
 
 def test_the_consoles_made_at_first_use_drive_a_progress_bar_like_rich_ones() -> None:
