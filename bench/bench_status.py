@@ -7,9 +7,11 @@ The state is written beforehand, without Makini: each credential's token is stag
 in the file backend by the backend's own code, and the journal rows a rotation leaves (its
 credential state and its finished rotation) are written through the journal's schema in one
 transaction. What ``status`` then reads is read by its real code, in a subprocess (``python -m
-rotator status``), alternating with ``python -c pass``. Printed per size: the median wall time,
-the peak RSS, the rows shown and the exit code, and the time per credential (linear in N when it
-stays flat). The code measured is compiled to bytecode first (as ``bench_cli`` does).
+rotator status``, the table piped, then ``--json``), alternating with ``python -c pass``. Printed
+per size and output: the median wall time, the peak RSS, the time per 1,000 credentials
+(linear in N where it stays flat), the rows shown and the exit code. The code measured is
+compiled to bytecode first (as ``bench_cli`` does).
+
 Target (issue 18): under 2 s at 10,000 credentials, linear.
 """
 
@@ -93,10 +95,11 @@ def main() -> None:
     command = [sys.executable, "-m", "rotator", "status"]
     print(
         f"rotator status, median of {args.runs} runs each, alternating with `python -c pass`; "
-        "one environment, file backend, SQLite journal, every credential with a current token"
+        "one environment, file backend, SQLite journal, every credential with a current token; "
+        "the table piped (80 columns) and --json"
     )
-    print(f"  {'credentials':>11} {'wall':>8} {'peak RSS':>10} {'per 1,000':>10}   "
-          f"{'python -c pass':>9}   rows  exit")  # fmt: skip
+    print(f"  {'credentials':>11} {'output':>6} {'wall':>8} {'peak RSS':>10} {'per 1,000':>10}"
+          f"   {'python -c pass':>9}   rows  exit")  # fmt: skip
     for count in sizes:
         with tempfile.TemporaryDirectory(prefix="bench-status-") as tmp:
             folder = Path(tmp)
@@ -119,19 +122,21 @@ def main() -> None:
                 [*command, "--json"], env=env, cwd=folder, capture_output=True, text=True
             )
             rows = len(json.loads(shown.stdout)) if shown.stdout.strip() else 0
-            runs, bases = [], []
-            for _ in range(args.runs):
-                bases.append(run_once([sys.executable, "-c", "pass"], env, folder))
-                runs.append(run_once(command, env, folder))
-            wall = statistics.median(r[0] for r in runs)
-            rss = max(r[1] for r in runs)
-            base = statistics.median(b[0] for b in bases)
-            codes = sorted({r[2] for r in runs})
-            print(
-                f"  {count:>11,} {wall:6.2f} s {rss:7.1f} MB {wall / count * 1000:8.2f} s   "
-                f"{base:7.3f} s   {rows:>5}  {','.join(map(str, codes))}",
-                flush=True,
-            )
+            for label, extra in (("table", []), ("json", ["--json"])):
+                runs, bases = [], []
+                for _ in range(args.runs):
+                    bases.append(run_once([sys.executable, "-c", "pass"], env, folder))
+                    runs.append(run_once([*command, *extra], env, folder))
+                wall = statistics.median(r[0] for r in runs)
+                rss = max(r[1] for r in runs)
+                base = statistics.median(b[0] for b in bases)
+                codes = sorted({r[2] for r in runs})
+                print(
+                    f"  {count:>11,} {label:>6} {wall:6.2f} s {rss:7.1f} MB "
+                    f"{wall / count * 1000:8.2f} s   {base:7.3f} s   {rows:>5}  "
+                    f"{','.join(map(str, codes))}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":
