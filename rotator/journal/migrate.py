@@ -27,7 +27,8 @@ from sqlalchemy.exc import DatabaseError, SQLAlchemyError
 
 from rotator.errors import JournalError
 from rotator.journal._sqlite import WRITER_FLAG
-from rotator.journal.rows import HEAD, REVISIONS
+from rotator.journal.rows import HEAD as HEAD
+from rotator.journal.rows import REVISIONS as REVISIONS
 
 try:
     import fcntl
