@@ -48,13 +48,13 @@ from sqlalchemy.sql import Select
 
 from rotator.errors import LockBusy, RotatorError
 from rotator.faults import checkpoint
+from rotator.journal.rows import Step
 from rotator.journal.schema import (
     AuditEntry,
     CredentialState,
     ReaderRead,
     RevokeRecord,
     Rotation,
-    Step,
     UnaccountedToken,
     WebhookEvent,
 )
