@@ -11,8 +11,8 @@ imports, the configuration and the rows printed included) and, with ``--first-to
 first tokens of all of them as a CronJob gives them: ``rotator run-due`` as a subprocess (it
 discovers first, finds nothing new, and forks ``scheduler.processes`` workers sharing
 ``makini.max_concurrency``), beside the same run's lower bound: the Makini calls alone (issue
-+ verify per credential, the same client at the same concurrency). Targets (issue 18): discovery of 10,000 under 10 s; first tokens for 10,000
-under 60 s; ``status`` under 2 s.
++ verify per credential, the same client at the same concurrency). Targets (issue 18):
+discovery of 10,000 under 10 s; first tokens for 10,000 under 60 s; ``status`` under 2 s.
 """
 
 from __future__ import annotations
