@@ -168,6 +168,12 @@ class JournalGauges(Collector):
         self._aged: list[tuple[str, int]] = []
         self._lefts: list[tuple[str, int]] = []
         self._probe_text: dict[str, tuple[object, str]] = {}
+        self._per_key: dict[CredentialKey, tuple[CredentialFigures | None, _Lines]] = {}
+        name = "rotator_token_expiry_warning_seconds"
+        window = go_float(config.metrics.expiry_warning.total_seconds())
+        self._warning = _head(name, _DOCS[name]) + "".join(
+            f"{name}{self._labels[key]} {window}\n" for key in self.keys
+        )
 
     NAMES = tuple(_DOCS)
     """Every family :meth:`collect` may yield."""
@@ -277,14 +283,10 @@ class JournalGauges(Collector):
                 )
             aged, lefts, static = self._aged, self._lefts, self._static
         now_us = epoch_us(utcnow()) or 0
-        out = [_head("rotator_token_age_seconds", _DOCS["rotator_token_age_seconds"])]
-        out += [
-            f"rotator_token_age_seconds{lab} {go_float((now_us - at) / 1_000_000)}\n"
-            for lab, at in aged
-        ]
+        name = "rotator_token_age_seconds"
+        out = [_head(name, _DOCS[name]), *_relative(aged, now_us, -1)]
         name = "rotator_token_expires_in_seconds"
-        out.append(_head(name, _DOCS[name]))
-        out += [f"{name}{lab} {go_float((at - now_us) / 1_000_000)}\n" for lab, at in lefts]
+        out += [_head(name, _DOCS[name]), *_relative(lefts, now_us, 1)]
         out.append(static)
         depth = self._probe("webhook_depth", probes.webhook_depth)
         if depth is not None:
@@ -298,34 +300,56 @@ class JournalGauges(Collector):
         return "".join(out)
 
     def _rebuild(self, figures: Mapping[CredentialKey, CredentialFigures]) -> None:
-        window = go_float(self.config.metrics.expiry_warning.total_seconds())
-        expiry, rotated, warning, attention, failing = [], [], [], [], []
+        """The kept text, from ``figures``: a credential whose figures are the same object as at
+        the last rebuild keeps its lines (a promotion rewrites a credential's lines, not all)."""
+        expiry: list[str] = []
+        rotated: list[str] = []
+        attention: list[str] = []
+        failing: list[str] = []
         aged: list[tuple[str, int]] = []
         lefts: list[tuple[str, int]] = []
+        kept = self._per_key
+        fresh: dict[CredentialKey, tuple[CredentialFigures | None, _Lines]] = {}
         for key in self.keys:
-            lab = self._labels[key]
             fig = figures.get(key)
-            warning.append(f"{lab} {window}\n")
-            if fig is not None and fig.rotated_us is not None:
-                aged.append((lab, fig.rotated_us))
-                rotated.append(f"{lab} {go_float(fig.rotated_us / 1_000_000)}\n")
-            if fig is not None and fig.expires_us is not None:
-                lefts.append((lab, fig.expires_us))
-                expiry.append(f"{lab} {go_float(fig.expires_us / 1_000_000)}\n")
-            attention.append(f"{lab} {'1.0' if fig is not None and fig.attention else '0.0'}\n")
-            failing.append(f"{lab} {'1.0' if fig is not None and fig.failing else '0.0'}\n")
-        parts = []
-        for name, lines in (
-            ("rotator_token_expiry_timestamp_seconds", expiry),
-            ("rotator_last_rotation_success_timestamp_seconds", rotated),
-            ("rotator_token_expiry_warning_seconds", warning),
-            ("rotator_credential_attention", attention),
-            ("rotator_credential_failing", failing),
-        ):
-            parts.append(_head(name, _DOCS[name]))
-            parts += [name + line for line in lines]
+            old = kept.get(key)
+            lines = old[1] if old is not None and old[0] is fig else self._lines(key, fig)
+            fresh[key] = (fig, lines)
+            if lines.aged is not None:
+                aged.append(lines.aged)
+                rotated.append(lines.rotated)
+            if lines.left is not None:
+                lefts.append(lines.left)
+                expiry.append(lines.expiry)
+            attention.append(lines.attention)
+            failing.append(lines.failing)
+        self._per_key = fresh
+        parts = [_head(n, _DOCS[n]) for n in ("rotator_token_expiry_timestamp_seconds",)]
+        parts += expiry
+        name = "rotator_last_rotation_success_timestamp_seconds"
+        parts += [_head(name, _DOCS[name]), *rotated, self._warning]
+        name = "rotator_credential_attention"
+        parts += [_head(name, _DOCS[name]), *attention]
+        name = "rotator_credential_failing"
+        parts += [_head(name, _DOCS[name]), *failing]
         self._static = "".join(parts)
         self._aged, self._lefts = aged, lefts
+
+    def _lines(self, key: CredentialKey, fig: CredentialFigures | None) -> _Lines:
+        lab = self._labels[key]
+        lines = _Lines(
+            attention=f"rotator_credential_attention{lab} {_flag(fig, 'attention')}\n",
+            failing=f"rotator_credential_failing{lab} {_flag(fig, 'failing')}\n",
+        )
+        if fig is not None and fig.rotated_us is not None:
+            lines.aged = (f"rotator_token_age_seconds{lab} ", fig.rotated_us)
+            value = go_float(fig.rotated_us / 1_000_000)
+            lines.rotated = f"rotator_last_rotation_success_timestamp_seconds{lab} {value}\n"
+        if fig is not None and fig.expires_us is not None:
+            lines.left = (f"rotator_token_expires_in_seconds{lab} ", fig.expires_us)
+            value = go_float(fig.expires_us / 1_000_000)
+            lines.expiry = f"rotator_token_expiry_timestamp_seconds{lab} {value}\n"
+        return lines
 
     def _kept_text(
         self, slot: str, answer: Mapping[_K, _V], family: Callable[[Mapping[_K, _V]], Metric]
@@ -347,6 +371,33 @@ class JournalGauges(Collector):
         except Exception as exc:  # noqa: BLE001 - one probe down leaves the others reporting
             log.warning("metrics.probe_failed", probe=name, error=type(exc).__name__)
             return None
+
+
+@dataclass(slots=True)
+class _Lines:
+    """One credential's kept sample lines (and the prefixes and times of its relative ones)."""
+
+    attention: str
+    failing: str
+    aged: tuple[str, int] | None = None
+    rotated: str = ""
+    left: tuple[str, int] | None = None
+    expiry: str = ""
+
+
+def _flag(fig: CredentialFigures | None, field: str) -> str:
+    return "1.0" if fig is not None and getattr(fig, field) else "0.0"
+
+
+def _relative(rows: list[tuple[str, int]], now_us: int, sign: int) -> list[str]:
+    """Samples of seconds from now (``sign`` -1: since a time; 1: until it), formatted as
+    :func:`go_float` does: ``repr`` alone below 1e6, where Go's format is the same."""
+    lines: list[str] = []
+    append = lines.append
+    for prefix, at in rows:
+        value = sign * (at - now_us) / 1_000_000
+        append(f"{prefix}{repr(value) if value < 1e6 else go_float(value)}\n")
+    return lines
 
 
 class _One(Collector):

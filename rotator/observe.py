@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from sqlalchemy import func, select, text, tuple_
+from sqlalchemy import func, select, tuple_
 
 from rotator.errors import RotatorError
 from rotator.journal.schema import CredentialState, WebhookEvent
@@ -28,13 +28,13 @@ if TYPE_CHECKING:
 
 _READ_THREADS = 8
 
-_RAW = text(
+_RAW = (
     "SELECT environment, credential, current_version_id, rotated_at, expires_at, "
     "attention, last_error IS NOT NULL FROM credential_state"
 )
-"""Every credential's figures as the driver gives them: no type conversion, no ORM object (a
-scrape at 10,000 credentials reads them in about 15 ms); compared with the last read to find
-the rows that changed."""
+"""Every credential's figures as the driver gives them, on the session's own DB-API cursor: no
+type conversion, no row object, no ORM object (10,000 credentials in about 10 ms); compared
+with the last read to find the rows that changed."""
 _TYPED = (
     CredentialState.environment,
     CredentialState.credential,
@@ -94,7 +94,12 @@ class Observer:
         promotion, a failure, attention, whichever process wrote it)."""
         with self._figures_lock:
             with self.journal.reader() as s:
-                raw = {(row[0], row[1]): tuple(row[2:]) for row in s.execute(_RAW)}
+                cursor = s.connection().connection.cursor()
+                try:
+                    cursor.execute(_RAW)
+                    raw = {(row[0], row[1]): tuple(row[2:]) for row in cursor.fetchall()}
+                finally:
+                    cursor.close()
                 changed = [key for key, row in raw.items() if self._raw.get(key) != row]
                 gone = [key for key in self._figures if key not in raw]
                 if changed:
