@@ -11,11 +11,11 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, tuple_
 
 from rotator.errors import RotatorError
-from rotator.journal.schema import WebhookEvent
-from rotator.metrics import CredentialKey, Probes
+from rotator.journal.schema import CredentialState, WebhookEvent
+from rotator.metrics import CredentialFigures, CredentialKey, Probes, Snapshot, epoch_us
 from rotator.model import Stage
 from rotator.readers import activity, stale_in
 from rotator.webhooks.queue import PENDING, WORKING
@@ -27,6 +27,25 @@ if TYPE_CHECKING:
     from rotator.settings import Config
 
 _READ_THREADS = 8
+
+_RAW = (
+    "SELECT environment, credential, current_version_id, rotated_at, expires_at, "
+    "attention, last_error IS NOT NULL FROM credential_state"
+)
+"""Every credential's figures as the driver gives them, on the session's own DB-API cursor: no
+type conversion, no row object, no ORM object (10,000 credentials in about 10 ms); compared
+with the last read to find the rows that changed."""
+_TYPED = (
+    CredentialState.environment,
+    CredentialState.credential,
+    CredentialState.current_version_id,
+    CredentialState.rotated_at,
+    CredentialState.expires_at,
+    CredentialState.attention,
+    CredentialState.last_error.is_not(None),
+)
+_TYPED_BATCH = 500
+"""Changed rows re-read by key, this many a query; more changed than this at once: all."""
 
 
 class Observer:
@@ -48,6 +67,10 @@ class Observer:
         self._agree: dict[CredentialKey, bool] | None = None
         self._agree_at = 0.0
         self._lock = threading.Lock()
+        self._raw: dict[CredentialKey, tuple[object, ...]] = {}
+        self._figures: dict[CredentialKey, CredentialFigures] = {}
+        self._generation = 0
+        self._figures_lock = threading.Lock()
 
     @classmethod
     def of(cls, runtime: Runtime) -> Observer:
@@ -62,7 +85,46 @@ class Observer:
             webhook_depth=self.webhook_depth,
             stale_readers=self.stale_readers,
             backends_agree=self.backends_agree,
+            credentials=self.credentials,
         )
+
+    def credentials(self) -> Snapshot:
+        """Every credential's figures, read from the journal now: one query of plain rows, and
+        the typed values re-read only for the rows that differ from the last read (a
+        promotion, a failure, attention, whichever process wrote it)."""
+        with self._figures_lock:
+            with self.journal.reader() as s:
+                cursor = s.connection().connection.cursor()
+                try:
+                    cursor.execute(_RAW)
+                    raw = {(row[0], row[1]): tuple(row[2:]) for row in cursor.fetchall()}
+                finally:
+                    cursor.close()
+                changed = [key for key, row in raw.items() if self._raw.get(key) != row]
+                gone = [key for key in self._figures if key not in raw]
+                if changed:
+                    typed = select(*_TYPED)
+                    rows = []
+                    if len(changed) > _TYPED_BATCH:
+                        rows = list(s.execute(typed))
+                    else:
+                        where = tuple_(CredentialState.environment, CredentialState.credential)
+                        rows = list(s.execute(typed.where(where.in_(changed))))
+                    for env, cred, version, rotated, expires, attention, failing in rows:
+                        self._figures[(env, cred)] = CredentialFigures(
+                            version=version,
+                            rotated_us=epoch_us(rotated),
+                            expires_us=epoch_us(expires),
+                            attention=bool(attention),
+                            failing=bool(failing),
+                        )
+            for key in gone:
+                del self._figures[key]
+            if changed or gone:
+                self._generation += 1
+                # a row whose typed read did not see it (deleted in between) is read again next
+                self._raw = {k: v for k, v in raw.items() if k in self._figures}
+            return Snapshot(self._generation, dict(self._figures))
 
     def webhook_depth(self) -> dict[str, int]:
         """Webhooks received and not yet processed (pending, or claimed by a worker)."""
@@ -78,11 +140,13 @@ class Observer:
         """Per credential, how many readers active within ``api.readers.active_window`` last
         read a version that is not the current one."""
         found = activity(self.journal, window=self.config.api.readers.active_window)
-        states = self.journal.states()
+        if not found:
+            return {}
+        figures = self.credentials().figures
         out: dict[CredentialKey, int] = {}
         for key, readers in found.items():
-            state = states.get(key)
-            stale = stale_in(readers, state.current_version_id if state else None)
+            fig = figures.get(key)
+            stale = stale_in(readers, fig.version if fig else None)
             if stale:
                 out[key] = len(stale)
         return out
@@ -98,14 +162,13 @@ class Observer:
             return dict(self._agree)
 
     def _check_backends(self) -> dict[CredentialKey, bool]:
-        states = self.journal.states()
+        figures = self.credentials().figures
         todo = [
-            (env, cred.name, state.current_version_id)
+            (env, cred.name, fig.version)
             for env, settings in self.config.environments.items()
             if env in self.backends
             for cred in settings.credentials
-            if (state := states.get((env, cred.name))) is not None
-            and state.current_version_id is not None
+            if (fig := figures.get((env, cred.name))) is not None and fig.version is not None
         ]
 
         def agrees(item: tuple[str, str, str]) -> bool:
