@@ -29,7 +29,7 @@ from rotator.errors import ConfigError, RotatorError
 from rotator.notify.notifier import Notifier
 from rotator.revoke import resume_held
 from rotator.rotation.runtime import Runtime
-from rotator.rotation.schedule import Planner, plan
+from rotator.rotation.schedule import PlanItem, Planner, plan
 from rotator.rotation.work import RotationResult, Work
 from rotator.settings import Config
 
@@ -92,7 +92,7 @@ async def due_work(
     await asyncio.to_thread(end_grace_early, runtime.config, runtime.journal)
     # on a worker thread: at 10,000 credentials a plan takes most of a second of CPU, which
     # would stall every API request of `serve` meanwhile (its first tick comes as it starts)
-    ask = plan
+    ask: Callable[..., list[PlanItem]] = plan
     if planner is not None:
         ask = planner.due
         # the served environments alone: another's due work must not make every tick plan
