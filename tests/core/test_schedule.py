@@ -247,3 +247,14 @@ def test_planner_sees_replaced_settings_and_skips_offboarded(
     assert planner.due(config, journal, NOW + timedelta(seconds=20)) == []  # type: ignore[arg-type]
     journal.close()
     other.close()
+
+
+def test_planner_sees_its_own_journals_writes(tmp_path: Path, journal_url: str) -> None:
+    """The process's own writes (its engine's) count as changes too."""
+    config, journal, other, planner = _waiting(tmp_path, journal_url)
+    journal.set_state("prod", "a", last_outcome="error", last_attempt_at=NOW)
+    journal.set_state("prod", "a", expires_at=NOW + timedelta(hours=1))
+    [item] = planner.due(config, journal, NOW + timedelta(minutes=10))  # type: ignore[arg-type]
+    assert item.action == ROTATE and planner.planned == 2
+    journal.close()
+    other.close()
