@@ -29,7 +29,7 @@ from rotator.errors import ConfigError, RotatorError
 from rotator.notify.notifier import Notifier
 from rotator.revoke import resume_held
 from rotator.rotation.runtime import Runtime
-from rotator.rotation.schedule import plan
+from rotator.rotation.schedule import PlanItem, Planner, plan
 from rotator.rotation.work import RotationResult, Work
 from rotator.settings import Config
 
@@ -48,9 +48,11 @@ async def run_due_once(
     environments: list[str] | None = None,
     progress: Callable[[RotationResult], None] | None = None,
     clock: Clock = SYSTEM,
+    planner: Planner | None = None,
 ) -> list[RotationResult]:
     """Resume open rotations, retire what is past its grace period, rotate what is due."""
-    return await rotate_work(runtime, await due_work(runtime, environments, clock=clock), progress)
+    work = await due_work(runtime, environments, clock=clock, planner=planner)
+    return await rotate_work(runtime, work, progress)
 
 
 async def discover_all(
@@ -75,17 +77,28 @@ async def discover_all(
 
 
 async def due_work(
-    runtime: Runtime, environments: list[str] | None = None, *, clock: Clock = SYSTEM
+    runtime: Runtime,
+    environments: list[str] | None = None,
+    *,
+    clock: Clock = SYSTEM,
+    planner: Planner | None = None,
 ) -> list[Work]:
-    """What is due at ``clock.now()``: each credential to resume, retire or rotate."""
+    """What is due at ``clock.now()``: each credential to resume, retire or rotate. With a
+    ``planner`` (``serve``'s ticks), a tick whose plan cannot have changed costs one raw read
+    of the plan's inputs instead of a plan of every credential."""
     from rotator.readers import end_grace_early
 
     # where configured, a grace period ends once every recent reader has the new version
     await asyncio.to_thread(end_grace_early, runtime.config, runtime.journal)
     # on a worker thread: at 10,000 credentials a plan takes most of a second of CPU, which
     # would stall every API request of `serve` meanwhile (its first tick comes as it starts)
+    ask: Callable[..., list[PlanItem]] = plan
+    if planner is not None:
+        ask = planner.due
+        # the served environments alone: another's due work must not make every tick plan
+        environments = environments or list(runtime.environments)
     items = await asyncio.to_thread(
-        plan, runtime.config, runtime.journal, clock.now(), environments=environments
+        ask, runtime.config, runtime.journal, clock.now(), environments=environments
     )
     return [
         Work(i.environment, i.credential, i.reason)
@@ -332,13 +345,14 @@ async def serve(
     notifying: list[asyncio.Task[None]] = []
     scheduler = AsyncIOScheduler(timezone=UTC)
     ticking: set[asyncio.Task[None]] = set()
+    planner = Planner()  # plans again only when something the plan reads changed, or in time
 
     async def tick() -> None:
         task = asyncio.current_task()
         assert task is not None
         ticking.add(task)
         try:
-            results = await run_due_once(runtime, clock=clock)
+            results = await run_due_once(runtime, clock=clock, planner=planner)
             app.state.metrics.run_due_done(runtime.environments, results, time.time())
         except Exception:  # a tick must never kill the scheduler; the journal keeps the work
             log.exception("tick.failed")

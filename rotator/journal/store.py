@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -85,6 +86,73 @@ def _instance(cls: type[M], row: Mapping[str, Any]) -> M:
 
 def _maybe_rotation(row: Mapping[str, Any] | None) -> Rotation | None:
     return None if row is None else _instance(Rotation, row)
+
+
+# times as text: the same comparison, without a datetime parsed per value (PostgreSQL: 30 ms
+# of serve's CPU per read at 10,000 credentials, 9 ms as text)
+_PLAN_STATES = (
+    "SELECT environment, credential, current_version_id, CAST(expires_at AS TEXT), "
+    "CAST(rotated_at AS TEXT), CAST(last_attempt_at AS TEXT), last_outcome "
+    "FROM credential_state ORDER BY environment, credential"
+)
+_PLAN_ROTATIONS = (
+    "SELECT id, environment, credential, kind, step, CAST(retire_after AS TEXT), "
+    "CAST(started_at AS TEXT), CAST(finished_at AS TEXT) FROM rotations WHERE "
+)
+_OPEN_STEPS = ", ".join(f"'{step}'" for step in sorted(Step.OPEN))
+
+
+def _plan_rows(cursor: Any) -> tuple[object, ...]:
+    """The plan's journal inputs through a DB-API cursor (see :meth:`Journal.plan_inputs`)."""
+    read = []
+    for query in (
+        _PLAN_STATES,
+        f"{_PLAN_ROTATIONS}step IN ({_OPEN_STEPS}) ORDER BY id",
+        f"{_PLAN_ROTATIONS}kind = 'revoke' AND finished_at IS NULL ORDER BY id",
+    ):
+        cursor.execute(query)
+        read.append(tuple(map(tuple, cursor.fetchall())))
+    return tuple(read)
+
+
+class _PlanWatch:
+    """A SQLite journal's plan inputs, read again only when a commit happened since: its own
+    connection, used for nothing else, whose ``PRAGMA data_version`` changes with every
+    commit of any other connection (the writer's, another process's)."""
+
+    def __init__(self, database: str) -> None:
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        self._database = database
+        self._seen: tuple[int, tuple[object, ...]] | None = None
+
+    def inputs(self) -> tuple[object, ...]:
+        with self._lock:
+            if self._conn is None:
+                self._conn = sqlite3.connect(
+                    self._database, timeout=30, isolation_level=None, check_same_thread=False
+                )
+            version = int(self._conn.execute("PRAGMA data_version").fetchone()[0])
+            if self._seen is not None and self._seen[0] == version:
+                return self._seen[1]
+            cursor = self._conn.cursor()
+            try:
+                cursor.execute("BEGIN")  # one snapshot for the three reads
+                try:
+                    read = _plan_rows(cursor)
+                finally:
+                    self._conn.rollback()  # it wrote nothing: end the snapshot either way
+            finally:
+                cursor.close()
+            self._seen = (version, read)  # a commit after the pragma moves it: read again
+            return read
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+            self._seen = None
 
 
 def redact_url(url: str) -> str:
@@ -174,6 +242,7 @@ class Journal:
         self._step_statements: dict[tuple[frozenset[str], bool], Prepared] = {}
         self._state_statements: dict[frozenset[str], Prepared] = {}
         self.migrate_lock = f"{database}-migrate" if database is not None else None
+        self._watch = _PlanWatch(database) if database is not None else None
         try:
             migrations.ensure(self.engine, self.where, migrate, self.migrate_lock)
         except BaseException:
@@ -198,6 +267,8 @@ class Journal:
         )
 
     def close(self) -> None:
+        if self._watch is not None:
+            self._watch.close()
         if self._writer is not None:
             self._writer.close()
         self.engine.dispose()
@@ -678,6 +749,24 @@ class Journal:
             if environment:
                 q = q.where(CredentialState.environment == environment)
             return {(r.environment, r.credential): r for r in s.scalars(q)}
+
+    def plan_inputs(self) -> tuple[object, ...]:
+        """What :func:`rotator.rotation.schedule.plan` reads from the journal, as the driver's
+        raw rows (no ORM objects, no type conversion): every credential state's planned
+        columns and every open rotation and open revoke. Equal results mean the plan's journal
+        inputs are unchanged, whichever process or release wrote (a version, a failure, a
+        rotation's step, a retire time): :class:`rotator.rotation.schedule.Planner` compares
+        them. On SQLite the rows are read again only when some connection committed since the
+        last read (``PRAGMA data_version`` on a connection of its own, which never writes)."""
+        with self._guard("read the plan's inputs"):
+            if self._watch is not None:
+                return self._watch.inputs()
+            with self.engine.connect() as conn:
+                cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+                try:
+                    return _plan_rows(cursor)
+                finally:
+                    cursor.close()
 
     def set_state(
         self, environment: str, credential: str, *, lease: LeaseKey | None = None, **values: Any

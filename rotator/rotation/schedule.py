@@ -242,6 +242,72 @@ def plan_from(
     return items
 
 
+@dataclass(frozen=True)
+class _Planned:
+    inputs: tuple[object, ...]
+    config: tuple[tuple[str, EnvironmentSettings], ...]
+    """each environment's settings object: discovery's refresh replaces it, never edits it"""
+    environments: tuple[str, ...]
+    backoff: timedelta
+    until: datetime | None
+    """the earliest ``due_at`` of the plan (None: nothing waits on time)"""
+
+
+class Planner:
+    """:func:`plan` for a process that asks every tick (``rotator serve``): it plans again only
+    when the plan can have changed, and otherwise answers that nothing is due, at the cost of
+    one raw read of the plan's journal inputs (:meth:`Journal.plan_inputs`) instead of loading
+    and planning every credential. The plan is a function of the configuration, those inputs
+    and the time; so a tick plans again when the inputs differ from the last plan's (a change
+    by any process or replica: a version, a failure, an open rotation's step or retire time),
+    when an environment's settings were replaced (discovery) or the scheduler's settings
+    differ, when the time has reached the last plan's earliest ``due_at`` (a credential
+    becoming due, a retry after a failure, a window opening, a grace period's end), and
+    whenever the last plan had due work (a credential found busy is driven again at the next
+    tick, so a dead holder's lease is taken over once it expires). The engine still decides
+    again under each credential's lease: a plan can only be late by a tick, never run twice."""
+
+    def __init__(self) -> None:
+        self._last: _Planned | None = None
+        self.planned = 0
+        """how many ticks planned (the others found nothing that could have changed)"""
+
+    def due(
+        self,
+        config: Config,
+        journal: Journal,
+        now: datetime,
+        *,
+        environments: list[str] | None = None,
+    ) -> list[PlanItem]:
+        """The items of :func:`plan` that are due at ``now``."""
+        inputs = journal.plan_inputs()  # before the plan's own read: a change between is seen
+        settings = tuple(config.environments.items())
+        chosen = tuple(environments or ())
+        backoff = config.scheduler.retry_after_failure
+        last = self._last
+        if (
+            last is not None
+            and (last.until is None or now < last.until)
+            and last.inputs == inputs
+            and last.environments == chosen
+            and last.backoff == backoff
+            and len(last.config) == len(settings)
+            and all(
+                a == b and x is y for (a, x), (b, y) in zip(last.config, settings, strict=True)
+            )
+        ):
+            return []
+        self._last = None  # a failing plan leaves nothing to trust
+        items = plan(config, journal, now, environments=environments)
+        self.planned += 1
+        due = [i for i in items if i.is_due]
+        waits = [i.due_at for i in items if not i.is_due and i.due_at is not None]
+        until = now if due else min(waits, default=None)
+        self._last = _Planned(inputs, settings, chosen, backoff, until)
+        return due
+
+
 def human(delta: timedelta | None) -> str:
     if delta is None:
         return "-"
