@@ -10,6 +10,7 @@ import contextlib
 
 from rotator.api import build_app, feed
 from tests.factories import RuntimeFactory
+from tests.wait import tasks_awaiting_in, until
 
 
 async def test_the_app_stops_when_its_loops_are_woken_as_the_shutdown_cancels_them(
@@ -24,8 +25,8 @@ async def test_the_app_stops_when_its_loops_are_woken_as_the_shutdown_cancels_th
         if not sent:
             return {"type": "lifespan.startup"}
         await started.wait()
-        for _ in range(5):  # not a wait for time: the loop runs the first steps of the tasks
-            await asyncio.sleep(0)  # the startup began, so that the shutdown meets them there
+        # both loops suspended on their events, so that the shutdown meets them there
+        await until("the feed and webhook loops wait", lambda: tasks_awaiting_in("woken") >= 2)
         app.feed.changed()
         app.state.webhook_wake.set()
         return {"type": "lifespan.shutdown"}  # the app cancels its loops in this same step
