@@ -58,14 +58,21 @@ def _sign(*, positive: bool) -> AfterValidator:
     return AfterValidator(check)
 
 
-def bounds(least: timedelta | None = None, most: timedelta | None = None) -> AfterValidator:
+def bounds(
+    least: timedelta | None = None, most: timedelta | None = None, *, otherwise: str = ""
+) -> AfterValidator:
     """Bounds of one duration key (beyond its sign and the century every duration stays
-    within), said in the configuration's own syntax."""
+    within), said in the configuration's own syntax; ``otherwise`` names the key's other
+    accepted value (a retention's ``"forever"``, held as None, which no bound applies to)."""
+    alternative = f" (or {otherwise})" if otherwise else ""
 
-    def check(value: timedelta) -> timedelta:
+    def check(value: timedelta | None) -> timedelta | None:
+        if value is None:
+            return value
         if least is not None and value < least:
             raise ValueError(
-                f"must be at least {format_duration(least)}, not {format_duration(value)}"
+                f"must be at least {format_duration(least)}{alternative}, "
+                f"not {format_duration(value)}"
             )
         if most is not None and value > most:
             raise ValueError(
@@ -552,18 +559,6 @@ def _retention(value: object) -> object:
     return parse_duration(value)
 
 
-def _kept_at_least(least: timedelta) -> AfterValidator:
-    def check(value: timedelta | None) -> timedelta | None:
-        if value is not None and value < least:
-            raise ValueError(
-                f"must be at least {format_duration(least)} (or \"forever\"), not "
-                f"{format_duration(value)}"
-            )
-        return value
-
-    return AfterValidator(check)
-
-
 Retention = Annotated[timedelta | None, BeforeValidator(_retention)]
 """How long history is kept: a duration, or ``"forever"`` (``None``: never pruned)."""
 
@@ -574,13 +569,13 @@ class RetentionSettings(_Model):
     revokes, what they need, each credential's latest rotation and revoke, open unaccounted
     tokens and undelivered notifications are never pruned (see rotator/journal/retention.py)."""
 
-    audit: Annotated[Retention, _kept_at_least(timedelta(days=30))] = Field(
+    audit: Annotated[Retention, bounds(timedelta(days=30), otherwise='"forever"')] = Field(
         default=timedelta(days=400),
         description="Audit entries older than this are deleted (\"forever\": never). The "
         "default keeps 13 months: a year of history, as PCI DSS and most security teams ask, "
         "plus a month to ship it to a SIEM (`rotator audit --jsonl --cursor-file`).",
     )
-    rotations: Annotated[Retention, _kept_at_least(timedelta(days=7))] = Field(
+    rotations: Annotated[Retention, bounds(timedelta(days=7), otherwise='"forever"')] = Field(
         default=timedelta(days=90),
         description="Finished rotations and revokes (and processed webhooks, closed "
         "unaccounted tokens, old reader records) older than this are deleted (\"forever\": "
