@@ -9,7 +9,7 @@ settings validate, and says why it cannot run when it is built.
 from __future__ import annotations
 
 from functools import cache
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 
 from backends.base import Backend, BackendSettings, Capabilities
 from rotator.errors import ConfigError
@@ -17,20 +17,37 @@ from rotator.errors import ConfigError
 GROUP = "rotator.backends"
 
 __all__ = [
-    "Backend", "BackendSettings", "Capabilities", "build", "register", "registry", "unregister",
+    "Backend", "BackendSettings", "Capabilities", "backend_class", "build", "kinds", "register",
+    "registry", "unregister",
 ]
 
 _registered: dict[str, type[Backend]] = {}
 
 
+def kinds() -> list[str]:
+    """Every backend's name, sorted, without importing any backend (for messages)."""
+    return sorted({*_entry_points(), *_registered})
+
+
 def registry() -> dict[str, type[Backend]]:
-    """Every backend by kind: the installed entry points', then those :func:`register` added."""
-    return {**_installed(), **_registered}
+    """Every backend by kind: the installed entry points', then those :func:`register` added.
+    Imports every backend's module; :func:`backend_class` imports one."""
+    return {**{kind: _load(kind) for kind in _entry_points()}, **_registered}
+
+
+def backend_class(kind: str) -> type[Backend]:
+    """The backend named ``kind``, its module imported now (a command that reads a file
+    backend does not import the cloud backends' modules). KeyError: no such backend."""
+    if kind in _registered:
+        return _registered[kind]
+    if kind not in _entry_points():
+        raise KeyError(kind)
+    return _load(kind)
 
 
 def register(cls: type[Backend]) -> None:
     """Add a backend that no entry point names; refused if its kind is taken already."""
-    if cls.kind in registry():
+    if cls.kind in kinds():
         raise ConfigError(
             f"two backends register the name {cls.kind!r}",
             where=f"backends.register({cls.__name__})",
@@ -45,8 +62,9 @@ def unregister(kind: str) -> None:
 
 
 @cache
-def _installed() -> dict[str, type[Backend]]:
-    found: dict[str, type[Backend]] = {}
+def _entry_points() -> dict[str, EntryPoint]:
+    """The installed backends' entry points by name (scanned once; nothing imported)."""
+    found: dict[str, EntryPoint] = {}
     for ep in entry_points(group=GROUP):
         if ep.name in found:
             raise ConfigError(
@@ -54,13 +72,7 @@ def _installed() -> dict[str, type[Backend]]:
                 where=f"entry points {GROUP}",
                 hint="uninstall one of the packages providing it",
             )
-        cls = ep.load()
-        if not (isinstance(cls, type) and issubclass(cls, Backend)) or cls.kind != ep.name:
-            raise ConfigError(
-                f"entry point {ep.name!r} does not name a Backend of kind {ep.name!r}",
-                where=f"entry points {GROUP}: {ep.value}",
-            )
-        found[ep.name] = cls
+        found[ep.name] = ep
     if not found:
         raise ConfigError(
             "no backend is registered",
@@ -70,7 +82,19 @@ def _installed() -> dict[str, type[Backend]]:
     return found
 
 
+@cache
+def _load(kind: str) -> type[Backend]:
+    ep = _entry_points()[kind]
+    cls = ep.load()
+    if not (isinstance(cls, type) and issubclass(cls, Backend)) or cls.kind != ep.name:
+        raise ConfigError(
+            f"entry point {ep.name!r} does not name a Backend of kind {ep.name!r}",
+            where=f"entry points {GROUP}: {ep.value}",
+        )
+    return cls
+
+
 def build(settings: BackendSettings, environment: str) -> Backend:
-    cls = registry()[settings.type]
+    cls = backend_class(settings.type)
     cls.available()
     return cls(settings, environment)

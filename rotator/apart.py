@@ -23,19 +23,41 @@ import os
 import stat
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 from rotator.crypto import KeySource, KeyUnavailable, key_fingerprint, load_keys
 from rotator.errors import ConfigError
 from rotator.places import Place, file_place
 
 if TYPE_CHECKING:
-    from rotator.settings import Config, EnvironmentSettings
+    from backends.base import BackendSettings
 
 _WHY = "one environment could read or overwrite the other's tokens"
 
 
-def named_keys(environments: Mapping[str, EnvironmentSettings]) -> Iterator[tuple[str, KeySource]]:
+class Stores(Protocol):
+    """One environment's places and keys (its settings, or what reading a token validated of
+    them: :class:`rotator.readconfig.Storage`)."""
+
+    @property
+    def sealing_key(self) -> KeySource: ...
+
+    @property
+    def backend_settings(self) -> list[BackendSettings]: ...
+
+
+class Environments(Protocol):
+    """A configuration's environments (the whole one, or a reader's)."""
+
+    @property
+    def environments(self) -> Mapping[str, Stores]: ...
+
+    @property
+    def source(self) -> Path | None: ...
+
+
+def named_keys(environments: Mapping[str, Stores]) -> Iterator[tuple[str, KeySource]]:
     """Every key of every environment (its sealing key, then its backends' own keys)."""
     for env_name, env in environments.items():
         yield env_name, env.sealing_key
@@ -44,7 +66,7 @@ def named_keys(environments: Mapping[str, EnvironmentSettings]) -> Iterator[tupl
                 yield env_name, source
 
 
-def storage_conflicts(environments: Mapping[str, EnvironmentSettings]) -> list[str]:
+def storage_conflicts(environments: Mapping[str, Stores]) -> list[str]:
     """What the configuration shares between environments, one sentence each (empty: nothing).
 
     ``environments`` have their paths resolved and their keys named (as the configuration
@@ -99,7 +121,7 @@ def _place_problem(
 
 
 def _key_place_conflicts(
-    environments: Mapping[str, EnvironmentSettings], backends: list[tuple[str, str, str, Place]]
+    environments: Mapping[str, Stores], backends: list[tuple[str, str, str, Place]]
 ) -> list[str]:
     problems: list[str] = []
     seen: list[tuple[str, KeySource, str | Place]] = []
@@ -154,7 +176,7 @@ class KeyInspection:
     """Key files other users may read or write."""
 
 
-def inspect_keys(config: Config) -> KeyInspection:
+def inspect_keys(config: Environments) -> KeyInspection:
     """Load every key that can be loaded (never creating one), and compare them by fingerprint
     across environments."""
     found = KeyInspection()
@@ -185,7 +207,7 @@ def inspect_keys(config: Config) -> KeyInspection:
     return found
 
 
-def refuse_shared_keys(config: Config) -> None:
+def refuse_shared_keys(config: Environments) -> None:
     """Raise :class:`~rotator.errors.ConfigError` when two environments hold the same key (the
     keys that cannot be loaded here are left to whoever loads them)."""
     shared = inspect_keys(config).shared

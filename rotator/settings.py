@@ -4,8 +4,7 @@ The file names environments; each has its Makini settings, its backends, its sea
 default schedule and its credentials. Secrets never sit in the file: it names the environment
 variables (or key files) that hold them. Relative paths are relative to the file's folder.
 
-Process-level settings come from the environment (``ROTATOR_CONFIG``, ``ROTATOR_JOURNAL_URL``,
-``ROTATOR_LOG_FORMAT``, ``ROTATOR_LOG_LEVEL``): :meth:`ProcessSettings.from_environ`.
+Where the file is, its TOML and what the process's variables put over it: :mod:`rotator.configfile`.
 
 Every validation error is turned into a :class:`~rotator.errors.ConfigError` that lists each
 problem with its key path (``environments.prod.credentials[2].connection_id``).
@@ -17,7 +16,6 @@ import functools
 import os
 import re
 import string
-import tomllib
 from collections.abc import Mapping
 from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
@@ -37,15 +35,16 @@ from pydantic import (
     model_validator,
 )
 
-from backends import registry
+from backends import backend_class, kinds
 from backends.base import NAME_PATTERN, BackendSettings
 from rotator.apart import storage_conflicts
+from rotator.configfile import ENV_NAME_PATTERN, LoggingSettings, read_file
 from rotator.crypto import KeySource
 from rotator.durations import format_duration, parse_duration
 from rotator.errors import ConfigError, NotFound
 from rotator.notify.settings import NotifySettings
+from rotator.readconfig import resolve_storage
 
-ENV_NAME_PATTERN = r"^[a-z][a-z0-9-]{0,31}$"
 
 def _sign(*, positive: bool) -> AfterValidator:
     def check(value: timedelta) -> timedelta:
@@ -643,11 +642,6 @@ class SchedulerSettings(_Model):
     )
 
 
-class LoggingSettings(_Model):
-    level: Literal["debug", "info", "warning", "error"] = "info"
-    format: Literal["console", "json"] = "console"
-
-
 class ReaderSettings(_Model):
     """Who read which version: recorded in memory, flushed to the journal in batches."""
 
@@ -837,43 +831,35 @@ def _schedule_problems(name: str, env: EnvironmentSettings) -> list[str]:
     return problems
 
 
-class ProcessSettings(BaseModel):
-    """What the process takes from its environment rather than from the file. Four variables,
-    read by :meth:`from_environ`: pydantic-settings, which did this before, cost every command
-    about 0.2 s of imports (``rotator get`` runs in other teams' loops)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    config: Path | None = None
-    journal_url: str | None = None
-    log_level: str | None = None
-    log_format: str | None = None
-
-    @classmethod
-    def from_environ(cls, environ: Mapping[str, str] | None = None) -> ProcessSettings:
-        """``ROTATOR_CONFIG`` and the others (any case, as pydantic-settings read them)."""
-        named = {
-            key.lower(): value
-            for key, value in (os.environ if environ is None else environ).items()
-            if key.lower().startswith("rotator_")
-        }
-        return cls.model_validate(
-            {f: named[f"rotator_{f}"] for f in cls.model_fields if f"rotator_{f}" in named}
-        )
+def _used_kinds(data: Mapping[str, Any]) -> list[str]:
+    """The backend types ``data`` names, when each is a known one; otherwise every kind (the
+    errors then name them all)."""
+    known = kinds()
+    used: set[str] = set()
+    envs = data.get("environments")
+    for env in envs.values() if isinstance(envs, dict) else ():
+        entries = env.get("backends") if isinstance(env, dict) else None
+        for entry in entries if isinstance(entries, list) else ():
+            kind = entry.get("type") if isinstance(entry, dict) else None
+            if kind not in known:
+                return known
+            used.add(kind)
+    return sorted(used) or known
 
 
-def _backend_union() -> Any:
-    classes = [cls.Settings for cls in registry().values()]
-    return Annotated[Union[tuple(classes)], Field(discriminator="type")]  # noqa: UP007
+def _config_model(data: Mapping[str, Any]) -> type[Config]:
+    """Config with the settings model of each backend type ``data`` uses in the backends
+    lists: a file-backend configuration imports no cloud backend's module."""
+    return _config_model_of(tuple(backend_class(kind).Settings for kind in _used_kinds(data)))
 
 
-def _config_model() -> type[Config]:
-    """Config with each backend's settings model (from the registry) in the backends lists."""
-    backend_list: Any = list[_backend_union()]  # type: ignore[misc]
+@functools.lru_cache(maxsize=8)
+def _config_model_of(classes: tuple[type[BackendSettings], ...]) -> type[Config]:
+    union: Any = Annotated[Union[classes], Field(discriminator="type")]  # noqa: UP007
     env_model: Any = create_model(
         "EnvironmentSettings",
         __base__=EnvironmentSettings,
-        backends=(backend_list, Field(min_length=1)),
+        backends=(list[union], Field(min_length=1)),
     )
     env_map: Any = dict[Annotated[str, Field(pattern=ENV_NAME_PATTERN)], env_model]
     return create_model(
@@ -899,7 +885,7 @@ def _explain(exc: ValidationError, source: str) -> ConfigError:
         cleaned: list[int | str] = []
         for i, part in enumerate(loc):
             tag = i >= 2 and loc[i - 2] == "backends" and isinstance(loc[i - 1], int)
-            if tag and isinstance(part, str) and part in registry():
+            if tag and isinstance(part, str) and part in kinds():
                 continue
             cleaned.append(part)
         msg = err["msg"].removeprefix("Value error, ")
@@ -908,9 +894,9 @@ def _explain(exc: ValidationError, source: str) -> ConfigError:
         elif err["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling against config/example.toml)"
         elif err["type"] == "union_tag_invalid":
-            msg = f"unknown backend type; known types: {', '.join(sorted(registry()))}"
+            msg = f"unknown backend type; known types: {', '.join(kinds())}"
         elif err["type"] == "union_tag_not_found":
-            msg = f"a backend needs a 'type' ({', '.join(sorted(registry()))})"
+            msg = f"a backend needs a 'type' ({', '.join(kinds())})"
         if cleaned:
             lines.append(f"  {format_location(tuple(cleaned))}: {msg}")
         else:  # a check across keys (environments kept apart): each line names its keys
@@ -927,46 +913,14 @@ def load_config(
     path: Path | str | None = None, *, overrides: dict[str, Any] | None = None
 ) -> Config:
     """Read, validate and resolve the configuration at ``path`` (or ``$ROTATOR_CONFIG``)."""
-    process = ProcessSettings.from_environ()
-    chosen = Path(path) if path else process.config
-    if chosen is None:
-        raise ConfigError(
-            "no configuration file given",
-            hint="pass --config PATH or set ROTATOR_CONFIG (config/local.toml runs locally)",
-        )
-    try:
-        text = chosen.read_text()
-    except FileNotFoundError:
-        raise ConfigError(
-            "the configuration file does not exist",
-            where=str(chosen),
-            hint="check the path, or start from config/example.toml",
-        ) from None
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot read the configuration file: {exc.strerror}", where=str(chosen)
-        ) from exc
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(
-            f"the configuration is not valid TOML: {exc}",
-            where=str(chosen),
-            hint="fix the syntax at the line and column named",
-        ) from None
-    if process.journal_url:
-        data.setdefault("journal", {})["url"] = process.journal_url
-    if process.log_level:
-        data.setdefault("logging", {})["level"] = process.log_level.lower()
-    if process.log_format:
-        data.setdefault("logging", {})["format"] = process.log_format.lower()
+    chosen, data = read_file(path)
     for key, value in (overrides or {}).items():
         data[key] = value
     return parse_config(data, source=chosen)
 
 
 def parse_config(data: dict[str, Any], *, source: Path | None = None) -> Config:
-    model = _config_model()
+    model = _config_model(data)
     where = str(source) if source else "configuration"
     try:
         config = model.model_validate({**data, "source": source})
@@ -979,22 +933,8 @@ def parse_config(data: dict[str, Any], *, source: Path | None = None) -> Config:
 def _resolved_environment(name: str, env: EnvironmentSettings, base: Path) -> EnvironmentSettings:
     """``env`` with its paths made absolute against ``base`` and each key named with its key
     path and role, for the errors it may cause."""
-    backends = []
-    for index, backend in enumerate(env.backend_settings):
-        backend = backend.resolve_paths(base)
-        keys = {
-            setting: source.named(
-                f"environments.{name}.backends[{index}].{setting}",
-                f"the {setting.replace('_', ' ')} of backend {backend.display_name()!r} of "
-                f"environment {name!r}",
-            )
-            for setting, source in backend.key_sources().items()
-        }
-        backends.append(backend.model_copy(update=keys) if keys else backend)
+    backends, sealing = resolve_storage(name, env.backend_settings, env.sealing_key, base)
     makini = env.makini.resolve_paths(base)
-    sealing = env.sealing_key.resolve_paths(base).named(
-        f"environments.{name}.sealing_key", f"the sealing key of environment {name!r}"
-    )
     notify = env.notify.resolve_paths(base)
     return env.model_copy(
         update={"backends": backends, "sealing_key": sealing, "makini": makini, "notify": notify}

@@ -18,11 +18,11 @@ from rotator.api.auth import KeyGuard, check_cred_name
 from rotator.api.errors import ApiError, responses
 from rotator.api.routing import api_router
 from rotator.api.state import ApiState
+from rotator.configfile import ENV_NAME_PATTERN
 from rotator.errors import ConfigError, NotFound, Offboarded, RotatorError
 from rotator.keys import KeyInfo
 from rotator.revoke import revoke_from_api
 from rotator.scrub import mask
-from rotator.settings import ENV_NAME_PATTERN
 
 if TYPE_CHECKING:
     from rotator.rotation.runtime import Runtime

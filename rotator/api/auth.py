@@ -24,8 +24,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from backends.base import NAME_PATTERN
 from rotator.api.errors import ApiError
+from rotator.configfile import ENV_NAME_PATTERN
 from rotator.keys import KeyIndex, KeyInfo
-from rotator.settings import ENV_NAME_PATTERN
 
 ENV_RE = re.compile(ENV_NAME_PATTERN.strip("^$"))
 NAME_RE = re.compile(NAME_PATTERN.strip("^$"))

@@ -19,7 +19,7 @@ from rotator.api.auth import KeyGuard
 from rotator.api.errors import responses
 from rotator.api.routing import api_router
 from rotator.api.tokens import TokenRoutes
-from rotator.settings import ENV_NAME_PATTERN
+from rotator.configfile import ENV_NAME_PATTERN
 
 ENV_PATH = Path(description="Environment name.", pattern=ENV_NAME_PATTERN, max_length=32)
 NAME_PATH = Path(description="Credential name.", pattern=NAME_PATTERN, max_length=63)

@@ -22,8 +22,8 @@ from rotator.api.auth import check_env_name
 from rotator.api.errors import ApiError, responses
 from rotator.api.routing import api_router
 from rotator.api.state import ApiState
+from rotator.configfile import ENV_NAME_PATTERN
 from rotator.errors import RotatorError
-from rotator.settings import ENV_NAME_PATTERN
 from rotator.webhooks.queue import enqueue, parse_event
 from rotator.webhooks.signature import signature_valid
 

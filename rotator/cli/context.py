@@ -15,6 +15,8 @@ import typer
 
 if TYPE_CHECKING:
     from backends.base import Backend
+    from rotator.apart import Environments
+    from rotator.configfile import LoggingSettings
     from rotator.journal import Journal, Lease, Rotation
     from rotator.rotation.engine import RotationEngine
     from rotator.rotation.runtime import Runtime
@@ -107,15 +109,38 @@ def actor() -> str:
 def command_config(path: Path | None = None, *, service: bool = False) -> Config:
     """Load the configuration and set up logs. One-shot commands a person types log warnings
     and errors only (their tables say the rest) unless --log-level asks for more."""
-    from rotator import logs
     from rotator.settings import load_config
 
     cfg = load_config(path or state.config_path)
-    level = state.log_level or cfg.logging.level
+    _configure_logs(cfg.logging, service=service)
+    return cfg
+
+
+def reading_config(environment: str, name: str) -> Environments:
+    """What reading ``name``'s tokens needs of the configuration (:mod:`rotator.readconfig`),
+    logs set up as :func:`command_config` sets them. The whole configuration is loaded when that
+    cannot do: for a credential discovery enrolled, or a configuration with a problem to say."""
+    from rotator.readconfig import read_config
+
+    read = read_config(state.config_path, environment)
+    if read is not None and name in read.credentials:
+        _configure_logs(read.logging, service=False)
+        return read
+    cfg = command_config()
+    if name not in {c.name for c in cfg.environment(environment).credentials}:
+        from rotator.rotation.discovery import require_credential  # enrolled by discovery?
+
+        require_credential(cfg, environment, name)
+    return cfg
+
+
+def _configure_logs(settings: LoggingSettings, *, service: bool) -> None:
+    from rotator import logs
+
+    level = state.log_level or settings.level
     if not service and not state.log_level and level in ("debug", "info"):
         level = "warning"
-    logs.configure(level, state.log_format or cfg.logging.format)
-    return cfg
+    logs.configure(level, state.log_format or settings.format)
 
 
 def run_command(work: Coroutine[Any, Any, T]) -> T:
@@ -165,15 +190,16 @@ def open_journal(cfg: Config) -> Iterator[Journal]:
 
 
 @contextmanager
-def primary_backend(cfg: Config, environment: str) -> Iterator[Backend]:
-    """The primary backend of ``environment`` alone, closed on the way out: for a command that
-    only reads it (``get``), which then starts without the journal, the Makini client and the
-    event loop. Keys shared across environments are refused first, as a runtime refuses them."""
+def primary_backend(cfg: Environments, environment: str) -> Iterator[Backend]:
+    """The primary backend of ``environment`` (a name ``cfg`` holds) alone, closed on the way
+    out: for a command that only reads it (``get``), which then starts without the journal, the
+    Makini client and the event loop. Keys shared across environments are refused first, as a
+    runtime refuses them."""
     import backends
     from rotator.apart import refuse_shared_keys
 
     refuse_shared_keys(cfg)  # before a key is generated
-    backend = backends.build(cfg.environment(environment).backend_settings[0], environment)
+    backend = backends.build(cfg.environments[environment].backend_settings[0], environment)
     try:
         yield backend
     finally:

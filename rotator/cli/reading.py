@@ -17,6 +17,7 @@ from rotator.cli.context import (
     command_config,
     open_journal,
     primary_backend,
+    reading_config,
     run_command,
     with_runtime,
 )
@@ -65,16 +66,11 @@ def get(
     ] = "access_token",
 ) -> None:
     """Print the current access token of a credential (for scripts). Reads the primary backend."""
-    cfg = command_config()
-    if name not in {c.name for c in cfg.environment(environment).credentials}:
-        from rotator.rotation.discovery import require_credential  # enrolled by discovery?
-
-        require_credential(cfg, environment, name)
     if field not in ("access_token", "refresh_token", "json"):
         raise ConfigError(
             f"unknown --field {field!r}", hint="use access_token, refresh_token or json"
         )
-
+    cfg = reading_config(environment, name)
     from rotator.model import Stage
 
     with primary_backend(cfg, environment) as primary:
@@ -87,7 +83,7 @@ def get(
 
         raise NotFound(
             f"{environment}/{name} has no previous token: "
-            f"{run_command(with_runtime(cfg, why, [environment]))}",
+            f"{run_command(with_runtime(command_config(), why, [environment]))}",
             where=f"primary backend of {environment}",
             hint=f"readers use the current token: rotator get {environment} {name}",
         )

@@ -11,6 +11,7 @@ import pytest
 
 from rotator.crypto import generate_key
 from rotator.errors import ConfigError
+from rotator.readconfig import read_config
 from rotator.rotation.runtime import Runtime
 from rotator.settings import Config, load_config
 
@@ -58,6 +59,10 @@ def write(
 
 
 def refused(path: Path) -> str:
+    """What loading ``path`` says; what ``rotator get`` validates of it refuses it too (and then
+    loads it whole, to say the same)."""
+    for environment in ("prod", "dev"):
+        assert read_config(path, environment) is None
     with pytest.raises(ConfigError) as info:
         load_config(path)
     return info.value.describe()

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from rotator.configfile import ProcessSettings
 from rotator.durations import parse_duration
 from rotator.errors import ConfigError, NotFound
-from rotator.settings import ProcessSettings, load_config
+from rotator.settings import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 
