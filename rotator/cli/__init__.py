@@ -16,6 +16,7 @@ def main() -> None:
 
     signals.dump_on_usr1()
     from rotator.cli.app import app
+    from rotator.cli.command import click_app
     from rotator.cli.guard import guarded
 
-    guarded(lambda: app(standalone_mode=True, prog_name="rotator"))
+    guarded(lambda: click_app(app)(standalone_mode=True, prog_name="rotator"))

@@ -4,6 +4,8 @@ describes every option and shows examples for the main commands."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import subprocess
@@ -17,6 +19,7 @@ import typer
 from typer.testing import CliRunner
 
 from rotator.cli.app import app
+from rotator.cli.command import Commands, click_app
 
 pytestmark = pytest.mark.e2e
 
@@ -73,6 +76,31 @@ def test_help_names_what_to_type_and_describes_every_option(
         examples = result.output.split("Examples:", 1)
         assert len(examples) == 2, f"rotator {path[0]} --help shows no example"
         assert f"rotator {path[0]}" in examples[1]
+
+
+def help_text(command: Any, path: tuple[str, ...]) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = command.main([*path, "--help"], prog_name="rotator", standalone_mode=False)
+    assert code == 0
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, id=" ".join(p) or "rotator") for p, _ in ALL])
+def test_each_command_built_when_it_is_looked_up_is_the_one_typer_builds(
+    path: tuple[str, ...],
+) -> None:
+    # the console script runs click_app(app): the same commands, each made on first use
+    assert help_text(click_app(app), path) == help_text(typer.main.get_command(app), path)
+
+
+def test_a_command_line_builds_the_command_it_names_and_no_other() -> None:
+    lazy = click_app(app)
+    help_text(lazy, ("get",))
+    assert isinstance(lazy.commands, Commands) and lazy.commands.built == {"get"}
+    help_text(lazy, ("keys", "create"))
+    assert lazy.commands.built == {"get", "keys"}
+    assert list(lazy.commands) == list(typer.main.get_command(app).commands)  # help's order
 
 
 def test_version_prints_the_installed_distributions_version() -> None:
