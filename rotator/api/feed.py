@@ -10,9 +10,10 @@ current version (``credential_state.change_seq``, migration 0007); drops have in
 keys a count and a last change. One query (:data:`MARKER`) reads the three high-water marks,
 and only what lies above the marks this replica has seen is read.
 
-* **SQLite**: the feed reads the marks every ``api.replica_poll`` (one indexed query that
-  changes nothing while nothing changed). SQLite has one writer at a time, so numbers are
-  committed in order and "above the mark" misses nothing.
+* **SQLite**: every ``api.replica_poll`` the feed asks whether any connection committed since
+  its last read (:meth:`Journal.commit_mark`, a pragma: about 20 µs), and only then reads the
+  marks (one indexed query). SQLite has one writer at a time, so numbers are committed in order
+  and "above the mark" misses nothing.
 * **PostgreSQL**: triggers ``NOTIFY rotator_changes``, naming the credential whose version
   changed; the feed ``LISTEN``s on its own connection and reads that row at once. Sequence
   numbers may commit out of order there, so the safety poll (every 5 s, in case a notification
@@ -104,6 +105,8 @@ class ReplicaFeed:
         self._full = False
         self._marks: deque[tuple[float, int, int]] = deque()
         """PostgreSQL: (when, last change number, last drop) at start and each safety poll."""
+        self._commit_mark: int | None = None
+        """SQLite: the journal's commit mark taken before the last read."""
         self._wake = asyncio.Event()
         self.polls = 0
         self.rows_read = 0
@@ -111,6 +114,7 @@ class ReplicaFeed:
 
     def start(self) -> None:
         """Load keys and past drops, and remember the versions the journal names now."""
+        self._commit_mark = self.journal.commit_mark()
         self.keys.load(self.journal)
         with self.journal.reader() as s:
             marker = s.execute(MARKER).one()
@@ -149,6 +153,10 @@ class ReplicaFeed:
         look on PostgreSQL, which re-reads a recent window of numbered changes."""
         named, self._named = self._named, set()
         full, self._full = self._full, False
+        mark = self.journal.commit_mark()
+        if mark is not None and mark == self._commit_mark and not (named or full):
+            return {}, [], False  # nothing committed since the last read
+        self._commit_mark = mark  # taken before the read: a commit during it moves it again
         since_seq, since_drop = self._last_seq, self._last_drop
         if safety and not self.journal.is_sqlite:
             since_seq, since_drop = self._lookback()

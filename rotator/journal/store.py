@@ -126,22 +126,31 @@ class _PlanWatch:
         self._database = database
         self._seen: tuple[int, tuple[object, ...]] | None = None
 
+    def _version(self) -> tuple[sqlite3.Connection, int]:
+        """The connection (opened on first use) and its data version; the lock is held."""
+        if self._conn is None:
+            self._conn = sqlite3.connect(
+                self._database, timeout=30, isolation_level=None, check_same_thread=False
+            )
+        return self._conn, int(self._conn.execute("PRAGMA data_version").fetchone()[0])
+
+    def version(self) -> int:
+        """A number that moves with every commit of another connection."""
+        with self._lock:
+            return self._version()[1]
+
     def inputs(self) -> tuple[object, ...]:
         with self._lock:
-            if self._conn is None:
-                self._conn = sqlite3.connect(
-                    self._database, timeout=30, isolation_level=None, check_same_thread=False
-                )
-            version = int(self._conn.execute("PRAGMA data_version").fetchone()[0])
+            conn, version = self._version()
             if self._seen is not None and self._seen[0] == version:
                 return self._seen[1]
-            cursor = self._conn.cursor()
+            cursor = conn.cursor()
             try:
                 cursor.execute("BEGIN")  # one snapshot for the three reads
                 try:
                     read = _plan_rows(cursor)
                 finally:
-                    self._conn.rollback()  # it wrote nothing: end the snapshot either way
+                    conn.rollback()  # it wrote nothing: end the snapshot either way
             finally:
                 cursor.close()
             self._seen = (version, read)  # a commit after the pragma moves it: read again
@@ -767,6 +776,16 @@ class Journal:
                     return _plan_rows(cursor)
                 finally:
                     cursor.close()
+
+    def commit_mark(self) -> int | None:
+        """SQLite: a number that moves whenever a connection commits (``PRAGMA data_version`` on
+        the connection :meth:`plan_inputs` reads with, which never writes). A reader that took
+        the mark before it last read, and sees the same mark now, has nothing new to read.
+        None on PostgreSQL (NOTIFY tells a reader what changed)."""
+        if self._watch is None:
+            return None
+        with self._guard("read the journal's commit mark"):
+            return self._watch.version()
 
     def set_state(
         self, environment: str, credential: str, *, lease: LeaseKey | None = None, **values: Any

@@ -6,11 +6,14 @@ change committed out of number order still found by the safety poll."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from rotator.api.cache import TokenCache
 from rotator.api.feed import ReplicaFeed
@@ -195,3 +198,42 @@ async def test_the_journal_gauges_describe_every_family_they_collect(serve: Fact
     described = [family.name for family in gauges.describe()]
     assert len(collected) == 10
     assert collected == set(described)
+
+
+async def test_on_sqlite_a_look_runs_no_query_until_a_connection_commits(
+    serve: Factory, tmp_path: Path
+) -> None:
+    # the idle cost of a replica on SQLite: every api.replica_poll (250 ms) a pragma, no query
+    path = tmp_path / "quiet.db"
+    one = await serve(journal_url=f"sqlite:///{path}")
+    journal = one.runtime.journal
+    journal.set_state("prod", "quiet", current_version_id="q1")
+    feed = ReplicaFeed(journal, TokenCache(one.runtime), KeyIndex(), poll_s=5)
+    feed.start()
+    mine = threading.get_ident()  # the polls below run here, without awaiting in between
+    statements: list[str] = []
+
+    def count(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        if threading.get_ident() == mine:
+            statements.append(statement)
+
+    event.listen(journal.engine, "before_cursor_execute", count)
+    try:
+        for _ in range(3):
+            assert feed.poll() == ({}, [], False)
+        assert statements == []  # not even the marks: nothing was committed since start
+        with contextlib.closing(sqlite3.connect(path)) as other:  # another process's commit
+            other.execute(
+                "UPDATE credential_state SET current_version_id = 'q2' "
+                "WHERE environment = 'prod' AND credential = 'quiet'"
+            )
+            other.commit()
+        states, _, _ = feed.poll()
+        assert states[("prod", "quiet")][0] == "q2"
+        assert statements  # the marks, then the changed row
+        read = len(statements)
+        feed.changed("credential_state prod quiet")  # a named look reads, whatever the mark
+        assert feed.poll()[0][("prod", "quiet")][0] == "q2"
+        assert len(statements) > read
+    finally:
+        event.remove(journal.engine, "before_cursor_execute", count)
