@@ -1,6 +1,7 @@
 """How the tests build what they run on, one way each: an environment's table (as it would be in
 TOML), a whole configuration (parsed in this process, or the TOML text a ``rotator`` subprocess
-reads), and runtimes opened on a configuration and closed together at the end of a test."""
+reads), runtimes opened on a configuration and closed together at the end of a test, and a
+token put straight into a primary backend."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from typing import Any
 
 from rotator.clock import SYSTEM, Clock
 from rotator.crypto import generate_key
+from rotator.model import Secret, StoredVersion, TokenPair, new_version_id
 from rotator.revoke import resume_held
 from rotator.rotation.runtime import Runtime
-from rotator.settings import Config, parse_config
+from rotator.settings import Config, load_config, parse_config
 
 DEFAULT_SCHEDULE = {"interval": "1h", "grace_period": "0s"}
 """Hourly, and no grace period: the old token is retired as soon as the new one is current."""
@@ -166,3 +168,20 @@ class Runtimes:
         for runtime in reversed(self.opened):
             await runtime.aclose()
         self.opened.clear()
+
+
+def store_token(config: Path, environment: str, name: str, token: str) -> str:
+    """Make ``token`` the current version of ``name`` in ``environment``'s primary backend, as
+    the configuration file ``config`` names it, with no journal (the journal knows nothing of
+    it); its version id."""
+    import backends
+
+    cfg = load_config(config)
+    backend = backends.build(cfg.environment(environment).backend_settings[0], environment)
+    try:
+        version = StoredVersion(environment, name, new_version_id(), TokenPair(Secret(token)))
+        backend.stage_pending(version)
+        backend.promote(name, version.version_id)
+    finally:
+        backend.close()
+    return version.version_id

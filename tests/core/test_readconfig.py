@@ -12,12 +12,16 @@ from typing import Any
 
 import pytest
 
-import backends
 from rotator.crypto import generate_key
-from rotator.model import Secret, StoredVersion, TokenPair, new_version_id
 from rotator.readconfig import read_config
 from rotator.settings import load_config
-from tests.factories import config_toml, credentials, environment_table, file_backend
+from tests.factories import (
+    config_toml,
+    credentials,
+    environment_table,
+    file_backend,
+    store_token,
+)
 
 
 def tables(**changes: Any) -> dict[str, Any]:
@@ -146,15 +150,8 @@ def test_get_refuses_what_the_whole_configuration_refuses_with_its_message(
     envs = tables()
     envs["prod"]["backends"][1] = file_backend("files/dev", "keys/prod-copy.key", name="copy")
     path = write(tmp_path, envs)
-    dev_alone = write(tmp_path, {"dev": envs["dev"]}, file="dev.toml")  # dev's token, stored
-    cfg = load_config(dev_alone)
-    backend = backends.build(cfg.environment("dev").backend_settings[0], "dev")
-    try:
-        version = StoredVersion("dev", "acme-sap", new_version_id(), TokenPair(Secret("t" * 40)))
-        backend.stage_pending(version)
-        backend.promote("acme-sap", version.version_id)
-    finally:
-        backend.close()
+    dev_alone = write(tmp_path, {"dev": envs["dev"]}, file="dev.toml")
+    store_token(dev_alone, "dev", "acme-sap", "t" * 40)  # dev's token, stored
     proc = subprocess.run(
         [sys.executable, "-m", "rotator", "get", "dev", "acme-sap"],
         env={**os.environ, "ROTATOR_CONFIG": str(path)},

@@ -16,9 +16,13 @@ from typing import TYPE_CHECKING, cast
 import pytest
 
 from rotator.crypto import generate_key
-from rotator.model import Secret, StoredVersion, TokenPair, new_version_id
-from rotator.settings import load_config
-from tests.factories import config_toml, credentials, environment_table, file_backend
+from tests.factories import (
+    config_toml,
+    credentials,
+    environment_table,
+    file_backend,
+    store_token,
+)
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -106,16 +110,7 @@ def test_get_on_a_file_backend_reads_it_without_journal_makini_client_or_logging
     env = {"ROTATOR_CONFIG": str(config), "STARTUP_SEAL": generate_key()}
     token = "startup-" + os.urandom(16).hex()
 
-    import backends
-
-    cfg = load_config(config)
-    backend = backends.build(cfg.environment("prod").backend_settings[0], "prod")
-    try:
-        version = StoredVersion("prod", "acme-sap", new_version_id(), TokenPair(Secret(token)))
-        backend.stage_pending(version)
-        backend.promote("acme-sap", version.version_id)
-    finally:
-        backend.close()
+    store_token(config, "prod", "acme-sap", token)
 
     proc, packages = imported("get", "prod", "acme-sap", env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -155,16 +150,7 @@ def test_status_reads_the_journal_and_the_backends_without_sqlalchemy_makini_or_
     config = tmp_path / "rotator.toml"
     config.write_text(text)
     env = {"ROTATOR_CONFIG": str(config), "STARTUP_SEAL": generate_key()}
-    import backends
-
-    cfg = load_config(config)
-    backend = backends.build(cfg.environment("prod").backend_settings[0], "prod")
-    try:
-        version = StoredVersion("prod", "acme-sap", new_version_id(), TokenPair(Secret("t" * 40)))
-        backend.stage_pending(version)
-        backend.promote("acme-sap", version.version_id)
-    finally:
-        backend.close()
+    version_id = store_token(config, "prod", "acme-sap", "t" * 40)
 
     # a journal that does not exist yet is the runtime's to create and migrate: the first
     # status opens it (whatever it imports), the next ones only read it
@@ -182,7 +168,7 @@ def test_status_reads_the_journal_and_the_backends_without_sqlalchemy_makini_or_
         ("acme-sap", "rotate"),
         ("globex-fiix", "rotate"),
     ]
-    assert rows[0]["backends"] == {"file": version.version_id}
+    assert rows[0]["backends"] == {"file": version_id}
     assert rows[0]["backends_agree"] is False  # the journal knows of no current version
     assert rows[1]["backends"] == {"file": None} and rows[1]["backends_agree"] is True
     assert "Traceback" not in proc.stderr
