@@ -321,10 +321,16 @@ def test_replicas_and_run_due_rotate_each_credential_once_per_due_period(fleet: 
             return count
 
         first_kill = Kill(fleet, db, replicas["r0"], "kills", lambda: promoted() >= 5)
-        replicas["r1"].signal(signal.SIGTERM)
         r1_owner = f"{socket.gethostname()[:60]}:{replicas['r1'].pid}:%"
-        r1_held = db.rows("SELECT name FROM locks WHERE owner LIKE %s", r1_owner)
-        assert r1_held
+        # r1 mid-wave, holding leases, when the SIGTERM arrives (read before it: the drain gives
+        # them back within milliseconds, so a read after it can find none already)
+        r1_held = wait_until(
+            "r1 to hold leases",
+            lambda: db.rows("SELECT name FROM locks WHERE owner LIKE %s", r1_owner),
+            LOCK_TTL_S,
+            every_s=0.01,
+        )
+        replicas["r1"].signal(signal.SIGTERM)
         # the drain gives every lease back at once: gone before any could have expired (each
         # was renewed within the last third of lock_ttl before the SIGTERM)
         wait_until(
