@@ -109,6 +109,13 @@ class Backend(ABC):
     def read(self, credential: str, stage: Stage = Stage.CURRENT) -> StoredVersion | None:
         """The version holding ``stage``, or ``None``."""
 
+    def current_version_id(self, credential: str) -> str | None:
+        """The id of the version holding the current stage, or ``None``: what ``status`` and
+        the backends-agree check compare with the journal. A backend that can tell it without
+        opening the token overrides this; by default the current version is read."""
+        version = self.read(credential, Stage.CURRENT)
+        return None if version is None else version.version_id
+
     @abstractmethod
     def read_version(self, credential: str, version_id: str) -> StoredVersion | None:
         """A readable version by id (with its stage), or ``None``."""

@@ -16,7 +16,6 @@ from sqlalchemy import func, select, tuple_
 from rotator.errors import RotatorError
 from rotator.journal.schema import CredentialState, WebhookEvent
 from rotator.metrics import CredentialFigures, CredentialKey, Probes, Snapshot, epoch_us
-from rotator.model import Stage
 from rotator.readers import activity, stale_in
 from rotator.webhooks.queue import PENDING, WORKING
 
@@ -175,10 +174,9 @@ class Observer:
             env, cred, version = item
             for backend in self.backends[env]:
                 try:
-                    held = backend.read(cred, Stage.CURRENT)
+                    if backend.current_version_id(cred) != version:
+                        return False
                 except RotatorError:
-                    return False
-                if held is None or held.version_id != version:
                     return False
             return True
 

@@ -371,6 +371,24 @@ class BackendContract:
         assert backend.read(v.credential) is None
         assert backend.versions(v.credential) == [VersionInfo(v.version_id, None, False)]
 
+    def test_current_version_id_follows_the_current_stage(self, backend: Backend) -> None:
+        # what status and the backends-agree check compare with the journal, read as the
+        # backend likes (the file backend does not open the token)
+        cred = self.CREDENTIAL
+        assert backend.current_version_id(cred) is None
+        staged = self.staged(backend)
+        assert backend.current_version_id(cred) is None  # pending is not current
+        backend.promote(cred, staged.version_id)
+        assert backend.current_version_id(cred) == staged.version_id
+        v2 = self.promoted(backend)
+        assert backend.current_version_id(cred) == v2.version_id
+        backend.make_unreadable(cred, staged.version_id)  # the previous one: no change
+        assert backend.current_version_id(cred) == v2.version_id
+        backend.make_unreadable(cred, v2.version_id)
+        assert backend.current_version_id(cred) is None
+        backend.delete(cred)
+        assert backend.current_version_id(cred) is None
+
     # -- delete and credentials ----------------------------------------------------------------
 
     def test_delete(self, backend: Backend) -> None:
