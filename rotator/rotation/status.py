@@ -111,7 +111,14 @@ class CredentialStatus:
 
 
 def _current_id(backend: Backend, credential: str) -> str | None:
+    """The current version id ``backend`` holds for ``credential``. A backend that can tell it
+    without opening the token (the file backend: its authenticated stages record, and the
+    version's file present) is asked that way; any other reads the current version."""
     try:
+        cheap = getattr(backend, "current_version_id", None)
+        if cheap is not None:
+            found: str | None = cheap(credential)
+            return found
         version = backend.read(credential, Stage.CURRENT)
     except BackendError as exc:
         return f"error: {exc.message}"
