@@ -22,6 +22,7 @@ import asyncio
 import compileall
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -103,18 +104,22 @@ def _status_command(config: Path) -> None:
     journal discovery filled: the median of 3 runs."""
     for package in (rotator, backends):
         compileall.compile_dir(Path(str(package.__file__)).parent, quiet=1)
-    walls, rows, code = [], 0, 0
+    walls, cpus, rows, code = [], [], 0, 0
     for _ in range(3):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         proc = subprocess.run(
             [sys.executable, "-m", "rotator", "-c", str(config), "status", "--json"],
             capture_output=True, text=True, cwd=config.parent,
         )
         walls.append(time.perf_counter() - started)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpus.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
         rows = len(json.loads(proc.stdout)) if proc.stdout.strip() else 0
         code = proc.returncode
     print(f"`rotator status --json`:        {statistics.median(walls):6.2f} s  "
-          f"({rows} rows, exit {code}, median of 3, imports included)")
+          f"(CPU {statistics.median(cpus):.2f} s; {rows} rows, exit {code}, median of 3, "
+          "imports included)")
 
 
 def _first_tokens(config: Path, url: str, args: argparse.Namespace) -> None:
