@@ -283,10 +283,10 @@ def read_status(
         return None
     for name in envs:
         if snap.discovered.get(name):  # the credentials discovery enrolled join the configured
-            from rotator.rotation import discovery
+            from rotator.rotation import enrolled  # not discovery: SQLAlchemy, the Makini client
 
-            known = [discovery.Known(*_fields(r)) for r in snap.discovered[name]]
-            config.environments[name] = discovery.effective(config.environments[name], known)
+            known = [enrolled.Known(*_fields(r)) for r in snap.discovered[name]]
+            config.environments[name] = enrolled.effective(config.environments[name], known)
     opened: dict[str, list[Backend]] = {}
     try:
         for name in envs:

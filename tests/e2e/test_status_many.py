@@ -155,3 +155,44 @@ def test_a_long_table_is_plain_fits_80_columns_and_cuts_nothing(
     lines = out.splitlines()
     assert sum(1 for line in lines if line.startswith("prod ")) == count  # a row each, in order
     assert [n for n in names if whole(n, out)] == names
+
+
+def test_status_of_discovered_credentials_imports_neither_sqlalchemy_nor_the_makini_client(
+    tmp_path: Path,
+) -> None:
+    """The enrolled credentials are made effective by ``rotator.rotation.enrolled`` alone:
+    discovery's module (SQLAlchemy, the journal's schema, the Makini client) is not imported."""
+    import sqlite3
+
+    from tests.e2e.test_cli_startup import SERVER, imported
+
+    prod = environment_table(
+        "http://127.0.0.1:9",  # status calls no Makini
+        "startup-prod",
+        credentials("configured"),
+        sealing_env="DISC_SEAL",
+        secret_env="DISC_SECRET",
+        backends=[file_backend("files/prod", "keys/prod.key")],
+    )
+    prod["discover"] = {"enabled": True}
+    config = tmp_path / "rotator.toml"
+    config.write_text(config_toml("sqlite:///journal.db", {"prod": prod}))
+    env = {"ROTATOR_CONFIG": str(config), "DISC_SEAL": generate_key()}
+    first, _ = imported("status", "--json", env=env, cwd=tmp_path)  # makes the journal
+    assert first.returncode == 3, first.stderr[-2000:]
+    now = "2026-01-01 00:00:00.000000"
+    with sqlite3.connect(tmp_path / "journal.db") as db:
+        db.execute(
+            "INSERT INTO discovered_connections (environment, connection_id, credential, "
+            "platform, company, name, status, enrolled_at, seen_at) "
+            "VALUES ('prod', 'conn-found', 'found', 'sap', 'acme', 'Found', 'enrolled', ?, ?)",
+            (now, now),
+        )
+    db.close()
+    proc, packages = imported("status", "--json", env=env, cwd=tmp_path)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert [(r["credential"], r["connection_id"]) for r in json.loads(proc.stdout)] == [
+        ("configured", "conn-configured"),
+        ("found", "conn-found"),
+    ]
+    assert packages & {*SERVER, "alembic"} == set()
