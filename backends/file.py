@@ -251,6 +251,23 @@ class FileBackend(Backend):
             return None
         return self._read_sealed(cred, vid, state)
 
+    def current_version_id(self, credential: str) -> str | None:
+        """The id of the version holding the current stage, without opening the token: what
+        ``rotator status`` shows. The stages record is read and authenticated exactly as
+        :meth:`read` reads it (the newer intact slot, its MAC checked: an edited or foreign
+        record is refused as corrupt), and the version's sealed file must be present (a version
+        made unreadable, or whose file is gone, is ``None`` as with :meth:`read`). Unlike
+        :meth:`read`, the sealed file is not decrypted: a damaged token file is found by the
+        commands that open it (``rotator get``, ``verify``, a rotation), not by this display."""
+        cred = self._check_credential(credential)
+        if self._prepare(create=False) is None:
+            return None
+        state = self._load_state(cred)
+        vid = state.stages.get(Stage.CURRENT) if state else None
+        if state is None or vid is None or not state.readable.get(vid):
+            return None
+        return vid if self._exists(self._cred_dir(cred) / f"{vid}{SUFFIX}") else None
+
     def read_version(self, credential: str, version_id: str) -> StoredVersion | None:
         cred = self._check_credential(credential)
         vid = self._check_version_id(version_id)

@@ -7,10 +7,11 @@ The state is written beforehand, without Makini: each credential's token is stag
 in the file backend by the backend's own code, and the journal rows a rotation leaves (its
 credential state and its finished rotation) are written through the journal's schema in one
 transaction. What ``status`` then reads is read by its real code, in a subprocess (``python -m
-rotator status``, the table piped, then ``--json``), alternating with ``python -c pass``. Printed
-per size and output: the median wall time, the peak RSS, the time per 1,000 credentials
-(linear in N where it stays flat), the rows shown and the exit code. The code measured is
-compiled to bytecode first (as ``bench_cli`` does).
+rotator status``: the table piped, ``--all`` where the code has it, then ``--json``), alternating
+with ``python -c pass``. Printed per size and output: the median wall time, the median CPU time
+(user + system, the command and its threads), the peak RSS, the wall time per 1,000
+credentials (linear in N where it stays flat), the rows (``--json``) and the exit code. The
+code measured is compiled to bytecode first (as ``bench_cli`` does).
 
 Target (issue 18): under 2 s at 10,000 credentials, linear.
 """
@@ -33,7 +34,7 @@ from sqlalchemy import insert
 
 import backends
 import rotator
-from bench.bench_cli import run_once, write_config
+from bench.bench_cli import write_config
 from rotator.crypto import generate_key
 from rotator.journal import CredentialState, Journal, Rotation, Step
 from rotator.model import Secret, StoredVersion, TokenPair, fingerprint, new_version_id, utcnow
@@ -83,6 +84,35 @@ def seed(config: Path, count: int) -> None:
         journal.close()
 
 
+# Runs argv[1:]; prints its wall seconds, CPU seconds (user + system), peak RSS (KB), exit code.
+LAUNCHER = """
+import os, sys, time
+start = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.dup2(null, 2)
+    os.execv(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+print(time.perf_counter() - start, usage.ru_utime + usage.ru_stime, usage.ru_maxrss,
+      os.waitstatus_to_exitcode(status))
+"""
+
+
+def run_once(argv: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float, float, int]:
+    """Wall seconds, CPU seconds, peak RSS (MB) and exit code of one run of ``argv``."""
+    out = subprocess.run(
+        [sys.executable, "-c", LAUNCHER, *argv],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    return float(out[0]), float(out[1]), int(out[2]) / 1024, int(out[3])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1000,10000", help="credential counts, comma-separated")
@@ -96,10 +126,10 @@ def main() -> None:
     print(
         f"rotator status, median of {args.runs} runs each, alternating with `python -c pass`; "
         "one environment, file backend, SQLite journal, every credential with a current token; "
-        "the table piped (80 columns) and --json"
+        "the table piped (80 columns), --all where the code has it, and --json"
     )
-    print(f"  {'credentials':>11} {'output':>6} {'wall':>8} {'peak RSS':>10} {'per 1,000':>10}"
-          f"   {'python -c pass':>9}   rows  exit")  # fmt: skip
+    print(f"  {'credentials':>11} {'output':>6} {'wall':>8} {'CPU':>8} {'peak RSS':>10} "
+          f"{'per 1,000':>10}   {'python -c pass':>9}   rows  exit")  # fmt: skip
     for count in sizes:
         with tempfile.TemporaryDirectory(prefix="bench-status-") as tmp:
             folder = Path(tmp)
@@ -122,17 +152,25 @@ def main() -> None:
                 [*command, "--json"], env=env, cwd=folder, capture_output=True, text=True
             )
             rows = len(json.loads(shown.stdout)) if shown.stdout.strip() else 0
-            for label, extra in (("table", []), ("json", ["--json"])):
+            helped = subprocess.run(
+                [*command, "--help"], env=env, cwd=folder, capture_output=True, text=True
+            )
+            outputs: list[tuple[str, list[str]]] = [("table", [])]
+            if "--all" in helped.stdout:
+                outputs.append(("--all", ["--all"]))
+            outputs.append(("json", ["--json"]))
+            for label, extra in outputs:
                 runs, bases = [], []
                 for _ in range(args.runs):
                     bases.append(run_once([sys.executable, "-c", "pass"], env, folder))
                     runs.append(run_once([*command, *extra], env, folder))
                 wall = statistics.median(r[0] for r in runs)
-                rss = max(r[1] for r in runs)
+                cpu = statistics.median(r[1] for r in runs)
+                rss = max(r[2] for r in runs)
                 base = statistics.median(b[0] for b in bases)
-                codes = sorted({r[2] for r in runs})
+                codes = sorted({r[3] for r in runs})
                 print(
-                    f"  {count:>11,} {label:>6} {wall:6.2f} s {rss:7.1f} MB "
+                    f"  {count:>11,} {label:>6} {wall:6.2f} s {cpu:6.2f} s {rss:7.1f} MB "
                     f"{wall / count * 1000:8.2f} s   {base:7.3f} s   {rows:>5}  "
                     f"{','.join(map(str, codes))}",
                     flush=True,

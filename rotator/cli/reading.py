@@ -33,9 +33,18 @@ if TYPE_CHECKING:
 def status(
     environment: OneEnvArg = None,
     json_out: JsonOpt = False,
+    show_all: Annotated[
+        bool,
+        typer.Option(
+            "--all",
+            help="List every credential in the table. Without it, more than 50 list those "
+            "that need a look (trouble, work due now) and count the healthy rest.",
+        ),
+    ] = False,
 ) -> None:
     """Each credential: current version, token age, expiry, next rotation, last outcome, and
-    whether every backend holds the same current version."""
+    whether every backend holds the same current version. Exit code 3 when one is not
+    healthy."""
     cfg = command_config()
     if environment:
         cfg.environment(environment)
@@ -52,7 +61,7 @@ def status(
             return await collect(rt, environment)
 
         rows = run_command(with_runtime(cfg, work, [environment] if environment else None))
-    render.status(rows, json_out)
+    render.status(rows, json_out, show_all=show_all)
     if any(not r.healthy for r in rows):
         raise typer.Exit(3)
 

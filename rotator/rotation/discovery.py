@@ -3,7 +3,8 @@
 ``[environments.X.discover]`` enrols each listed connection that passes the filters as a
 credential named by the template, and off-boards an enrolled one that is no longer listed (gone
 at Makini, or filtered out since). The journal's ``discovered_connections`` table is what
-discovery knows; :func:`effective` turns it, with the configuration, into the environment's
+discovery knows; :func:`effective` (in :mod:`rotator.rotation.enrolled`, which ``rotator
+status`` imports alone) turns it, with the configuration, into the environment's
 credentials, which every reader of the configuration then sees (status, the schedule, the
 engine, the API). A connection the configuration lists keeps its configuration (config wins).
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,11 @@ from sqlalchemy.engine import Connection
 from rotator.errors import ConfigError, NotFound, Offboarded
 from rotator.journal.schema import AuditEntry, DiscoveredConnection
 from rotator.makini import ListedConnection
+from rotator.rotation.enrolled import ENROLLED as ENROLLED
+from rotator.rotation.enrolled import OFFBOARDED as OFFBOARDED
+from rotator.rotation.enrolled import PURGED as PURGED
+from rotator.rotation.enrolled import Known as Known
+from rotator.rotation.enrolled import effective as effective
 from rotator.rotation.work import RotationResult, Work
 from rotator.settings import (
     CredentialSettings,
@@ -49,7 +55,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("rotator.discovery")
 
-ENROLLED, OFFBOARDED, PURGED = "enrolled", "offboarded", "purged"
 _LEASE = timedelta(minutes=10)
 """How long a discovery's lease outlives a process that died holding it."""
 ACTOR = "discovery"
@@ -124,19 +129,6 @@ class Change:
 # --- what the journal knows ----------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Known:
-    """A row of ``discovered_connections``, as discovery reads it."""
-
-    connection_id: str
-    credential: str
-    status: str
-    platform: str | None = None
-    company: str | None = None
-    name: str | None = None
-    gone_at: datetime | None = None
-
-
 def rows(journal: Journal, environment: str) -> list[Known]:
     """The environment's discovered connections, every status (plain rows: 10,000 of them
     as ORM objects would cost a second at each discovery)."""
@@ -151,41 +143,6 @@ def rows(journal: Journal, environment: str) -> list[Known]:
                 .order_by(t.credential)
             )
         ]
-
-
-def _enrolled_settings(env: EnvironmentSettings, row: Known) -> CredentialSettings:
-    described = " ".join(p for p in (row.platform, row.company) if p)
-    return CredentialSettings.model_construct(
-        name=row.credential,
-        connection_id=row.connection_id,
-        method="issue",
-        schedule=env.discover.schedule,
-        description=f"discovered at Makini{': ' + described if described else ''}",
-        revoke_strategy="auto",
-    )
-
-
-def effective(
-    env: EnvironmentSettings, discovered: Iterable[Known]
-) -> EnvironmentSettings:
-    """The environment's credentials: the configured ones, then each enrolled or off-boarded
-    (still readable) discovered one whose name and connection the configuration does not
-    already hold. Off-boarded ones are named in ``offboarded`` (the schedule skips them)."""
-    configured = env.configured_credentials
-    names = {c.name for c in configured}
-    connections = {c.connection_id for c in configured}
-    extra: list[CredentialSettings] = []
-    offboarded: set[str] = set()
-    for row in discovered:
-        if row.status == PURGED or row.credential in names:
-            continue
-        if row.connection_id in connections:
-            continue
-        names.add(row.credential)
-        extra.append(_enrolled_settings(env, row))
-        if row.status == OFFBOARDED:
-            offboarded.add(row.credential)
-    return env.with_discovered(extra, offboarded)
 
 
 def refresh(runtime: Runtime, environment: str) -> EnvironmentSettings:

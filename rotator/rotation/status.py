@@ -111,7 +111,14 @@ class CredentialStatus:
 
 
 def _current_id(backend: Backend, credential: str) -> str | None:
+    """The current version id ``backend`` holds for ``credential``. A backend that can tell it
+    without opening the token (the file backend: its authenticated stages record, and the
+    version's file present) is asked that way; any other reads the current version."""
     try:
+        cheap = getattr(backend, "current_version_id", None)
+        if cheap is not None:
+            found: str | None = cheap(credential)
+            return found
         version = backend.read(credential, Stage.CURRENT)
     except BackendError as exc:
         return f"error: {exc.message}"
@@ -276,10 +283,10 @@ def read_status(
         return None
     for name in envs:
         if snap.discovered.get(name):  # the credentials discovery enrolled join the configured
-            from rotator.rotation import discovery
+            from rotator.rotation import enrolled  # not discovery: SQLAlchemy, the Makini client
 
-            known = [discovery.Known(*_fields(r)) for r in snap.discovered[name]]
-            config.environments[name] = discovery.effective(config.environments[name], known)
+            known = [enrolled.Known(*_fields(r)) for r in snap.discovered[name]]
+            config.environments[name] = enrolled.effective(config.environments[name], known)
     opened: dict[str, list[Backend]] = {}
     try:
         for name in envs:

@@ -247,6 +247,51 @@ def test_corrupt_stages_file(backend: FileBackend, store: Path, content: bytes) 
             call()
 
 
+def test_current_version_id_agrees_with_read_without_opening_the_token(
+    backend: FileBackend, store: Path
+) -> None:
+    """What ``rotator status`` asks: the current version's id from the authenticated stages
+    record, None where :meth:`read` finds no current version; the token file is not opened."""
+    assert backend.current_version_id(CRED) is None  # nothing stored yet
+    first = promote_new(backend)
+    assert backend.current_version_id(CRED) == first.version_id
+    second = make_version(ENV, CRED)
+    backend.stage_pending(second)  # pending is not current
+    assert backend.current_version_id(CRED) == first.version_id
+    backend.promote(CRED, second.version_id)
+    current = backend.read(CRED)
+    assert current is not None and backend.current_version_id(CRED) == current.version_id
+    assert current.version_id == second.version_id
+    # its file gone (a crash between the delete and the record): no current version, as read
+    sealed = sealed_path(store, second)
+    saved = sealed.read_bytes()
+    sealed.unlink()
+    assert backend.read(CRED) is None and backend.current_version_id(CRED) is None
+    # a damaged token file is for the commands that open it; the display still names it
+    sealed.write_bytes(saved[:-1] + bytes([saved[-1] ^ 1]))
+    with pytest.raises(BackendCorrupt):
+        backend.read(CRED)
+    assert backend.current_version_id(CRED) == second.version_id
+    backend.make_unreadable(CRED, second.version_id)
+    assert backend.current_version_id(CRED) is None
+
+
+def test_current_version_id_refuses_an_edited_stages_record(
+    backend: FileBackend, store: Path
+) -> None:
+    a, b = promote_new(backend, "alpha"), promote_new(backend, "beta")
+    for name in ("stages.json", "stages.1.json"):  # beta's record names alpha's version
+        doc = json.loads((store / ENV / "beta" / name).read_text())
+        doc["stages"] = {k: a.version_id for k in doc["stages"]}
+        doc["versions"] = [{"id": a.version_id, "readable": True}]
+        del doc["sha256"]  # not a torn write: the MAC is what refuses it
+        (store / ENV / "beta" / name).write_text(json.dumps(doc))
+    with pytest.raises(BackendCorrupt, match=r"stages.*fails authentication"):
+        backend.current_version_id("beta")
+    assert backend.current_version_id("alpha") == a.version_id
+    assert b.version_id != a.version_id
+
+
 def test_a_file_moved_to_another_credential_does_not_open(
     backend: FileBackend, store: Path
 ) -> None:
