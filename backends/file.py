@@ -252,8 +252,8 @@ class FileBackend(Backend):
         return self._read_sealed(cred, vid, state)
 
     def current_version_id(self, credential: str) -> str | None:
-        """The id of the version holding the current stage, without opening the token: what
-        ``rotator status`` shows. The stages record is read and authenticated exactly as
+        """The id of the version holding the current stage, without opening the token (what
+        ``rotator status`` and the backends-agree check compare). The stages record is read and authenticated exactly as
         :meth:`read` reads it (the newer intact slot, its MAC checked: an edited or foreign
         record is refused as corrupt), and the version's sealed file must be present (a version
         made unreadable, or whose file is gone, is ``None`` as with :meth:`read`). Unlike

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 
 from rotator.errors import BackendError
 from rotator.journal.snapshot import Snapshot
-from rotator.model import Stage
 from rotator.readers import Activity, ReaderView, stale_in
 from rotator.rotation.schedule import human, plan_from
 
@@ -111,18 +110,12 @@ class CredentialStatus:
 
 
 def _current_id(backend: Backend, credential: str) -> str | None:
-    """The current version id ``backend`` holds for ``credential``. A backend that can tell it
-    without opening the token (the file backend: its authenticated stages record, and the
-    version's file present) is asked that way; any other reads the current version."""
+    """The current version id ``backend`` holds for ``credential`` (read as the backend likes:
+    :meth:`~backends.base.Backend.current_version_id`), or the error it gave."""
     try:
-        cheap = getattr(backend, "current_version_id", None)
-        if cheap is not None:
-            found: str | None = cheap(credential)
-            return found
-        version = backend.read(credential, Stage.CURRENT)
+        return backend.current_version_id(credential)
     except BackendError as exc:
         return f"error: {exc.message}"
-    return version.version_id if version else None
 
 
 @dataclass(frozen=True)
