@@ -278,8 +278,14 @@ def expand_version(given: str, known: Iterable[str]) -> str | None:
 
 
 def print_json(data: Any) -> None:
-    """``data`` as indented JSON on stdout (for scripts)."""
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    """``data`` as JSON on stdout (for scripts): a list one item a line (10,000 credentials'
+    rows are written by the json module's C encoder, which ``indent`` turns off, and each
+    line stays greppable), anything else indented."""
+    if isinstance(data, list) and data:
+        rows = ",\n".join(f"  {json.dumps(item, default=str)}" for item in data)
+        sys.stdout.write(f"[\n{rows}\n]\n")
+    else:
+        sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
 @contextmanager

@@ -314,3 +314,18 @@ def test_progress_bar_knows_its_total_and_logs_print_above_it(
     # the results table (stdout, piped) fits 80 columns whole
     assert LONG in stdout and "…" not in stdout
     assert max(len(line) for line in stdout.splitlines()) <= 80
+
+
+def test_json_lists_one_item_a_line_and_anything_else_indented(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # a script reads the same JSON either way; a person greps a credential's line
+    rows = [{"credential": LONG, "at": utcnow(), "backends": {"file": "v1"}}, {"credential": "b"}]
+    render.print_json(rows)
+    out = capsys.readouterr().out
+    assert json.loads(out) == json.loads(json.dumps(rows, default=str))
+    assert out.splitlines()[1].strip().rstrip(",") == json.dumps(rows[0], default=str)
+    assert len(out.splitlines()) == 4  # [, two rows, ]
+    render.print_json([])
+    render.print_json({"credential": LONG})
+    assert capsys.readouterr().out == '[]\n{\n  "credential": "' + LONG + '"\n}\n'
