@@ -142,6 +142,15 @@ class _NoCookies(httpx.Cookies):
         return False
 
 
+class _HttpClient(httpx.AsyncClient):
+    """httpx's client with :class:`_NoCookies` (its ``cookies`` setter copies into a plain
+    jar, so the jar is set behind it)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._cookies = _NoCookies()
+
+
 class MakiniClient:
     """One environment's client for the Makini API. Use as ``async with`` or call ``aclose``.
 
@@ -192,7 +201,7 @@ class MakiniClient:
             keepalive_expiry=_KEEPALIVE_S,
         )
         self._shards = [
-            httpx.AsyncClient(
+            _HttpClient(
                 base_url=settings.base_url,
                 timeout=httpx.Timeout(settings.timeout_s),
                 headers={"Accept": "application/json", "User-Agent": "makini-rotator"},
@@ -202,9 +211,6 @@ class MakiniClient:
             )
             for _ in range(shards)
         ]
-        for shard in self._shards:
-            # httpx's setter copies into a plain jar: the attribute behind it is replaced
-            shard._cookies = _NoCookies()
         # requests go out with absolute URLs: httpx parses a relative one, then the base URL
         # joined with it (a second parse); the verify URL, the same for every token, is
         # parsed once here
