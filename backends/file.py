@@ -17,16 +17,19 @@ Layout under ``settings.path`` (one path serves one environment)::
   (``KeyRing.seal(b"", aad=...)``, i.e. GMAC with the sealing key), so an edited or foreign file
   is refused as corrupt. An older copy of the same credential's file would still verify (no
   rollback protection).
-* A version file is written to a temporary file in the same folder, fsynced and renamed into
-  place, then the folder is fsynced. The stages are written **in place**, fsynced, into the slot
-  the current state was *not* read from: a write that dies half-way leaves that slot torn (its
-  ``sha256`` checksum fails) and the other slot, the state before the write, is read. A new file
-  per write would cost more than the write (ext4 looks for a free inode past every recently
-  deleted one). A write costs one credential's files, never an environment-wide file.
+* A version file is written in place, fsynced, then its folder, before any stages file lists
+  it: nothing opens a version the stages do not list, so a write that dies half-way leaves a
+  file nobody reads, which the retry writes over. The stages are written **in place**,
+  fsynced, into the slot the current state was *not* read from: a write that dies half-way
+  leaves that slot torn (its ``sha256`` checksum fails) and the other slot, the state before
+  the write, is read. A new file per write would cost more than the write (ext4 looks for a
+  free inode past every recently deleted one). A write costs one credential's files, never an
+  environment-wide file.
 * Every read-modify-write of the stages holds ``fcntl.flock`` on the credential's lock file
   (kept outside the credential folder so that ``delete`` cannot pull it away from a waiter) and a
-  per-credential thread lock. Readers take no lock: a version file is only ever replaced whole,
-  and a reader that meets a stages slot being written reads the other one.
+  per-credential thread lock. Readers take no lock: a version file is never written once a
+  stages file lists it, and a reader that meets a stages slot being written reads the other
+  one.
 * Folders are created 0700 (the missing folders above ``path`` too), files 0600, whatever the
   umask.
 
@@ -211,11 +214,12 @@ class FileBackend(Backend):
             if vid in state.readable:
                 return
             cred_dir = self._cred_dir(cred)
-            if loaded is None:  # a state was read from the folder: it exists
-                self._mkdir(cred_dir)
-            self._clean_temp_files(cred_dir)
+            # a state was read from the folder: it exists; one made just now is empty
+            made = loaded is None and self._mkdir(cred_dir)
+            if not made:
+                self._clean_temp_files(cred_dir)
             sealed = ring.seal(version.with_stage(None).to_json().encode(), self._aad(cred, vid))
-            self._write_atomic(cred_dir / f"{vid}{SUFFIX}", sealed)
+            self._write_unlisted(cred_dir / f"{vid}{SUFFIX}", sealed)
             state.readable[vid] = True
             state.stages[Stage.PENDING] = vid
             self._save_state(cred, state)
@@ -768,6 +772,25 @@ class FileBackend(Backend):
                 raise
             _fsync_dir(path.parent)
 
+    def _write_unlisted(self, path: Path, data: bytes) -> None:
+        """Write a version file no stages file lists yet: in place (no temporary file, no
+        rename), fsynced, then its folder. Nothing reads a version the stages do not list, so
+        a write that dies half-way leaves a file nobody opens, which the retry writes over
+        (and ``make_unreadable`` removes): whole before any stages file names it."""
+        with self._os_errors("write", path):
+            fd = os.open(
+                path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
+                _FILE_MODE,
+            )
+            try:
+                if stat.S_IMODE(os.fstat(fd).st_mode) != _FILE_MODE:  # umask'd, or left over
+                    os.fchmod(fd, _FILE_MODE)
+                _write_all(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            _fsync_dir(path.parent)
+
     def _clean_temp_files(self, cred_dir: Path) -> None:
         """Remove temporary files a crashed writer left (called under the credential's lock,
         when no other writer can be using one)."""
@@ -819,7 +842,8 @@ class FileBackend(Backend):
                 return False
             return True
 
-    def _mkdir(self, path: Path, *, parents: bool = False) -> None:
+    def _mkdir(self, path: Path, *, parents: bool = False) -> bool:
+        """Make the folder (0700); False if it was there already."""
         with self._os_errors("create the folder", path):
             if parents:
                 make_private_dirs(path.parent)  # 0700 like the rest, whatever the umask
@@ -828,9 +852,10 @@ class FileBackend(Backend):
             except FileExistsError:
                 if not path.is_dir():
                     raise
-                return
+                return False
             os.chmod(path, _DIR_MODE)  # exactly 0700 whatever the umask
             _fsync_dir(path.parent)
+        return True
 
     # ------------------------------------------------------------------ errors
 

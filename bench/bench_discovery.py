@@ -35,7 +35,7 @@ import httpx
 import backends
 import rotator
 from bench.bench_rotation import run_due
-from bench.simulator import makini_calls_alone, simulator
+from bench.simulator import cpu_seconds, makini_calls_alone, peak_inflight, simulator
 from rotator import logs
 from rotator.crypto import generate_key
 from rotator.rotation import discovery
@@ -126,16 +126,24 @@ def _status_command(config: Path, label: str = "") -> None:
 
 def _first_tokens(config: Path, url: str, args: argparse.Namespace) -> None:
     env = {**os.environ, "ROTATOR_LOG_LEVEL": "warning"}
+    sim_before = cpu_seconds(url)
     run = run_due(config, env)
+    sim_run = cpu_seconds(url) - sim_before
+    peak = peak_inflight(url)  # the listing before it goes one page at a time
+    sim_before = cpu_seconds(url)
     bound = asyncio.run(makini_calls_alone(
         url, f"{CLIENT}:{SECRET}", args.connections, args.max_concurrency, verifies=1,
         prefix="bound",
     ))
+    sim_bound = cpu_seconds(url) - sim_before
     print(f"first tokens (run-due):        {run['secs']:6.2f} s  exit {run['exit']:.0f}, "
           f"CPU {run['cpu']:.1f} s, {run['processes']:.0f} process(es), peak PSS together "
           f"{run['pss']:.0f} MB")
+    print(f"  simulator meanwhile:         CPU {sim_run:.1f} s (its own process), at most "
+          f"{peak} calls at once (makini.max_concurrency {args.max_concurrency})")
     print(f"  Makini calls alone:          {bound:6.2f} s  (issue + verify each, concurrency "
-          f"{args.max_concurrency})  ratio {run['secs'] / bound:4.2f}x")
+          f"{args.max_concurrency})  ratio {run['secs'] / bound:4.2f}x; simulator CPU "
+          f"{sim_bound:.1f} s")
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import subprocess
 import sys
 import time
@@ -45,15 +46,39 @@ def start_simulator(port: int, latency_ms: float, client: str) -> subprocess.Pop
     raise RuntimeError("the Makini simulator did not start")
 
 
+_RUNNING: dict[str, int] = {}
+"""The pid of the simulator serving each base URL (while its block runs)."""
+
+
 @contextlib.contextmanager
 def simulator(port: int, latency_ms: float, client: str) -> Iterator[str]:
     """The simulator's base URL while the block runs."""
     proc = start_simulator(port, latency_ms, client)
+    url = f"http://127.0.0.1:{port}"
+    _RUNNING[url] = proc.pid
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield url
     finally:
+        _RUNNING.pop(url, None)
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def cpu_seconds(url: str) -> float:
+    """CPU seconds (user + system, all its threads) the simulator at ``url`` has used so far:
+    Makini is not on the rotator's machine, so a benchmark reports the simulator's share of the
+    cores apart from the rotator's. 0 where /proc is not there."""
+    try:
+        with open(f"/proc/{_RUNNING[url]}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (KeyError, OSError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def peak_inflight(url: str) -> int:
+    """The most API requests the simulator has answered at once (since it started)."""
+    return int(httpx.get(f"{url}/_sim/stats", timeout=10).json().get("peak_inflight", 0))
 
 
 async def makini_calls_alone(

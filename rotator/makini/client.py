@@ -128,6 +128,29 @@ servers and proxies (uvicorn 5 s, nginx 75 s, load balancers 60 s): a server clo
 connection just as it is reused breaks that request (a POST cannot be retried blindly)."""
 
 
+class _NoCookies(httpx.Cookies):
+    """A cookie jar that keeps nothing. Makini is a bearer-token API: a cookie one answer set
+    must not ride along on the next request, which may carry another connection's token. And
+    httpx's jar parses every response for cookies through ``http.cookiejar`` (a ``urllib``
+    request per response): about a sixth of the client's CPU per request on the rotation hot
+    path (``bench.bench_discovery --first-tokens``)."""
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        return None
+
+    def __bool__(self) -> bool:
+        return False
+
+
+class _HttpClient(httpx.AsyncClient):
+    """httpx's client with :class:`_NoCookies` (its ``cookies`` setter copies into a plain
+    jar, so the jar is set behind it)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._cookies = _NoCookies()
+
+
 class MakiniClient:
     """One environment's client for the Makini API. Use as ``async with`` or call ``aclose``.
 
@@ -178,7 +201,7 @@ class MakiniClient:
             keepalive_expiry=_KEEPALIVE_S,
         )
         self._shards = [
-            httpx.AsyncClient(
+            _HttpClient(
                 base_url=settings.base_url,
                 timeout=httpx.Timeout(settings.timeout_s),
                 headers={"Accept": "application/json", "User-Agent": "makini-rotator"},
@@ -188,6 +211,11 @@ class MakiniClient:
             )
             for _ in range(shards)
         ]
+        # requests go out with absolute URLs: httpx parses a relative one, then the base URL
+        # joined with it (a second parse); the verify URL, the same for every token, is
+        # parsed once here
+        self._base = str(self._shards[0].base_url).rstrip("/")
+        self._current_url = httpx.URL(self._base + CURRENT_PATH)
         self._next_shard = itertools.cycle(self._shards)
 
     def __repr__(self) -> str:
@@ -505,8 +533,12 @@ class MakiniClient:
         where = self._where(call)
         started = time.monotonic()
         try:
+            url = (
+                self._current_url if call.path == CURRENT_PATH
+                else self._base + "/" + call.path.lstrip("/")
+            )
             response = await next(self._next_shard).request(
-                call.method, call.path, headers=headers, json=call.json, data=call.form
+                call.method, url, headers=headers, json=call.json, data=call.form
             )
         except _HTTPX_ERRORS as exc:
             if self.on_call is not None:

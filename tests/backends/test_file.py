@@ -448,6 +448,29 @@ def test_a_crash_mid_write_leaves_the_last_state(backend: FileBackend, store: Pa
     assert not [p for p in cred_dir.iterdir() if p.name.startswith(".tmp-")]
 
 
+@pytest.mark.parametrize("left", [lambda b: b[: len(b) // 2], lambda b: b + b], ids=["cut", "long"])
+def test_a_version_file_left_before_it_was_listed_is_written_again(
+    backend: FileBackend, store: Path, left: Callable[[bytes], bytes]
+) -> None:
+    """A version file is written in place before any stages file lists it: one a crash left
+    behind (cut off, or longer, with another mode) is never read, and the retry writes it
+    whole, 0600."""
+    v1 = make_version(ENV, CRED)
+    backend.stage_pending(v1)
+    whole = sealed_path(store, v1).read_bytes()
+    v2 = make_version(ENV, CRED)
+    path = sealed_path(store, v2)
+    path.write_bytes(left(whole))
+    path.chmod(0o644)
+    assert backend.read_version(CRED, v2.version_id) is None  # not listed: never opened
+    assert [i.version_id for i in backend.versions(CRED)] == [v1.version_id]
+    backend.stage_pending(v2)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    pending = backend.read(CRED, Stage.PENDING)
+    assert pending is not None and pending.tokens.access == v2.tokens.access
+    assert not [p for p in (store / ENV / CRED).iterdir() if p.name.startswith(".tmp-")]
+
+
 def test_a_write_that_dies_in_a_stages_slot_leaves_the_state_before_it(
     backend: FileBackend, store: Path
 ) -> None:

@@ -326,6 +326,8 @@ async def test_no_more_requests_are_recorded_as_sent_than_makini_may_take(
         watcher.cancel()
     assert {r.outcome for r in results} == {"rotated"}
     assert 1 <= peak <= 2
+    # and Makini itself never answered more than max_concurrency requests at once
+    assert 1 <= sim.stats()["peak_inflight"] <= 2
 
 
 async def test_an_import_is_journaled_like_any_change(

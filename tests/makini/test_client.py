@@ -120,6 +120,40 @@ async def test_admin_401_after_reauthentication_raises(make_client: ClientFactor
     assert_clean(caught.value, "eyJadmin.x.y")
 
 
+async def test_a_cookie_makini_sets_is_never_sent_back(make_client: ClientFactory) -> None:
+    """A bearer-token API keeps no cookie state: a cookie set by one answer must not ride along
+    on the next request, which may carry another connection's token."""
+    seen: list[tuple[str, str | None, str]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((request.url.path, request.headers.get("cookie"), str(request.url)))
+        if request.url.path == "/link/token":
+            return httpx.Response(
+                200, json={"access_token": "eyJadmin.x.y", "expires_in": 3600},
+                headers={"Set-Cookie": "session=abc; Path=/"},
+            )
+        if request.url.path == "/api/integrations/current":
+            return httpx.Response(200, json={"id": "c1"}, headers={"Set-Cookie": "s2=def"})
+        return httpx.Response(
+            200, json={"access_token": "eyJnew.x.y", "expires_in": 3600},
+            headers={"Set-Cookie": "s3=ghi; Path=/"},
+        )
+
+    client = make_client(transport=httpx.MockTransport(handler))
+    issued = await client.issue_token("c1")
+    await client.verify(issued.tokens.access, "c1")
+    await client.issue_token("c 2/x")
+    assert [(path, cookie) for path, cookie, _ in seen] == [
+        ("/link/token", None),
+        ("/api/system/connections/c1/token", None),
+        ("/api/integrations/current", None),
+        ("/api/system/connections/c 2/x/token", None),
+    ]
+    # absolute URLs built by the client are the ones httpx would have joined to base_url
+    base = str(httpx.URL(client._settings.base_url)).rstrip("/")
+    assert seen[3][2] == f"{base}/api/system/connections/c%202%2Fx/token"
+
+
 async def test_waiters_share_a_failed_authentication(
     make_client: ClientFactory, sim: SimServer, sleeper: FakeSleep
 ) -> None:

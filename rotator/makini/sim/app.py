@@ -130,6 +130,8 @@ class SimApp:
             state.received[key] += 1
             busy = (key, request.path_params.get("id"))
             state.inflight[busy] += 1
+            state.busy += 1
+            state.peak_busy = max(state.peak_busy, state.busy)
             try:
                 if opts.latency_ms:
                     await asyncio.sleep(opts.latency_ms / 1000)
@@ -154,6 +156,7 @@ class SimApp:
             except ApiError as err:
                 response = self._error(err, request_id)
             finally:
+                state.busy = max(0, state.busy - 1)  # a reset meanwhile zeroed it
                 state.inflight[busy] -= 1
                 if state.inflight[busy] <= 0:
                     del state.inflight[busy]
@@ -396,6 +399,8 @@ class SimApp:
                 "routes": routes,
                 # on arrival, before latency and faults: a test sees a request in flight
                 "received": dict(sorted(self.state.received.items())),
+                # the most API requests answered at once (inside the latency or the handler)
+                "peak_inflight": self.state.peak_busy,
             }
         )
 

@@ -326,6 +326,11 @@ class SimState:
         """API requests being answered now, by route and connection id (where the path has
         one): a test can stop a client while its request is inside Makini."""
         self.windows: dict[str, tuple[int, int]] = {}  # connection → (minute, count)
+        self.busy = 0
+        """API requests being answered now, all routes together."""
+        self.peak_busy = 0
+        """The most API requests ever answered at once since the reset: what a client's
+        concurrency limit (``makini.max_concurrency``) is checked against."""
 
     def set_options(self, options: SimOptions) -> None:
         if options.seed != self.options.seed:
