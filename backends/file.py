@@ -257,12 +257,12 @@ class FileBackend(Backend):
 
     def current_version_id(self, credential: str) -> str | None:
         """The id of the version holding the current stage, without opening the token (what
-        ``rotator status`` and the backends-agree check compare). The stages record is read and authenticated exactly as
-        :meth:`read` reads it (the newer intact slot, its MAC checked: an edited or foreign
-        record is refused as corrupt), and the version's sealed file must be present (a version
-        made unreadable, or whose file is gone, is ``None`` as with :meth:`read`). Unlike
-        :meth:`read`, the sealed file is not decrypted: a damaged token file is found by the
-        commands that open it (``rotator get``, ``verify``, a rotation), not by this display."""
+        ``rotator status`` and the backends-agree check compare). The stages record is read and
+        authenticated exactly as :meth:`read` reads it (the newer intact slot, its MAC checked:
+        an edited or foreign record is refused as corrupt), and the version's sealed file must
+        be present (a version made unreadable, or whose file is gone, is ``None`` as with
+        :meth:`read`). Unlike :meth:`read`, the sealed file is not decrypted: a damaged token
+        file is found by the commands that open it (``rotator get``, ``verify``, a rotation)."""
         cred = self._check_credential(credential)
         if self._prepare(create=False) is None:
             return None
