@@ -43,6 +43,10 @@ class Capabilities:
     """Stages are the store's own labels (AWS staging labels) rather than our metadata."""
     persistent: bool = True
     """Survives a restart of the process (False for the in-memory fake)."""
+    local: bool = False
+    """Reads are served on this machine (a folder, memory), with no network round trip to
+    wait on: reading many credentials in several threads only adds contention for the
+    interpreter lock, so they are read in one."""
 
 
 class BackendSettings(BaseModel):

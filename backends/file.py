@@ -175,7 +175,9 @@ class FileBackend(Backend):
     """Sealed files under ``<path>/<environment>/`` (see the module docstring for the layout)."""
 
     kind = "file"
-    capabilities: ClassVar[Capabilities] = Capabilities(destroys=True, native_stages=False)
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        destroys=True, native_stages=False, local=True
+    )
     Settings = FileSettings
 
     lock_timeout_s: ClassVar[float] = 30.0

@@ -140,31 +140,37 @@ def current_ids(
     backends: Mapping[str, Sequence[Backend]], keys: Sequence[tuple[str, str]]
 ) -> list[dict[str, str | None]]:
     """For each (environment, credential) of ``keys``, the current version id each backend of
-    its environment holds (``"error: ..."`` where a backend could not be read). The reads run
-    in a pool of threads, a share of one backend's credentials per task."""
+    its environment holds (``"error: ..."`` where a backend could not be read). A remote
+    backend's reads run in a pool of threads, a share of its credentials per task (each waits
+    on the network); a local one's (``capabilities.local``) in this thread meanwhile, where
+    more threads would only contend for the interpreter lock."""
     names: dict[str, list[str]] = {}
     for env, cred in keys:
         names.setdefault(env, []).append(cred)
     workers = _workers()
     held: dict[tuple[str, int], list[str | None]] = {}
-    tasks: list[tuple[Backend, list[str], list[str | None], int]] = []
+    here: list[tuple[Backend, list[str], list[str | None], int]] = []
+    pooled: list[tuple[Backend, list[str], list[str | None], int]] = []
     for env, creds in names.items():
-        share = max(1, -(-len(creds) // (workers * 4)))
         for i, backend in enumerate(backends[env]):
             ids = held[(env, i)] = [None] * len(creds)
+            if backend.capabilities.local:
+                here.append((backend, creds, ids, 0))
+                continue
+            share = max(1, -(-len(creds) // (workers * 4)))
             for start in range(0, len(creds), share):
-                tasks.append((backend, creds[start : start + share], ids, start))
+                pooled.append((backend, creds[start : start + share], ids, start))
 
     def run(backend: Backend, creds: list[str], ids: list[str | None], start: int) -> None:
         for j, cred in enumerate(creds):
             ids[start + j] = _current_id(backend, cred)
 
-    if len(tasks) == 1:
-        run(*tasks[0])
-    elif tasks:
-        with ThreadPoolExecutor(max_workers=min(workers, len(tasks))) as pool:
-            for future in [pool.submit(run, *task) for task in tasks]:
-                future.result()
+    with ThreadPoolExecutor(max_workers=min(workers, max(1, len(pooled)))) as pool:
+        futures = [pool.submit(run, *task) for task in pooled]
+        for task in here:
+            run(*task)
+        for future in futures:
+            future.result()
     out: list[dict[str, str | None]] = []
     seen: dict[str, int] = {}
     for env, _ in keys:

@@ -55,7 +55,7 @@ class MemoryStores:
 class MemoryBackend(Backend):
     kind = "memory"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        destroys=True, native_stages=False, persistent=False
+        destroys=True, native_stages=False, persistent=False, local=True
     )
     Settings = MemorySettings
 
