@@ -26,6 +26,7 @@ from pathlib import Path
 
 import backends
 import rotator
+from bench.launch import Run, run_once
 from bench.simulator import simulator
 from rotator.crypto import generate_key
 
@@ -56,36 +57,6 @@ def write_config(folder: Path, url: str, count: int) -> Path:
     path = folder / "rotator.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-# Runs argv[1:] and prints its wall seconds, peak RSS (KB) and exit code. A launcher this
-# small keeps the figure the command's own: a child's peak RSS counts the pages of the
-# process it was forked from, and this benchmark's own process is several times larger.
-LAUNCHER = """
-import os, sys, time
-start = time.perf_counter()
-pid = os.fork()
-if pid == 0:
-    null = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, 1)
-    os.dup2(null, 2)
-    os.execv(sys.argv[1], sys.argv[1:])
-_, status, usage = os.wait4(pid, 0)
-print(time.perf_counter() - start, usage.ru_maxrss, os.waitstatus_to_exitcode(status))
-"""
-
-
-def run_once(argv: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float, int]:
-    """Wall seconds, peak RSS (MB) and exit code of one run of ``argv``."""
-    out = subprocess.run(
-        [sys.executable, "-c", LAUNCHER, *argv],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    return float(out[0]), int(out[1]) / 1024, int(out[2])
 
 
 def main() -> None:
@@ -129,16 +100,16 @@ def main() -> None:
             )
             print(f"  {'command':34} {'wall':>8} {'peak RSS':>10}   {'python -c pass':>22}")
             for label, extra in commands.items():
-                runs: list[tuple[float, float, int]] = []
-                bases: list[tuple[float, float, int]] = []
+                runs: list[Run] = []
+                bases: list[Run] = []
                 for _ in range(args.runs):
                     bases.append(run_once(baseline, env, folder))
                     runs.append(run_once([*command, *extra], env, folder))
-                codes = sorted({code for _, _, code in runs})
-                wall = statistics.median(r[0] for r in runs)
-                rss = max(r[1] for r in runs)
-                base_wall = statistics.median(b[0] for b in bases)
-                base_rss = max(b[1] for b in bases)
+                codes = sorted({r.code for r in runs})
+                wall = statistics.median(r.wall for r in runs)
+                rss = max(r.rss for r in runs)
+                base_wall = statistics.median(b.wall for b in bases)
+                base_rss = max(b.rss for b in bases)
                 note = "" if codes == [0] else f"   exit {codes}"
                 print(
                     f"  {label:34} {wall:6.3f} s {rss:7.1f} MB   "

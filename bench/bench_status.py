@@ -35,6 +35,7 @@ from sqlalchemy import insert
 import backends
 import rotator
 from bench.bench_cli import write_config
+from bench.launch import run_once
 from rotator.crypto import generate_key
 from rotator.journal import CredentialState, Journal, Rotation, Step
 from rotator.model import Secret, StoredVersion, TokenPair, fingerprint, new_version_id, utcnow
@@ -82,35 +83,6 @@ def seed(config: Path, count: int) -> None:
         )
     finally:
         journal.close()
-
-
-# Runs argv[1:]; prints its wall seconds, CPU seconds (user + system), peak RSS (KB), exit code.
-LAUNCHER = """
-import os, sys, time
-start = time.perf_counter()
-pid = os.fork()
-if pid == 0:
-    null = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, 1)
-    os.dup2(null, 2)
-    os.execv(sys.argv[1], sys.argv[1:])
-_, status, usage = os.wait4(pid, 0)
-print(time.perf_counter() - start, usage.ru_utime + usage.ru_stime, usage.ru_maxrss,
-      os.waitstatus_to_exitcode(status))
-"""
-
-
-def run_once(argv: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float, float, int]:
-    """Wall seconds, CPU seconds, peak RSS (MB) and exit code of one run of ``argv``."""
-    out = subprocess.run(
-        [sys.executable, "-c", LAUNCHER, *argv],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    return float(out[0]), float(out[1]), int(out[2]) / 1024, int(out[3])
 
 
 def main() -> None:
@@ -164,11 +136,11 @@ def main() -> None:
                 for _ in range(args.runs):
                     bases.append(run_once([sys.executable, "-c", "pass"], env, folder))
                     runs.append(run_once([*command, *extra], env, folder))
-                wall = statistics.median(r[0] for r in runs)
-                cpu = statistics.median(r[1] for r in runs)
-                rss = max(r[2] for r in runs)
-                base = statistics.median(b[0] for b in bases)
-                codes = sorted({r[3] for r in runs})
+                wall = statistics.median(r.wall for r in runs)
+                cpu = statistics.median(r.cpu for r in runs)
+                rss = max(r.rss for r in runs)
+                base = statistics.median(b.wall for b in bases)
+                codes = sorted({r.code for r in runs})
                 print(
                     f"  {count:>11,} {label:>6} {wall:6.2f} s {cpu:6.2f} s {rss:7.1f} MB "
                     f"{wall / count * 1000:8.2f} s   {base:7.3f} s   {rows:>5}  "

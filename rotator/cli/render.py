@@ -111,6 +111,22 @@ def _need(col: Column, cells: Iterable[str]) -> int:
     return max(header, min(max(words, default=1), _WRAP_MIN))
 
 
+def _drop_to_fit(
+    columns: Sequence[Column], keep: list[int], too_wide: Callable[[], bool]
+) -> list[str]:
+    """Leave out of ``keep`` the least useful columns (highest ``drop``; a column of ``drop`` 0
+    always stays) until the table is not ``too_wide``; their headers."""
+    dropped: list[str] = []
+    while too_wide():
+        candidates = [i for i in keep if columns[i].drop > 0]
+        if not candidates:
+            break
+        worst = max(candidates, key=lambda i: (columns[i].drop, i))
+        keep.remove(worst)
+        dropped.append(columns[worst].header)
+    return dropped
+
+
 def table(
     title: str,
     columns: Sequence[Column],
@@ -130,14 +146,7 @@ def table(
     def total() -> int:  # cells, their padding (1 each side) and the n + 1 rules
         return sum(needs[i] for i in keep) + 3 * len(keep) + 1
 
-    dropped: list[str] = []
-    while total() > width:
-        candidates = [i for i in keep if columns[i].drop > 0]
-        if not candidates:
-            break
-        worst = max(candidates, key=lambda i: (columns[i].drop, i))
-        keep.remove(worst)
-        dropped.append(columns[worst].header)
+    dropped = _drop_to_fit(columns, keep, lambda: total() > width)
     if dropped:
         options.setdefault(
             "caption",
@@ -184,14 +193,7 @@ def plain_table(
     def total(widths: Sequence[int]) -> int:
         return sum(widths[i] for i in keep) + 2 * (len(keep) - 1)
 
-    dropped: list[str] = []
-    while total(needs) > width:
-        candidates = [i for i in keep if columns[i].drop > 0]
-        if not candidates:
-            break
-        worst = max(candidates, key=lambda i: (columns[i].drop, i))
-        keep.remove(worst)
-        dropped.append(columns[worst].header)
+    dropped = _drop_to_fit(columns, keep, lambda: total(needs) > width)
     widths = list(needs)
     free = [i for i in keep if not columns[i].whole]
     spare = width - total(needs)
