@@ -20,15 +20,20 @@ Stage semantics every backend honours (the contract suite in ``tests/backends`` 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from rotator.crypto import KeySource
 from rotator.model import Stage, StoredVersion, VersionInfo
 from rotator.places import Place
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 
@@ -47,6 +52,25 @@ class Capabilities:
     """Reads are served on this machine (a folder, memory), with no network round trip to
     wait on: reading many credentials in several threads only adds contention for the
     interpreter lock, so they are read in one."""
+
+
+def read_many(
+    tasks: Sequence[T], run: Callable[[T], R], *, local: Callable[[T], bool], workers: int
+) -> list[R]:
+    """``run`` over ``tasks``, the results in their order: the tasks that read remote backends
+    in a pool of up to ``workers`` threads (each read waits on the network), those ``local``
+    says read only local ones (:attr:`Capabilities.local`) in this thread meanwhile, where more
+    threads would only contend for the interpreter lock."""
+    found: dict[int, R] = {}
+    pooled = [(i, task) for i, task in enumerate(tasks) if not local(task)]
+    with ThreadPoolExecutor(max_workers=min(workers, max(1, len(pooled)))) as pool:
+        futures = [(i, pool.submit(run, task)) for i, task in pooled]
+        for i, task in enumerate(tasks):
+            if local(task):
+                found[i] = run(task)
+        for i, future in futures:
+            found[i] = future.result()
+    return [found[i] for i in range(len(tasks))]
 
 
 class BackendSettings(BaseModel):

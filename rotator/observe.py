@@ -8,7 +8,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from sqlalchemy import func, select, tuple_
@@ -180,16 +179,8 @@ class Observer:
                     return False
             return True
 
-        # an environment whose backends are all local is read in this thread (threads would
-        # only contend for the interpreter lock); the others in a pool, each read waiting on
-        # the network
+        from backends.base import read_many
+
         local = {env for env, bs in self.backends.items() if all(b.capabilities.local for b in bs)}
-        here = [t for t in todo if t[0] in local]
-        pooled = [t for t in todo if t[0] not in local]
-        with ThreadPoolExecutor(min(_READ_THREADS, max(1, len(pooled)))) as pool:
-            answers = pool.map(agrees, pooled)
-            found = {(env, cred): agrees((env, cred, v)) for env, cred, v in here}
-            found.update(
-                {(env, cred): ok for (env, cred, _), ok in zip(pooled, answers, strict=True)}
-            )
-        return found
+        answers = read_many(todo, agrees, local=lambda t: t[0] in local, workers=_READ_THREADS)
+        return {(env, cred): ok for (env, cred, _), ok in zip(todo, answers, strict=True)}

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -144,33 +143,28 @@ def current_ids(
     backend's reads run in a pool of threads, a share of its credentials per task (each waits
     on the network); a local one's (``capabilities.local``) in this thread meanwhile, where
     more threads would only contend for the interpreter lock."""
+    from backends.base import read_many
+
     names: dict[str, list[str]] = {}
     for env, cred in keys:
         names.setdefault(env, []).append(cred)
     workers = _workers()
     held: dict[tuple[str, int], list[str | None]] = {}
-    here: list[tuple[Backend, list[str], list[str | None], int]] = []
-    pooled: list[tuple[Backend, list[str], list[str | None], int]] = []
+    tasks: list[tuple[Backend, list[str], list[str | None], int]] = []
     for env, creds in names.items():
         for i, backend in enumerate(backends[env]):
             ids = held[(env, i)] = [None] * len(creds)
-            if backend.capabilities.local:
-                here.append((backend, creds, ids, 0))
-                continue
-            share = max(1, -(-len(creds) // (workers * 4)))
+            local = backend.capabilities.local
+            share = len(creds) if local else max(1, -(-len(creds) // (workers * 4)))
             for start in range(0, len(creds), share):
-                pooled.append((backend, creds[start : start + share], ids, start))
+                tasks.append((backend, creds[start : start + share], ids, start))
 
-    def run(backend: Backend, creds: list[str], ids: list[str | None], start: int) -> None:
+    def run(task: tuple[Backend, list[str], list[str | None], int]) -> None:
+        backend, creds, ids, start = task
         for j, cred in enumerate(creds):
             ids[start + j] = _current_id(backend, cred)
 
-    with ThreadPoolExecutor(max_workers=min(workers, max(1, len(pooled)))) as pool:
-        futures = [pool.submit(run, *task) for task in pooled]
-        for task in here:
-            run(*task)
-        for future in futures:
-            future.result()
+    read_many(tasks, run, local=lambda task: task[0].capabilities.local, workers=workers)
     out: list[dict[str, str | None]] = []
     seen: dict[str, int] = {}
     for env, _ in keys:

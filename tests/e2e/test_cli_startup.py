@@ -73,6 +73,28 @@ MODULES: dict[tuple[str, ...], set[str]] = {}
 """Every module the last run of each command line imported, by its full name."""
 
 
+def file_config(tmp_path: Path, *names: str) -> tuple[Path, dict[str, str]]:
+    """A configuration of one environment, prod, holding ``names`` on a file backend and a
+    SQLite journal, its Makini unreachable; the variables a ``rotator`` run on it needs."""
+    config = tmp_path / "rotator.toml"
+    config.write_text(
+        config_toml(
+            "sqlite:///journal.db",
+            {
+                "prod": environment_table(
+                    "http://127.0.0.1:9",
+                    "startup-prod",
+                    credentials(*names),
+                    sealing_env="STARTUP_SEAL",
+                    secret_env="STARTUP_SECRET",
+                    backends=[file_backend("files/prod", "keys/prod-file.key")],
+                )
+            },
+        )
+    )
+    return config, {"ROTATOR_CONFIG": str(config), "STARTUP_SEAL": generate_key()}
+
+
 def test_help_imports_nothing_but_typer_and_the_command_modules() -> None:
     proc, packages = imported("--help")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -92,22 +114,7 @@ def test_keygen_prints_a_key_without_the_server_or_the_cipher() -> None:
 def test_get_on_a_file_backend_reads_it_without_journal_makini_client_or_logging(
     tmp_path: Path,
 ) -> None:
-    text = config_toml(
-        "sqlite:///journal.db",
-        {
-            "prod": environment_table(
-                "http://127.0.0.1:9",  # no Makini is called to read a token
-                "startup-prod",
-                credentials("acme-sap"),
-                sealing_env="STARTUP_SEAL",
-                secret_env="STARTUP_SECRET",
-                backends=[file_backend("files/prod", "keys/prod-file.key")],
-            )
-        },
-    )
-    config = tmp_path / "rotator.toml"
-    config.write_text(text)
-    env = {"ROTATOR_CONFIG": str(config), "STARTUP_SEAL": generate_key()}
+    config, env = file_config(tmp_path, "acme-sap")  # no Makini is called to read a token
     token = "startup-" + os.urandom(16).hex()
 
     store_token(config, "prod", "acme-sap", token)
@@ -134,22 +141,7 @@ def test_get_on_a_file_backend_reads_it_without_journal_makini_client_or_logging
 def test_status_reads_the_journal_and_the_backends_without_sqlalchemy_makini_or_the_server(
     tmp_path: Path,
 ) -> None:
-    text = config_toml(
-        "sqlite:///journal.db",
-        {
-            "prod": environment_table(
-                "http://127.0.0.1:9",  # status calls no Makini
-                "startup-prod",
-                credentials("acme-sap", "globex-fiix"),
-                sealing_env="STARTUP_SEAL",
-                secret_env="STARTUP_SECRET",
-                backends=[file_backend("files/prod", "keys/prod-file.key")],
-            )
-        },
-    )
-    config = tmp_path / "rotator.toml"
-    config.write_text(text)
-    env = {"ROTATOR_CONFIG": str(config), "STARTUP_SEAL": generate_key()}
+    config, env = file_config(tmp_path, "acme-sap", "globex-fiix")  # status calls no Makini
     version_id = store_token(config, "prod", "acme-sap", "t" * 40)
 
     # a journal that does not exist yet is the runtime's to create and migrate: the first
