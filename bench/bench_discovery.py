@@ -2,7 +2,7 @@
 100 a page), listed and enrolled in one environment (file backend, SQLite journal), in one run:
 
     .venv/bin/python -m bench.bench_discovery [--connections 10000] [--latency-ms 20]
-        [--first-tokens] [--max-concurrency 32] [--processes auto]
+        [--first-tokens] [--max-concurrency 32] [--concurrency 64] [--processes auto]
 
 Prints the listing alone (the Makini calls: the lower bound), a first discovery (list, compute,
 record 2 rows a connection, make them effective), a second one (nothing changes), ``status``
@@ -10,7 +10,8 @@ over the enrolled credentials (in this process, then ``rotator status --json`` a
 imports, the configuration and the rows printed included) and, with ``--first-tokens``, the
 first tokens of all of them as a CronJob gives them: ``rotator run-due`` as a subprocess (it
 discovers first, finds nothing new, and forks ``scheduler.processes`` workers sharing
-``makini.max_concurrency``), beside the same run's lower bound: the Makini calls alone (issue
+``scheduler.concurrency`` rotations in flight and ``makini.max_concurrency`` calls at Makini at
+once), beside the same run's lower bound: the Makini calls alone (issue
 + verify per credential, the same client at the same concurrency). Targets (issue 18):
 discovery of 10,000 under 10 s; first tokens for 10,000 under 60 s; ``status`` under 2 s.
 """
@@ -47,13 +48,13 @@ CLIENT, SECRET = "bench", "bench-secret"
 
 
 def _write_config(
-    folder: Path, sim_url: str, max_concurrency: int, processes: str
+    folder: Path, sim_url: str, max_concurrency: int, processes: str, concurrency: int = 64
 ) -> Path:
     lines = [
         "[journal]",
         'url = "sqlite:///journal.db"',
         "[scheduler]",
-        f"concurrency = {max_concurrency}",
+        f"concurrency = {concurrency}",
         f"processes = {processes if processes.isdigit() else repr(processes)}",
         "[environments.prod]",
         'sealing_key = { env = "BENCH_DISC_SEAL" }',
@@ -140,7 +141,8 @@ def _first_tokens(config: Path, url: str, args: argparse.Namespace) -> None:
           f"CPU {run['cpu']:.1f} s, {run['processes']:.0f} process(es), peak PSS together "
           f"{run['pss']:.0f} MB")
     print(f"  simulator meanwhile:         CPU {sim_run:.1f} s (its own process), at most "
-          f"{peak} calls at once (makini.max_concurrency {args.max_concurrency})")
+          f"{peak} calls at once (makini.max_concurrency {args.max_concurrency}; "
+          f"scheduler.concurrency {args.concurrency})")
     print(f"  Makini calls alone:          {bound:6.2f} s  (issue + verify each, concurrency "
           f"{args.max_concurrency})  ratio {run['secs'] / bound:4.2f}x; simulator CPU "
           f"{sim_bound:.1f} s")
@@ -150,7 +152,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--connections", type=int, default=10_000)
     parser.add_argument("--latency-ms", type=float, default=20.0)
-    parser.add_argument("--max-concurrency", type=int, default=32)
+    parser.add_argument("--max-concurrency", type=int, default=32, help="makini.max_concurrency")
+    parser.add_argument("--concurrency", type=int, default=64, help="scheduler.concurrency")
     parser.add_argument("--processes", default="auto", help="scheduler.processes (run-due)")
     parser.add_argument("--first-tokens", action="store_true")
     parser.add_argument("--port", type=int, default=18767)
@@ -170,7 +173,9 @@ def main() -> None:
         print(f"simulator (own process): {args.connections} connections made in "
               f"{time.perf_counter() - started:.2f} s; {args.latency_ms:.0f} ms a call")
         folder = Path(tmp)
-        config = _write_config(folder, url, args.max_concurrency, args.processes)
+        config = _write_config(
+            folder, url, args.max_concurrency, args.processes, args.concurrency
+        )
         cwd = Path.cwd()
         os.chdir(folder)  # the configuration's relative paths
         try:

@@ -629,7 +629,14 @@ class SchedulerSettings(_Model):
         "what is left is parked at its last journaled step (and its lease given back). Keep "
         "it below the pod's terminationGracePeriodSeconds.",
     )
-    concurrency: int = Field(default=32, ge=1, le=1000, description="Rotations at once.")
+    concurrency: int = Field(
+        default=64,
+        ge=1,
+        le=1000,
+        description="Rotations in flight at once. Their calls to Makini are bounded apart, by "
+        "each environment's makini.max_concurrency: a rotation spends most of its time on "
+        "its journal and backend writes, when it leaves its turn at Makini to another.",
+    )
     processes: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(
         default="auto",
         description="Processes run-due forks to use more than one core; the concurrency limits "

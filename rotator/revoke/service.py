@@ -71,13 +71,16 @@ class Revoker:
         plans: list[CredentialPlan],
         progress: Progress | None = None,
     ) -> list[CredentialReport]:
-        """Run the planned revokes, ``scheduler.concurrency`` credentials at once (each one's
-        Makini calls in sequence: the per-connection rate limits see one caller at a time)."""
+        """Run the planned revokes, ``scheduler.concurrency`` credentials at once and at most
+        ``makini.max_concurrency`` of them at Makini, shared with the rotations in flight (each
+        one's Makini calls in sequence: the per-connection rate limits see one caller at a
+        time; and none records a token request as sent while it waits for a connection)."""
         rt = self.runtime(req.environment)
         gate = asyncio.Semaphore(self.engine.concurrency)
+        makini = self.engine.makini_gate(rt.name)
 
         async def one(p: CredentialPlan) -> CredentialReport:
-            async with gate:
+            async with gate, makini:
                 report = await self.run_one(rt, req, p)
             if progress is not None:
                 progress(report)

@@ -31,7 +31,7 @@ import json
 import os
 import socket
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -69,6 +69,43 @@ def default_owner() -> str:
     return f"{socket.gethostname()[:60]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+class _Turn:
+    """A drive's turn at Makini: one of its environment's ``makini.max_concurrency`` slots.
+
+    A drive holds one only while it talks to Makini, not for its whole length: its journal
+    writes and backend writes leave the slot to another drive, so ``scheduler.concurrency``
+    drives keep Makini busy with no more than ``max_concurrency`` calls at once. For a token's
+    issue the slot is taken before the request is recorded as sent (``asked_at``) and given
+    back once its answer is recorded: no request is recorded as sent while it waits for a slot,
+    and a row with ``asked_at`` set is one of at most ``max_concurrency``.
+    """
+
+    def __init__(self, gate: asyncio.Semaphore) -> None:
+        self._gate = gate
+        self.held = False
+
+    async def take(self) -> None:
+        if not self.held:
+            await self._gate.acquire()
+            self.held = True
+
+    def give(self) -> None:
+        if self.held:
+            self.held = False
+            self._gate.release()
+
+    @contextlib.asynccontextmanager
+    async def call(self) -> AsyncIterator[None]:
+        """Around one call to Makini: the slot, unless the drive holds it already."""
+        took = not self.held
+        await self.take()
+        try:
+            yield
+        finally:
+            if took:
+                self.give()
+
+
 @dataclass
 class _Drive:
     """The state of one drive of one credential (lives for one call)."""
@@ -76,6 +113,7 @@ class _Drive:
     rt: EnvironmentRuntime
     cred: CredentialSettings
     lease: Lease
+    makini: _Turn
     request_ids: list[str | None] = field(default_factory=list)
     fresh: bool = False
     """The rotation was started by this drive (its first attempt is recorded already)."""
@@ -115,7 +153,7 @@ class RotationEngine:
         journal: Journal,
         environments: dict[str, EnvironmentRuntime],
         *,
-        concurrency: int = 32,
+        concurrency: int = 64,
         owner: str | None = None,
         retry_after_failure: timedelta = timedelta(minutes=10),
         clock: Clock = SYSTEM,
@@ -143,6 +181,7 @@ class RotationEngine:
         self.stopping = False
         """Set by :meth:`stop`: no drive starts, nor a new rotation; drives in flight go on."""
         self._driving: set[asyncio.Task[Any]] = set()
+        self._makini_gates: dict[str, asyncio.Semaphore] = {}
 
     @property
     def active(self) -> int:
@@ -270,19 +309,14 @@ class RotationEngine:
         actor: str,
         progress: Callable[[RotationResult], None] | None = None,
     ) -> list[RotationResult]:
-        """Drive many credentials concurrently: ``concurrency`` at once, and at most each
-        environment's ``makini.max_concurrency`` of one environment (a drive has one Makini
-        call in flight at a time, so none waits for a connection after its request was
-        recorded as sent)."""
+        """Drive many credentials concurrently: ``concurrency`` at once, with at most each
+        environment's ``makini.max_concurrency`` calls to Makini at once among them (see
+        :class:`_Turn`)."""
         work = await self._pinned(list(items))
         gate = asyncio.Semaphore(self.concurrency)
-        per_env = {
-            env: asyncio.Semaphore(rt.settings.makini.max_concurrency)
-            for env, rt in self.environments.items()
-        }
 
         async def one(item: Work) -> RotationResult:
-            async with per_env[item.environment], gate:
+            async with gate:
                 result, released = await self._rotate(item, actor)
             if progress:
                 progress(result)
@@ -324,7 +358,7 @@ class RotationEngine:
         if refused is not None:  # not a failed rotation: none was started
             return refused, None
         started = asyncio.get_running_loop().time()
-        d = _Drive(rt, cred, self.new_lease(env, name))
+        d = _Drive(rt, cred, self.new_lease(env, name), _Turn(self.makini_gate(env)))
         task = asyncio.current_task()
         if task is not None:
             self._driving.add(task)
@@ -343,6 +377,7 @@ class RotationEngine:
                 "journaled step",
             )
         finally:
+            d.makini.give()
             if task is not None:
                 self._driving.discard(task)
             if d.released is None:
@@ -376,6 +411,15 @@ class RotationEngine:
         return RotationResult(
             rt.name, cred.name, Outcome.FAILED, error=f"{exc.message}; next: {exc.hint}"
         )
+
+    def makini_gate(self, env: str) -> asyncio.Semaphore:
+        """The environment's ``makini.max_concurrency`` slots, shared by every drive of this
+        engine (every ``rotate_many`` call at once)."""
+        gate = self._makini_gates.get(env)
+        if gate is None:
+            limit = self.runtime(env).settings.makini.max_concurrency
+            gate = self._makini_gates[env] = asyncio.Semaphore(limit)
+        return gate
 
     def _drive_finished(self, _: object) -> None:
         self._active -= 1
@@ -495,7 +539,8 @@ class RotationEngine:
                 error="an emergency revoke of this credential is unfinished: "
                 f"`rotator revoke {d.rt.name} {d.cred.name} --resume` finishes it",
             )
-        return await self.resume_revoke(self, d.rt.name, d.cred.name, row, d.lease)
+        async with d.makini.call():  # the revoke's calls to Makini take one slot
+            return await self.resume_revoke(self, d.rt.name, d.cred.name, row, d.lease)
 
     async def _old_is_dead(self, d: _Drive, rot: Rotation) -> bool | None:
         """For a rotation stopped after issue: did Makini kill the old token? (None: unknown)"""
@@ -609,6 +654,7 @@ class RotationEngine:
             "reason": rot.reason,
             "old_version_id": rot.old_version_id,
         }
+        await d.makini.take()  # before the row records the request as sent (see _issue)
         await self.worker.journal(
             self.journal.add_rotation, rot, lease=d.lease.key, audit=started
         )
@@ -633,24 +679,32 @@ class RotationEngine:
         """
         if rot.sealed is not None:
             return await self._commit(d, rot, {"step": Step.ISSUED, "asked_at": None})
+        if not d.fresh and rot.asked_at is not None:  # the last answer was never recorded
+            unanswered = self._lost(
+                d,
+                rot,
+                rot.asked_at,
+                "the rotator stopped (a crash, a kill, a lost lease) after it asked Makini "
+                "for a token and before it recorded the answer: if the request reached "
+                "Makini, a token was issued that no backend holds",
+            )
+            rot = await self._commit(d, rot, {"asked_at": None}, lost=unanswered)
+            await unaccounted.outlast(
+                d.rt.settings.makini,
+                unanswered.asked_at,
+                gone_by=d.holder_gone_by,
+                clock=self.clock,
+            )
+            await self._fence(d)
+        await d.makini.take()  # before the request is recorded as sent (fresh: _begin took it)
+        try:
+            return await self._ask(d, rot)
+        finally:
+            d.makini.give()  # its answer, or that none came, is recorded
+
+    async def _ask(self, d: _Drive, rot: Rotation) -> Rotation:
+        """Ask Makini for the token pair and record the answer (the drive holds its turn)."""
         if not d.fresh:
-            if rot.asked_at is not None:  # the last request's answer was never recorded
-                unanswered = self._lost(
-                    d,
-                    rot,
-                    rot.asked_at,
-                    "the rotator stopped (a crash, a kill, a lost lease) after it asked Makini "
-                    "for a token and before it recorded the answer: if the request reached "
-                    "Makini, a token was issued that no backend holds",
-                )
-                rot = await self._commit(d, rot, {"asked_at": None}, lost=unanswered)
-                await unaccounted.outlast(
-                    d.rt.settings.makini,
-                    unanswered.asked_at,
-                    gone_by=d.holder_gone_by,
-                    clock=self.clock,
-                )
-                await self._fence(d)
             rot = await self._commit(
                 d, rot, {"attempts": rot.attempts + 1, "asked_at": self.clock.now()}
             )
@@ -806,6 +860,7 @@ class RotationEngine:
         )
 
     async def _ask_makini(self, d: _Drive, rot: Rotation) -> Any:
+        assert d.makini.held, "a drive takes its turn before it records a request as sent"
         if d.cred.method == "issue":
             return await d.rt.makini.issue_token(d.cred.connection_id)
         old = await self._old_version(d, rot)
@@ -851,7 +906,8 @@ class RotationEngine:
         """Makini must accept the new token and name the expected connection."""
         version = self._unseal(d, rot)
         try:
-            info = await d.rt.makini.verify(version.tokens.access, d.cred.connection_id)
+            async with d.makini.call():
+                info = await d.rt.makini.verify(version.tokens.access, d.cred.connection_id)
         except MakiniRejected as exc:
             return await self._rollback(d, rot, version, exc)
         d.request_ids.append(info.request_id)
@@ -874,7 +930,8 @@ class RotationEngine:
     async def _dead(d: _Drive, version: StoredVersion) -> bool | None:
         """Whether Makini refuses ``version``'s token for the credential (None: it cannot say)."""
         try:
-            await d.rt.makini.verify(version.tokens.access, d.cred.connection_id)
+            async with d.makini.call():
+                await d.rt.makini.verify(version.tokens.access, d.cred.connection_id)
         except InvalidToken:
             return True
         except MakiniError:
@@ -914,7 +971,8 @@ class RotationEngine:
         """Revoke a pair (access and refresh token) at makini.revoke_path; False where none is
         configured or Makini failed (logged)."""
         try:
-            return await d.rt.makini.revoke_pair(tokens)
+            async with d.makini.call():
+                return await d.rt.makini.revoke_pair(tokens)
         except MakiniError as exc:
             log.warning(
                 "makini.revoke_failed",
@@ -1060,7 +1118,8 @@ class RotationEngine:
                 notes.append("Makini invalidated the old token when it issued the new one")
             elif old is not None:
                 try:
-                    revoked = await d.rt.makini.revoke_pair(old.tokens)
+                    async with d.makini.call():
+                        revoked = await d.rt.makini.revoke_pair(old.tokens)
                 except MakiniRejected as exc:
                     cause = (
                         f"Makini refused to revoke the retired token at makini.revoke_path "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -328,6 +329,40 @@ async def test_no_more_requests_are_recorded_as_sent_than_makini_may_take(
     assert 1 <= peak <= 2
     # and Makini itself never answered more than max_concurrency requests at once
     assert 1 <= sim.stats()["peak_inflight"] <= 2
+
+
+async def test_a_drive_leaves_its_makini_slot_to_another_while_it_writes(
+    make_runtime: Factory, sim: SimServer
+) -> None:
+    # a drive used to hold its slot of makini.max_concurrency from its first journal write to
+    # its last: with rotations in flight above the Makini limit, Makini sat idle while drives
+    # wrote their backends and journal (first tokens for 10,000 took 45 s instead of 39 s)
+    names = [f"c{i}" for i in range(4)]
+    runtime = make_runtime(
+        [{"name": n, "connection_id": f"conn-{n}"} for n in names],
+        makini={"max_concurrency": 1},
+        top={"scheduler": {"concurrency": 4}},
+    )
+    sim.set(latency_ms=40)
+    backend = runtime.environments["prod"].backends[0]
+    stage = backend.stage_pending
+    seen: list[bool] = []
+
+    def slow_stage(version: StoredVersion) -> None:
+        # while this drive writes, another drive may talk to Makini
+        deadline = time.monotonic() + 3
+        while not sim.inflight() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        seen.append(bool(sim.inflight()))
+        stage(version)
+
+    backend.stage_pending = slow_stage  # type: ignore[method-assign]
+    results = await runtime.engine.rotate_many(
+        [Work("prod", n, "t", forced=True) for n in names], actor="t"
+    )
+    assert {r.outcome for r in results} == {"rotated"}
+    assert any(seen), "no drive's write overlapped another drive's call to Makini"
+    assert sim.stats()["peak_inflight"] == 1  # and the limit held
 
 
 async def test_an_import_is_journaled_like_any_change(

@@ -3,6 +3,7 @@ over a real socket with a memory and a file backend."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -103,6 +104,38 @@ async def test_several_and_all_credentials(make_runtime: Factory, sim: SimServer
         [now, _] = current(runtime, name)
         assert now is not None and status_of(sim, now) == "active"
         assert not readable_anywhere(runtime, name, old.version_id)
+
+
+async def test_revokes_at_once_record_no_more_requests_as_sent_than_makini_may_take(
+    make_runtime: Factory, sim: SimServer
+) -> None:
+    # a revoke of several credentials ran scheduler.concurrency of them at once whatever
+    # makini.max_concurrency said: each recorded its request for a token as sent (asked_at)
+    # and then queued for one of the client's connections, so a kill reported tokens for
+    # requests that never left the process
+    creds = [{"name": f"c{i}", "connection_id": f"conn-{i}"} for i in range(6)]
+    runtime = make_runtime(
+        creds, makini={"max_concurrency": 2}, top={"scheduler": {"concurrency": 6}}
+    )
+    await rotated(runtime, *(f"c{i}" for i in range(6)))
+    sim.set(latency_ms=150)
+    peak = 0
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            rows = await asyncio.to_thread(revoke_rows, runtime)
+            peak = max(peak, sum(r.asked_at is not None for r in rows))
+            await asyncio.sleep(0.01)
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        reports = await revoke(runtime, all_=True, strategy="issue")
+    finally:
+        watcher.cancel()
+    assert {r.outcome for r in reports} == {"revoked"}
+    assert 1 <= peak <= 2
+    assert sim.stats()["peak_inflight"] <= 2
 
 
 async def test_refresh_strategy(make_runtime: Factory, sim: SimServer) -> None:
