@@ -17,6 +17,7 @@ from rotator.rotation.work import Work
 from tests.clock import FakeClock
 from tests.core.conftest import Factory, active, current
 from tests.fakes.memory import MemoryBackend
+from tests.wait import issuing, until
 
 
 async def test_first_rotation_stores_a_verified_token_everywhere(
@@ -363,6 +364,23 @@ async def test_a_drive_leaves_its_makini_slot_to_another_while_it_writes(
     assert {r.outcome for r in results} == {"rotated"}
     assert any(seen), "no drive's write overlapped another drive's call to Makini"
     assert sim.stats()["peak_inflight"] == 1  # and the limit held
+
+
+async def test_a_drive_cancelled_while_it_asks_makini_gives_its_slot_back(
+    make_runtime: Factory, sim: SimServer
+) -> None:
+    runtime = make_runtime(makini={"max_concurrency": 1})
+    gate = runtime.engine.makini_gate("prod")
+    sim.set(latency_ms=2000)
+    drive = asyncio.ensure_future(runtime.engine.rotate("prod", "a", reason="t", actor="t"))
+    await until("the drive asks Makini", lambda: asyncio.to_thread(issuing, sim))
+    assert gate.locked()  # the drive holds the environment's only slot while it asks
+    drive.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await drive
+    assert not gate.locked()
+    await asyncio.wait_for(gate.acquire(), 1)  # the next drive gets it
+    gate.release()
 
 
 async def test_an_import_is_journaled_like_any_change(
