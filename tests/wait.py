@@ -4,9 +4,11 @@ never for a guessed length of time. Each polls what it waits for and fails with 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import sys
 import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from rotator.journal import Journal
@@ -40,6 +42,29 @@ async def until(what: str, check: Any, timeout_s: float = 30.0, every_s: float =
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
         await asyncio.sleep(every_s)
+
+
+@contextlib.asynccontextmanager
+async def highest(count: Callable[[], int]) -> AsyncIterator[list[int]]:
+    """While the block runs, poll ``count()`` (in a thread, every 10 ms); the list yielded
+    holds the highest value seen once the block is over."""
+    peak = [0]
+
+    async def watch() -> None:
+        while True:
+            peak[0] = max(peak[0], await asyncio.to_thread(count))
+            await asyncio.sleep(0.01)
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        yield peak
+    finally:
+        watcher.cancel()
+
+
+def asked(rows: list[Any]) -> int:
+    """How many of these rotation rows record a request for a token as sent (``asked_at``)."""
+    return sum(r.asked_at is not None for r in rows)
 
 
 def lease_free(journal_url: str, *names: str) -> bool:

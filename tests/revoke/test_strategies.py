@@ -3,7 +3,6 @@ over a real socket with a memory and a file backend."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
@@ -24,6 +23,7 @@ from tests.revoke.conftest import (
     revoke,
     status_of,
 )
+from tests.wait import asked, highest
 
 TWO = [{"name": "a", "connection_id": "conn-a"}, {"name": "b", "connection_id": "conn-b"}]
 
@@ -119,22 +119,10 @@ async def test_revokes_at_once_record_no_more_requests_as_sent_than_makini_may_t
     )
     await rotated(runtime, *(f"c{i}" for i in range(6)))
     sim.set(latency_ms=150)
-    peak = 0
-
-    async def watch() -> None:
-        nonlocal peak
-        while True:
-            rows = await asyncio.to_thread(revoke_rows, runtime)
-            peak = max(peak, sum(r.asked_at is not None for r in rows))
-            await asyncio.sleep(0.01)
-
-    watcher = asyncio.ensure_future(watch())
-    try:
+    async with highest(lambda: asked(revoke_rows(runtime))) as peak:
         reports = await revoke(runtime, all_=True, strategy="issue")
-    finally:
-        watcher.cancel()
     assert {r.outcome for r in reports} == {"revoked"}
-    assert 1 <= peak <= 2
+    assert 1 <= peak[0] <= 2
     assert sim.stats()["peak_inflight"] <= 2
 
 
