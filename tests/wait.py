@@ -45,15 +45,16 @@ async def until(what: str, check: Any, timeout_s: float = 30.0, every_s: float =
 
 
 @contextlib.asynccontextmanager
-async def highest(count: Callable[[], int]) -> AsyncIterator[list[int]]:
-    """While the block runs, poll ``count()`` (in a thread, every 10 ms); the list yielded
-    holds the highest value seen once the block is over."""
+async def highest(count: Callable[[], int], every_s: float = 0.01) -> AsyncIterator[list[int]]:
+    """While the block runs, sample ``count()`` (in a thread) every ``every_s``; the list
+    yielded holds the highest value seen once the block is over. A peak over a stretch of time
+    has no event to wait for: it is sampled, as the journal's rows are what it counts."""
     peak = [0]
 
     async def watch() -> None:
         while True:
             peak[0] = max(peak[0], await asyncio.to_thread(count))
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(every_s)
 
     watcher = asyncio.ensure_future(watch())
     try:

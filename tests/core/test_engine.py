@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 
@@ -17,7 +16,7 @@ from rotator.rotation.work import Work
 from tests.clock import FakeClock
 from tests.core.conftest import Factory, active, current
 from tests.fakes.memory import MemoryBackend
-from tests.wait import asked, highest, issuing, until
+from tests.wait import asked, highest, issuing, until, wait_until
 
 
 async def test_first_rotation_stores_a_verified_token_everywhere(
@@ -339,10 +338,12 @@ async def test_a_drive_leaves_its_makini_slot_to_another_while_it_writes(
 
     def slow_stage(version: StoredVersion) -> None:
         # while this drive writes, another drive may talk to Makini
-        deadline = time.monotonic() + 3
-        while not sim.inflight() and time.monotonic() < deadline:
-            time.sleep(0.005)
-        seen.append(bool(sim.inflight()))
+        try:
+            wait_until("another drive's call to Makini", sim.inflight, 3, every_s=0.005)
+        except AssertionError:
+            seen.append(False)
+        else:
+            seen.append(True)
         stage(version)
 
     backend.stage_pending = slow_stage  # type: ignore[method-assign]
